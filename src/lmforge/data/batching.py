@@ -1,0 +1,70 @@
+"""Length-grouped batching and padding collation."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int,
+                           shuffle: bool = True, group: int = 64, drop_last: bool = False) -> list[list[int]]:
+    """Batches of indices whose examples have similar lengths (little padding).
+
+    Indices are shuffled with ``(seed, epoch)``, cut into mega-batches of ``group * batch_size``,
+    sorted by length inside each mega-batch, cut into batches, and the batch order shuffled
+    again. Without shuffle, everything is sorted by length (evaluation/inference).
+    """
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(n))
+    rng.shuffle(idx)
+    mega = group * batch_size
+    batches: list[list[int]] = []
+    for s in range(0, n, mega):
+        chunk = sorted(idx[s:s + mega], key=lambda i: -lengths[i])
+        batches.extend(chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    rng.shuffle(batches)
+    return batches
+
+
+def random_batches(n: int, batch_size: int, *, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """Plain shuffled batches (when length grouping is off)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(n))
+    rng.shuffle(idx)
+    batches = [idx[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *, left: bool = False) -> torch.Tensor:
+    """Pad int lists to the longest one.  Returns (B, T) int64."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            if left:
+                out[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            else:
+                out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate_tokens(items: Sequence[dict], pad_id: int, keys: Sequence[str] = ("input_ids",),
+                   *, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad ``input_ids`` (and other listed per-token keys) and build the attention mask."""
+    ids = [it["input_ids"] for it in items]
+    batch = {"input_ids": pad_sequences(ids, pad_id, left=left)}                     # (B, T)
+    batch["attention_mask"] = pad_sequences([[1] * len(s) for s in ids], 0, left=left)  # (B, T)
+    for k in keys:
+        if k != "input_ids":
+            pad = -100 if k == "labels" else 0
+            batch[k] = pad_sequences([it[k] for it in items], pad, left=left)
+    return batch

@@ -1,0 +1,155 @@
+"""Readers for JSONL/JSON, CSV/TSV (optionally compressed), Parquet, plain text and HF datasets.
+
+Every reader returns a :class:`Table`: the records plus, for each, a location string
+("line 12", "row 5") so that later checks can name the exact place of a bad value.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LmforgeError
+
+
+@dataclass
+class Table:
+    """Records read from one source, with a location per record for error messages."""
+
+    source: str
+    records: list[dict]
+    locs: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.locs:
+            self.locs = [f"row {i + 1}" for i in range(len(self.records))]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def where(self, i: int) -> str:
+        return f"{self.source} {self.locs[i]}"
+
+    def subset(self, idx) -> "Table":
+        return Table(self.source, [self.records[i] for i in idx], [self.locs[i] for i in idx])
+
+    def columns(self) -> list[str]:
+        return list(self.records[0].keys()) if self.records else []
+
+
+def resolve_data_path(ref: str) -> str:
+    """Expand ``pkg://PACKAGE/inner/path`` to a file inside an installed package."""
+    if ref.startswith("pkg://"):
+        from ..models import package_path
+
+        pkg, _, inner = ref[len("pkg://"):].partition("/")
+        return str(package_path(pkg, inner))
+    return ref
+
+
+def _strip_compression(name: str) -> str:
+    for ext in (".bz2", ".gz", ".xz", ".zst"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _read_jsonl(path: Path) -> Table:
+    records, locs = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmforgeError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise LmforgeError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+            locs.append(f"line {n}")
+    return Table(str(path), records, locs)
+
+
+def _read_json(path: Path) -> Table:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LmforgeError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise LmforgeError(f"{path}: a .json data file must hold a list of objects")
+    return Table(str(path), obj)
+
+
+def _read_delimited(path: Path, sep: str) -> Table:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype=object)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise LmforgeError(f"{path}: malformed {('CSV', 'TSV')[sep == chr(9)]} ({str(exc).splitlines()[0]})") from None
+    df = df.astype(object).where(df.notna(), None)
+    records = df.to_dict(orient="records")
+    return Table(str(path), records, [f"row {i + 2}" for i in range(len(records))])
+
+
+def _read_parquet(path: Path) -> Table:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise LmforgeError(f"{path}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
+    return Table(str(path), records)
+
+
+def _read_text(path: Path) -> Table:
+    records, locs = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            line = line.rstrip("\n")
+            if line.strip():
+                records.append({"text": line})
+                locs.append(f"line {n}")
+    return Table(str(path), records, locs)
+
+
+def _read_hf(ref: str) -> Table:
+    """``hf:NAME[:CONFIG]@SPLIT`` through the datasets library."""
+    spec = ref[3:]
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise LmforgeError("reading Hugging Face datasets needs the 'datasets' package") from None
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:
+        raise LmforgeError(f"{ref}: could not load the dataset ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'offline?'})") from None
+    return Table(ref, ds.to_list())
+
+
+READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+           ".csv": lambda p: _read_delimited(p, ","), ".tsv": lambda p: _read_delimited(p, "\t"),
+           ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text}
+
+
+def read_table(ref: str) -> Table:
+    """Read a data reference (path, ``pkg://`` or ``hf:``) into a :class:`Table`."""
+    if ref.startswith("hf:"):
+        return _read_hf(ref)
+    path = Path(resolve_data_path(ref)).expanduser()
+    if not path.exists():
+        raise LmforgeError(f"{ref}: data file not found")
+    if path.is_dir():
+        raise LmforgeError(f"{ref}: is a folder, expected a data file")
+    ext = Path(_strip_compression(path.name)).suffix.lower()
+    reader = READERS.get(ext)
+    if reader is None:
+        raise LmforgeError(f"{ref}: unsupported data format '{ext or path.name}' (use {', '.join(sorted(READERS))})")
+    if ext in (".jsonl", ".ndjson", ".txt", ".text", ".json") and path.name != _strip_compression(path.name):
+        raise LmforgeError(f"{ref}: compressed {ext} is not supported; decompress it first")
+    return reader(path)

@@ -1,0 +1,115 @@
+"""Checks that turn bad input into one clear line before any training starts."""
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from ..config import DataConfig
+from ..errors import LmforgeError
+from .readers import Table, read_table
+
+
+def field_column(dc: DataConfig, field: str) -> str:
+    """The file column that holds a task field (``data.columns`` mapping, default: same name)."""
+    return dc.columns.get(field, field)
+
+
+def require_columns(table: Table, columns: Sequence[str]) -> None:
+    """Every record must have every column (names the first offending record)."""
+    if not table.records:
+        raise LmforgeError(f"{table.source}: no examples (empty split)")
+    for i, rec in enumerate(table.records):
+        for c in columns:
+            if c not in rec:
+                have = ", ".join(list(rec)[:8])
+                raise LmforgeError(f"{table.where(i)}: missing column '{c}' (columns: {have})")
+
+
+def text_values(table: Table, column: str, *, allow_empty: bool = False) -> list[str]:
+    """The column's values as strings; non-text values are an error naming the row."""
+    out = []
+    for i, rec in enumerate(table.records):
+        v = rec.get(column)
+        if not isinstance(v, str):
+            raise LmforgeError(f"{table.where(i)}: '{column}' must be text, got {type(v).__name__} {v!r:.40}")
+        if not allow_empty and not v.strip():
+            raise LmforgeError(f"{table.where(i)}: '{column}' is empty")
+        out.append(v)
+    return out
+
+
+def apply_where(table: Table, where: dict[str, list[Any]]) -> Table:
+    """Keep records whose column value is in the given list (``data.where``)."""
+    if not where:
+        return table
+    keep = []
+    for i, rec in enumerate(table.records):
+        if all(rec.get(c) in set(_hashable(v) for v in vals) for c, vals in where.items()):
+            keep.append(i)
+    return table.subset(keep)
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def load_splits(dc: DataConfig, seed: int) -> tuple[Table, Table | None]:
+    """Read train (and eval, or a seeded fraction of train), apply filters and sample caps."""
+    if not dc.train:
+        raise LmforgeError("config: missing required value 'data.train'")
+    train = apply_where(read_table(dc.train), dc.where)
+    if not train.records:
+        raise LmforgeError(f"{dc.train}: no training examples (empty split{' after data.where' if dc.where else ''})")
+    if dc.eval:
+        ev = apply_where(read_table(dc.eval), dc.where)
+        if not ev.records:
+            raise LmforgeError(f"{dc.eval}: no evaluation examples (empty split)")
+    elif dc.eval_fraction > 0:
+        idx = list(range(len(train)))
+        random.Random(seed).shuffle(idx)
+        n_eval = max(1, int(round(len(idx) * dc.eval_fraction)))
+        if n_eval >= len(idx):
+            raise LmforgeError(f"{dc.train}: too few examples ({len(idx)}) to split off an eval set")
+        ev, train = train.subset(sorted(idx[:n_eval])), train.subset(sorted(idx[n_eval:]))
+    else:
+        ev = None
+    if dc.max_train_samples and len(train) > dc.max_train_samples:
+        idx = sorted(random.Random(seed + 1).sample(range(len(train)), dc.max_train_samples))
+        train = train.subset(idx)
+    if ev is not None and dc.max_eval_samples and len(ev) > dc.max_eval_samples:
+        idx = sorted(random.Random(seed + 2).sample(range(len(ev)), dc.max_eval_samples))
+        ev = ev.subset(idx)
+    return train, ev
+
+
+def label_names(train: Table, column: str, given: list[str] | None) -> list[str]:
+    """Label names in a stable order: as given, else discovered (numbers numerically, else sorted)."""
+    if given:
+        if len(set(given)) != len(given):
+            raise LmforgeError("config: data.labels has duplicate names")
+        return list(given)
+    values = {rec.get(column) for rec in train.records}
+    if None in values:
+        i = next(i for i, r in enumerate(train.records) if r.get(column) is None)
+        raise LmforgeError(f"{train.where(i)}: '{column}' is missing a label")
+    if all(isinstance(v, (int, float)) and float(v).is_integer() for v in values) or all(
+            isinstance(v, str) and v.lstrip("-").isdigit() for v in values):
+        return [str(v) for v in sorted(int(v) for v in values)]
+    return sorted(str(v) for v in values)
+
+
+def label_ids(table: Table, column: str, names: list[str], *, split: str) -> list[int]:
+    """Map each record's label to its index; unknown labels name the file and row."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, rec in enumerate(table.records):
+        v = rec.get(column)
+        key = str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        if key in index:
+            out.append(index[key])
+        elif isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names) and names[0] != "0":
+            out.append(int(v))  # integer labels given with names: treat as indices
+        else:
+            hint = "unseen in train" if split == "eval" else "not in data.labels"
+            raise LmforgeError(f"{table.where(i)}: unknown label {v!r} ({hint}; labels: {', '.join(names[:10])})")
+    return out

@@ -1,0 +1,105 @@
+"""Device and precision decisions: the one place that picks them.
+
+``auto`` precision means: bf16 (or fp16 without bf16 support) autocast on CUDA; on CPU, bf16
+autocast when the CPU has native bf16 matmul (AVX512-BF16 / AMX), where it is several
+times faster than fp32; fp32 otherwise. Master weights stay fp32 in training.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LmforgeError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU executes bf16 matmul natively (AVX512_BF16 or AMX)."""
+    if os.environ.get("LMFORGE_CPU_BF16") in ("0", "1"):
+        return os.environ["LMFORGE_CPU_BF16"] == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N`` honouring LOCAL_RANK under torchrun."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError(f"device '{requested}' requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Compute dtype for ``precision`` on ``device`` (autocast dtype, or fp32)."""
+    if precision not in PRECISIONS:
+        raise LmforgeError(f"precision must be one of {PRECISIONS}, got '{precision}'")
+    if precision == "fp32":
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a run computes: device, autocast dtype, grad scaler need."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: str = "auto") -> "Placement":
+        dev = pick_device(device)
+        return cls(dev, pick_dtype(precision, dev))
+
+    @property
+    def autocast_enabled(self) -> bool:
+        return self.dtype != torch.float32
+
+    def autocast(self):
+        """Autocast context for forward passes (a no-op in fp32)."""
+        if not self.autocast_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """A GradScaler for fp16 on CUDA, otherwise None."""
+        if self.device.type == "cuda" and self.dtype == torch.float16:
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def describe(self) -> str:
+        return f"{self.device.type} {self.name}"
+
+
+def move(batch, device: torch.device):
+    """Move every tensor in a (nested) dict/list batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(v, device) for v in batch)
+    return batch

@@ -1,0 +1,225 @@
+"""Sequence classification: encoder or decoder backbone, full / frozen / LoRA fine-tuning."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..config import RunConfig, Section, register_task_config
+from ..data.batching import collate_tokens, length_grouped_batches
+from ..data.readers import Table, read_table
+from ..data.schema import apply_where, field_column, label_ids, label_names, load_splits, require_columns, text_values
+from ..device import Placement, move
+from ..errors import LmforgeError
+from ..models import is_decoder_only, load_tokenizer, resolve_model
+from .base import Task
+from .common import atomic_dir, freeze_except, lora_spec, pick_targets, read_run_config, write_json
+
+LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
+HEADS = ["classifier", "score"]
+
+
+class ClassifyConfig(Section):
+    """How the backbone is trained."""
+
+    mode: Literal["full", "frozen", "lora"] = "lora"
+    unfreeze_last: int = Field(0, ge=0, description="frozen mode: also train the last N blocks")
+
+
+@register_task_config("classify")
+class ClassifyRun(RunConfig):
+    task: Literal["classify"] = "classify"
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+
+
+def _tokenize(tok, texts: list[str], pairs: list[str] | None, max_length: int) -> list[dict]:
+    enc = tok(texts, pairs, truncation=True, max_length=max_length) if pairs else tok(
+        texts, truncation=True, max_length=max_length)
+    items = [{"input_ids": ids} for ids in enc["input_ids"]]
+    if pairs and "token_type_ids" in enc:
+        for it, tt in zip(items, enc["token_type_ids"]):
+            it["token_type_ids"] = tt
+    return items
+
+
+class ClassifyTask(Task):
+    name = "classify"
+
+    def __init__(self, cfg: ClassifyRun, *, with_data: bool = True, labels: list[str] | None = None):
+        self.cfg = cfg
+        self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
+        self.folder = resolve_model(cfg.model.name, cfg.model.revision)
+        self.tokenizer = load_tokenizer(self.folder, cfg.model.trust_remote_code)
+        dc = cfg.data
+        self.text_col, self.label_col = field_column(dc, "text"), field_column(dc, "label")
+        self.pair_col = dc.columns.get("text_pair")
+        if with_data:
+            train, ev = load_splits(dc, cfg.seed)
+            require_columns(train, [self.text_col, self.label_col] + ([self.pair_col] if self.pair_col else []))
+            self.labels = label_names(train, self.label_col, dc.labels)
+            self.train_items = self._items(train, "train")
+            self.eval_items = self._items(ev, "eval") if ev is not None else []
+        else:
+            self.labels = labels or dc.labels
+            if not self.labels:
+                raise LmforgeError("classification labels are unknown (no labels.json in the run)")
+        self.model = self._build_model()
+
+    # ---- data -------------------------------------------------------------------------
+    def _items(self, table: Table, split: str) -> list[dict]:
+        require_columns(table, [self.text_col, self.label_col])
+        texts = text_values(table, self.text_col)
+        pairs = text_values(table, self.pair_col) if self.pair_col else None
+        ids = label_ids(table, self.label_col, self.labels, split=split)
+        items = _tokenize(self.tokenizer, texts, pairs, self.cfg.data.max_length)
+        for it, y in zip(items, ids):
+            it["label"] = y
+        return items
+
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "token_type_ids") if "token_type_ids" in items[0] else ("input_ids",)
+        batch = collate_tokens(items, self.tokenizer.pad_token_id, keys)
+        if "label" in items[0]:
+            batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        return batch
+
+    # ---- model ------------------------------------------------------------------------
+    def _build_model(self):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        mc = self.cfg.model
+        hf_cfg = AutoConfig.from_pretrained(self.folder, trust_remote_code=mc.trust_remote_code)
+        n = len(self.labels)
+        hf_cfg.num_labels = n
+        hf_cfg.id2label = {i: l for i, l in enumerate(self.labels)}
+        hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
+        if is_decoder_only(hf_cfg) or getattr(hf_cfg, "pad_token_id", None) is None:
+            hf_cfg.pad_token_id = self.tokenizer.pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32)
+        self.heads = [h for h in HEADS if any(n_.rsplit(".", 1)[-1] == h for n_, _ in model.named_modules())]
+        mode = self.cfg.classify.mode
+        if mode == "frozen":
+            freeze_except(model, self.heads, self.cfg.classify.unfreeze_last)
+        elif mode == "lora":
+            from ..adapters.lora import apply_lora
+
+            targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
+            mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else self.heads
+            apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+        return model
+
+    # ---- engine protocol ----------------------------------------------------------------
+    def loss(self, batch):
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = self.model(**inputs).logits.float()  # (B, C)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(-1) == labels).float().mean()
+        return loss, {"accuracy": float(acc)}
+
+    @torch.no_grad()
+    def predict_items(self, items: Sequence[dict], batch_size: int | None = None) -> torch.Tensor:
+        """Class probabilities for tokenised items, in input order.  Returns (N, C) fp32."""
+        bs = batch_size or self.cfg.train.eval_batch_size or max(32, self.cfg.train.batch_size * 2)
+        order = length_grouped_batches([len(it["input_ids"]) for it in items], bs, seed=0, epoch=0, shuffle=False)
+        out = torch.empty(len(items), len(self.labels))
+        self.model.eval()
+        for idx in order:
+            batch = move(self.collate([{k: v for k, v in items[i].items() if k != "label"} for i in idx]),
+                         self.placement.device)
+            with self.placement.autocast():
+                logits = self.model(**batch).logits.float()
+            out[idx] = torch.softmax(logits, -1).cpu()
+        return out
+
+    def evaluate(self, items: Sequence[dict] | None = None) -> dict:
+        from ..eval.metrics import classification_report
+
+        items = self.eval_items if items is None else items
+        t0 = time.perf_counter()
+        probs = self.predict_items(items)
+        dt = time.perf_counter() - t0
+        y = torch.tensor([it["label"] for it in items])
+        report = classification_report(y.tolist(), probs.argmax(-1).tolist(), self.labels)
+        report["loss"] = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y))
+        report["samples_per_s"] = len(items) / max(dt, 1e-9)
+        return report
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
+        model = getattr(self.model, "module", self.model)
+        if self.cfg.classify.mode == "lora":
+            from ..adapters.peft_io import save_adapter
+
+            save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(self.cfg.model.name),
+                         task_type="SEQ_CLS")
+        else:
+            with atomic_dir(out_dir / "model") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        write_json(out_dir / "labels.json", self.labels)
+
+    # ---- loading a finished run --------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "final") -> "ClassifyTask":
+        run_dir = Path(run_dir)
+        cfg = read_run_config(run_dir)
+        art = run_dir / "best" if which == "best" else run_dir
+        labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
+        if cfg.classify.mode != "lora":
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
+            cfg = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"mode": "full"})})
+        task = cls(cfg, with_data=False, labels=labels)
+        if cfg.classify.mode == "lora":
+            from ..adapters.peft_io import load_adapter
+
+            # the fresh LoRA wrappers are replaced by the saved adapter
+            task.model = task._base_model()
+            load_adapter(task.model, art / "adapter")
+        task.model.to(task.placement.device).eval()
+        return task
+
+    def _base_model(self):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        hf_cfg = AutoConfig.from_pretrained(self.folder)
+        hf_cfg.num_labels = len(self.labels)
+        hf_cfg.id2label = {i: l for i, l in enumerate(self.labels)}
+        hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
+        if getattr(hf_cfg, "pad_token_id", None) is None:
+            hf_cfg.pad_token_id = self.tokenizer.pad_token_id
+        return AutoModelForSequenceClassification.from_pretrained(self.folder, config=hf_cfg, dtype=torch.float32)
+
+    # ---- files for eval/predict ------------------------------------------------------------
+    def read_eval_file(self, path: str) -> list[dict]:
+        table = apply_where(read_table(path), self.cfg.data.where)
+        return self._items(table, "eval")
+
+    def predict_file(self, path: str, out: str) -> int:
+        table = read_table(path)
+        col = self.text_col if table.records and self.text_col in table.records[0] else "text"
+        require_columns(table, [col])
+        texts = text_values(table, col)
+        pairs = text_values(table, self.pair_col) if self.pair_col else None
+        probs = self.predict_items(_tokenize(self.tokenizer, texts, pairs, self.cfg.data.max_length))
+        rows = []
+        for t, p in zip(texts, probs.tolist()):
+            k = max(range(len(p)), key=p.__getitem__)
+            rows.append({"text": t, "label": self.labels[k], "score": p[k],
+                         "probs": {l: round(v, 6) for l, v in zip(self.labels, p)}})
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        return len(rows)
+
+
+TASK = ClassifyTask

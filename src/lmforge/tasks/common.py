@@ -1,0 +1,100 @@
+"""Helpers shared by tasks: model surgery (freezing, LoRA), run-dir I/O."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from ..config import LoraConfig, RunConfig
+from ..errors import LmforgeError
+
+
+def module_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+
+
+def pick_targets(model: nn.Module, wanted: list[str] | str | None, defaults: list[str]) -> list[str] | str:
+    """User targets, else the defaults present in this architecture."""
+    if wanted:
+        return wanted
+    have = module_names(model)
+    chosen = [t for t in defaults if t in have]
+    if not chosen:
+        raise LmforgeError(f"no default LoRA targets ({', '.join(defaults)}) in this model; set lora.target_modules")
+    return chosen
+
+
+def lora_spec(lc: LoraConfig, targets, modules_to_save: list[str]):
+    from ..adapters.lora import LoraSpec
+
+    return LoraSpec(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=targets,
+                    use_rslora=lc.use_rslora, modules_to_save=list(modules_to_save))
+
+
+def layer_stack(model: nn.Module) -> nn.ModuleList | None:
+    """The transformer block list (encoder.layer, model.layers, h ...): the longest ModuleList."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers", "h", "block", "blocks"):
+            if best is None or len(m) > len(best):
+                best = m
+    return best
+
+
+def freeze_except(model: nn.Module, trainable_names: list[str], unfreeze_last: int = 0) -> None:
+    """Freeze everything except modules whose last name part is listed, and the last N blocks."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in trainable_names:
+            for p in m.parameters():
+                p.requires_grad_(True)
+    if unfreeze_last:
+        stack = layer_stack(model)
+        if stack is None:
+            raise LmforgeError("could not find the model's layer list to unfreeze the last layers")
+        for block in list(stack)[-unfreeze_last:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_dir(final: Path):
+    """Context manager yielding a temp folder that replaces ``final`` on success."""
+
+    class _Ctx:
+        def __enter__(self):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+            return self.tmp
+
+        def __exit__(self, et, ev, tb):
+            if et is None:
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(self.tmp, final)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+
+    return _Ctx()
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    from ..config import build_config, read_yaml
+
+    p = Path(run_dir)
+    if not (p / "config.yaml").is_file():
+        raise LmforgeError(f"{p}: not an lmforge run directory (no config.yaml)")
+    return build_config(read_yaml(p / "config.yaml"), source=str(p / "config.yaml"))

@@ -1,0 +1,237 @@
+"""The training loop every task shares.
+
+fit(task) -> AdamW with decoupled decay on matrices only, warmup + linear/cosine schedule,
+gradient accumulation weighted by loss units, clipping, autocast precision, evaluation every N
+steps and at the end, best tracking, atomic checkpoints with exact resume, NaN/inf guard,
+metrics.jsonl/TensorBoard/progress bar, and DDP under torchrun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..config import RunConfig
+from ..data.batching import length_grouped_batches, random_batches
+from ..device import move
+from ..errors import LmforgeError, TrainingError
+from ..tasks.base import Task
+from . import checkpoint as ckpt
+from .distributed import DistEnv, all_sum, barrier, init_distributed, shard
+from .logging import RunLogger, progress
+from .optim import build_optimizer, lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def epoch_batches(task: Task, cfg: RunConfig, epoch: int, world: int) -> list[list[int]]:
+    """Global batches (indices into task.train_items) of one epoch."""
+    global_bs = cfg.train.batch_size * world
+    n = len(task.train_items)
+    if cfg.train.group_by_length:
+        lengths = [task.item_length(it) for it in task.train_items]
+        return length_grouped_batches(lengths, global_bs, seed=cfg.seed, epoch=epoch, drop_last=world > 1)
+    return random_batches(n, global_bs, seed=cfg.seed, epoch=epoch, drop_last=world > 1)
+
+
+def backward_window(task: Task, micro: list[dict], env: DistEnv, device: torch.device,
+                    placement, scaler=None) -> tuple[float, dict, int]:
+    """Forward/backward over micro-batches so the summed gradient equals one big batch's.
+
+    Each micro-batch's mean loss is weighted by ``units_i / units_total`` (units summed over
+    ranks), times ``world`` because DDP averages gradients over ranks.
+    Returns (window loss, averaged metrics, local units).
+    """
+    units = [task.batch_units(m) for m in micro]
+    local = sum(units)
+    total = all_sum(local, env, device)
+    if total <= 0:
+        raise LmforgeError("a training batch has no trainable units (all targets masked?)")
+    loss_val, metrics_acc = 0.0, {}
+    model = task.model
+    for i, (m, u) in enumerate(zip(micro, units)):
+        last = i == len(micro) - 1
+        sync = last or not env.enabled or not hasattr(model, "no_sync")
+        ctx = model.no_sync() if not sync else _null()
+        with ctx:
+            with placement.autocast():
+                loss, metrics = task.loss(m)
+            w = u / total * env.world
+            scaled = loss * w
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_val += float(loss.detach()) * u
+        for k, v in metrics.items():
+            metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v) * u
+    loss_global = all_sum(loss_val, env, device) / total
+    return loss_global, {k: v / max(local, 1) for k, v in metrics_acc.items()}, local
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _better(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+def fit(task: Task, cfg: RunConfig, run_dir: Path) -> dict:
+    """Train ``task`` per ``cfg.train``; write checkpoints, metrics and the artefact into run_dir.
+
+    Returns the final evaluation metrics (also written to ``eval.json``).
+    """
+    tc = cfg.train
+    placement = task.placement
+    device = placement.device
+    env = init_distributed(device)
+    seed_everything(cfg.seed)
+    model = task.model.to(device)
+    task.model = model
+    if not task.train_items:
+        raise LmforgeError("the training split is empty")
+
+    n_batches = len(epoch_batches(task, cfg, 0, env.world))
+    if n_batches == 0:
+        raise LmforgeError(f"not enough training examples for one global batch of {tc.batch_size * env.world}")
+    steps_per_epoch = math.ceil(n_batches / tc.grad_accum)
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    warmup = int(tc.warmup_ratio * total)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
+    scheduler = LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total))
+    scaler = placement.grad_scaler()
+    ckpt_root = run_dir / "checkpoints"
+    state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None}
+
+    if tc.resume:
+        found = ckpt.list_checkpoints(ckpt_root)
+        if found:
+            state = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler)
+            if env.is_main:
+                log.info("resumed from %s", found[-1])
+    logger = RunLogger(run_dir, enabled=env.is_main)
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        task.model = DDP(model, device_ids=ids)
+
+    bar = progress(total, state["step"], tc.progress and env.is_main)
+    eval_metrics: dict = {}
+    last_good: Path | None = (ckpt.list_checkpoints(ckpt_root) or [None])[-1]
+    window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
+    acc_loss, acc_n, acc_metrics = 0.0, 0, {}
+    step = state["step"]
+    try:
+        while step < total:
+            batches = epoch_batches(task, cfg, state["epoch"], env.world)
+            b = state["batch"]
+            while b < len(batches) and step < total:
+                window = batches[b:b + tc.grad_accum]
+                micro = [move(task.collate([task.train_items[j] for j in shard(g, env)]), device) for g in window]
+                window_samples += sum(len(g) for g in window)
+                window_tokens += int(all_sum(sum(task.batch_tokens(m) for m in micro), env, device))
+                model.train()
+                loss_val, metrics, _ = backward_window(task, micro, env, device, placement, scaler)
+                if not math.isfinite(loss_val):
+                    where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
+                    raise TrainingError(f"non-finite loss ({loss_val}) at step {step + 1}, run stopped{where}")
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if tc.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                   tc.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                b += len(window)
+                state.update(step=step, batch=b)
+                acc_loss += loss_val
+                acc_n += 1
+                for k, v in metrics.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0.0) + v
+                bar.update(1)
+                if step % tc.log_every == 0 or step == total:
+                    dt = max(time.perf_counter() - window_t0, 1e-9)
+                    rec = {"step": step, "epoch": round(state["epoch"] + b / len(batches), 4),
+                           "loss": acc_loss / acc_n, "lr": lr,
+                           "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt}
+                    rec |= {k: v / acc_n for k, v in acc_metrics.items()}
+                    logger.log(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.1f}")
+                    window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
+                    acc_loss, acc_n, acc_metrics = 0.0, 0, {}
+                if (tc.eval_every and step % tc.eval_every == 0) or step == total:
+                    eval_metrics = _evaluate(task, model, env, logger, step, tc, state, run_dir)
+                if tc.save_every and step % tc.save_every == 0 and step < total:
+                    if env.is_main:
+                        last_good = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                                         _loop(state), tc.keep_last, state["best_step"])
+                    barrier(env)
+            if b >= len(batches):
+                state.update(epoch=state["epoch"] + 1, batch=0)
+    finally:
+        bar.close()
+        logger.close()
+        task.model = model
+    if env.is_main:
+        if tc.save_every:
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, _loop(state), tc.keep_last,
+                                 state["best_step"])
+        final = {"step": step} | eval_metrics
+        if state["best"] is not None:
+            final |= {"best_step": state["best_step"], f"best_{tc.best_metric}": state["best"]}
+        _write_json(run_dir / "eval.json", final)
+    barrier(env)
+    return eval_metrics
+
+
+def _loop(state: dict) -> dict:
+    return {k: state[k] for k in ("epoch", "batch", "best", "best_step")}
+
+
+def _evaluate(task, model, env, logger, step, tc, state, run_dir) -> dict:
+    metrics: dict = {}
+    wrapped, task.model = task.model, model
+    if env.is_main and task.eval_items:
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate()
+        model.train()
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        logger.log({"step": step} | flat, split="eval")
+        key = tc.best_metric
+        if key and key in flat and _better(flat[key], state["best"], tc.greater_is_better):
+            state.update(best=flat[key], best_step=step)
+            task.save(run_dir / "best")
+    task.model = wrapped
+    barrier(env)
+    return metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,61 @@
+"""Run logging: metrics.jsonl, TensorBoard (when installed) and a progress bar."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunLogger:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def log(self, record: dict, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        rec = {"split": split, "time": round(time.time(), 3)} | {k: _clean(v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str = "train"):
+    """A tqdm bar, or a do-nothing stand-in when disabled."""
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+
+    class _Null:
+        def update(self, n=1): ...
+        def set_postfix(self, *a, **k): ...
+        def close(self): ...
+
+    return _Null()
