@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tiny models gain nothing from threads, and parallel test runs on 2 cores thrash with them
+torch.set_num_threads(1)
+
 WORDS = ("good great fine lovely superb nice bad awful poor boring dull terrible movie film plot actor "
          "story scene the a an is was very quite really not and but this that it of to in").split()
 EXTRA = [f"w{i}" for i in range(60)]

@@ -1,23 +1,17 @@
-"""The ``lmforge`` command.
+"""The ``lmforge`` command: one sub-command per job (see ``lmforge --help``).
 
-lmforge train RECIPE.yaml [key=value ...]     train (any task)
-lmforge config show RECIPE.yaml [key=value]   print the resolved config
-lmforge eval RUN_DIR --data FILE              evaluate a finished run on a file
-lmforge predict RUN_DIR --input FILE --out F  write predictions as JSONL
+Sub-commands live in :mod:`lmforge.commands`; this module only parses and reports errors:
+an :class:`~lmforge.errors.LmforgeError` becomes one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
-import shutil
 import sys
-from pathlib import Path
 
 from .errors import LmforgeError
-
-log = logging.getLogger("lmforge")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,110 +29,14 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
-def cmd_config(args) -> int:
-    from .config import dump_config, load_config
-
-    if args.action != "show":
-        raise LmforgeError(f"unknown config action '{args.action}' (use: show)")
-    cfg = load_config(args.recipe, args.overrides)
-    sys.stdout.write(dump_config(cfg))
-    return 0
-
-
-def check_run_dir(cfg) -> None:
-    """Refuse to clobber an existing run unless resume=true or overwrite=true."""
-    run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume and not cfg.overwrite:
-        raise LmforgeError(f"{run_dir}: run directory exists; set resume=true, overwrite=true or a new name=")
-
-
-def prepare_run_dir(cfg) -> Path:
-    """Create the run directory and save the resolved config in it."""
-    from .config import dump_config
-
-    check_run_dir(cfg)
-    run_dir = cfg.run_dir
-    if run_dir.exists() and cfg.overwrite and not cfg.train.resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    return run_dir
-
-
-def cmd_train(args) -> int:
-    from .config import load_config
-    from .tasks import task_class
-    from .train import fit
-
-    cfg = load_config(args.recipe, args.overrides)
-    check_run_dir(cfg)
-    task = task_class(cfg.task)(cfg)  # reads and checks data before anything is written
-    run_dir = prepare_run_dir(cfg)
-    log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
-    if hasattr(task, "describe_model"):
-        log.info(task.describe_model())
-    metrics = fit(task, cfg, run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        task.save(run_dir)
-        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        print(json.dumps({"run_dir": str(run_dir)} | summary))
-    return 0
-
-
-def _load_run(run_dir: str):
-    from .tasks import task_class
-    from .tasks.common import read_run_config
-
-    cfg = read_run_config(run_dir)
-    return task_class(cfg.task).from_run(run_dir)
-
-
-def cmd_eval(args) -> int:
-    from .tasks.common import write_json
-
-    task = _load_run(args.run_dir)
-    items = task.read_eval_file(args.data)
-    report = task.evaluate(items)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).name.split('.')[0]}.json"
-    write_json(out, report)
-    print(json.dumps(report))
-    return 0
-
-
-def cmd_predict(args) -> int:
-    task = _load_run(args.run_dir)
-    n = task.predict_file(args.input, args.out)
-    print(json.dumps({"predictions": n, "out": args.out}))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import COMMAND_MODULES
+
     p = argparse.ArgumentParser(prog="lmforge", description="Adapt, align and apply language models.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a recipe")
-    t.add_argument("recipe")
-    t.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested values)")
-    t.set_defaults(func=cmd_train)
-
-    c = sub.add_parser("config", help="config tools")
-    c.add_argument("action", choices=["show"])
-    c.add_argument("recipe")
-    c.add_argument("overrides", nargs="*")
-    c.set_defaults(func=cmd_config)
-
-    e = sub.add_parser("eval", help="evaluate a run on a data file")
-    e.add_argument("run_dir")
-    e.add_argument("--data", required=True)
-    e.add_argument("--out", default=None)
-    e.set_defaults(func=cmd_eval)
-
-    pr = sub.add_parser("predict", help="predict a file with a run")
-    pr.add_argument("run_dir")
-    pr.add_argument("--input", required=True)
-    pr.add_argument("--out", required=True)
-    pr.set_defaults(func=cmd_predict)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 

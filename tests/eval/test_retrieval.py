@@ -115,6 +115,8 @@ def test_bad_input():
     with pytest.raises(LmforgeError):
         retrieval_report([[1, 2, 1]], [{1}])  # duplicate doc
     with pytest.raises(LmforgeError):
+        retrieval_report([1, 2, 3], [{1}, {2}, {3}])  # one flat list, not lists per query
+    with pytest.raises(LmforgeError):
         retrieval_report(SCORES, [{7}, {0}, set()])  # doc 7 is not a column
     with pytest.raises(LmforgeError):
         retrieval_report(SCORES, [set(), set(), set()])  # nothing relevant
@@ -143,7 +145,8 @@ def test_rank_topk_matches_full_matrix():
     rng = np.random.default_rng(1)
     q = rng.normal(size=(20, 16)).astype(np.float32)
     c = rng.normal(size=(53, 16)).astype(np.float32)
-    scores, idx = rank_topk(q, c, k=5, batch=7)  # several query and corpus blocks, ragged tails
+    # several query and corpus blocks, ragged tails
+    scores, idx = rank_topk(q, c, k=5, batch=7, corpus_batch=11)
     ref_s, ref_i = _brute_force(q.astype(np.float64), c.astype(np.float64), 5)
     assert scores.shape == (20, 5) and idx.shape == (20, 5)
     assert idx.dtype == np.int64 and scores.dtype == np.float32
@@ -157,20 +160,32 @@ def test_rank_topk_matches_full_matrix():
 def test_rank_topk_ties_by_index_across_blocks():
     e0, e1 = [1.0, 0.0], [0.0, 1.0]
     corpus = np.array([e1, e0, e1, [3.0, 0.0], e1, [0.5, 0.0], e0], dtype=np.float32)
-    scores, idx = rank_topk(np.array([e0]), corpus, k=3, batch=2)
+    scores, idx = rank_topk(np.array([e0]), corpus, k=3, corpus_batch=2)
     assert idx.tolist() == [[1, 3, 5]]  # all cos = 1; lowest indices first
     np.testing.assert_allclose(scores, [[1.0, 1.0, 1.0]], atol=1e-6)
     # ties straddling the k-th place inside one block: full stable sort path
     same = np.ones((6, 3), dtype=np.float32)
-    _, idx = rank_topk(np.ones((2, 3)), same, k=2, batch=4)
+    _, idx = rank_topk(np.ones((2, 3)), same, k=2, corpus_batch=4)
     assert idx.tolist() == [[0, 1], [0, 1]]
+
+
+def test_rank_topk_many_ties_in_one_block():
+    # torch.topk / torch.sort return equal values in scrambled order at this size
+    corpus = np.zeros((3000, 2), dtype=np.float32)
+    corpus[:, 1] = 1.0  # cos 0 with the query
+    corpus[::140] = [2.0, 0.0]  # 22 rows (0, 140, ..., 2940) with cos 1
+    _, idx = rank_topk(np.array([[1.0, 0.0]]), corpus, k=22)
+    assert idx.tolist() == [list(range(0, 3000, 140))]  # all ties selected: index order
+    corpus[::7] = [1.0, 0.0]  # 429 rows with cos 1: more ties than k, across blocks
+    _, idx = rank_topk(np.array([[1.0, 0.0]]), corpus, k=21, corpus_batch=1000)
+    assert idx.tolist() == [list(range(0, 147, 7))]
 
 
 def test_rank_topk_feeds_retrieval_report_and_clips_k():
     rng = np.random.default_rng(2)
     q, c = rng.normal(size=(4, 8)), rng.normal(size=(30, 8))
     relevant = [{0, 5}, {7}, {29}, {1, 2, 3}]
-    _, idx = rank_topk(q, c, k=10, batch=8)
+    _, idx = rank_topk(q, c, k=10, batch=3, corpus_batch=8)
     sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
         c / np.linalg.norm(c, axis=1, keepdims=True)
     ).T  # (Q, N) full cosine matrix
@@ -188,3 +203,5 @@ def test_rank_topk_bad_shapes():
         rank_topk(np.ones((2, 3)), np.ones((4, 5)), k=1)
     with pytest.raises(LmforgeError):
         rank_topk(np.ones((2, 3)), np.ones((4, 3)), k=0)
+    with pytest.raises(LmforgeError):
+        rank_topk(np.ones((2, 3)), np.ones((4, 3)), k=1, corpus_batch=0)

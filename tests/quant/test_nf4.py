@@ -194,6 +194,26 @@ def test_gradients_flow_to_inputs_not_to_the_weight(dtype):
     assert all(not b.requires_grad and b.grad is None for b in q.buffers())
 
 
+def test_autograd_keeps_no_dequantised_weight_alive():
+    _, q = _layer()
+    x = torch.randn(6, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        q(x).sum().backward()
+    assert (40, 96) not in saved and (96, 40) not in saved
+    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(6, 96))
+
+
+def test_autocast_backward_gives_fp32_input_grads():
+    _, q = _layer()
+    x = torch.randn(6, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(6, 96), rtol=2e-2, atol=2e-2)
+
+
 def test_to_dtype_keeps_scales_exact_and_tracks_compute_dtype():
     _, q = _layer(torch.float32)
     before = q.dequantize(torch.float32)
@@ -297,7 +317,10 @@ def test_codes_match_torchao_nf4tensor():
     differ = c_ours != c_theirs
     assert differ.float().mean() < 1e-3
     assert ((x[differ, None] - mid).abs().min(1).values < 1e-4).all()
+    # Where codes agree, only the int8 block scales differ: ours round (error <= S/254),
+    # torchao's int8 scales were measured to err up to S/127; S = max |a_b - mean(a)|.
+    a = w.view(-1, 64).abs().amax(1)
+    s_max = (a - a.mean()).abs().max().item()
     same = ~differ.view(w.shape)
-    torch.testing.assert_close(
-        dequantize_nf4(ours)[same], theirs.get_original_weight()[same], rtol=0, atol=2e-3 * w.abs().max().item()
-    )
+    diff = (dequantize_nf4(ours) - theirs.get_original_weight())[same].abs()
+    assert diff.max() <= 3 * s_max / 254 + 1e-7

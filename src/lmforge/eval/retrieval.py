@@ -70,7 +70,13 @@ def _ranks_from_lists(rankings: list[Sequence[Hashable]], grades: list[dict]) ->
     """1-based rank of each judged relevant doc per query (inf if not retrieved)."""
     out = []
     for qi, (ranked, g) in enumerate(zip(rankings, grades)):
-        ranked = ranked.tolist() if isinstance(ranked, np.ndarray) else list(ranked)
+        if isinstance(ranked, np.ndarray):
+            ranked = ranked.tolist()
+        elif isinstance(ranked, (str, bytes)) or not isinstance(ranked, Iterable):
+            raise LmforgeError(
+                f"query {qi}: expected a list of ranked doc ids, got {type(ranked).__name__}"
+            )
+        ranked = list(ranked)
         where = {d: i + 1 for i, d in enumerate(ranked)}
         if len(where) != len(ranked):
             raise LmforgeError(f"query {qi}: the ranked list contains a document twice")
@@ -115,8 +121,9 @@ def retrieval_report(
             anything else as rankings; force it for integer score matrices.
 
     Returns:
-        ``{"mrr@k", "ndcg@k", "recall@k", "precision@k"`` for every k, ``"map"``,
-        ``"n_queries"`` (scored), ``"n_skipped"`` (no relevant doc)``}``.
+        A flat dict of floats: ``"mrr@k"``, ``"ndcg@k"``, ``"recall@k"``,
+        ``"precision@k"`` for every k and ``"map"``; plus ints ``"n_queries"``
+        (scored) and ``"n_skipped"`` (queries without a relevant doc).
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -175,7 +182,7 @@ def retrieval_report(
         hit = rank <= k  # (Q, M)
         n_hit = hit.sum(axis=1)  # (Q,)
         dcg = (gain * disc * hit).sum(axis=1)  # (Q,)
-        idcg = (ideal[:, :k] * ideal_disc[:k]).sum(axis=1)  # (Q,) > 0: every kept q has a hit
+        idcg = (ideal[:, :k] * ideal_disc[:k]).sum(axis=1)  # (Q,) > 0: every kept q has a judgement
         out[f"mrr@{k}"] = float(np.mean(np.where(first <= k, 1.0 / first, 0.0)))
         out[f"ndcg@{k}"] = float(np.mean(dcg / idcg))
         out[f"recall@{k}"] = float(np.mean(n_hit / n_rel))
@@ -189,12 +196,15 @@ def retrieval_report(
     return out
 
 
-def rank_topk(query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024) -> tuple:
+def rank_topk(
+    query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024, *, corpus_batch: int = 8192
+) -> tuple:
     """Top-k corpus documents per query by cosine similarity, without a full Q x N matrix.
 
-    ``cos(q, d) = q . d / (|q| |d|)``. Queries and corpus are both processed in blocks
-    of ``batch`` rows; each query block keeps a running top-k while it scans the
-    corpus, so memory is O(batch * (batch + k)) rather than O(Q * N). Ties are
+    ``cos(q, d) = q . d / (|q| |d|)``. Queries are processed in blocks of ``batch``
+    rows and the corpus in blocks of ``corpus_batch`` rows; each query block keeps a
+    running top-k while it scans the corpus, so memory is
+    O(batch * (corpus_batch + k)) rather than O(Q * N). Ties are
     broken by document index (lower first), matching ``retrieval_report``. Runs on
     the device the query tensor is on (numpy input runs on CPU), in fp32.
 
@@ -202,7 +212,9 @@ def rank_topk(query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024) -> tup
         query_emb: (Q, D) numpy array or torch tensor.
         corpus_emb: (N, D) numpy array or torch tensor.
         k: documents to keep per query (clipped to N).
-        batch: rows per query block and per corpus block.
+        batch: queries per block.
+        corpus_batch: corpus rows per block (larger blocks amortise the per-block
+            top-k merge; 8192 x 1024 fp32 similarities are 32 MiB).
 
     Returns:
         ``(scores, indices)``: (Q, k') float32 cosine similarities, best first, and
@@ -220,8 +232,10 @@ def rank_topk(query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024) -> tup
             f"expected (Q, D) queries and (N, D) corpus, "
             f"got {tuple(qe.shape)} and {tuple(ce.shape)}"
         )
-    if k < 1 or batch < 1:
-        raise LmforgeError(f"k and batch must be >= 1, got k={k}, batch={batch}")
+    if k < 1 or batch < 1 or corpus_batch < 1:
+        raise LmforgeError(
+            f"k, batch and corpus_batch must be >= 1, got {k}, {batch}, {corpus_batch}"
+        )
     n = ce.shape[0]
     k = min(int(k), n)
     device = qe.device
@@ -231,17 +245,13 @@ def rank_topk(query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024) -> tup
             qb = F.normalize(qe[qs : qs + batch].float(), dim=1)  # (Bq, D)
             best_s = qb.new_empty((qb.shape[0], 0))  # (Bq, <=k) running top-k scores
             best_i = torch.empty((qb.shape[0], 0), dtype=torch.long, device=device)
-            for cs in range(0, n, batch):
-                cb = F.normalize(ce[cs : cs + batch].to(device).float(), dim=1)  # (Bc, D)
+            for cs in range(0, n, corpus_batch):
+                cb = F.normalize(ce[cs : cs + corpus_batch].to(device).float(), dim=1)  # (Bc, D)
                 sims = qb @ cb.T  # (Bq, Bc)
-                s, i = _stable_topk(sims, min(k, sims.shape[1]))  # (Bq, kk)
-                # Earlier blocks hold lower indices, so concatenating them first keeps
-                # ties in index order through the stable sort.
+                s, i = _block_topk(sims, k)  # (Bq, kk), kk = min(k, Bc)
                 cat_s = torch.cat([best_s, s], dim=1)  # (Bq, <=k + kk)
                 cat_i = torch.cat([best_i, i + cs], dim=1)
-                cat_s, order = torch.sort(cat_s, dim=1, descending=True, stable=True)
-                best_s = cat_s[:, :k]
-                best_i = cat_i.gather(1, order)[:, :k]
+                best_s, best_i = _order_by_score_then_index(cat_s, cat_i, k)
             all_scores.append(best_s.cpu())
             all_idx.append(best_i.cpu())
     if not all_scores:
@@ -249,23 +259,44 @@ def rank_topk(query_emb: Any, corpus_emb: Any, k: int, batch: int = 1024) -> tup
     return torch.cat(all_scores).numpy(), torch.cat(all_idx).numpy()
 
 
-def _stable_topk(x: Any, k: int) -> tuple:
-    """Top-k of each row of ``x`` (B, M), ties broken by column index.
+def _block_topk(x: Any, k: int) -> tuple:
+    """Top-k candidates of each row of ``x`` (B, M), ties at the k-th place kept by index.
 
-    ``torch.topk`` is fast but arbitrary among equal values; its result is put in
-    (score desc, index asc) order, and the rare rows where ties straddle the k-th
-    place are redone with a full stable sort.
+    ``torch.topk`` picks arbitrarily among equal values; it is asked for k + 1 values
+    so that a tie across the cut (k-th == (k+1)-th) is detected, and only those rare
+    rows are redone with a full stable sort (lowest column indices win). The order
+    inside the returned k is not guaranteed; ``_order_by_score_then_index`` fixes it.
     """
     import torch
 
-    vals, idx = torch.topk(x, k, dim=1)  # (B, k) ties in arbitrary order
-    idx, perm = idx.sort(dim=1)  # index ascending ...
-    vals = vals.gather(1, perm)
-    vals, perm = vals.sort(dim=1, descending=True, stable=True)  # ... then score descending
-    idx = idx.gather(1, perm)
-    straddle = (x >= vals[:, -1:]).sum(dim=1) > k  # (B,) more candidates than slots
-    if straddle.any():
-        rows = straddle.nonzero().squeeze(1)
-        v, i = torch.sort(x[rows], dim=1, descending=True, stable=True)
-        vals[rows], idx[rows] = v[:, :k], i[:, :k]
+    m = x.shape[1]
+    kk = min(k, m)
+    vals, idx = torch.topk(x, min(kk + 1, m), dim=1)  # (B, kk [+1]) sorted descending
+    if kk < m:
+        straddle = vals[:, kk - 1] == vals[:, kk]  # (B,)
+        vals, idx = vals[:, :kk], idx[:, :kk]
+        if straddle.any():
+            rows = straddle.nonzero().squeeze(1)
+            v, i = torch.sort(x[rows], dim=1, descending=True, stable=True)
+            vals[rows], idx[rows] = v[:, :kk], i[:, :kk]
     return vals, idx
+
+
+def _order_by_score_then_index(vals: Any, idx: Any, k: int) -> tuple:
+    """First k of each row of (B, L) candidates ordered by (score desc, index asc).
+
+    A plain sort is enough unless a row has equal scores among its first k + 1
+    entries; those rows are re-sorted by index and then stably by score.
+    """
+    import torch
+
+    vals, order = torch.sort(vals, dim=1, descending=True)  # (B, L)
+    idx = idx.gather(1, order)
+    head = vals[:, : k + 1]  # (B, <=k+1)
+    tied = (head[:, 1:] == head[:, :-1]).any(dim=1)  # (B,)
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        i, perm = idx[rows].sort(dim=1)  # index ascending ...
+        v, perm2 = vals[rows].gather(1, perm).sort(dim=1, descending=True, stable=True)
+        vals[rows], idx[rows] = v, i.gather(1, perm2)  # ... then score descending
+    return vals[:, :k], idx[:, :k]

@@ -98,9 +98,9 @@ def multiple_negatives_ranking_loss(
         negatives: ``None``, ``(B, D)`` or ``(B, K, D)`` hard negatives (e.g. contradictions).
         scale: multiplier of the cosine similarities (``1 / temperature``).
         symmetric: add the positive -> anchor direction.
-        anchor_ids: ``(B,)`` integer key of each anchor's positive.
-        candidate_ids: ``(B,)`` ids of the positives, or ``(B, 1+K)`` ids of
-            ``[positive, negative_1, ..., negative_K]`` per row.
+        anchor_ids: ``(B,)`` integer match key of each anchor (default: its positive's id).
+        candidate_ids: ``(B,)`` ids of the positives (default: ``anchor_ids``), or
+            ``(B, 1+K)`` ids of ``[positive, negative_1, ..., negative_K]`` per row.
 
     Returns:
         0-dim loss (mean over anchors).
@@ -194,7 +194,8 @@ def cosent_loss(u: Tensor, v: Tensor, scores: Tensor, *, scale: float = 20.0) ->
     Returns:
         0-dim loss.
     """
-    s = scale * F.cosine_similarity(u.float(), v.float(), dim=-1)  # (B,)
+    acc = torch.promote_types(u.dtype, torch.float32)  # fp16/bf16 -> fp32
+    s = scale * F.cosine_similarity(u.to(acc), v.to(acc), dim=-1)  # (B,)
     y = scores.view(-1)
     diff = s[None, :] - s[:, None]  # (B, B): [i, j] = s_j - s_i
     higher = y[:, None] > y[None, :]  # (B, B): y_i > y_j
@@ -233,10 +234,10 @@ def alignment(x: Tensor, y: Tensor, alpha: float = 2.0) -> Tensor:
         alpha: exponent (paper default 2).
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim tensor, fp32 (fp64 for fp64 inputs).
     """
-    xn = F.normalize(x.float(), dim=-1)  # (B, D)
-    yn = F.normalize(y.float(), dim=-1)  # (B, D)
+    xn = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # (B, D)
+    yn = F.normalize(y.to(xn.dtype), dim=-1)  # (B, D)
     return (xn - yn).norm(p=2, dim=-1).pow(alpha).mean()
 
 
@@ -251,10 +252,10 @@ def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
         t: kernel parameter (paper default 2).
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim tensor, fp32 (fp64 for fp64 inputs).
     """
     if x.shape[0] < 2:
         raise ValueError("uniformity needs at least two embeddings")
-    xn = F.normalize(x.float(), dim=-1)  # (N, D)
+    xn = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)  # (N, D)
     sq = torch.pdist(xn, p=2).pow(2)  # (N*(N-1)/2,)
     return torch.logsumexp(-t * sq, dim=0) - math.log(sq.numel())

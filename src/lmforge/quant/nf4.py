@@ -205,19 +205,21 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 class _NF4Linear(torch.autograd.Function):
-    """``y = x W_hat^T``; backward re-dequantises instead of saving ``W_hat``."""
+    """``y = x W_hat^T + b``; backward re-dequantises instead of saving ``W_hat``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight) -> torch.Tensor:
         ctx.q = q
-        return F.linear(x, dequantize_nf4(q, x.dtype))  # (..., out)
+        return F.linear(x, dequantize_nf4(q, x.dtype), bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        w = dequantize_nf4(ctx.q, grad_out.dtype)  # (out, in)
-        return grad_out @ w, None  # (..., in)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_nf4(ctx.q, grad_out.dtype)  # (..., out) @ (out, in) -> (..., in)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
+        return grad_x, grad_bias, None
 
 
 class Linear4bit(nn.Module):
@@ -318,10 +320,8 @@ class Linear4bit(nn.Module):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
-        y = _NF4Linear.apply(x, self.nf4)  # (..., out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _NF4Linear.apply(x, bias, self.nf4)  # (..., out)
 
     def _apply(self, fn, recurse=True):
         # Track module.to(dtype)/.half()/.float() in compute_dtype; integer buffers are untouched.

@@ -1,0 +1,8 @@
+"""CLI command modules: each defines ``register(subparsers)`` adding its sub-command(s).
+
+Add a module name to ``COMMAND_MODULES`` to expose it in ``lmforge``. Modules must import
+heavy libraries inside their command functions, not at import time.
+"""
+COMMAND_MODULES: list[str] = [
+    "lmforge.commands.core",
+]
