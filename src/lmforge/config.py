@@ -19,7 +19,8 @@ from .errors import LmforgeError
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              coerce_numbers_to_str=True)  # `name=2024`, `labels: [0, 1]` are text
 
 
 class ModelConfig(Section):

@@ -5,4 +5,7 @@ heavy libraries inside their command functions, not at import time.
 """
 COMMAND_MODULES: list[str] = [
     "lmforge.commands.core",
+    "lmforge.commands.align",
+    "lmforge.commands.generate",
+    "lmforge.commands.embed",
 ]

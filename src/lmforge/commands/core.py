@@ -26,9 +26,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _is_main_rank() -> bool:
+    """Rank 0 owns the run directory under torchrun (other ranks would see it half-made)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def check_run_dir(cfg) -> None:
     """Refuse to clobber an existing run unless resume=true or overwrite=true."""
     run_dir = cfg.run_dir
+    if not _is_main_rank():
+        return
     if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume and not cfg.overwrite:
         raise LmforgeError(f"{run_dir}: run directory exists; set resume=true, overwrite=true or a new name=")
 
@@ -39,6 +46,8 @@ def prepare_run_dir(cfg) -> Path:
 
     check_run_dir(cfg)
     run_dir = cfg.run_dir
+    if not _is_main_rank():
+        return run_dir
     if run_dir.exists() and cfg.overwrite and not cfg.train.resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +68,7 @@ def cmd_train(args) -> int:
     if hasattr(task, "describe_model"):
         log.info(task.describe_model())
     metrics = fit(task, cfg, run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_rank():
         task.save(run_dir)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps({"run_dir": str(run_dir)} | summary))
@@ -77,6 +86,10 @@ def _load_run(run_dir: str):
 def cmd_eval(args) -> int:
     from ..tasks.common import write_json
 
+    if getattr(args, "task", None):  # embedding evaluation of a run or any model
+        from .embed import cmd_eval_embedding
+
+        return cmd_eval_embedding(args)
     task = _load_run(args.run_dir)
     items = task.read_eval_file(args.data)
     report = task.evaluate(items)
@@ -109,6 +122,8 @@ def register(sub) -> None:
     e.add_argument("run_dir")
     e.add_argument("--data", required=True)
     e.add_argument("--out", default=None)
+    e.add_argument("--task", default=None, choices=["sts", "retrieval"],
+                   help="embedding evaluation; run_dir may then also be a model folder or alias")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict a file with a run")

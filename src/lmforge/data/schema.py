@@ -92,7 +92,7 @@ def label_names(train: Table, column: str, given: list[str] | None) -> list[str]
     if None in values:
         i = next(i for i, r in enumerate(train.records) if r.get(column) is None)
         raise LmforgeError(f"{train.where(i)}: '{column}' is missing a label")
-    if all(isinstance(v, (int, float)) and float(v).is_integer() for v in values) or all(
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values) or all(
             isinstance(v, str) and v.lstrip("-").isdigit() for v in values):
         return [str(v) for v in sorted(int(v) for v in values)]
     return sorted(str(v) for v in values)

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-TASK_MODULES = {"classify": "lmforge.tasks.classify"}
+TASK_MODULES = {
+    "classify": "lmforge.tasks.classify",
+    "sft": "lmforge.tasks.sft",
+    "preference": "lmforge.tasks.preference",
+    "reward": "lmforge.tasks.reward",
+    "embed": "lmforge.tasks.embed",
+    "augsbert": "lmforge.tasks.augsbert",
+}
 
 
 def _register_all() -> None:

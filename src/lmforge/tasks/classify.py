@@ -50,7 +50,8 @@ def _tokenize(tok, texts: list[str], pairs: list[str] | None, max_length: int) -
 class ClassifyTask(Task):
     name = "classify"
 
-    def __init__(self, cfg: ClassifyRun, *, with_data: bool = True, labels: list[str] | None = None):
+    def __init__(self, cfg: ClassifyRun, *, with_data: bool = True, labels: list[str] | None = None,
+                 adapt: bool = True):
         self.cfg = cfg
         self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
         self.folder = resolve_model(cfg.model.name, cfg.model.revision)
@@ -68,7 +69,7 @@ class ClassifyTask(Task):
             self.labels = labels or dc.labels
             if not self.labels:
                 raise LmforgeError("classification labels are unknown (no labels.json in the run)")
-        self.model = self._build_model()
+        self.model = self._build_model(adapt)
 
     # ---- data -------------------------------------------------------------------------
     def _items(self, table: Table, split: str) -> list[dict]:
@@ -89,19 +90,22 @@ class ClassifyTask(Task):
         return batch
 
     # ---- model ------------------------------------------------------------------------
-    def _build_model(self):
+    def _build_model(self, adapt: bool = True):
+        """The HF sequence classifier, frozen or LoRA-wrapped per the mode (``adapt=False``: plain)."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         mc = self.cfg.model
         hf_cfg = AutoConfig.from_pretrained(self.folder, trust_remote_code=mc.trust_remote_code)
-        n = len(self.labels)
-        hf_cfg.num_labels = n
+        hf_cfg.num_labels = len(self.labels)
         hf_cfg.id2label = {i: l for i, l in enumerate(self.labels)}
         hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
         if is_decoder_only(hf_cfg) or getattr(hf_cfg, "pad_token_id", None) is None:
             hf_cfg.pad_token_id = self.tokenizer.pad_token_id
+        torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
         model = AutoModelForSequenceClassification.from_pretrained(
             self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32)
+        if not adapt:
+            return model
         self.heads = [h for h in HEADS if any(n_.rsplit(".", 1)[-1] == h for n_, _ in model.named_modules())]
         mode = self.cfg.classify.mode
         if mode == "frozen":
@@ -175,26 +179,13 @@ class ClassifyTask(Task):
         if cfg.classify.mode != "lora":
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
             cfg = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"mode": "full"})})
-        task = cls(cfg, with_data=False, labels=labels)
+        task = cls(cfg, with_data=False, labels=labels, adapt=False)
         if cfg.classify.mode == "lora":
             from ..adapters.peft_io import load_adapter
 
-            # the fresh LoRA wrappers are replaced by the saved adapter
-            task.model = task._base_model()
             load_adapter(task.model, art / "adapter")
         task.model.to(task.placement.device).eval()
         return task
-
-    def _base_model(self):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-
-        hf_cfg = AutoConfig.from_pretrained(self.folder)
-        hf_cfg.num_labels = len(self.labels)
-        hf_cfg.id2label = {i: l for i, l in enumerate(self.labels)}
-        hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
-        if getattr(hf_cfg, "pad_token_id", None) is None:
-            hf_cfg.pad_token_id = self.tokenizer.pad_token_id
-        return AutoModelForSequenceClassification.from_pretrained(self.folder, config=hf_cfg, dtype=torch.float32)
 
     # ---- files for eval/predict ------------------------------------------------------------
     def read_eval_file(self, path: str) -> list[dict]:

@@ -92,9 +92,10 @@ def _better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
 
-def fit(task: Task, cfg: RunConfig, run_dir: Path) -> dict:
+def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     """Train ``task`` per ``cfg.train``; write checkpoints, metrics and the artefact into run_dir.
 
+    ``on_step(step, record)`` is called after every optimizer step (record: loss, lr, samples).
     Returns the final evaluation metrics (also written to ``eval.json``).
     """
     tc = cfg.train
@@ -137,7 +138,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path) -> dict:
     last_good: Path | None = (ckpt.list_checkpoints(ckpt_root) or [None])[-1]
     window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
-    step = state["step"]
+    step = start_step = state["step"]
     try:
         while step < total:
             batches = epoch_batches(task, cfg, state["epoch"], env.world)
@@ -173,6 +174,8 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path) -> dict:
                 for k, v in metrics.items():
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + v
                 bar.update(1)
+                if on_step is not None:
+                    on_step(step, {"loss": loss_val, "lr": lr, "samples": sum(len(g) for g in window)})
                 if step % tc.log_every == 0 or step == total:
                     dt = max(time.perf_counter() - window_t0, 1e-9)
                     rec = {"step": step, "epoch": round(state["epoch"] + b / len(batches), 4),
@@ -192,6 +195,8 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path) -> dict:
                     barrier(env)
             if b >= len(batches):
                 state.update(epoch=state["epoch"] + 1, batch=0)
+        if step == start_step:  # resumed at the end (killed after the last checkpoint): evaluate it again
+            eval_metrics = _evaluate(task, model, env, logger, step, tc, state, run_dir)
     finally:
         bar.close()
         logger.close()

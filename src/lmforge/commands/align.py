@@ -1,0 +1,33 @@
+"""Alignment commands: ``lmforge score RUN_DIR --input FILE [--out FILE]`` (reward models)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import LmforgeError
+
+
+def cmd_score(args) -> int:
+    from ..tasks import task_class
+    from ..tasks.common import read_run_config
+
+    cfg = read_run_config(args.run_dir)
+    if cfg.task != "reward":
+        raise LmforgeError(f"{args.run_dir}: 'score' needs a reward-model run (this run's task is '{cfg.task}')")
+    task = task_class("reward").from_run(args.run_dir, which="best" if args.best else "final")
+    rows = task.score_file(args.input, args.out)
+    if args.out:
+        print(json.dumps({"scored": len(rows), "out": args.out}))
+    else:
+        for r in rows:
+            sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("score", help="score prompt/response pairs with a trained reward model")
+    s.add_argument("run_dir")
+    s.add_argument("--input", required=True, help="JSONL/CSV/... with prompt and response (or completion) columns")
+    s.add_argument("--out", default=None, help="write JSONL here instead of printing")
+    s.add_argument("--best", action="store_true", help="use the best checkpoint's model")
+    s.set_defaults(func=cmd_score)

@@ -1,0 +1,252 @@
+"""Generative commands: generate, chat, merge; and the ``eval --task perplexity|generation`` path."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+EVAL_TASKS = ("perplexity", "generation")
+
+
+# ---- shared pieces --------------------------------------------------------------------------------
+def _add_model_args(p) -> None:
+    p.add_argument("model", help="model folder, hub id, .gguf file, packaged alias (smollm2) or run directory")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder or run directory")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+
+
+def _add_decoding_args(p, *, temperature: float, top_p: float, max_new_tokens: int, batch: bool = True) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=top_p)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    if batch:
+        g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+        g.add_argument("--batch-size", type=int, default=8)
+
+
+def _generation_config(args):
+    from ..generation import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=list(args.stop), seed=args.seed,
+        use_cache=not args.no_cache, batch_size=getattr(args, "batch_size", 8))
+
+
+def _load(args):
+    """(model, tokenizer, placement) for ``args.model`` / ``args.adapter``."""
+    from ..device import Placement
+    from ..merge import load_causal_lm, resolve_source
+
+    placement = Placement.resolve(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
+    src = resolve_source(args.model, getattr(args, "adapter", None))
+    model, tokenizer, _ = load_causal_lm(src, device=placement.device)
+    return model, tokenizer, placement
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _prompts_of(path: str) -> tuple[list[dict], list]:
+    from ..data.readers import read_table
+
+    table = read_table(path)
+    if not table.records:
+        raise LmforgeError(f"{path}: no prompts (empty file)")
+    prompts = []
+    for i, rec in enumerate(table.records):
+        if isinstance(rec.get("messages"), list) and rec["messages"]:
+            prompts.append(rec["messages"])
+        elif isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
+            prompts.append(rec["prompt"])
+        elif "prompt" in rec or "messages" in rec:
+            raise LmforgeError(f"{table.where(i)}: 'prompt' must be non-empty text ('messages' a non-empty list)")
+        else:
+            raise LmforgeError(f"{table.where(i)}: missing 'prompt' (or 'messages') field")
+    return table.records, prompts
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from ..generation import generate
+
+    if (args.prompt is None) == (args.input is None):
+        raise LmforgeError("give either --prompt TEXT or --input FILE --out FILE")
+    if args.input is not None and not args.out:
+        raise LmforgeError("--input needs --out FILE for the generations")
+    if args.prompt is not None and args.out:
+        raise LmforgeError("--out goes with --input; a single --prompt is printed to the terminal")
+    if args.prompt is not None and not args.prompt.strip():
+        raise LmforgeError("the prompt is empty")
+    cfg = _generation_config(args)  # validate before loading the model
+    records, prompts = (None, [args.prompt]) if args.input is None else _prompts_of(args.input)
+    model, tokenizer, placement = _load(args)
+    chat = False if args.raw else None
+    t0 = time.perf_counter()
+    with placement.autocast():
+        if records is None:
+            def stream(piece: str) -> None:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+
+            generate(model, tokenizer, prompts, cfg, chat=chat, stream=stream)
+            sys.stdout.write("\n")
+            return 0
+        texts = generate(model, tokenizer, prompts, cfg, chat=chat)
+    dt = time.perf_counter() - t0
+    _write_jsonl_atomic(Path(args.out), [r | {"generation": t} for r, t in zip(records, texts)])
+    print(json.dumps({"generations": len(texts), "out": args.out, "seconds": round(dt, 3)}))
+    return 0
+
+
+# ---- chat -----------------------------------------------------------------------------------------
+def _fit_history(tokenizer, history: list[dict], limit: int | None) -> list[dict]:
+    """Drop the oldest turns until the rendered conversation fits ``limit`` tokens."""
+    from ..generation import encode_prompts
+
+    while limit and len(history) > 1 and len(encode_prompts(tokenizer, [history], True)[0]) > limit:
+        history = history[2:] if len(history) > 2 else history[1:]
+    return history
+
+
+def cmd_chat(args) -> int:
+    from ..generation import generate
+
+    cfg = _generation_config(args)
+    model, tokenizer, placement = _load(args)
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("the model has no chat template: using a plain 'User:/Assistant:' transcript")
+        cfg.stop.append("\nUser:")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    limit = max_pos - cfg.max_new_tokens if max_pos and max_pos > cfg.max_new_tokens else None
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    if interactive:
+        print("chat: /reset clears the history, /exit quits", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        history = _fit_history(tokenizer, history + [{"role": "user", "content": text}], limit)
+
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        with placement.autocast():
+            reply = generate(model, tokenizer, [history], cfg, stream=stream)[0]
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+def cmd_merge(args) -> int:
+    from ..merge import merge
+
+    report = merge(args.source, args.out, base=args.base, dtype=args.dtype,
+                   base_4bit=True if args.base_4bit else None, overwrite=args.overwrite)
+    print(json.dumps(report))
+    return 0
+
+
+# ---- eval --task perplexity|generation ------------------------------------------------------------
+def run_eval_task(args) -> int:
+    """``lmforge eval MODEL --task perplexity|generation --data FILE [--out FILE]``.
+
+    Reads optional ``args.adapter``, ``args.batch_size``, ``args.max_new_tokens``, ``args.max_length``
+    (defaults otherwise); writes the report to ``--out`` (or ``RUN_DIR/eval_<task>_<data>.json`` when
+    MODEL is a run directory) and prints it as one JSON line.
+    """
+    from ..eval.generation import (generation_scores, perplexity_of_texts, read_generation_pairs,
+                                   read_perplexity_texts)
+    from ..generation import GenerationConfig, generate
+    from ..merge import is_run_dir
+    from ..tasks.common import write_json
+
+    task = args.task
+    if task not in EVAL_TASKS:
+        raise LmforgeError(f"eval --task must be one of {', '.join(EVAL_TASKS)}, got '{task}'")
+    model_ref = getattr(args, "model", None) or args.run_dir
+    args.model = model_ref
+    batch_size = getattr(args, "batch_size", None) or 8
+    if task == "perplexity":
+        texts = read_perplexity_texts(args.data)
+        model, tokenizer, placement = _load(args)
+        t0 = time.perf_counter()
+        report = perplexity_of_texts(model, tokenizer, texts, batch_size=batch_size,
+                                     max_length=getattr(args, "max_length", None), autocast=placement.autocast)
+    else:
+        prompts, refs = read_generation_pairs(args.data)
+        cfg = GenerationConfig(max_new_tokens=getattr(args, "max_new_tokens", None) or 128, batch_size=batch_size)
+        model, tokenizer, placement = _load(args)
+        t0 = time.perf_counter()
+        with placement.autocast():
+            predictions = generate(model, tokenizer, prompts, cfg)
+        report = generation_scores(predictions, refs)
+        report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
+    report = {"task": task, "data": args.data} | report | {"seconds": round(time.perf_counter() - t0, 3)}
+    out = getattr(args, "out", None)
+    if not out and is_run_dir(Path(model_ref)):
+        out = Path(model_ref) / f"eval_{task}_{Path(args.data).name.split('.')[0]}.json"
+    if out:
+        write_json(Path(out), report)
+    print(json.dumps(report, ensure_ascii=False))
+    return 0
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="generate text from a prompt or a JSONL file of prompts")
+    _add_model_args(g)
+    g.add_argument("--prompt", default=None, help="one prompt; the output is streamed to the terminal")
+    g.add_argument("--input", default=None, help="JSONL/CSV/... with a 'prompt' (or 'messages') field")
+    g.add_argument("--out", default=None, help="JSONL written with each record plus its 'generation'")
+    _add_decoding_args(g, temperature=0.0, top_p=1.0, max_new_tokens=128)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin; /reset, /exit)")
+    _add_model_args(c)
+    _add_decoding_args(c, temperature=0.7, top_p=0.9, max_new_tokens=256, batch=False)
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone HF folder")
+    m.add_argument("source", help="run directory or adapter folder")
+    m.add_argument("--out", required=True)
+    m.add_argument("--base", default=None, help="base model (default: from the run config or adapter)")
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    m.add_argument("--base-4bit", action="store_true", help="the adapter was trained on an NF4 base")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)

@@ -1,0 +1,199 @@
+"""A sentence encoder: a transformer backbone, mask-aware pooling, optional L2 normalisation.
+
+``SentenceEncoder.encode`` is the fast path for inference: texts are tokenised once, sorted by
+token length and cut into batches (so a batch pads to nearly its own length), run under
+``torch.inference_mode`` with the precision ``lmforge.device.Placement`` picks (bf16 autocast on
+CPUs with AMX / AVX512-BF16), pooled in fp32 and written back in input order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.batching import pad_sequences
+from ..device import Placement
+from ..errors import LmforgeError
+
+POOLING_MODES = ("mean", "cls", "max", "last")
+
+
+def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """Pool token states into one vector per sequence, ignoring padding.
+
+    With ``m_t`` the attention mask of token ``t`` and ``h_t`` its state:
+
+    - ``mean``: ``e = sum_t m_t h_t / max(sum_t m_t, 1e-9)`` (SBERT's default);
+    - ``cls``: ``e = h_0`` (first token, BERT's [CLS]);
+    - ``max``: ``e_d = max_{t: m_t = 1} h_{t,d}``;
+    - ``last``: ``e = h_T`` with ``T`` the last position where ``m_t = 1`` (decoders, right padding).
+
+    Args:
+        hidden: ``(B, T, D)`` token states (any float dtype; pooled in fp32 or wider).
+        mask: ``(B, T)`` attention mask, 1 for real tokens.
+        mode: one of ``mean``, ``cls``, ``max``, ``last``.
+
+    Returns:
+        ``(B, D)`` pooled vectors (fp32 for half-precision inputs).
+    """
+    h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # (B, T, D)
+    m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+    if mode == "mean":
+        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)  # (B, D)
+    if mode == "cls":
+        return h[:, 0]  # (B, D)
+    if mode == "max":
+        return h.masked_fill(m == 0, -1e9).max(dim=1).values  # (B, D)
+    if mode == "last":
+        last = mask.long().sum(1).clamp_min(1) - 1  # (B,)
+        return h[torch.arange(h.shape[0], device=h.device), last]  # (B, D)
+    raise LmforgeError(f"pooling must be one of {', '.join(POOLING_MODES)}, got '{mode}'")
+
+
+def set_dropout(config, p: float) -> None:
+    """Set every dropout probability a transformers config knows about to ``p``."""
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+                "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, p)
+
+
+class SentenceEncoder(nn.Module):
+    """Backbone + pooling (+ normalisation): ``forward`` maps token batches to ``(B, D)`` vectors.
+
+    Args:
+        backbone: a transformers base model (``AutoModel``) returning ``last_hidden_state``.
+        tokenizer: its tokenizer (must have a pad token).
+        pooling: ``mean``, ``cls``, ``max`` or ``last``.
+        normalize: L2-normalise the output vectors.
+        max_length: truncation length in tokens (sentence-transformers' ``max_seq_length``).
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = "mean", normalize: bool = False,
+                 max_length: int = 256):
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise LmforgeError(f"pooling must be one of {', '.join(POOLING_MODES)}, got '{pooling}'")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_length = int(max_length)
+        if getattr(backbone.config, "use_cache", None):
+            backbone.config.use_cache = False  # decoders: no KV cache while embedding
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, ref: str | Path, *, pooling: str | None = None, normalize: bool | None = None,
+                        max_length: int | None = None, dropout: float | None = None,
+                        trust_remote_code: bool = False, revision: str | None = None) -> "SentenceEncoder":
+        """Load a sentence-transformers folder or a plain Hugging Face model (alias, folder, hub id).
+
+        Settings stored in a sentence-transformers folder (pooling, normalisation, max length) are
+        used unless overridden; plain models default to mean pooling without normalisation.
+        """
+        from transformers import AutoConfig, AutoModel
+
+        from ..models import load_tokenizer, resolve_model
+        from .st_io import read_st_settings
+
+        folder = resolve_model(str(ref), revision)
+        st = read_st_settings(folder)
+        hf_dir = folder / st.transformer_path
+        config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+        if dropout is not None:
+            set_dropout(config, dropout)
+        backbone = AutoModel.from_pretrained(hf_dir, config=config, trust_remote_code=trust_remote_code,
+                                             dtype=torch.float32)
+        tokenizer = load_tokenizer(hf_dir, trust_remote_code)
+        length = max_length or st.max_seq_length or _tokenizer_limit(tokenizer, config)
+        return cls(backbone, tokenizer, pooling=pooling or st.pooling or "mean",
+                   normalize=st.normalize if normalize is None else normalize, max_length=length)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write a sentence-transformers folder (see :func:`lmforge.embeddings.st_io.save_st_folder`)."""
+        from .st_io import save_st_folder
+
+        return save_st_folder(self, out_dir)
+
+    # ---- tokens -> vectors ------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text (special tokens added, truncated to ``max_length``), unpadded."""
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """Right-pad token id lists: ``input_ids`` and ``attention_mask``, both ``(B, T)``."""
+        return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
+                "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0)}
+
+    def pooled(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """``(B, T)`` token batch -> ``(B, D)`` pooled vectors (fp32), never normalised."""
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state  # (B, T, D)
+        return pool(hidden, attention_mask, self.pooling)  # (B, D)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """``(B, T)`` token batch -> ``(B, D)`` sentence vectors (fp32), normalised if the encoder is."""
+        emb = self.pooled(input_ids, attention_mask, token_type_ids)  # (B, D)
+        return F.normalize(emb, p=2, dim=-1) if self.normalize else emb
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64, placement: Placement | None = None,
+               device: str = "auto", precision: str = "auto", normalize: bool | None = None,
+               progress: bool = False) -> np.ndarray:
+        """Embed ``texts`` in length-sorted batches; returns ``(N, D)`` float32 in input order.
+
+        Args:
+            texts: sentences (any order; output rows follow it).
+            batch_size: sentences per forward pass.
+            placement: where/how to compute; default ``Placement.resolve(device, precision)``
+                (bf16 autocast on CPUs with native bf16, fp32 otherwise).
+            normalize: override the encoder's L2 normalisation.
+            progress: show a progress bar (sentences).
+        """
+        place = placement or Placement.resolve(device, precision)
+        unit = self.normalize if normalize is None else normalize
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = torch.empty(len(ids), self.dim, dtype=torch.float32)  # (N, D)
+        bar = _bar(len(ids), progress)
+        was_training = self.training
+        self.eval()
+        if next(self.parameters()).device != place.device:
+            self.to(place.device)
+        try:
+            with torch.inference_mode(), place.autocast():
+                for s in range(0, len(order), batch_size):
+                    idx = order[s:s + batch_size]
+                    batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}
+                    emb = self.pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
+                    if unit:
+                        emb = F.normalize(emb, p=2, dim=-1)
+                    out[torch.as_tensor(idx)] = emb.float().cpu()
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+            self.train(was_training)
+        return out.numpy()
+
+
+def _tokenizer_limit(tokenizer, config) -> int:
+    limit = getattr(tokenizer, "model_max_length", None) or 512
+    pos = getattr(config, "max_position_embeddings", None) or limit
+    return int(min(limit, pos, 512))
+
+
+def _bar(total: int, enabled: bool):
+    from ..train.logging import progress
+
+    return progress(total, 0, enabled, desc="encode")

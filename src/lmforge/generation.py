@@ -1,0 +1,419 @@
+"""Text generation with our own decoding loop: logits processors, sampling and the KV cache.
+
+Each step turns the next-token logits ``z`` (B, V) into a token per row:
+
+1. repetition penalty (Keskar et al. 2019, CTRL, Sec. 4.1) on tokens already in the row;
+2. greedy: ``argmax z`` when ``temperature == 0``; otherwise
+3. temperature ``z / T``, top-k (Fan et al. 2018), top-p / nucleus (Holtzman et al. 2020),
+   then one draw from ``softmax(z)`` with a seeded ``torch.Generator``.
+
+With the KV cache (default) the prompt is run once and every later step feeds one token per
+row, reusing the keys/values of the earlier positions (``DynamicCache``); without it the full
+sequence is recomputed each step (the same tokens, O(T) times more work). Prompts are batched
+with left padding: position ids count real tokens only, so a padded row decodes exactly as it
+would alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict]  # a text, or chat messages [{"role": ..., "content": ...}]
+
+
+# ---- configuration ------------------------------------------------------------------------------
+@dataclass
+class GenerationConfig:
+    """Decoding settings.
+
+    Attributes:
+        max_new_tokens: tokens generated at most per prompt (> 0).
+        temperature: 0 selects greedy decoding; > 0 samples from ``softmax(z / T)``.
+        top_k: keep the k most likely tokens before sampling (0 = off).
+        top_p: keep the smallest set of tokens whose probability reaches p, in (0, 1] (1 = off).
+        repetition_penalty: CTRL penalty on tokens already in the sequence (1 = off, > 1 penalises).
+        stop: strings that end a generation; the returned text stops before the first one.
+        seed: seed of the sampling generator (None: torch's global generator).
+        use_cache: reuse keys/values across steps (KV cache); False recomputes every step.
+        batch_size: prompts decoded together (left-padded).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    use_cache: bool = True
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise LmforgeError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LmforgeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise LmforgeError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise LmforgeError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise LmforgeError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---- logits processors (pure functions) ---------------------------------------------------------
+def seen_tokens(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> Tensor:
+    """Which vocabulary entries occur in each row (padding excluded).
+
+    Args:
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T), 1 on real tokens, 0 on padding.
+        vocab_size: V.
+
+    Returns:
+        (B, V) bool.
+    """
+    counts = torch.zeros(input_ids.shape[0], vocab_size, device=input_ids.device)  # (B, V)
+    counts.scatter_add_(1, input_ids, attention_mask.to(counts.dtype))
+    return counts > 0
+
+
+def repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL repetition penalty: ``z'_v = z_v / θ if z_v > 0 else z_v θ`` for seen ``v``.
+
+    Args:
+        logits: (B, V) next-token logits.
+        seen: (B, V) bool, tokens already in the row.
+        penalty: θ > 0 (θ > 1 makes repeats less likely, 1 is a no-op).
+
+    Returns:
+        (B, V) logits.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
+    return torch.where(seen, penalised, logits)
+
+
+def temperature_scale(logits: Tensor, temperature: float) -> Tensor:
+    """``z / T`` (T > 0): T < 1 sharpens the distribution, T > 1 flattens it. (B, V) -> (B, V)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use greedy decoding for 0)")
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits of each row, set the rest to ``-inf`` (ties at the k-th value kept).
+
+    Args:
+        logits: (B, V).
+        k: tokens kept; 0 or k >= V is a no-op.
+
+    Returns:
+        (B, V).
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches ``p``.
+
+    With tokens sorted by probability ``π_(1) >= π_(2) >= ...``, token ``(i)`` is dropped when
+    ``sum_{j < i} π_(j) >= p`` (the tokens before it already hold mass ``p``); the most likely
+    token is always kept.
+
+    Args:
+        logits: (B, V).
+        p: in (0, 1]; 1 is a no-op.
+
+    Returns:
+        (B, V) with dropped tokens at ``-inf``.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.float().softmax(dim=-1)  # (B, V)
+    before = probs.cumsum(dim=-1) - probs  # (B, V) mass strictly before each token
+    drop_sorted = before >= p  # (B, V)
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: Tensor, seen: Tensor | None, cfg: GenerationConfig) -> Tensor:
+    """Apply the configured processors in order: repetition penalty, then (sampling only)
+    temperature, top-k, top-p. (B, V) -> (B, V)."""
+    if seen is not None:
+        logits = repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits
+    logits = temperature_scale(logits, cfg.temperature)
+    logits = top_k_filter(logits, cfg.top_k)
+    return top_p_filter(logits, cfg.top_p)
+
+
+def next_tokens(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Greedy ``argmax`` or one draw from ``softmax(logits)`` per row. (B, V) -> (B,) int64."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits.float().softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---- the decoding loop -----------------------------------------------------------------------------
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
+@torch.no_grad()
+def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig, *,
+           eos_ids: Sequence[int] = (), pad_id: int = 0, generator: torch.Generator | None = None,
+           on_token: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Generate up to ``cfg.max_new_tokens`` tokens for each left-padded row.
+
+    Args:
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, ...).logits``).
+        input_ids: (B, T) prompts, left-padded.
+        attention_mask: (B, T), 0 on the padding.
+        cfg: decoding settings (``use_cache`` selects the KV-cache path).
+        eos_ids: tokens that end a row (kept as its last token).
+        pad_id: token fed to rows that have finished.
+        generator: sampling generator.
+        on_token: called as ``on_token(row, row_ids)`` after each new token of a running row;
+            returning True ends that row (stop strings, streaming).
+
+    Returns:
+        B lists of generated token ids (an EOS, when hit, is the last element).
+    """
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    mask = attention_mask.long()  # (B, T)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) real tokens count from 0
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache = _new_cache(model) if cfg.use_cache else None
+    seen = None
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    ids, step_ids, step_pos = input_ids, input_ids, positions
+    for _ in range(cfg.max_new_tokens):
+        kwargs = dict(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        logits = model(**kwargs, **keep_last).logits[:, -1, :].float()  # (B, V)
+        if cfg.repetition_penalty != 1.0 and seen is None:
+            seen = seen_tokens(input_ids, mask, logits.shape[-1])  # (B, V)
+        token = next_tokens(process_logits(logits, seen, cfg), cfg, generator)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        if seen is not None:
+            seen[torch.arange(batch, device=device)[~done], token[~done]] = True
+        hit_eos = torch.isin(token, eos) & ~done if eos.numel() else torch.zeros_like(done)
+        for row, (tok, stop_now) in enumerate(zip(token.tolist(), hit_eos.tolist())):
+            if done[row]:
+                continue
+            out[row].append(tok)
+            if stop_now or (on_token is not None and on_token(row, out[row])):
+                done[row] = True
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, T + 1)
+        next_pos = step_pos[:, -1:] + 1  # (B, 1)
+        if cache is not None:
+            step_ids, step_pos = token[:, None], next_pos
+        else:
+            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
+            positions = torch.cat([positions, next_pos], dim=1)
+            step_ids, step_pos = ids, positions
+    return out
+
+
+# ---- text in, text out -----------------------------------------------------------------------------
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The prompt text for chat ``messages``: the tokenizer's chat template with the generation
+    prompt, or a plain ``User: ... / Assistant:`` transcript when it has none."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LmforgeError(f"message {i + 1} must be an object with text 'role' and 'content'")
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt: chat messages (or a text, when ``chat``) through :func:`render_chat`,
+    a raw text through the tokenizer (with its special tokens, e.g. BOS)."""
+    encoded = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p.strip():
+                raise LmforgeError(f"prompt {i + 1} is empty")
+            if chat:
+                p = [{"role": "user", "content": p}]
+        elif not isinstance(p, list) or not p:
+            raise LmforgeError(f"prompt {i + 1} must be a text or a non-empty list of chat messages")
+        if isinstance(p, list):
+            ids = tokenizer(render_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(p)["input_ids"]
+        if not ids:
+            raise LmforgeError(f"prompt {i + 1} encodes to no tokens")
+        encoded.append(list(ids))
+    return encoded
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the tokenizer's EOS and the model's generation-config EOS (int or list)."""
+    found: list[int] = []
+    sources = [getattr(tokenizer, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    for value in sources:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in found:
+                found.append(v)
+    return found
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Characters at the end of ``text`` that may begin a stop string (not yet safe to print)."""
+    n = len(text) - len(text.rstrip("\ufffd"))  # an incomplete multi-byte character
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+class _TextTracker:
+    """Decodes rows as they grow: finds stop strings and streams the safe prefix of row 0."""
+
+    def __init__(self, tokenizer, eos_ids: Sequence[int], stops: Sequence[str], stream: Callable[[str], None] | None):
+        self.tokenizer, self.eos, self.stops, self.stream = tokenizer, set(eos_ids), list(stops), stream
+        self.printed = 0
+
+    def text(self, ids: list[int]) -> str:
+        if ids and ids[-1] in self.eos:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def on_token(self, row: int, ids: list[int]) -> bool:
+        text, hit = _cut_at_stop(self.text(ids), self.stops)
+        if self.stream is not None and row == 0:
+            safe = len(text) if hit else len(text) - _held_back(text, self.stops)
+            self._emit(text[:safe])
+        return hit
+
+    def _emit(self, safe: str) -> None:
+        if len(safe) > self.printed:
+            self.stream(safe[self.printed:])
+            self.printed = len(safe)
+
+    def final(self, row: int, ids: list[int]) -> str:
+        text = _cut_at_stop(self.text(ids), self.stops)[0]
+        if self.stream is not None and row == 0:
+            self._emit(text)
+        return text
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig, *, chat: bool | None = None,
+             stream: Callable[[str], None] | None = None) -> list[str]:
+    """Generate a completion for each prompt.
+
+    Prompts are sorted by length and decoded in left-padded batches of ``cfg.batch_size``; the
+    results come back in the input order. Run inside ``Placement.autocast()`` for mixed precision.
+
+    Args:
+        model: a causal LM in eval mode.
+        tokenizer: its tokenizer (a pad token is not required).
+        prompts: texts, or chat message lists (``[{"role", "content"}, ...]``).
+        cfg: decoding settings.
+        chat: apply the chat template to text prompts; None = when the tokenizer has one.
+        stream: called with each new piece of text as it is decoded (a single prompt only).
+
+    Returns:
+        The generated texts (without the prompt, the EOS token and any stop string).
+    """
+    if not prompts:
+        raise LmforgeError("no prompts to generate from")
+    if stream is not None and len(prompts) != 1:
+        raise LmforgeError("streaming works with a single prompt")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    encoded = encode_prompts(tokenizer, prompts, chat)
+    device = _device(model)
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        width = len(encoded[rows[0]])
+        step_cfg = cfg
+        if max_pos:
+            if width >= max_pos:
+                raise LmforgeError(f"prompt {rows[0] + 1} has {width} tokens; the model takes at most {max_pos}")
+            if width + cfg.max_new_tokens > max_pos:
+                log.warning("generation capped at %d new tokens (model context %d)", max_pos - width, max_pos)
+                step_cfg = dataclasses.replace(cfg, max_new_tokens=max_pos - width)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, T) left-padded
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            ids[r, width - n:] = torch.tensor(encoded[i])
+            mask[r, width - n:] = 1
+        tracker = _TextTracker(tokenizer, eos, cfg.stop, stream)
+        hook = tracker.on_token if (cfg.stop or stream is not None) else None
+        out = decode(model, ids.to(device), mask.to(device), step_cfg, eos_ids=eos, pad_id=pad,
+                     generator=generator, on_token=hook)
+        for r, i in enumerate(rows):
+            results[i] = tracker.final(r, out[r])
+    return results

@@ -1,0 +1,232 @@
+"""Load a causal LM with its LoRA adapter, and merge the adapter into a standalone HF folder.
+
+A source is a model reference (anything :func:`lmforge.models.resolve_model` accepts), a run
+directory (``config.yaml`` plus ``adapter/`` in PEFT format or ``model/`` as an HF folder) or an
+adapter folder. A run trained on a 4-bit base is loaded on the same NF4 base it was trained on.
+
+Merging computes ``W' = W0 + (alpha / r) B A`` per adapted layer (LoRA, Hu et al. 2021, Sec. 4.1).
+On a 4-bit base ``W0`` is first dequantised to fp32 (``W0 = dequant(NF4(W))``, the weight the
+adapter was trained against): the update is never merged into 4-bit codes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LmforgeError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_4BIT_KEYS = {"load_in_4bit", "quantize", "quantization", "quant", "base_4bit", "bits", "base_bits", "nf4"}
+_4BIT_WORDS = {"4", "4bit", "4-bit", "nf4", "qlora"}
+_4BIT_MODES = {"qlora", "lora_4bit", "lora4bit", "4bit"}
+
+
+@dataclass
+class Source:
+    """What to load: the base model reference, an optional adapter folder, and where it came from."""
+
+    base: str
+    adapter: Path | None = None
+    base_4bit: bool = False
+    run_dir: Path | None = None
+    quant_block_size: int = 64
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise LmforgeError(f"{path}: malformed YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: expected a mapping")
+    return data
+
+
+def config_says_4bit(cfg: dict) -> bool:
+    """True when a run config trained on a 4-bit base (``load_in_4bit: true``, ``quantize: nf4``,
+    ``bits: 4``, ``mode: qlora`` ... in any section)."""
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            if config_says_4bit(value):
+                return True
+        elif key in _4BIT_KEYS and (value is True or (type(value) is int and value == 4)
+                                    or (isinstance(value, str) and value.lower() in _4BIT_WORDS)):
+            return True
+        elif key == "mode" and isinstance(value, str) and value.lower() in _4BIT_MODES:
+            return True
+    return False
+
+
+def _find_key(cfg: dict, key: str):
+    """The first value of ``key`` in any section of a nested config, or None."""
+    for k, v in cfg.items():
+        found = _find_key(v, key) if isinstance(v, dict) else (v if k == key else None)
+        if found is not None:
+            return found
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+
+
+def _read_run(run: Path, src: Source) -> str:
+    """Fill ``src`` from a run's config (run dir, 4-bit base, NF4 block size); return the model name."""
+    cfg = _read_yaml(run / "config.yaml")
+    name = (cfg.get("model") or {}).get("name") if isinstance(cfg.get("model"), dict) else None
+    if not isinstance(name, str) or not name:
+        raise LmforgeError(f"{run / 'config.yaml'}: missing model.name")
+    src.run_dir, src.base_4bit = run, config_says_4bit(cfg)
+    block = _find_key(cfg, "quant_block_size")
+    src.quant_block_size = block if isinstance(block, int) and block > 0 else 64
+    return name
+
+
+def _adapter_folder(path: Path) -> Path:
+    """An adapter folder given directly or as a run directory holding ``adapter/``."""
+    if (path / "adapter_config.json").is_file():
+        return path
+    if is_run_dir(path):
+        if (path / "adapter" / "adapter_config.json").is_file():
+            return path / "adapter"
+        raise LmforgeError(f"{path}: the run has no adapter/ folder (a full fine-tune keeps model/)")
+    raise LmforgeError(f"{path}: not a run directory or a PEFT adapter folder (no adapter_config.json)")
+
+
+def resolve_source(model: str, adapter: str | None = None, *, base_4bit: bool | None = None) -> Source:
+    """Work out base model, adapter and 4-bit-ness from a model reference/run dir and ``--adapter``.
+
+    Args:
+        model: model reference, run directory, or adapter folder.
+        adapter: optional adapter folder or run directory.
+        base_4bit: force (True/False) loading the base as NF4; None reads it from the run config.
+    """
+    path = Path(model).expanduser() if model else None
+    src = Source(base=model)
+    if path is None:
+        pass
+    elif adapter is None and (path / "adapter_config.json").is_file():
+        adapter = model  # an adapter folder as the model argument
+        src.base = ""
+    elif is_run_dir(path):
+        if adapter is not None:
+            raise LmforgeError(f"{path} is a run directory; give --adapter with a base model instead")
+        name = _read_run(path, src)
+        if (path / "model" / "config.json").is_file():
+            src.base = str(path / "model")
+        elif (path / "adapter" / "adapter_config.json").is_file():
+            src.base, src.adapter = name, path / "adapter"
+        else:
+            raise LmforgeError(f"{path}: the run has neither adapter/ nor model/ (did training finish?)")
+    if adapter is not None:
+        src.adapter = _adapter_folder(Path(adapter).expanduser())
+        run = src.adapter.parent if is_run_dir(src.adapter.parent) else None
+        if run is not None:
+            src.base = src.base or _read_run(run, src)
+        if not src.base:
+            from .adapters import read_adapter_config
+
+            src.base = read_adapter_config(src.adapter).get("base_model_name_or_path") or ""
+        if not src.base:
+            raise LmforgeError(f"{src.adapter}: the base model is unknown; pass it explicitly")
+    if base_4bit is not None:
+        src.base_4bit = base_4bit
+    return src
+
+
+def _tokenizer_folder(src: Source, base_folder: Path) -> Path:
+    for cand in (src.adapter, src.run_dir):
+        if cand is not None and (cand / "tokenizer_config.json").is_file():
+            return cand
+    return base_folder
+
+
+def load_causal_lm(src: Source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                   trust_remote_code: bool = False):
+    """Load base (+ NF4 quantisation when the run used a 4-bit base) + adapter, in eval mode.
+
+    Returns:
+        ``(model, tokenizer, folder)``: the model on ``device``, its tokenizer, the base folder.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer, resolve_model
+
+    folder = resolve_model(src.base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise LmforgeError(f"{folder}: cannot load a causal LM ({str(err).splitlines()[0]})") from None
+    if src.base_4bit:
+        from .quant.nf4 import quantize_model
+
+        quantize_model(model, block_size=src.quant_block_size)
+    if src.adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, src.adapter)
+    tokenizer = load_tokenizer(_tokenizer_folder(src, folder), trust_remote_code)
+    return model.to(device).eval(), tokenizer, folder
+
+
+@torch.no_grad()
+def _sample_logits(model, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """Logits of the model on fixed random token ids: (2, 16, V) fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (2, 16), generator=gen)  # (2, 16)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str = "fp32",
+          base_4bit: bool | None = None, overwrite: bool = False) -> dict:
+    """Merge a LoRA adapter into its base and write a standalone Hugging Face folder.
+
+    Args:
+        source: run directory or adapter folder.
+        out: output folder (safetensors weights, config, tokenizer with its chat template).
+        base: base model reference (default: the run config's model, else the adapter's
+            ``base_model_name_or_path``).
+        dtype: weights dtype of the merged model: fp32, bf16 or fp16.
+        base_4bit: the adapter was trained on an NF4 base (None: read from the run config).
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        ``{"out", "dtype", "dequantized", "max_abs_diff"}``: ``max_abs_diff`` is
+        ``max |logits_adapter - logits_merged|`` on sample inputs.
+    """
+    from .adapters import unwrap_lora
+    from .quant.nf4 import dequantize_model
+    from .tasks.common import atomic_dir
+
+    if dtype not in DTYPES:
+        raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmforgeError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+    path = Path(source).expanduser()
+    if is_run_dir(path) and (path / "model" / "config.json").is_file() and not (path / "adapter").is_dir():
+        raise LmforgeError(f"{path}: nothing to merge, {path / 'model'} is already a standalone model folder")
+    src = resolve_source(base or "", str(path), base_4bit=base_4bit)
+    model, tokenizer, _ = load_causal_lm(src, dtype=torch.float32)
+    vocab = model.get_input_embeddings().num_embeddings
+    reference = _sample_logits(model, vocab)  # adapter outputs (on the 4-bit base when there is one)
+    dequantized = dequantize_model(model, torch.float32) if src.base_4bit else 0
+    unwrap_lora(model)  # W0 + scale * B A into each base weight; wrappers removed
+    model = model.to(DTYPES[dtype])
+    diff = float((_sample_logits(model, vocab) - reference).abs().max())
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lmforge_merge.json").write_text(json.dumps(
+            {"base": src.base, "adapter": str(src.adapter), "base_4bit": src.base_4bit, "dtype": dtype}, indent=2))
+    log.info("merged %s into %s (max |adapter - merged| = %.3g)", src.adapter, out, diff)
+    return {"out": str(out), "dtype": dtype, "dequantized": dequantized, "max_abs_diff": diff}

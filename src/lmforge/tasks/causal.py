@@ -1,0 +1,240 @@
+"""What the causal-LM tasks (sft, preference, reward) share: model building, forward, I/O.
+
+- The model is loaded from a resolved folder as ``AutoModelForCausalLM`` (or, for reward models,
+  ``AutoModelForSequenceClassification`` with one label) in fp32 master weights, then per mode:
+  ``full`` (everything trains), ``lora`` (LoRA on every linear projection by default) or
+  ``qlora`` (the frozen base Linear layers become 4-bit NF4 first, LoRA trains on top).
+- The forward runs the decoder only (``model.get_decoder()``) and returns the final hidden
+  states; the losses project them through the LM head chunk by chunk
+  (:mod:`lmforge.losses.lm`), so full ``(B, T, V)`` logits are never materialised.
+- Runs are saved as a PEFT adapter folder (``adapter/``, task type ``CAUSAL_LM`` or
+  ``SEQ_CLS``) or, for full fine-tuning, a Hugging Face model folder (``model/``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..config import RunConfig, Section
+from ..data.chat import DropReport, Formatter
+from ..device import Placement
+from ..errors import LmforgeError
+from ..models import load_tokenizer, resolve_model
+from .base import Task
+from .common import atomic_dir, lora_spec, pick_targets, read_run_config, write_json
+
+log = logging.getLogger(__name__)
+
+LORA_DEFAULTS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+HEADS = ["score"]
+
+
+class CausalSection(Section):
+    """Options every causal-LM task shares."""
+
+    mode: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full fine-tuning, LoRA, or LoRA on a 4-bit NF4 base")
+    template: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="chat: the tokenizer's chat template; raw: texts as they are; auto: chat if it has one")
+    prompt_style: Literal["auto", "plain", "hh"] = Field(
+        "auto", description="text prompts in chat mode: one user turn (plain), an HH transcript split into "
+                            "turns (hh), or hh when the text looks like one (auto)")
+    prompt_template: str | None = Field(
+        None, description="build the prompt from the record's columns, e.g. 'Summarize:\\n{dialogue}'")
+    quant_block_size: int = Field(64, gt=0, description="qlora: NF4 block size")
+    chunk_size: int = Field(1024, gt=0, description="rows per logits tile in the chunked LM loss")
+
+
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden states of the decoder (after its last norm), without the LM head.
+
+    Under DDP the forward goes through the wrapper (its gradient hooks need it): the decoder's
+    output is captured with a forward hook while the head sees no positions.
+
+    Returns:
+        (B, T, H) hidden states.
+    """
+    core = getattr(model, "module", model)
+    decoder = core.get_decoder()
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if core is model:
+        return decoder(**kw).last_hidden_state  # (B, T, H)
+    seen: dict = {}
+
+    def keep(module, args, out):  # returns None: the output is left as it is
+        seen["h"] = out.last_hidden_state
+
+    hook = decoder.register_forward_hook(keep)
+    try:
+        extra = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=input_ids.device)} \
+            if core.get_output_embeddings() is not None else {}
+        model(**kw, **extra)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
+def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's ``(weight (V, H), bias (V,) or None)``."""
+    from ..adapters.lora import LoraLinear
+
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None:
+        raise LmforgeError("the model has no LM head (get_output_embeddings() is None)")
+    if isinstance(head, LoraLinear):
+        raise LmforgeError("LoRA on the LM head is not supported; remove lm_head from lora.target_modules")
+    return head.weight, getattr(head, "bias", None)
+
+
+def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """The plain Hugging Face model (fp32) from a resolved folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if reward:
+        hf_cfg.num_labels = 1
+        hf_cfg.id2label, hf_cfg.label2id = {0: "reward"}, {"reward": 0}
+        hf_cfg.pad_token_id = tokenizer.pad_token_id
+        cls = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        return cls.from_pretrained(folder, config=hf_cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except ValueError as exc:
+        raise LmforgeError(f"{folder}: cannot load as a {'reward' if reward else 'causal LM'} model "
+                           f"({str(exc).splitlines()[0]})") from None
+
+
+class CausalTask(Task):
+    """Base of the causal-LM tasks: subclasses set ``section``, implement ``load_data`` and the loss."""
+
+    section = "sft"
+    reward_head = False
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, cfg: RunConfig, *, with_data: bool = True, model_dir: str | Path | None = None,
+                 adapter_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.opts = getattr(cfg, self.section)
+        self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
+        self.folder = Path(model_dir) if model_dir else resolve_model(cfg.model.name, cfg.model.revision)
+        self.tokenizer = load_tokenizer(self.folder, cfg.model.trust_remote_code)
+        self.fmt = Formatter.create(self.tokenizer, self.opts.template, self.opts.prompt_style)
+        self.reports: list[DropReport] = []
+        self.train_items, self.eval_items = [], []
+        if with_data:
+            self.load_data()  # bad data fails before the model is loaded
+        torch.manual_seed(cfg.seed)  # new heads and LoRA matrices start the same in every run
+        self.model = self.build_model(adapter_dir, full=model_dir is not None)
+
+    # ---- data ------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        raise NotImplementedError
+
+    def report(self, rep: DropReport) -> None:
+        """Log truncation/drop counts (one line each) and keep them for the run's data report."""
+        self.reports.append(rep)
+        for line in rep.lines():
+            log.warning(line)
+
+    # ---- model -----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> bool:
+        return self.opts.mode in ("lora", "qlora")
+
+    def build_model(self, adapter_dir=None, full: bool = False) -> nn.Module:
+        """Base model, quantised for qlora, with fresh LoRA (or the saved adapter) for adapter modes."""
+        mc = self.cfg.model
+        model = load_base(self.folder, self.tokenizer, reward=self.reward_head, trust_remote_code=mc.trust_remote_code)
+        if full or not self.adapters:
+            return model
+        if self.opts.mode == "qlora":
+            from ..quant.nf4 import quantize_model
+
+            quantize_model(model, block_size=self.opts.quant_block_size)
+        if adapter_dir is not None:
+            from ..adapters.peft_io import load_adapter
+
+            load_adapter(model, adapter_dir)
+            return model
+        from ..adapters.lora import apply_lora
+
+        targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
+        heads = HEADS if self.reward_head else []
+        mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
+        apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+        return model
+
+    def describe_model(self) -> str:
+        from ..adapters.lora import format_trainable, trainable_parameters
+
+        return f"{self.name} ({self.opts.mode}): " + format_trainable(trainable_parameters(self.model))
+
+    @property
+    def core(self) -> nn.Module:
+        """The model without a DDP wrapper."""
+        return getattr(self.model, "module", self.model)
+
+    def hidden(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, H) final hidden states for a collated batch (packed rows use their position ids).
+
+        Right padding needs no attention mask for the real tokens (they never attend forward),
+        so the plain causal mask is used: that keeps SDPA on its fast causal path.
+        """
+        return decoder_hidden(self.model if model is None else model, batch["input_ids"], None,
+                              batch.get("position_ids"))
+
+    # ---- saving and loading ------------------------------------------------------------------
+    def save(self, out_dir: Path) -> None:
+        """``adapter/`` (PEFT format) for lora/qlora, ``model/`` (HF folder + tokenizer) for full."""
+        model = self.core
+        if self.adapters:
+            from ..adapters.peft_io import save_adapter
+
+            save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(self.cfg.model.name),
+                         task_type=self.peft_task_type)
+        else:
+            with atomic_dir(out_dir / "model") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        if self.reports:
+            write_json(out_dir / "data_report.json", {r.split: r.as_dict() for r in self.reports})
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "final") -> "CausalTask":
+        """The trained model of a run (``which="best"``: the best checkpoint's artefact), in eval mode."""
+        run_dir = Path(run_dir)
+        cfg = read_run_config(run_dir)
+        art = run_dir / "best" if which == "best" else run_dir
+        opts = getattr(cfg, cls.section)
+        if opts.mode in ("lora", "qlora"):
+            if not (art / "adapter").is_dir():
+                raise LmforgeError(f"{art}: no adapter/ folder (was the run finished?)")
+            task = cls(cfg, with_data=False, adapter_dir=art / "adapter")
+        else:
+            if not (art / "model").is_dir():
+                raise LmforgeError(f"{art}: no model/ folder (was the run finished?)")
+            task = cls(cfg, with_data=False, model_dir=art / "model")
+        task.model.to(task.placement.device).eval()
+        return task
+
+    def prompt_value(self, record: dict, column: str, where: str):
+        """The record's prompt: ``prompt_template`` formatted with its columns when set, else the column."""
+        tpl = self.opts.prompt_template
+        if tpl is None:
+            if column not in record:
+                raise LmforgeError(f"{where}: missing column '{column}' (columns: {', '.join(list(record)[:8])})")
+            return record[column]
+        try:
+            return tpl.format_map(record)
+        except KeyError as exc:
+            raise LmforgeError(f"{where}: prompt_template needs column {exc.args[0]!r}") from None
+        except (ValueError, IndexError) as exc:
+            raise LmforgeError(f"prompt_template is malformed ({exc})") from None

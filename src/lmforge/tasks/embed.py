@@ -1,0 +1,428 @@
+"""Sentence-embedding training: SimCSE (unsupervised, supervised), multiple-negatives ranking,
+cosine regression, CoSENT, the SBERT NLI softmax classifier and TSDAE, on one engine.
+
+Data fields per loss (map file columns with ``data.columns``):
+
+==============  =============================================  =========================
+loss            fields                                         pure loss
+==============  =============================================  =========================
+simcse_unsup    text (a .txt file is one sentence a line)       info_nce, two dropout views
+simcse_sup      anchor, positive, negative                     info_nce with hard negatives
+mnr             anchor, positive, [negative]                   multiple_negatives_ranking_loss
+cosine          sentence1, sentence2, score                    cosine_similarity_loss
+cosent          sentence1, sentence2, score                    cosent_loss
+softmax_nli     sentence1, sentence2, label                    softmax_nli_loss
+tsdae           text                                           embeddings.tsdae.tsdae_loss
+==============  =============================================  =========================
+
+Scores must lie in ``embed.score_range`` (mapped to [0, 1]). Identical texts in an in-batch
+batch are masked as false negatives. ``embed.mini_batch`` turns on GradCache for the
+in-batch losses. The trained model is saved as a sentence-transformers folder in ``model/``.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..config import RunConfig, Section, register_task_config
+from ..data.readers import Table, read_table
+from ..data.schema import apply_where, field_column, label_ids, label_names, load_splits, require_columns, text_values
+from ..device import Placement
+from ..embeddings.encoder import SentenceEncoder
+from ..embeddings.tsdae import delete_words
+from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, STSEvaluator, normalised_scores,
+                                     retrieval_from_file, retrieval_from_pairs, run_evaluators, sts_from_file)
+from ..errors import LmforgeError
+from .base import Task
+from .common import lora_spec, pick_targets, read_run_config
+
+LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
+IN_BATCH = ("simcse_unsup", "simcse_sup", "mnr")
+FIELDS = {"simcse_unsup": ["text"], "tsdae": ["text"], "simcse_sup": ["anchor", "positive", "negative"],
+          "mnr": ["anchor", "positive"], "cosine": ["sentence1", "sentence2"], "cosent": ["sentence1", "sentence2"],
+          "softmax_nli": ["sentence1", "sentence2"]}
+LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
+
+
+class EmbedConfig(Section):
+    """Which loss, pooling and evaluation."""
+
+    loss: Literal["simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae"] = "mnr"
+    pooling: Literal["mean", "cls", "max", "last"] | None = Field(None, description="default: the model's, else mean")
+    normalize: bool | None = Field(None, description="L2-normalise outputs (default: the model's setting)")
+    dropout: float | None = Field(None, ge=0, lt=1, description="set the backbone's dropout (SimCSE needs > 0)")
+    mode: Literal["full", "lora"] = "full"
+    temperature: float = Field(0.05, gt=0, description="simcse_*: InfoNCE temperature")
+    scale: float = Field(20.0, gt=0, description="mnr / cosent: similarity scale")
+    symmetric: bool = Field(False, description="in-batch losses: add the positive -> anchor direction")
+    mini_batch: int | None = Field(None, gt=0, description="in-batch losses: GradCache mini-batch size")
+    score_range: tuple[float, float] = Field((0.0, 5.0), description="declared range of gold scores")
+    deletion_ratio: float = Field(0.6, ge=0, lt=1, description="tsdae: word deletion probability")
+    sts_eval: str | None = Field(None, description="STS file (sentence1, sentence2, score) evaluated while training")
+    retrieval_eval: str | None = Field(None, description="retrieval file evaluated while training")
+    eval_before: bool = Field(True, description="also evaluate the untrained model (eval.json 'before')")
+
+
+@register_task_config("embed")
+class EmbedRun(RunConfig):
+    task: Literal["embed"] = "embed"
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+
+
+def false_negative_keys(text_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Match keys that mask identical texts of an in-batch batch as false negatives.
+
+    Rows are grouped when they share an anchor or positive text (transitively, within the
+    batch); a row's anchor key and positive key are its group. A hard negative whose text is
+    some row's anchor or positive gets that row's group (so it is masked for that group's
+    anchors), otherwise a unique negative key. Fed to ``multiple_negatives_ranking_loss`` as
+    ``anchor_ids`` / ``candidate_ids``: candidate ``j`` is dropped for anchor ``i`` when their
+    keys match and ``j`` is not ``i``'s own positive.
+
+    Args:
+        text_ids: ``(B, C)`` integer id of each row's texts: anchor, positive, negatives
+            (``C == 1``: the anchor is its own positive, unsupervised SimCSE).
+
+    Returns:
+        ``(anchor_keys (B,), candidate_keys (B, max(C, 2) - 1))`` int64.
+    """
+    rows = text_ids.tolist()
+    n = len(rows)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        for t in row[:2]:
+            if t in owner:
+                parent[find(i)] = find(owner[t])
+            else:
+                owner[t] = i
+    group = [find(i) for i in range(n)]
+    width = max(len(rows[0]), 2) if rows else 2
+    cand = [[group[i]] + [group[find(owner[t])] if t in owner else -(1 + i * width + c)
+                          for c, t in enumerate(row[2:])] for i, row in enumerate(rows)]
+    return torch.tensor(group, dtype=torch.long), torch.tensor(cand, dtype=torch.long).view(n, width - 1)
+
+
+class EmbedModel(nn.Module):
+    """What the engine optimises: the encoder plus the loss's extra modules (NLI head, TSDAE decoder)."""
+
+    def __init__(self, encoder: SentenceEncoder, head: nn.Module | None = None, decoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder, self.head, self.decoder = encoder, head, decoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        return self.encoder(input_ids, attention_mask, token_type_ids)  # (B, D)
+
+
+class _NLIAccuracy(Evaluator):
+    """Accuracy of the softmax-NLI head on (u, v, |u - v|) of the evaluation pairs."""
+
+    def __init__(self, s1, s2, labels, head: nn.Module, name: str = "dev"):
+        self.s1, self.s2, self.labels, self.head = list(s1), list(s2), list(labels), head
+        self.name, self.primary = name, f"{name}_accuracy"
+
+    def texts(self) -> list[str]:
+        return self.s1 + self.s2
+
+    def compute(self, emb) -> dict:
+        from ..losses.contrastive import softmax_nli_logits
+
+        u = torch.from_numpy(np.stack([emb[t] for t in self.s1]))  # (N, D)
+        v = torch.from_numpy(np.stack([emb[t] for t in self.s2]))  # (N, D)
+        w = self.head.weight.detach().float().cpu()
+        b = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
+        pred = softmax_nli_logits(u, v, w, b).argmax(-1)  # (N,)
+        return {f"{self.name}_accuracy": float((pred == torch.as_tensor(self.labels)).float().mean())}
+
+
+class EmbedTask(Task):
+    name = "embed"
+
+    def __init__(self, cfg: EmbedRun, *, with_data: bool = True):
+        self.cfg = cfg
+        ec = cfg.embed
+        self.loss_name = ec.loss
+        self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
+        self.encoder = SentenceEncoder.from_pretrained(
+            cfg.model.name, pooling=ec.pooling, normalize=ec.normalize, dropout=ec.dropout,
+            trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
+        self.tokenizer = self.encoder.tokenizer
+        self.max_length = min(cfg.data.max_length, self.encoder.max_length)
+        self._text_ids: dict[str, int] = {}
+        self._noise = random.Random(cfg.seed)
+        self.labels: list[str] | None = None
+        self.evaluators: list[Evaluator] = []
+        self.before: dict | None = None
+        self.eval_items: list[dict] = []
+        train = ev = None
+        if with_data:
+            train, ev = self._tables()
+            if self.loss_name == "softmax_nli":
+                self.labels = label_names(train, field_column(cfg.data, "label"), cfg.data.labels)
+            self.train_items = self._items(train)
+        head = nn.Linear(3 * self.encoder.dim, len(self.labels)) if self.labels else None
+        decoder = None
+        if self.loss_name == "tsdae" and with_data:
+            from ..embeddings.tsdae import build_tied_decoder
+
+            decoder = build_tied_decoder(self.encoder.backbone)
+        if ec.mode == "lora":
+            from ..adapters.lora import apply_lora
+
+            targets = pick_targets(self.encoder.backbone, cfg.lora.target_modules, LORA_DEFAULTS)
+            apply_lora(self.encoder.backbone, lora_spec(cfg.lora, targets, []))
+        self.model = EmbedModel(self.encoder, head, decoder)
+        if with_data:
+            self.evaluators = self._evaluators(ev)
+            if self.evaluators and ec.eval_before:
+                self.before = run_evaluators(self.evaluators, self.encoder, batch_size=self._eval_bs(),
+                                             placement=self.placement)
+
+    # ---- data ------------------------------------------------------------------------------
+    def _tables(self) -> tuple[Table, Table | None]:
+        return load_splits(self.cfg.data, self.cfg.seed)
+
+    def _columns(self, table: Table | None = None) -> list[str]:
+        """File columns of the text fields, in loss order (anchor, positive[, negative])."""
+        dc = self.cfg.data
+        fields = list(FIELDS[self.loss_name])
+        if self.loss_name == "mnr" and ("negative" in dc.columns or (
+                table is not None and table.records and "negative" in table.records[0])):
+            fields.append("negative")
+        return [field_column(dc, f) for f in fields]
+
+    def _tid(self, text: str) -> int:
+        return self._text_ids.setdefault(text, len(self._text_ids))
+
+    def _items(self, table: Table) -> list[dict]:
+        dc, cols = self.cfg.data, self._columns(table)
+        extra = {"cosine": "score", "cosent": "score", "softmax_nli": "label"}.get(self.loss_name)
+        require_columns(table, cols + ([field_column(dc, extra)] if extra else []))
+        columns = [text_values(table, c) for c in cols]
+        uniq = list(dict.fromkeys(t for col in columns for t in col))
+        ids = dict(zip(uniq, self._tokenize(uniq)))
+        items = [{"ids": [ids[col[i]] for col in columns], "tids": [self._tid(col[i]) for col in columns]}
+                 for i in range(len(table))]
+        if self.loss_name == "tsdae":
+            for it, text in zip(items, columns[0]):
+                it["text"] = text
+        if extra == "score":
+            for it, y in zip(items, normalised_scores(table, field_column(dc, "score"), self.cfg.embed.score_range)):
+                it["score"] = y
+        elif extra == "label":
+            for it, y in zip(items, label_ids(table, field_column(dc, "label"), self.labels, split="train")):
+                it["label"] = y
+        return items
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    def item_length(self, item: dict) -> int:
+        return max(len(x) for x in item["ids"])
+
+    def collate(self, items: Sequence[dict]) -> dict:
+        if self.loss_name == "tsdae":
+            ratio = self.cfg.embed.deletion_ratio
+            noisy = self._tokenize([delete_words(it["text"], ratio, self._noise) for it in items])
+            return {"columns": [self.encoder.collate(noisy)],
+                    "target": self.encoder.collate([it["ids"][0] for it in items])}
+        ncol = len(items[0]["ids"])
+        batch: dict = {"columns": [self.encoder.collate([it["ids"][c] for it in items]) for c in range(ncol)],
+                       "tids": torch.tensor([it["tids"] for it in items], dtype=torch.long)}  # (B, C)
+        if "score" in items[0]:
+            batch["scores"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)  # (B,)
+        if "label" in items[0]:
+            batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)  # (B,)
+        return batch
+
+    def batch_units(self, batch: dict) -> int:
+        return int(batch["columns"][0]["input_ids"].shape[0])
+
+    def batch_tokens(self, batch: dict) -> int:
+        parts = batch["columns"] + ([batch["target"]] if "target" in batch else [])
+        return int(sum(int(p["attention_mask"].sum()) for p in parts))
+
+    # ---- loss ------------------------------------------------------------------------------
+    def _embed(self, features: dict) -> Tensor:
+        with self.placement.autocast():
+            return self.model(**features)  # (b, D)
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict]:
+        ec, name = self.cfg.embed, self.loss_name
+        cols = batch["columns"]
+        if name in IN_BATCH and ec.mini_batch and self.batch_units(batch) > ec.mini_batch:
+            from ..embeddings.cached import cached_embedding_loss, split_features
+
+            groups = [split_features(c, ec.mini_batch) for c in cols]
+            if name == "simcse_unsup":
+                groups = groups * 2  # two dropout views of the same sentences
+            loss = cached_embedding_loss(self._embed, groups, lambda embs: self._in_batch(embs, batch)[0])
+            return loss, {}
+        if name == "simcse_unsup":  # one forward over both views: dropout differs per row
+            both = {k: torch.cat([v, v]) for k, v in cols[0].items()}
+            embs = list(self._embed(both).chunk(2))  # 2 x (B, D)
+        else:
+            embs = [self._embed(c) for c in cols]
+        if name in IN_BATCH:
+            return self._in_batch(embs, batch)
+        return self._pair_loss(embs, batch)
+
+    def _in_batch(self, embs: list[Tensor], batch: dict) -> tuple[Tensor, dict]:
+        from ..losses.contrastive import info_nce, multiple_negatives_ranking_loss
+
+        ec = self.cfg.embed
+        a, p = embs[0], embs[1]  # (B, D)
+        negs = torch.stack(embs[2:], dim=1) if len(embs) > 2 else None  # (B, K, D)
+        akeys, ckeys = false_negative_keys(batch["tids"])
+        akeys, ckeys = akeys.to(a.device), ckeys.to(a.device)
+        if self.loss_name == "mnr":
+            loss = multiple_negatives_ranking_loss(a, p, negs, scale=ec.scale, symmetric=ec.symmetric,
+                                                   anchor_ids=akeys, candidate_ids=ckeys)
+        else:
+            loss = info_nce(a, p, negs, temperature=ec.temperature, symmetric=ec.symmetric,
+                            anchor_ids=akeys, candidate_ids=ckeys)
+        with torch.no_grad():
+            sims = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(p, dim=-1).T  # (B, B)
+            acc = (sims.argmax(-1) == torch.arange(a.shape[0], device=a.device)).float().mean()
+        return loss, {"in_batch_accuracy": float(acc)}
+
+    def _pair_loss(self, embs: list[Tensor], batch: dict) -> tuple[Tensor, dict]:
+        from ..losses.contrastive import cosent_loss, cosine_similarity_loss, softmax_nli_logits
+
+        name, net = self.loss_name, getattr(self.model, "module", self.model)
+        if name == "tsdae":
+            from ..embeddings.tsdae import tsdae_loss
+
+            t = batch["target"]
+            with self.placement.autocast():
+                return tsdae_loss(net.decoder, embs[0], t["input_ids"], t["attention_mask"]), {}
+        u, v = embs
+        if name == "cosine":
+            return cosine_similarity_loss(u, v, batch["scores"]), {}
+        if name == "cosent":
+            return cosent_loss(u, v, batch["scores"], scale=self.cfg.embed.scale), {}
+        logits = softmax_nli_logits(u, v, net.head.weight, net.head.bias).float()  # (B, C)
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def _eval_bs(self) -> int:
+        return self.cfg.train.eval_batch_size or max(64, self.cfg.train.batch_size)
+
+    def _evaluators(self, ev: Table | None) -> list[Evaluator]:
+        ec, out = self.cfg.embed, []
+        if ec.sts_eval:
+            sts = sts_from_file(ec.sts_eval, name="sts", score_range=ec.score_range)
+            out.append(sts)
+            self.eval_items += [{"sentence1": a, "sentence2": b} for a, b in zip(sts.s1, sts.s2)]
+        if ec.retrieval_eval:
+            ir = retrieval_from_file(ec.retrieval_eval, name="ir")
+            out.append(ir)
+            self.eval_items += [{"query": q} for q in ir.queries]
+        if ev is not None and ev.records:
+            out += self._split_evaluators(ev, "dev")
+            self.eval_items += ev.records
+        return out
+
+    def _split_evaluators(self, table: Table, name: str) -> list[Evaluator]:
+        """Evaluators on held-out rows of the training format."""
+        dc, loss = self.cfg.data, self.loss_name
+        cols = self._columns(table)
+        require_columns(table, cols)
+        texts = [text_values(table, c) for c in cols]
+        if loss in ("cosine", "cosent"):
+            scores = normalised_scores(table, field_column(dc, "score"), self.cfg.embed.score_range)
+            return [STSEvaluator(texts[0], texts[1], scores, name=name)]
+        if loss == "softmax_nli":
+            ids = label_ids(table, field_column(dc, "label"), self.labels, split="eval")
+            return [_NLIAccuracy(texts[0], texts[1], ids, self.model.head, name=name)]
+        if loss in ("simcse_unsup", "tsdae"):
+            return [AlignUniformEvaluator(texts[0], [], name=name)]
+        return [retrieval_from_pairs(texts[0], texts[1], texts[2] if len(texts) > 2 else (), name=name),
+                AlignUniformEvaluator(texts[0], texts[1], name=name)]
+
+    def evaluate(self, items: Table | None = None) -> dict:
+        """Evaluator metrics (and ``before`` when training): STS, alignment/uniformity, retrieval."""
+        if items is None:
+            evs = self.evaluators
+        else:
+            evs = self._file_evaluators(items)
+        metrics = run_evaluators(evs, self.encoder, batch_size=self._eval_bs(), placement=self.placement)
+        if items is None and self.before is not None:
+            metrics["before"] = self.before
+        return metrics
+
+    def _file_evaluators(self, table: Table) -> list[Evaluator]:
+        cols = table.columns()
+        if {"sentence1", "sentence2", "score"} <= set(cols):
+            require_columns(table, ["sentence1", "sentence2", "score"])
+            return [STSEvaluator(text_values(table, "sentence1"), text_values(table, "sentence2"),
+                                 normalised_scores(table, "score", self.cfg.embed.score_range), name="sts")]
+        if {"anchor", "positive"} <= set(cols) or {"query", "positive"} <= set(cols):
+            q = "anchor" if "anchor" in cols else "query"
+            a, p = text_values(table, q), text_values(table, "positive")
+            return [retrieval_from_pairs(a, p, text_values(table, "negative") if "negative" in cols else (),
+                                         name="ir"), AlignUniformEvaluator(a, p, name="pairs")]
+        if "text" in cols:
+            return [AlignUniformEvaluator(text_values(table, "text"), [], name="texts")]
+        raise LmforgeError(f"{table.source}: cannot tell what to evaluate from columns {', '.join(cols[:8])} "
+                           "(expected sentence1/sentence2/score, anchor|query/positive, or text)")
+
+    def read_eval_file(self, path: str) -> Table:
+        return apply_where(read_table(path), self.cfg.data.where)
+
+    # ---- artefacts -----------------------------------------------------------------------------
+    def trained_encoder(self) -> SentenceEncoder:
+        """The encoder with LoRA merged (a copy in LoRA mode), ready to save or use."""
+        if self.cfg.embed.mode != "lora":
+            return self.encoder
+        from ..adapters.lora import unwrap_lora
+
+        enc = copy.deepcopy(self.encoder).cpu()
+        unwrap_lora(enc.backbone)
+        enc.backbone.requires_grad_(True)
+        return enc
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``model/``: a sentence-transformers folder."""
+        self.trained_encoder().save(Path(out_dir) / "model")
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "final") -> "EmbedTask":
+        run_dir = Path(run_dir)
+        cfg = read_run_config(run_dir)
+        art = (run_dir / "best" if which == "best" else run_dir) / "model"
+        if not (art / "modules.json").is_file():
+            raise LmforgeError(f"{run_dir}: no trained model in {art}")
+        ec = cfg.embed.model_copy(update={"mode": "full", "pooling": None, "normalize": None, "dropout": None})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)}), "embed": ec})
+        return cls(cfg, with_data=False)
+
+    def predict_file(self, path: str, out: str) -> int:
+        """Embed a text file (one vector per text) into ``out`` (.npy or .parquet)."""
+        from ..commands.embed import read_texts, write_vectors
+
+        texts = read_texts(path, field_column(self.cfg.data, "text"))
+        vecs = self.encoder.encode(texts, batch_size=self._eval_bs(), placement=self.placement)
+        write_vectors(out, texts, vecs)
+        return len(texts)
+
+
+TASK = EmbedTask

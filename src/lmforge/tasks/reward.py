@@ -1,0 +1,181 @@
+"""Reward models: a scalar head on a causal LM, trained with the Bradley-Terry ranking loss.
+
+The model is ``AutoModelForSequenceClassification`` with one output (the ``score`` head, trained
+in full next to LoRA). The reward of a prompt/response pair is the head applied to the final
+hidden state of the sequence's last real token (found from the sequence length, not from pad
+ids: several tokenizers use EOS as the pad token). Loss: ``-log sigma(r_w - r_l - m)`` with an
+optional per-pair margin ``m`` (``data.columns.margin``). Evaluation: held-out pairwise accuracy.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from ..config import RunConfig, register_task_config
+from ..data.chat import collate_causal
+from ..data.readers import read_table
+from ..data.schema import apply_where, field_column, load_splits, require_columns
+from ..device import move
+from ..errors import LmforgeError
+from ..losses.preference import bradley_terry_loss
+from .causal import CausalSection, CausalTask
+from .preference import encode_pairs
+
+RESPONSE_COLUMNS = ("response", "completion", "chosen")
+
+
+class RewardConfig(CausalSection):
+    """Reward-model options."""
+
+    max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
+    use_margin: bool = Field(False, description="subtract the per-pair margin column (data.columns.margin)")
+
+
+@register_task_config("reward")
+class RewardRun(RunConfig):
+    task: Literal["reward"] = "reward"
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+
+class RewardTask(CausalTask):
+    name = "reward"
+    section = "reward"
+    reward_head = True
+    peft_task_type = "SEQ_CLS"
+
+    # ---- data -------------------------------------------------------------------------------
+    @property
+    def max_prompt(self) -> int:
+        ml = self.cfg.data.max_length
+        return min(self.opts.max_prompt_length or ml // 2, ml - 1)
+
+    def _pairs(self, table, split: str) -> list[dict]:
+        items, _ = encode_pairs(self, table, split, self.cfg.data.max_length, self.max_prompt)
+        if self.opts.use_margin:
+            col = field_column(self.cfg.data, "margin")
+            require_columns(table, [col])
+            margins = {}
+            for i, rec in enumerate(table.records):
+                v = rec[col]
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise LmforgeError(f"{table.where(i)}: '{col}' must be a number, got {v!r:.40}")
+                margins[i] = float(v)
+            for it in items:
+                it["margin"] = margins[it["index"]]
+        return items
+
+    def load_data(self) -> None:
+        train, ev = load_splits(self.cfg.data, self.cfg.seed)
+        self.train_items = self._pairs(train, "train")
+        self.eval_items = self._pairs(ev, "eval") if ev is not None else []
+
+    def read_eval_file(self, path: str) -> list[dict]:
+        return self._pairs(apply_where(read_table(path), self.cfg.data.where), "eval")
+
+    def item_length(self, item: dict) -> int:
+        return len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
+
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Chosen rows, then rejected rows: (2B, T) ``input_ids`` and ``attention_mask``."""
+        seqs = [{"input_ids": it["prompt_ids"] + it[f"{s}_ids"]} for s in ("chosen", "rejected") for it in items]
+        batch = collate_causal(seqs, self.tokenizer.pad_token_id)
+        if all("margin" in it for it in items):
+            batch["margin"] = torch.tensor([it["margin"] for it in items], dtype=torch.float32)  # (B,)
+        return batch
+
+    def batch_units(self, batch: dict) -> int:
+        return int(batch["input_ids"].shape[0]) // 2
+
+    # ---- model ---------------------------------------------------------------------------------
+    def rewards(self, batch: dict) -> torch.Tensor:
+        """(N,) scalar rewards: the score head on each row's last real token."""
+        hidden = self.hidden(batch)  # (N, T, H)
+        last = batch["attention_mask"].sum(-1) - 1  # (N,)
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
+        return self.core.score(h_last).squeeze(-1).float()  # (N,)
+
+    def loss(self, batch):
+        r = self.rewards(batch)  # (2B,)
+        n = r.shape[0] // 2
+        chosen, rejected = r[:n], r[n:]
+        losses = bradley_terry_loss(chosen, rejected, batch.get("margin"))
+        diff = (chosen - rejected).detach()
+        return losses.mean(), {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
+                               "rewards/chosen": float(chosen.detach().mean()),
+                               "rewards/rejected": float(rejected.detach().mean())}
+
+    # ---- evaluation and scoring ------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_sequences(self, seqs: list[list[int]]) -> list[float]:
+        from ..data.batching import length_grouped_batches
+
+        bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size * 2
+        out = [0.0] * len(seqs)
+        self.model.eval()
+        for idx in length_grouped_batches([len(s) for s in seqs], bs, seed=0, epoch=0, shuffle=False):
+            batch = collate_causal([{"input_ids": seqs[i]} for i in idx], self.tokenizer.pad_token_id)
+            batch = move(batch, self.placement.device)
+            with self.placement.autocast():
+                r = self.rewards(batch)
+            for i, v in zip(idx, r.tolist()):
+                out[i] = v
+        return out
+
+    def evaluate(self, items: Sequence[dict] | None = None) -> dict:
+        """Held-out pairwise accuracy (reward of chosen > rejected), mean margin and BT loss."""
+        from ..eval.metrics import preference_report
+
+        items = self.eval_items if items is None else items
+        if not items:
+            raise LmforgeError("no evaluation pairs")
+        scores = self._score_sequences([it["prompt_ids"] + it["chosen_ids"] for it in items]
+                                       + [it["prompt_ids"] + it["rejected_ids"] for it in items])
+        n = len(items)
+        chosen, rejected = torch.tensor(scores[:n]), torch.tensor(scores[n:])
+        rep = preference_report(chosen.tolist(), rejected.tolist())
+        loss = float(bradley_terry_loss(chosen, rejected).mean())
+        return {"accuracy": rep["accuracy"], "mean_margin": rep["mean_margin"], "loss": loss,
+                "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()), "n": n}
+
+    def score_file(self, path: str, out: str | None = None) -> list[dict]:
+        """Score prompt/response rows (response column: ``response``, ``completion`` or ``chosen``)."""
+        table = apply_where(read_table(path), self.cfg.data.where)
+        if not table.records:
+            raise LmforgeError(f"{path}: no rows to score")
+        pcol = field_column(self.cfg.data, "prompt")
+        rcol = field_column(self.cfg.data, "response")
+        if rcol not in table.records[0]:
+            rcol = next((c for c in RESPONSE_COLUMNS if c in table.records[0]), rcol)
+        require_columns(table, [rcol] + ([] if self.opts.prompt_template else [pcol]))
+        seqs, rows = [], []
+        from ..data.chat import completion_text
+
+        for i, rec in enumerate(table.records):
+            where = table.where(i)
+            try:
+                prompt = self.prompt_value(rec, pcol, where)
+                response = completion_text(rec[rcol], rcol)
+                p_ids, c_ids, _ = self.fmt.encode_completion(prompt, response)
+            except LmforgeError as err:
+                raise LmforgeError(f"{where}: {err}") from None
+            p_ids = p_ids[-self.max_prompt:]
+            seqs.append((p_ids + c_ids)[: self.cfg.data.max_length])
+            rows.append({"prompt": rec.get(pcol, prompt), "response": rec[rcol]})
+        for row, s in zip(rows, self._score_sequences(seqs)):
+            row["score"] = s
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(out) + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(tmp, out)
+        return rows
+
+
+TASK = RewardTask

@@ -1,0 +1,230 @@
+"""Supervised fine-tuning of causal LMs on chats, prompt/completion pairs or plain text.
+
+The loss is the mean next-token cross-entropy over target tokens (assistant/completion tokens
+by default, every token with ``train_on: all``), computed chunk by chunk from the decoder's
+hidden states and the LM head weight (never the full ``(B, T, V)`` logits). The engine weighs
+micro-batches by their number of target tokens, so accumulation equals one big batch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from ..config import RunConfig, register_task_config
+from ..data.batching import length_grouped_batches
+from ..data.chat import (IGNORE, DropReport, collate_causal, completion_text, make_item, pack_items,
+                         truncate_right)
+from ..data.readers import Table, read_table
+from ..data.schema import apply_where, field_column, load_splits
+from ..device import move
+from ..errors import LmforgeError
+from ..losses.lm import chunked_cross_entropy
+from .causal import CausalSection, CausalTask, output_projection
+
+log = logging.getLogger(__name__)
+
+
+class SftConfig(CausalSection):
+    """Supervised fine-tuning options."""
+
+    format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
+        "auto", description="record format; auto: prompt(+template) > messages > text, by the columns present")
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="loss on assistant/completion tokens only, or on every token")
+    packing: bool = Field(False, description="pack several samples per row (per-sample position ids)")
+    rouge_samples: int = Field(0, ge=0, description="eval: ROUGE of greedy generations on the first N eval samples")
+    max_new_tokens: int = Field(64, gt=0, description="eval generation length")
+    generation_batch_size: int = Field(16, gt=0)
+    eval_base: bool = Field(False, description="also report the base model's eval metrics (adapters off), once")
+
+
+@register_task_config("sft")
+class SftRun(RunConfig):
+    task: Literal["sft"] = "sft"
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+
+class SftTask(CausalTask):
+    name = "sft"
+    section = "sft"
+
+    def __init__(self, cfg: SftRun, **kw):
+        if cfg.sft.eval_base and cfg.sft.mode == "full":
+            raise LmforgeError("sft.eval_base needs mode lora or qlora (the base is the model with adapters off)")
+        self._base_metrics: dict | None = None
+        super().__init__(cfg, **kw)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _format(self, table: Table) -> str:
+        fmt = self.opts.format
+        if fmt != "auto":
+            return fmt
+        cols = set(table.records[0]) if table.records else set()
+        dc = self.cfg.data
+        if self.opts.prompt_template or field_column(dc, "prompt") in cols:
+            return "prompt_completion"
+        if field_column(dc, "messages") in cols:
+            return "messages"
+        if field_column(dc, "text") in cols:
+            return "text"
+        raise LmforgeError(f"{table.source}: cannot tell the format: expected a 'prompt'+'completion', "
+                           f"'messages' or 'text' column (columns: {', '.join(sorted(cols)[:8])})")
+
+    def _encode(self, table: Table, split: str, keep_prompt: bool = False) -> list[dict]:
+        """Tokenise, mask, truncate; count and drop samples with no target left."""
+        if not table.records:
+            raise LmforgeError(f"{table.source}: no examples (empty split)")
+        dc = self.cfg.data
+        fmt = self._format(table)
+        col = {f: field_column(dc, f) for f in ("prompt", "completion", "messages", "text", "reference")}
+        rep = DropReport(split, total=len(table))
+        items = []
+        for i, rec in enumerate(table.records):
+            where = table.where(i)
+            prompt = reference = None
+            try:
+                if fmt == "prompt_completion":
+                    prompt = self.prompt_value(rec, col["prompt"], where)
+                    if col["completion"] not in rec:
+                        raise LmforgeError(f"missing column '{col['completion']}'")
+                    completion = completion_text(rec[col["completion"]], col["completion"])
+                    if not completion.strip():
+                        rep.drop("empty completion", where)
+                        continue
+                    p_ids, c_ids, c_labels = self.fmt.encode_completion(prompt, completion)
+                    ids = p_ids + c_ids
+                    labels = list(ids) if self.opts.train_on == "all" else [IGNORE] * len(p_ids) + c_labels
+                    reference = completion
+                elif fmt == "messages":
+                    msgs = rec.get(col["messages"])
+                    ids, labels = self.fmt.encode_messages(msgs, self.opts.train_on)
+                    if msgs[-1]["role"] == "assistant":
+                        prompt, reference = msgs[:-1], msgs[-1]["content"]
+                else:
+                    text = rec.get(col["text"])
+                    if not isinstance(text, str):
+                        raise LmforgeError(f"'{col['text']}' must be text")
+                    if not text.strip():
+                        rep.drop("empty text", where)
+                        continue
+                    ids, labels = self.fmt.encode_text(text)
+            except LmforgeError as err:
+                msg = str(err)
+                raise LmforgeError(msg if msg.startswith(table.source) else f"{where}: {msg}") from None
+            ids, labels, cut = truncate_right(ids, labels, dc.max_length)
+            rep.truncated += cut
+            item = make_item(ids, labels)
+            if item is None:
+                rep.drop(f"no trainable token after truncation to max_length={dc.max_length}", where)
+                continue
+            if keep_prompt and prompt is not None:
+                ref = rec.get(col["reference"], reference) if col["reference"] != col["completion"] else reference
+                item["prompt"] = self.fmt.generation_prompt(prompt)
+                item["reference"] = ref
+            items.append(item)
+        self.report(rep)
+        if not items:
+            raise LmforgeError(f"{table.source}: no {split} samples left after dropping ({'; '.join(rep.lines())})")
+        return items
+
+    def load_data(self) -> None:
+        train, ev = load_splits(self.cfg.data, self.cfg.seed)
+        items = self._encode(train, "train")
+        if self.opts.packing:
+            rows = pack_items(items, self.cfg.data.max_length)
+            log.info("packed %d samples into %d rows of <= %d tokens", len(items), len(rows), self.cfg.data.max_length)
+            items = rows
+        self.train_items = items
+        self.eval_items = self._encode(ev, "eval", keep_prompt=True) if ev is not None else []
+
+    def read_eval_file(self, path: str) -> list[dict]:
+        return self._encode(apply_where(read_table(path), self.cfg.data.where), "eval", keep_prompt=True)
+
+    # ---- engine protocol ------------------------------------------------------------------------
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return collate_causal(items, self.tokenizer.pad_token_id)
+
+    def batch_units(self, batch: dict) -> int:
+        """Target tokens: the loss is a mean over them."""
+        return int((batch["targets"] != IGNORE).sum())
+
+    def batch_tokens(self, batch: dict) -> int:
+        mask = batch.get("attention_mask", batch.get("token_mask"))
+        return int(mask.sum())
+
+    def loss(self, batch):
+        hidden = self.hidden(batch)  # (B, T, H)
+        weight, bias = output_projection(self.model)
+        loss = chunked_cross_entropy(hidden, weight, batch["targets"], bias=bias, reduction="mean",
+                                     chunk_size=self.opts.chunk_size)
+        return loss, {}
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _nll(self, items: Sequence[dict]) -> tuple[float, int]:
+        """Summed NLL and number of target tokens over items (unpacked, length-sorted batches)."""
+        bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
+        order = length_grouped_batches([len(it["input_ids"]) for it in items], bs, seed=0, epoch=0, shuffle=False)
+        total, count = 0.0, 0
+        weight, bias = output_projection(self.model)
+        for idx in order:
+            batch = move(self.collate([{k: items[i][k] for k in ("input_ids", "targets")} for i in idx]),
+                         self.placement.device)
+            with self.placement.autocast():
+                hidden = self.hidden(batch)  # (B, T, H)
+                total += float(chunked_cross_entropy(hidden, weight, batch["targets"], bias=bias,
+                                                     chunk_size=self.opts.chunk_size))
+            count += self.batch_units(batch)
+        return total, count
+
+    def generate(self, prompts: list) -> list[str]:
+        """Greedy completions of prompts (as :meth:`Formatter.generation_prompt` gives them)."""
+        from ..generation import GenerationConfig, generate
+
+        gcfg = GenerationConfig(max_new_tokens=self.opts.max_new_tokens, batch_size=self.opts.generation_batch_size)
+        with self.placement.autocast():
+            return generate(self.core, self.tokenizer, prompts, gcfg, chat=self.fmt.chat)
+
+    def _metrics(self, items: Sequence[dict]) -> dict:
+        from ..eval.metrics import perplexity_report
+        from ..eval.text import rouge
+
+        t0 = time.perf_counter()
+        nll, n = self._nll(items)
+        rep = perplexity_report(nll, n)
+        out = {"loss": rep["nll"], "perplexity": rep["perplexity"], "tokens": rep["tokens"]}
+        gen = [it for it in items if "prompt" in it][: self.opts.rouge_samples]
+        if gen:
+            preds = self.generate([it["prompt"] for it in gen])
+            scores = rouge(preds, [it["reference"] for it in gen])
+            out |= {k: scores[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")} | {"rouge_n": scores["n"]}
+            self.last_generations = [{"prediction": p, "reference": it["reference"]} for p, it in zip(preds, gen)]
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+    def evaluate(self, items: Sequence[dict] | None = None) -> dict:
+        """Eval loss and perplexity over target tokens; ROUGE when ``rouge_samples`` > 0;
+        ``base_*`` metrics (adapters off) when ``eval_base``."""
+        items = self.eval_items if items is None else items
+        if not items:
+            raise LmforgeError("no evaluation samples")
+        self.model.eval()
+        out = self._metrics(items)
+        if self.opts.eval_base and self.adapters:
+            if self._base_metrics is None or items is not self.eval_items:
+                from ..adapters.lora import disable_lora
+
+                with disable_lora(self.core):
+                    base = {f"base_{k}": v for k, v in self._metrics(items).items() if k != "eval_seconds"}
+                if items is not self.eval_items:
+                    return out | base
+                self._base_metrics = base
+            out |= self._base_metrics
+        return out
+
+
+TASK = SftTask

@@ -1,0 +1,75 @@
+"""Length-grouped batches and padding collation."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lmforge.data.batching import collate_tokens, length_grouped_batches, pad_sequences, random_batches
+
+
+def _lengths(n=500, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(3, 120) for _ in range(n)]
+
+
+def _padding(batches, lengths):
+    """Padding tokens a batching adds: sum over batches of (B * longest - sum of lengths)."""
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+@pytest.mark.parametrize("n,bs,group", [(500, 16, 8), (37, 4, 3), (5, 8, 64)])
+def test_grouped_batches_cover_every_index_once(n, bs, group):
+    lengths = _lengths(n)
+    batches = length_grouped_batches(lengths, bs, seed=1, epoch=0, group=group)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(n))
+    assert all(1 <= len(b) <= bs for b in batches)
+    assert sum(len(b) < bs for b in batches) <= -(-n // (bs * group))  # one short batch per mega-batch at most
+
+
+def test_grouped_batches_pad_less_than_random_batches():
+    lengths = _lengths()
+    grouped = length_grouped_batches(lengths, 16, seed=0, epoch=0, group=8)
+    plain = random_batches(len(lengths), 16, seed=0, epoch=0)
+    assert sorted(i for b in plain for i in b) == list(range(len(lengths)))
+    assert _padding(grouped, lengths) < 0.5 * _padding(plain, lengths)
+
+
+def test_batches_are_seeded_by_seed_and_epoch():
+    lengths = _lengths(200)
+    a = length_grouped_batches(lengths, 8, seed=5, epoch=2)
+    assert a == length_grouped_batches(lengths, 8, seed=5, epoch=2)
+    assert a != length_grouped_batches(lengths, 8, seed=5, epoch=3)
+    assert a != length_grouped_batches(lengths, 8, seed=6, epoch=2)
+    assert random_batches(50, 8, seed=1, epoch=0) != random_batches(50, 8, seed=1, epoch=1)
+
+
+def test_no_shuffle_sorts_longest_first_and_drop_last():
+    lengths = [3, 9, 1, 7, 5]
+    assert length_grouped_batches(lengths, 2, seed=0, epoch=0, shuffle=False) == [[1, 3], [4, 0], [2]]
+    dropped = length_grouped_batches(lengths, 2, seed=0, epoch=0, group=64, drop_last=True)
+    assert sorted(len(b) for b in dropped) == [2, 2]
+    assert len(random_batches(5, 2, seed=0, epoch=0, drop_last=True)) == 2
+
+
+def test_pad_sequences_right_and_left():
+    right = pad_sequences([[1, 2, 3], [4], []], pad_value=0)
+    assert right.tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]] and right.dtype == torch.long
+    left = pad_sequences([[1, 2, 3], [4]], pad_value=9, left=True)
+    assert left.tolist() == [[1, 2, 3], [9, 9, 4]]
+
+
+def test_collate_tokens_masks_and_pads_per_key():
+    items = [{"input_ids": [5, 6, 7], "labels": [1, 2, 3], "token_type_ids": [0, 1, 1]},
+             {"input_ids": [8], "labels": [4], "token_type_ids": [0]}]
+    b = collate_tokens(items, pad_id=0, keys=("input_ids", "labels", "token_type_ids"))
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]          # ignored by cross-entropy
+    assert b["token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 0]]
+    lb = collate_tokens(items, pad_id=2, left=True)
+    assert set(lb) == {"input_ids", "attention_mask"}
+    assert lb["input_ids"].tolist() == [[5, 6, 7], [2, 2, 8]]
+    assert lb["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -1,0 +1,93 @@
+"""Pooling by hand, and encode(): input order, batching/length sorting, precision, normalisation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.embeddings import SentenceEncoder, pool
+from lmforge.errors import LmforgeError
+
+from ._helpers import sentences
+
+H = torch.tensor([[[1.0, 2.0], [3.0, -4.0], [100.0, 100.0]],
+                  [[-1.0, 0.0], [5.0, 6.0], [7.0, -8.0]]])  # (2, 3, 2)
+M = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0 has a padded last token
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("mean", [[2.0, -1.0], [11 / 3, -2 / 3]]),
+    ("cls", [[1.0, 2.0], [-1.0, 0.0]]),
+    ("max", [[3.0, 2.0], [7.0, 6.0]]),
+    ("last", [[3.0, -4.0], [7.0, -8.0]]),
+])
+def test_pool_by_hand_ignores_padding(mode, expected):
+    assert torch.allclose(pool(H, M, mode), torch.tensor(expected), atol=1e-6)
+
+
+def test_pool_half_precision_is_pooled_in_fp32():
+    out = pool(H.bfloat16(), M, "mean")
+    assert out.dtype == torch.float32
+
+
+def test_unknown_pooling_is_a_clear_error(tiny_bert_dir):
+    with pytest.raises(LmforgeError, match="pooling must be one of"):
+        SentenceEncoder.from_pretrained(tiny_bert_dir, pooling="median")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_dir):
+    return SentenceEncoder.from_pretrained(tiny_bert_dir)
+
+
+def test_plain_hf_folder_defaults(encoder):
+    assert (encoder.pooling, encoder.normalize, encoder.dim) == ("mean", False, 32)
+
+
+def test_encode_keeps_input_order_and_matches_one_by_one(encoder):
+    texts = sentences(23, seed=3)
+    batched = encoder.encode(texts, batch_size=4, precision="fp32")  # length-sorted, padded batches
+    single = np.concatenate([encoder.encode([t], precision="fp32") for t in texts])
+    assert batched.shape == (23, 32) and batched.dtype == np.float32
+    assert np.abs(batched - single).max() < 1e-5
+    # direct forward of one padded batch in input order gives the same rows
+    feats = encoder.collate(encoder.tokenize(texts))
+    with torch.no_grad():
+        direct = encoder(**feats).numpy()
+    assert np.abs(batched - direct).max() < 1e-5
+
+
+def test_encode_normalize_override(encoder):
+    texts = sentences(5, seed=4)
+    raw = encoder.encode(texts, precision="fp32")
+    unit = encoder.encode(texts, precision="fp32", normalize=True)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_encode_bf16_is_close_to_fp32(encoder):
+    texts = sentences(12, seed=5)
+    a = encoder.encode(texts, precision="fp32")
+    b = encoder.encode(texts, precision="bf16")
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_encode_restores_training_mode_and_handles_empty_input(encoder):
+    encoder.train()
+    assert encoder.encode([], precision="fp32").shape == (0, 32)
+    assert encoder.training
+    encoder.eval()
+
+
+def test_max_length_truncates(tiny_bert_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_bert_dir, max_length=4)
+    assert max(len(x) for x in enc.tokenize(sentences(6, seed=6, lo=6, hi=9))) == 4
+
+
+def test_decoder_backbone_with_mean_pooling(tiny_llama_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean")
+    texts = sentences(7, seed=7)
+    batched = enc.encode(texts, batch_size=3, precision="fp32")
+    single = np.concatenate([enc.encode([t], precision="fp32") for t in texts])
+    assert np.abs(batched - single).max() < 1e-4

@@ -1,0 +1,115 @@
+"""The reward task: scalar head on the last real token, Bradley-Terry loss, accuracy, scoring."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import WORDS, write_jsonl
+from lmforge.config import build_config, dump_config
+from lmforge.errors import LmforgeError
+from lmforge.losses.preference import bradley_terry_loss
+from lmforge.tasks.reward import RewardTask
+from lmforge.train import fit
+
+POS, NEG, FILL = WORDS[:6], WORDS[6:12], WORDS[12:30]
+
+
+def pref_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.sample(FILL, rng.randint(1, 4))), "chosen": " ".join(rng.sample(POS, 2)),
+             "rejected": " ".join(rng.sample(NEG, rng.randint(1, 3))), "margin": rng.random()} for _ in range(n)]
+
+
+def make_cfg(tmp_path, model_dir, rows, reward=None, train=None, data=None, name="run"):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    return build_config({
+        "task": "reward", "name": name, "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(model_dir), "precision": "fp32"},
+        "data": {"train": str(path), "eval_fraction": 0.2, "max_length": 64} | (data or {}),
+        "reward": reward or {}, "lora": {"r": 8, "alpha": 16},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-2, "progress": False, "log_every": 1} | (train or {}),
+    })
+
+
+def test_reward_is_the_head_on_the_last_real_token(tmp_path, tiny_llama_dir):
+    task = RewardTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20)))
+    with torch.no_grad():
+        for n, p in task.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    items = task.train_items[:4]
+    batch = task.collate(items)
+    assert batch["attention_mask"].min() == 0  # padded rows
+    with torch.no_grad():
+        r = task.rewards(batch)  # (8,)
+        seqs = [it["prompt_ids"] + it["chosen_ids"] for it in items] + [it["prompt_ids"] + it["rejected_ids"] for it in items]
+        for i, s in enumerate(seqs):
+            logits = task.model(input_ids=torch.tensor([s])).logits  # HF pools the last token of an unpadded row
+            assert abs(float(r[i]) - float(logits[0, 0])) < 1e-5
+    assert task.tokenizer.pad_token_id is not None
+
+
+def test_bradley_terry_loss_with_margin(tmp_path, tiny_llama_dir):
+    rows = pref_rows(20)
+    task = RewardTask(make_cfg(tmp_path, tiny_llama_dir, rows, reward={"use_margin": True},
+                               data={"eval_fraction": 0.0}))
+    items = task.train_items[:4]
+    assert [it["margin"] for it in items] == [rows[i]["margin"] for i in range(4)]
+    batch = task.collate(items)
+    loss, metrics = task.loss(batch)
+    with torch.no_grad():
+        r = task.rewards(batch)
+    want = bradley_terry_loss(r[:4], r[4:], torch.tensor([rows[i]["margin"] for i in range(4)])).mean()
+    assert abs(loss.item() - float(want)) < 1e-6
+    assert abs(metrics["margin"] - float((r[:4] - r[4:]).mean())) < 1e-6
+    with pytest.raises(LmforgeError, match="missing column 'margin'"):
+        RewardTask(make_cfg(tmp_path, tiny_llama_dir, [{k: v for k, v in x.items() if k != "margin"} for x in rows],
+                            reward={"use_margin": True}, name="nomargin"))
+    bad = [dict(x, margin="big") for x in rows]
+    with pytest.raises(LmforgeError, match="'margin' must be a number"):
+        RewardTask(make_cfg(tmp_path, tiny_llama_dir, bad, reward={"use_margin": True}, name="badmargin"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_learns_the_preference_and_scores_files(tmp_path, tiny_llama_dir, mode, capsys):
+    from lmforge.cli import main
+
+    cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(80), reward={"mode": mode},
+                   train={"epochs": 3, "lr": 1e-2 if mode == "lora" else 2e-3})
+    task = RewardTask(cfg)
+    before = task.evaluate()
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    after = fit(task, cfg, cfg.run_dir)
+    task.save(cfg.run_dir)
+    assert after["accuracy"] >= 0.9 and after["accuracy"] > before["accuracy"]
+    art = cfg.run_dir / ("adapter" if mode == "lora" else "model")
+    assert art.is_dir()
+    if mode == "lora":
+        assert '"task_type": "SEQ_CLS"' in (art / "adapter_config.json").read_text()
+    pairs = [{"prompt": "the movie", "response": "good great"}, {"prompt": "the movie", "response": "awful bad"}]
+    src = write_jsonl(tmp_path / "score.jsonl", pairs)
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", str(cfg.run_dir), "--input", str(src), "--out", str(out)]) == 0
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [s["response"] for s in scored] == ["good great", "awful bad"]
+    assert scored[0]["score"] > scored[1]["score"]
+    back = RewardTask.from_run(cfg.run_dir)
+    assert abs(back.evaluate(task.eval_items)["accuracy"] - after["accuracy"]) < 1e-9
+
+
+def test_score_needs_a_reward_run_and_a_response_column(tmp_path, tiny_llama_dir):
+    from lmforge.cli import main
+
+    cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(20))
+    task = RewardTask(cfg)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    task.save(cfg.run_dir)
+    src = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "text": "b"}])
+    with pytest.raises(LmforgeError, match="missing column 'response'"):
+        RewardTask.from_run(cfg.run_dir).score_file(str(src))
+    assert main(["score", str(cfg.run_dir), "--input", str(src)]) != 0

@@ -1,0 +1,75 @@
+"""Device and precision decisions (lmforge.device is the only place that makes them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.device import Placement, cpu_has_fast_bf16, move, pick_dtype
+from lmforge.errors import LmforgeError
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Set LMFORGE_CPU_BF16 for one test (the detection is cached, so clear it both ways)."""
+
+    def set_(flag: str):
+        monkeypatch.setenv("LMFORGE_CPU_BF16", flag)
+        cpu_has_fast_bf16.cache_clear()
+
+    yield set_
+    cpu_has_fast_bf16.cache_clear()
+
+
+def test_auto_precision_is_bf16_on_a_fast_bf16_cpu(cpu_bf16):
+    cpu_bf16("1")
+    assert cpu_has_fast_bf16() is True
+    p = Placement.resolve("cpu", "auto")
+    assert p.device == torch.device("cpu") and p.dtype == torch.bfloat16
+    assert p.autocast_enabled and p.describe() == "cpu bf16"
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with p.autocast():
+        out = a @ b
+    assert out.dtype == torch.bfloat16
+
+
+def test_auto_precision_is_fp32_without_fast_bf16(cpu_bf16):
+    cpu_bf16("0")
+    assert cpu_has_fast_bf16() is False
+    p = Placement.resolve("cpu", "auto")
+    assert p.dtype == torch.float32 and not p.autocast_enabled and p.name == "fp32"
+    with p.autocast():
+        out = torch.randn(4, 8) @ torch.randn(8, 3)
+    assert out.dtype == torch.float32
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_explicit_precision_wins_over_detection(cpu_bf16):
+    cpu_bf16("1")
+    assert Placement.resolve("cpu", "fp32").dtype == torch.float32
+    cpu_bf16("0")
+    assert Placement.resolve("cpu", "bf16").dtype == torch.bfloat16
+    assert pick_dtype("fp16", torch.device("cpu")) == torch.float16
+
+
+def test_bad_precision_and_unavailable_device_are_user_errors():
+    with pytest.raises(LmforgeError, match="precision must be one of"):
+        Placement.resolve("cpu", "fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(LmforgeError, match="CUDA is not available"):
+            Placement.resolve("cuda:0", "fp32")
+        assert Placement.resolve("auto", "fp32").device == torch.device("cpu")
+
+
+def test_no_grad_scaler_on_cpu():
+    assert Placement.resolve("cpu", "fp32").grad_scaler() is None
+    assert Placement.resolve("cpu", "fp16").grad_scaler() is None
+
+
+def test_move_keeps_structure_and_leaves_non_tensors():
+    batch = {"ids": torch.ones(2, 3, dtype=torch.long), "nested": [torch.zeros(1), ("x", torch.ones(1))],
+             "meta": "keep", "n": 3}
+    out = move(batch, torch.device("cpu"))
+    assert set(out) == set(batch) and out["meta"] == "keep" and out["n"] == 3
+    assert isinstance(out["nested"], list) and isinstance(out["nested"][1], tuple)
+    assert out["nested"][1][0] == "x"
+    assert torch.equal(out["ids"], batch["ids"]) and out["ids"].device.type == "cpu"
