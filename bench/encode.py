@@ -4,7 +4,7 @@ Same packaged MiniLM (all-MiniLM-L6-v2), the same sentences (default: the first 
 STS-B train sentences), the same batch size. Each trial runs in a fresh process (model load and
 a short warm-up are not timed); peers alternate; the medians of ``--reps`` repetitions are
 reported. sentence-transformers runs its default (fp32); lmforge its default (automatic
-precision: bf16 autocast on CPUs with AMX / AVX512-BF16). For reference sentence-transformers also
+precision: bf16 on CPUs with AMX / AVX512-BF16, weights stored in bf16 for inference). For reference sentence-transformers also
 runs with its weights cast to bf16. The vectors of the last repetition are compared with
 sentence-transformers' fp32 vectors (cosine per sentence). Prints one JSON line.
 
@@ -72,6 +72,7 @@ def run_lmforge(sentences_file: str, batch: int, vectors_out: str, precision: st
     texts = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
     enc = SentenceEncoder.from_pretrained("minilm")
     place = Placement.resolve("cpu", precision)
+    enc.to_inference(place)
     enc.encode(texts[:64], batch_size=batch, placement=place)  # warm-up
     t0 = time.perf_counter()
     vecs = enc.encode(texts, batch_size=batch, placement=place)

@@ -31,6 +31,10 @@ class ModelConfig(Section):
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
+    attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
+        "auto", description="attention kernel; auto picks the faster one for the device and precision")
+    frozen_in_compute_dtype: bool = Field(
+        True, description="store frozen weights in the autocast dtype (bf16/fp16): no per-step casts, less memory")
 
 
 class DataConfig(Section):

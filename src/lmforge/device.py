@@ -80,6 +80,27 @@ class Placement:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def attn_implementation(self, requested: str = "auto") -> str:
+        """Attention kernel for transformers: on CPU with bf16/fp16 autocast the eager path
+        (batched matmuls) trains much faster than SDPA's CPU flash kernel; SDPA elsewhere."""
+        if requested != "auto":
+            return requested
+        if self.device.type == "cpu" and self.autocast_enabled:
+            return "eager"
+        return "sdpa"
+
+    def cast_frozen(self, model) -> int:
+        """Store frozen floating-point parameters in the compute dtype (autocast runs would cast
+        them every step anyway). Trainable parameters stay fp32 master weights.  Returns count."""
+        if not self.autocast_enabled:
+            return 0
+        n = 0
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
+                n += 1
+        return n
+
     def grad_scaler(self):
         """A GradScaler for fp16 on CUDA, otherwise None."""
         if self.device.type == "cuda" and self.dtype == torch.float16:

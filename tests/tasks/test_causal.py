@@ -170,3 +170,24 @@ def test_from_run_restores_the_trained_model(tmp_path, tiny_llama_dir, mode):
     with torch.no_grad():
         torch.testing.assert_close(back.loss(batch)[0], task.loss(batch)[0], atol=1e-5, rtol=1e-5)
     assert not back.model.training
+
+
+def test_frozen_bases_in_the_autocast_dtype_give_the_same_loss(tmp_path, tiny_llama_dir):
+    from lmforge.adapters.lora import LoraLinear
+
+    rows = sft_rows(24)
+    fp32 = make_task(tmp_path, tiny_llama_dir, rows, sft={"mode": "lora"})
+    data = write_jsonl(tmp_path / "b.jsonl", rows)
+    cfg = build_config({"task": "sft", "model": {"name": str(tiny_llama_dir), "precision": "bf16"},
+                        "data": {"train": str(data), "eval_fraction": 0.2, "max_length": 64},
+                        "sft": {"mode": "lora"}, "train": {"progress": False}})
+    bf16 = SftTask(cfg)
+    bases = [m.base for m in bf16.model.modules() if isinstance(m, LoraLinear)]
+    assert bases and all(b.weight.dtype == torch.bfloat16 for b in bases)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters() if p.requires_grad)
+    batch = fp32.collate(fp32.train_items[:4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = fp32.loss(batch)[0]
+    with bf16.placement.autocast():
+        got = bf16.loss(batch)[0]
+    assert abs(got.item() - want.item()) < 1e-6

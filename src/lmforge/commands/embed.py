@@ -84,6 +84,7 @@ def cmd_embed(args) -> int:
     texts = read_texts(args.input, args.column)
     enc = load_encoder(args.model, pooling=args.pooling, normalize=args.normalize, max_length=args.max_length)
     place = Placement.resolve(args.device, args.precision)
+    enc.to_inference(place)
     t0 = time.perf_counter()
     vecs = enc.encode(texts, batch_size=args.batch_size, placement=place, progress=not args.no_progress)
     dt = time.perf_counter() - t0
@@ -106,7 +107,10 @@ def cmd_eval_embedding(args) -> int:
         evaluator = retrieval_from_file(args.data, name="ir")
     else:
         raise LmforgeError(f"unknown evaluation task '{args.task}' (use sts or retrieval)")
-    report = run_evaluators([evaluator], enc)
+    from ..device import Placement
+
+    place = Placement.resolve()
+    report = run_evaluators([evaluator], enc.to_inference(place), placement=place)
     report = {"task": args.task, "data": args.data} | report
     out = args.out
     if out is None and (Path(args.run_dir) / "config.yaml").is_file():

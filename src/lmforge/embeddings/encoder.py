@@ -2,11 +2,13 @@
 
 ``SentenceEncoder.encode`` is the fast path for inference: texts are tokenised once, sorted by
 token length and cut into batches (so a batch pads to nearly its own length), run under
-``torch.inference_mode`` with the precision ``lmforge.device.Placement`` picks (bf16 autocast on
-CPUs with AMX / AVX512-BF16), pooled in fp32 and written back in input order.
+``torch.inference_mode`` with the precision ``lmforge.device.Placement`` picks (bf16 on CPUs with
+AMX / AVX512-BF16: autocast over fp32 weights while training, or weights stored in bf16 after
+``to_inference`` for pure inference), pooled in fp32 and written back in input order.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -148,6 +150,16 @@ class SentenceEncoder(nn.Module):
         emb = self.pooled(input_ids, attention_mask, token_type_ids)  # (B, D)
         return F.normalize(emb, p=2, dim=-1) if self.normalize else emb
 
+    def to_inference(self, placement: Placement) -> "SentenceEncoder":
+        """Prepare for inference only: move to the placement's device and, when it computes in
+        bf16/fp16, store the weights in that dtype (no per-op casts; pooling stays fp32).
+        Do not train the encoder afterwards."""
+        self.eval().requires_grad_(False)
+        self.to(placement.device)
+        if placement.autocast_enabled:
+            self.backbone.to(placement.dtype)
+        return self
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, placement: Placement | None = None,
                device: str = "auto", precision: str = "auto", normalize: bool | None = None,
                progress: bool = False) -> np.ndarray:
@@ -169,10 +181,13 @@ class SentenceEncoder(nn.Module):
         bar = _bar(len(ids), progress)
         was_training = self.training
         self.eval()
-        if next(self.parameters()).device != place.device:
+        first = next(self.parameters())
+        if first.device != place.device:
             self.to(place.device)
+        # weights already in low precision (to_inference): run the ops natively, no autocast
+        cast = place.autocast() if first.dtype == torch.float32 else contextlib.nullcontext()
         try:
-            with torch.inference_mode(), place.autocast():
+            with torch.inference_mode(), cast:
                 for s in range(0, len(order), batch_size):
                     idx = order[s:s + batch_size]
                     batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}

@@ -176,6 +176,27 @@ class RetrievalEvaluator(Evaluator):
         return {f"{self.name}_{k}": v for k, v in rep.items()}
 
 
+class NLIAccuracyEvaluator(Evaluator):
+    """Accuracy of the softmax-NLI head on (u, v, |u - v|) of the evaluation pairs."""
+
+    def __init__(self, s1: Sequence[str], s2: Sequence[str], labels: Sequence[int], head, name: str = "dev"):
+        self.s1, self.s2, self.labels, self.head = list(s1), list(s2), list(labels), head
+        self.name, self.primary = name, f"{name}_accuracy"
+
+    def texts(self) -> list[str]:
+        return self.s1 + self.s2
+
+    def compute(self, emb) -> dict:
+        from ..losses.contrastive import softmax_nli_logits
+
+        u = torch.from_numpy(np.stack([emb[t] for t in self.s1]))  # (N, D)
+        v = torch.from_numpy(np.stack([emb[t] for t in self.s2]))  # (N, D)
+        w = self.head.weight.detach().float().cpu()
+        b = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
+        pred = softmax_nli_logits(u, v, w, b).argmax(-1)  # (N,)
+        return {f"{self.name}_accuracy": float((pred == torch.as_tensor(self.labels)).float().mean())}
+
+
 def run_evaluators(evaluators: Sequence[Evaluator], encoder, *, batch_size: int = 64, placement=None,
                    progress: bool = False) -> dict:
     """Embed every evaluator's texts once, run them all, and add ``primary``.

@@ -70,6 +70,8 @@ class ClassifyTask(Task):
             if not self.labels:
                 raise LmforgeError("classification labels are unknown (no labels.json in the run)")
         self.model = self._build_model(adapt)
+        if cfg.model.frozen_in_compute_dtype:
+            self.placement.cast_frozen(self.model)
 
     # ---- data -------------------------------------------------------------------------
     def _items(self, table: Table, split: str) -> list[dict]:
@@ -103,7 +105,8 @@ class ClassifyTask(Task):
             hf_cfg.pad_token_id = self.tokenizer.pad_token_id
         torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
         model = AutoModelForSequenceClassification.from_pretrained(
-            self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32)
+            self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
+            attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
         if not adapt:
             return model
         self.heads = [h for h in HEADS if any(n_.rsplit(".", 1)[-1] == h for n_, _ in model.named_modules())]
@@ -184,6 +187,10 @@ class ClassifyTask(Task):
             from ..adapters.peft_io import load_adapter
 
             load_adapter(task.model, art / "adapter")
+        for p in task.model.parameters():
+            p.requires_grad_(False)
+        if cfg.model.frozen_in_compute_dtype:
+            task.placement.cast_frozen(task.model)
         task.model.to(task.placement.device).eval()
         return task
 

@@ -26,8 +26,8 @@ import random
 from pathlib import Path
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -37,8 +37,10 @@ from ..data.schema import apply_where, field_column, label_ids, label_names, loa
 from ..device import Placement
 from ..embeddings.encoder import SentenceEncoder
 from ..embeddings.tsdae import delete_words
-from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, STSEvaluator, normalised_scores,
-                                     retrieval_from_file, retrieval_from_pairs, run_evaluators, sts_from_file)
+from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, NLIAccuracyEvaluator, STSEvaluator,
+                                     normalised_scores, retrieval_from_file, retrieval_from_pairs, run_evaluators,
+                                     sts_from_file)
+from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
 from .base import Task
 from .common import lora_spec, pick_targets, read_run_config
@@ -76,47 +78,6 @@ class EmbedRun(RunConfig):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
 
-def false_negative_keys(text_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Match keys that mask identical texts of an in-batch batch as false negatives.
-
-    Rows are grouped when they share an anchor or positive text (transitively, within the
-    batch); a row's anchor key and positive key are its group. A hard negative whose text is
-    some row's anchor or positive gets that row's group (so it is masked for that group's
-    anchors), otherwise a unique negative key. Fed to ``multiple_negatives_ranking_loss`` as
-    ``anchor_ids`` / ``candidate_ids``: candidate ``j`` is dropped for anchor ``i`` when their
-    keys match and ``j`` is not ``i``'s own positive.
-
-    Args:
-        text_ids: ``(B, C)`` integer id of each row's texts: anchor, positive, negatives
-            (``C == 1``: the anchor is its own positive, unsupervised SimCSE).
-
-    Returns:
-        ``(anchor_keys (B,), candidate_keys (B, max(C, 2) - 1))`` int64.
-    """
-    rows = text_ids.tolist()
-    n = len(rows)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict[int, int] = {}
-    for i, row in enumerate(rows):
-        for t in row[:2]:
-            if t in owner:
-                parent[find(i)] = find(owner[t])
-            else:
-                owner[t] = i
-    group = [find(i) for i in range(n)]
-    width = max(len(rows[0]), 2) if rows else 2
-    cand = [[group[i]] + [group[find(owner[t])] if t in owner else -(1 + i * width + c)
-                          for c, t in enumerate(row[2:])] for i, row in enumerate(rows)]
-    return torch.tensor(group, dtype=torch.long), torch.tensor(cand, dtype=torch.long).view(n, width - 1)
-
-
 class EmbedModel(nn.Module):
     """What the engine optimises: the encoder plus the loss's extra modules (NLI head, TSDAE decoder)."""
 
@@ -126,27 +87,6 @@ class EmbedModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         return self.encoder(input_ids, attention_mask, token_type_ids)  # (B, D)
-
-
-class _NLIAccuracy(Evaluator):
-    """Accuracy of the softmax-NLI head on (u, v, |u - v|) of the evaluation pairs."""
-
-    def __init__(self, s1, s2, labels, head: nn.Module, name: str = "dev"):
-        self.s1, self.s2, self.labels, self.head = list(s1), list(s2), list(labels), head
-        self.name, self.primary = name, f"{name}_accuracy"
-
-    def texts(self) -> list[str]:
-        return self.s1 + self.s2
-
-    def compute(self, emb) -> dict:
-        from ..losses.contrastive import softmax_nli_logits
-
-        u = torch.from_numpy(np.stack([emb[t] for t in self.s1]))  # (N, D)
-        v = torch.from_numpy(np.stack([emb[t] for t in self.s2]))  # (N, D)
-        w = self.head.weight.detach().float().cpu()
-        b = self.head.bias.detach().float().cpu() if self.head.bias is not None else None
-        pred = softmax_nli_logits(u, v, w, b).argmax(-1)  # (N,)
-        return {f"{self.name}_accuracy": float((pred == torch.as_tensor(self.labels)).float().mean())}
 
 
 class EmbedTask(Task):
@@ -299,7 +239,7 @@ class EmbedTask(Task):
             loss = info_nce(a, p, negs, temperature=ec.temperature, symmetric=ec.symmetric,
                             anchor_ids=akeys, candidate_ids=ckeys)
         with torch.no_grad():
-            sims = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(p, dim=-1).T  # (B, B)
+            sims = F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T  # (B, B)
             acc = (sims.argmax(-1) == torch.arange(a.shape[0], device=a.device)).float().mean()
         return loss, {"in_batch_accuracy": float(acc)}
 
@@ -319,7 +259,7 @@ class EmbedTask(Task):
         if name == "cosent":
             return cosent_loss(u, v, batch["scores"], scale=self.cfg.embed.scale), {}
         logits = softmax_nli_logits(u, v, net.head.weight, net.head.bias).float()  # (B, C)
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        loss = F.cross_entropy(logits, batch["labels"])
         return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
 
     # ---- evaluation --------------------------------------------------------------------------
@@ -352,7 +292,7 @@ class EmbedTask(Task):
             return [STSEvaluator(texts[0], texts[1], scores, name=name)]
         if loss == "softmax_nli":
             ids = label_ids(table, field_column(dc, "label"), self.labels, split="eval")
-            return [_NLIAccuracy(texts[0], texts[1], ids, self.model.head, name=name)]
+            return [NLIAccuracyEvaluator(texts[0], texts[1], ids, self.model.head, name=name)]
         if loss in ("simcse_unsup", "tsdae"):
             return [AlignUniformEvaluator(texts[0], [], name=name)]
         return [retrieval_from_pairs(texts[0], texts[1], texts[2] if len(texts) > 2 else (), name=name),
