@@ -5,7 +5,7 @@ greedy; the two paths alternate (cache, no cache, no cache, cache, ...) after on
 Prints one JSON line with the median tokens/s of both, their ratio (the reference notes show
 about 5x for 100 new tokens) and whether both produced the same tokens.
 
-    .venv/bin/python bench/generate_cache.py [--new-tokens 100] [--reps 3] [--precision fp32]
+    .venv/bin/python bench/generate_cache.py [--new-tokens 100] [--reps 3] [--precision fp32] [--threads N]
 """
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lmforge.device import Placement
     from lmforge.generation import GenerationConfig, decode, encode_prompts

@@ -132,6 +132,9 @@ def test_eval_tasks_on_runs_and_models(tiny_bert_dir, data, tmp_path, capsys):
     # without --task: the run's own evaluation of a file in its format
     assert main(["eval", str(run), "--data", str(data / "sts.jsonl")]) == 0
     assert "sts_spearman" in json.loads(capsys.readouterr().out)
+    # predict with a run writes its vectors, like `lmforge embed RUN`
+    assert main(["predict", str(run), "--input", str(data / "texts.txt"), "--out", str(tmp_path / "p.npy")]) == 0
+    assert np.load(tmp_path / "p.npy").shape == (24, 32)
 
 
 def test_bad_pair_files_exit_2(tiny_bert_dir, data, tmp_path, capsys):

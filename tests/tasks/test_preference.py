@@ -216,7 +216,7 @@ def test_eval_on_a_finished_run(tmp_path, tiny_llama_dir):
     task.save(cfg.run_dir)
     back = PreferenceTask.from_run(cfg.run_dir)
     m = back.evaluate(back.read_eval_file(str(tmp_path / "run.jsonl")))
-    assert m["n"] == 40 and {"accuracy", "mean_margin", "loss"} <= set(m)
+    assert m["n"] == 40 and {"accuracy", "mean_margin", "loss", "logp_accuracy"} <= set(m)
     again = back.evaluate(task.eval_items)
     assert abs(again["accuracy"] - final["accuracy"]) < 1e-9
     assert abs(again["mean_margin"] - final["mean_margin"]) < 1e-4

@@ -8,4 +8,5 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.align",
     "lmforge.commands.generate",
     "lmforge.commands.embed",
+    "lmforge.commands.fill_mask",
 ]

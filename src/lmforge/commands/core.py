@@ -86,6 +86,10 @@ def _load_run(run_dir: str):
 def cmd_eval(args) -> int:
     from ..tasks.common import write_json
 
+    if getattr(args, "task", None) in ("perplexity", "generation"):  # causal LM evaluation
+        from .generate import run_eval_task
+
+        return run_eval_task(args)
     if getattr(args, "task", None):  # embedding evaluation of a run or any model
         from .embed import cmd_eval_embedding
 
@@ -122,8 +126,9 @@ def register(sub) -> None:
     e.add_argument("run_dir")
     e.add_argument("--data", required=True)
     e.add_argument("--out", default=None)
-    e.add_argument("--task", default=None, choices=["sts", "retrieval"],
-                   help="embedding evaluation; run_dir may then also be a model folder or alias")
+    e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation"],
+                   help="sts|retrieval (embeddings) or perplexity|generation (causal LMs); run_dir may then "
+                        "also be a model folder or alias")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict a file with a run")

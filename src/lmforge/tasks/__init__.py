@@ -10,6 +10,8 @@ TASK_MODULES = {
     "reward": "lmforge.tasks.reward",
     "embed": "lmforge.tasks.embed",
     "augsbert": "lmforge.tasks.augsbert",
+    "mlm": "lmforge.tasks.mlm",
+    "ner": "lmforge.tasks.ner",
 }
 
 

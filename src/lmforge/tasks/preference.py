@@ -203,9 +203,10 @@ class PreferenceTask(CausalTask):
 
     def attach_reference(self, items: list[dict]) -> None:
         """Store ``ref_chosen``/``ref_rejected`` in each item, from the disk cache or one pass."""
+        base = resolve_model(self.cfg.model.name, self.cfg.model.revision)  # the reference's folder
         key = refcache.reference_key(
-            refcache.model_fingerprint(resolve_model(self.cfg.model.name, self.cfg.model.revision)),
-            refcache.tokenizer_fingerprint(self.tokenizer, self.folder),
+            refcache.model_fingerprint(base),
+            refcache.tokenizer_fingerprint(self.tokenizer, base),
             refcache.data_fingerprint(items, ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids",
                                               "rejected_labels")),
             quant=self.opts.mode == "qlora" and self.opts.quant_block_size, dtype=str(self.placement.dtype))
@@ -244,7 +245,7 @@ class PreferenceTask(CausalTask):
         logps, counts = self.sequence_logps(batch)  # (2B,), (2B,)
         n = logps.shape[0] // 2
         pc, pr, nc, nr = logps[:n], logps[n:], counts[:n], counts[n:]
-        stats = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach()}
+        stats = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach(), "_n_chosen": nc, "_n_rejected": nr}
         if o.loss == "orpo":
             mc, mr = pc / nc.clamp(min=1), pr / nr.clamp(min=1)  # length-averaged log-probs (B,)
             or_losses, rc, rr, log_odds = orpo_loss(mc, mr, beta=o.beta)
@@ -265,7 +266,7 @@ class PreferenceTask(CausalTask):
 
     def loss(self, batch):
         losses, s = self.pair_losses(batch)
-        metrics = {k: float(v.float().mean()) for k, v in s.items()}
+        metrics = {k: float(v.float().mean()) for k, v in s.items() if not k.startswith("_")}
         margin = (s["rewards/chosen"] - s["rewards/rejected"]).float()
         metrics["rewards/margins"] = float(margin.mean())
         metrics["rewards/accuracy"] = float((margin > 0).float().mean())
@@ -278,14 +279,19 @@ class PreferenceTask(CausalTask):
 
     @torch.no_grad()
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
-        """Held-out preference accuracy (implicit reward of chosen > rejected), mean margin, loss."""
+        """Held-out preference accuracy (implicit reward of chosen > rejected), mean margin, loss.
+
+        ``logp_accuracy`` is how often the policy gives the chosen reply the higher per-token
+        log-prob; unlike the implicit-reward accuracy (0 before training: every reward is 0) it
+        is meaningful for the untrained model too.
+        """
         from ..eval.metrics import preference_report
 
         items = self.eval_items if items is None else items
         if not items:
             raise LmforgeError("no evaluation pairs")
         self.model.eval()
-        chosen, rejected, loss_sum = [], [], 0.0
+        chosen, rejected, loss_sum, logp_wins = [], [], 0.0, 0
         sums = {"logps/chosen": 0.0, "logps/rejected": 0.0}
         for idx in self._eval_batches(items):
             batch = move(self.collate([items[i] for i in idx]), self.placement.device)
@@ -296,11 +302,14 @@ class PreferenceTask(CausalTask):
             rejected += s["rewards/rejected"].float().tolist()
             for k in sums:
                 sums[k] += float(s[k].float().sum())
+            mean_c = s["logps/chosen"] / s["_n_chosen"].clamp(min=1)  # (B,) per-token log-probs
+            mean_r = s["logps/rejected"] / s["_n_rejected"].clamp(min=1)
+            logp_wins += int((mean_c > mean_r).sum())
         report = preference_report(chosen, rejected)
         return {"accuracy": report["accuracy"], "mean_margin": report["mean_margin"], "loss": loss_sum / len(items),
                 "rewards/chosen": sum(chosen) / len(chosen), "rewards/rejected": sum(rejected) / len(rejected),
                 "logps/chosen": sums["logps/chosen"] / len(items), "logps/rejected": sums["logps/rejected"] / len(items),
-                "n": report["n"]}
+                "logp_accuracy": logp_wins / len(items), "n": report["n"]}
 
 
 TASK = PreferenceTask

@@ -1,0 +1,302 @@
+"""Named entity recognition: token classification with word-level BIO tags, full or LoRA.
+
+- Data: one sentence per record, ``tokens`` (list of words) and ``ner_tags`` (list of BIO tags,
+  or integer ids with ``data.labels``); ``data.columns`` maps other names. The label list comes
+  from the data: ``O`` then ``B-T``/``I-T`` per entity type, sorted (:mod:`lmforge.data.tokens`).
+- Alignment: the first sub-token of a word carries its tag; later sub-tokens are ignored or, with
+  ``ner.label_all_subtokens``, carry the ``I-`` tag. Special tokens are ignored.
+- Predictions are read at each word's first sub-token; evaluation is entity-level
+  precision/recall/F1 per type and overall (seqeval via :func:`lmforge.eval.ner_report`).
+  Words cut off by ``data.max_length`` count as ``O``.
+- ``predict`` reads ``text`` (raw strings, split on whitespace with character offsets kept) or
+  ``tokens`` (lists of words) and writes entity spans merged from the word tags.
+- Saved as ``adapter/`` (PEFT, ``TOKEN_CLS``) for LoRA or a Hugging Face folder ``model/``
+  (with ``id2label``) for full fine-tuning, plus ``labels.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..config import RunConfig, Section, register_task_config
+from ..data.batching import collate_tokens, length_grouped_batches
+from ..data.readers import Table, read_table
+from ..data.schema import apply_where, field_column, load_splits, require_columns
+from ..data.tokens import (IGNORE, align_labels, bio_label_list, check_tag, inside_of, merge_spans, split_words,
+                           word_first_tokens, words_with_offsets)
+from ..device import Placement, move
+from ..errors import LmforgeError
+from ..models import load_tokenizer, resolve_model
+from .base import Task
+from .common import atomic_dir, lora_spec, pick_targets, read_run_config, write_json
+
+LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
+HEADS = ["classifier", "score"]
+
+
+class NerConfig(Section):
+    """How the backbone is trained and how word tags meet sub-tokens."""
+
+    mode: Literal["full", "lora"] = "lora"
+    label_all_subtokens: bool = Field(
+        False, description="train the non-first sub-tokens of a word on its I- tag instead of ignoring them")
+
+
+@register_task_config("ner")
+class NerRun(RunConfig):
+    task: Literal["ner"] = "ner"
+    ner: NerConfig = Field(default_factory=NerConfig)
+
+
+class NerTask(Task):
+    name = "ner"
+
+    def __init__(self, cfg: NerRun, *, with_data: bool = True, labels: list[str] | None = None,
+                 adapt: bool = True):
+        self.cfg = cfg
+        self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
+        self.folder = resolve_model(cfg.model.name, cfg.model.revision)
+        self.tokenizer = load_tokenizer(self.folder, cfg.model.trust_remote_code)
+        if not self.tokenizer.is_fast:
+            raise LmforgeError(f"{cfg.model.name}: NER needs a fast tokenizer (word ids of sub-tokens)")
+        dc = cfg.data
+        self.tokens_col, self.tags_col = field_column(dc, "tokens"), field_column(dc, "ner_tags")
+        if with_data:
+            train, ev = load_splits(dc, cfg.seed)
+            self.labels = self._label_list(train)
+            self.inside = inside_of(self.labels)
+            self.train_items = self._items(train)
+            self.eval_items = self._items(ev) if ev is not None else []
+        else:
+            self.labels = labels or dc.labels
+            if not self.labels:
+                raise LmforgeError("NER labels are unknown (no labels.json in the run)")
+            self.inside = inside_of(self.labels)
+        self.model = self._build_model(adapt)
+        if cfg.model.frozen_in_compute_dtype:
+            self.placement.cast_frozen(self.model)
+
+    # ---- data -------------------------------------------------------------------------
+    def _words(self, table: Table, i: int) -> list[str]:
+        words = table.records[i].get(self.tokens_col)
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+            raise LmforgeError(f"{table.where(i)}: '{self.tokens_col}' must be a non-empty list of words")
+        return words
+
+    def _tags(self, table: Table, i: int) -> list[str]:
+        """The record's tags as label names (integer tags index ``data.labels``)."""
+        tags, n = table.records[i].get(self.tags_col), len(table.records[i][self.tokens_col])
+        if not isinstance(tags, list) or len(tags) != n:
+            raise LmforgeError(f"{table.where(i)}: '{self.tags_col}' must be a list of {n} tags (one per word)")
+        names = self.cfg.data.labels
+        out = []
+        for t in tags:
+            if isinstance(t, int) and not isinstance(t, bool):
+                if not names or not 0 <= t < len(names):
+                    raise LmforgeError(f"{table.where(i)}: integer tag {t} needs data.labels (names in id order)")
+                t = names[t]
+            try:
+                check_tag(t)
+            except (ValueError, TypeError):
+                raise LmforgeError(f"{table.where(i)}: tag {t!r} is not BIO (O, B-TYPE or I-TYPE)") from None
+            out.append(t)
+        return out
+
+    def _label_list(self, train: Table) -> list[str]:
+        require_columns(train, [self.tokens_col, self.tags_col])
+        if self.cfg.data.labels:
+            labels = list(self.cfg.data.labels)
+            if len(set(labels)) != len(labels):
+                raise LmforgeError("config: data.labels has duplicate names")
+            for l in labels:
+                try:
+                    check_tag(l)
+                except ValueError as err:
+                    raise LmforgeError(f"config: data.labels: {err}") from None
+            return labels
+        for i in range(len(train)):
+            self._words(train, i)
+        return bio_label_list([self._tags(train, i) for i in range(len(train))])
+
+    def _encode(self, word_lists: list[list[str]]):
+        return self.tokenizer(word_lists, is_split_into_words=True, truncation=True,
+                              max_length=self.cfg.data.max_length)
+
+    def _items(self, table: Table) -> list[dict]:
+        """Tokenised sentences with aligned token labels and the gold word tags (for evaluation)."""
+        require_columns(table, [self.tokens_col, self.tags_col])
+        words = [self._words(table, i) for i in range(len(table))]
+        tags = [self._tags(table, i) for i in range(len(table))]
+        index = {l: k for k, l in enumerate(self.labels)}
+        enc = self._encode(words)
+        items = []
+        for i, (ws, ts) in enumerate(zip(words, tags)):
+            unknown = [t for t in ts if t not in index]
+            if unknown:
+                raise LmforgeError(f"{table.where(i)}: unknown tag {unknown[0]!r} (labels: {', '.join(self.labels)})")
+            wid = enc.word_ids(i)
+            items.append({"input_ids": enc["input_ids"][i], "tags": ts, "first": word_first_tokens(wid, len(ws)),
+                          "labels": align_labels(wid, [index[t] for t in ts], label_all=self.cfg.ner.label_all_subtokens,
+                                                 inside=self.inside)})
+        return items
+
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "labels") if "labels" in items[0] else ("input_ids",)
+        return collate_tokens(items, self.tokenizer.pad_token_id, keys)
+
+    def batch_units(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())
+
+    # ---- model ------------------------------------------------------------------------
+    def _build_model(self, adapt: bool = True):
+        """The HF token classifier, LoRA-wrapped in ``lora`` mode (``adapt=False``: plain)."""
+        from transformers import AutoConfig, AutoModelForTokenClassification
+
+        mc = self.cfg.model
+        hf_cfg = AutoConfig.from_pretrained(self.folder, trust_remote_code=mc.trust_remote_code)
+        hf_cfg.num_labels = len(self.labels)
+        hf_cfg.id2label = dict(enumerate(self.labels))
+        hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
+        torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
+        model = AutoModelForTokenClassification.from_pretrained(
+            self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
+            attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
+        if adapt and self.cfg.ner.mode == "lora":
+            from ..adapters.lora import apply_lora
+
+            heads = [h for h in HEADS if any(n.rsplit(".", 1)[-1] == h for n, _ in model.named_modules())]
+            targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
+            mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
+            apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+        return model
+
+    # ---- engine protocol ----------------------------------------------------------------
+    def loss(self, batch):
+        labels = batch["labels"]  # (B, T)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        sel = labels != IGNORE  # (B, T)
+        loss = F.cross_entropy(logits[sel], labels[sel])  # mean over labelled sub-tokens
+        acc = (logits[sel].argmax(-1) == labels[sel]).float().mean()
+        return loss, {"token_accuracy": float(acc)}
+
+    @torch.no_grad()
+    def predict_items(self, items: Sequence[dict], batch_size: int | None = None) -> list[tuple[list[str], list[float]]]:
+        """Per item, the predicted tag and its probability for every word (``O``/0 for words with no token)."""
+        bs = batch_size or self.cfg.train.eval_batch_size or max(32, self.cfg.train.batch_size * 2)
+        order = length_grouped_batches([len(it["input_ids"]) for it in items], bs, seed=0, epoch=0, shuffle=False)
+        out: list = [None] * len(items)
+        was_training = self.model.training
+        self.model.eval()
+        for idx in order:
+            batch = move(self.collate([{"input_ids": items[i]["input_ids"]} for i in idx]), self.placement.device)
+            with self.placement.autocast():
+                logits = self.model(**batch).logits.float()  # (B, T, C)
+            prob, pred = torch.softmax(logits, -1).max(-1)  # (B, T), (B, T)
+            prob, pred = prob.cpu().tolist(), pred.cpu().tolist()
+            for row, i in enumerate(idx):
+                first = items[i]["first"]
+                out[i] = ([self.labels[pred[row][t]] if t >= 0 else "O" for t in first],
+                          [prob[row][t] if t >= 0 else 0.0 for t in first])
+        self.model.train(was_training)
+        return out
+
+    def evaluate(self, items: Sequence[dict] | None = None) -> dict:
+        from ..eval.metrics import ner_report
+
+        items = self.eval_items if items is None else items
+        t0 = time.perf_counter()
+        preds = self.predict_items(items)
+        dt = time.perf_counter() - t0
+        report = ner_report([it["tags"] for it in items], [p[0] for p in preds])
+        report["sentences_per_s"] = len(items) / max(dt, 1e-9)
+        return report
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
+        model = getattr(self.model, "module", self.model)
+        if self.cfg.ner.mode == "lora":
+            from ..adapters.peft_io import save_adapter
+
+            save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(self.cfg.model.name),
+                         task_type="TOKEN_CLS")
+        else:
+            with atomic_dir(out_dir / "model") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        write_json(out_dir / "labels.json", self.labels)
+
+    # ---- loading a finished run --------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, which: str = "final") -> "NerTask":
+        run_dir = Path(run_dir)
+        cfg = read_run_config(run_dir)
+        art = run_dir / "best" if which == "best" else run_dir
+        if not (art / "labels.json").is_file():
+            raise LmforgeError(f"{art}: no labels.json (the run did not finish)")
+        labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
+        if cfg.ner.mode != "lora":
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
+        task = cls(cfg, with_data=False, labels=labels, adapt=False)
+        if cfg.ner.mode == "lora":
+            from ..adapters.peft_io import load_adapter
+
+            load_adapter(task.model, art / "adapter")
+        for p in task.model.parameters():
+            p.requires_grad_(False)
+        if cfg.model.frozen_in_compute_dtype:
+            task.placement.cast_frozen(task.model)
+        task.model.to(task.placement.device).eval()
+        return task
+
+    # ---- files for eval/predict ------------------------------------------------------------
+    def read_eval_file(self, path: str) -> list[dict]:
+        return self._items(apply_where(read_table(path), self.cfg.data.where))
+
+    def predict_file(self, path: str, out: str) -> int:
+        """Entity spans for each record's ``text`` (split on whitespace) or ``tokens`` (list of words)."""
+        table = read_table(path)
+        if not table.records:
+            raise LmforgeError(f"{path}: no records (empty file)")
+        texts, offsets, words = [], [], []
+        for i, rec in enumerate(table.records):
+            if isinstance(rec.get("text"), str):
+                ws, offs = split_words(rec["text"])
+                text = rec["text"]
+            elif self.tokens_col in rec or "tokens" in rec:
+                ws = rec.get(self.tokens_col, rec.get("tokens"))
+                if not isinstance(ws, list):
+                    raise LmforgeError(f"{table.where(i)}: 'tokens' must be a list of words")
+                try:
+                    text, offs = words_with_offsets(ws)
+                except LmforgeError as err:
+                    raise LmforgeError(f"{table.where(i)}: {err}") from None
+            else:
+                raise LmforgeError(f"{table.where(i)}: needs 'text' (a string) or 'tokens' (a list of words)")
+            texts.append(text)
+            offsets.append(offs)
+            words.append(ws)
+        nonempty = [i for i, ws in enumerate(words) if ws]
+        enc = self._encode([words[i] for i in nonempty]) if nonempty else None
+        items = [{"input_ids": enc["input_ids"][k], "first": word_first_tokens(enc.word_ids(k), len(words[i]))}
+                 for k, i in enumerate(nonempty)]
+        preds: list = [([], [])] * len(words)
+        for i, p in zip(nonempty, self.predict_items(items) if items else []):
+            preds[i] = p
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for text, offs, (tags, scores) in zip(texts, offsets, preds):
+                row = {"text": text, "entities": merge_spans(text, offs, tags, scores), "tags": tags}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        return len(texts)
+
+
+TASK = NerTask
