@@ -67,7 +67,9 @@ def cmd_train(args) -> int:
     log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
     if hasattr(task, "describe_model"):
         log.info(task.describe_model())
-    metrics = fit(task, cfg, run_dir)
+    metrics = task.train_direct(run_dir)
+    if metrics is None:
+        metrics = fit(task, cfg, run_dir)
     if _is_main_rank():
         task.save(run_dir)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -57,5 +57,10 @@ class Task:
         """Write the trained artefact (adapter folder or model folder) into ``out_dir``."""
         raise NotImplementedError
 
+    def train_direct(self, run_dir: Path) -> dict[str, Any] | None:
+        """Methods that train without gradient steps (e.g. embeddings + logistic regression)
+        override this and return their eval metrics; the default (None) means: use the engine."""
+        return None
+
     def describe(self) -> str:
         return self.name

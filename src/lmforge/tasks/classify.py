@@ -70,6 +70,9 @@ class ClassifyTask(Task):
             if not self.labels:
                 raise LmforgeError("classification labels are unknown (no labels.json in the run)")
         self.model = self._build_model(adapt)
+        from ..adapters.lora import trainable_parameters
+
+        self.trainable = trainable_parameters(self.model) if adapt else None
         if cfg.model.frozen_in_compute_dtype:
             self.placement.cast_frozen(self.model)
 
@@ -121,6 +124,11 @@ class ClassifyTask(Task):
             apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
         return model
 
+    def describe_model(self) -> str:
+        from ..adapters.lora import format_trainable, trainable_parameters
+
+        return f"{self.cfg.classify.mode}: " + format_trainable(trainable_parameters(self.model))
+
     # ---- engine protocol ----------------------------------------------------------------
     def loss(self, batch):
         labels = batch["labels"]
@@ -156,6 +164,8 @@ class ClassifyTask(Task):
         report = classification_report(y.tolist(), probs.argmax(-1).tolist(), self.labels)
         report["loss"] = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y))
         report["samples_per_s"] = len(items) / max(dt, 1e-9)
+        if self.trainable is not None:
+            report["trainable_params"] = self.trainable
         return report
 
     def save(self, out_dir: Path) -> None:

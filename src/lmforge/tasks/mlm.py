@@ -274,6 +274,8 @@ class MlmTask(Task):
         task = cls(cfg, with_data=False)
         for p in task.model.parameters():
             p.requires_grad_(False)
+        if cfg.model.frozen_in_compute_dtype:
+            task.placement.cast_frozen(task.model)
         task.model.to(task.placement.device).eval()
         return task
 

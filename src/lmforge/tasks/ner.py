@@ -142,9 +142,10 @@ class NerTask(Task):
             if unknown:
                 raise LmforgeError(f"{table.where(i)}: unknown tag {unknown[0]!r} (labels: {', '.join(self.labels)})")
             wid = enc.word_ids(i)
-            items.append({"input_ids": enc["input_ids"][i], "tags": ts, "first": word_first_tokens(wid, len(ws)),
-                          "labels": align_labels(wid, [index[t] for t in ts], label_all=self.cfg.ner.label_all_subtokens,
-                                                 inside=self.inside)})
+            labels = align_labels(wid, [index[t] for t in ts], label_all=self.cfg.ner.label_all_subtokens,
+                                  inside=self.inside)
+            items.append({"input_ids": enc["input_ids"][i], "labels": labels, "tags": ts,
+                          "first": word_first_tokens(wid, len(ws))})
         return items
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
@@ -187,7 +188,7 @@ class NerTask(Task):
         return loss, {"token_accuracy": float(acc)}
 
     @torch.no_grad()
-    def predict_items(self, items: Sequence[dict], batch_size: int | None = None) -> list[tuple[list[str], list[float]]]:
+    def predict_items(self, items: Sequence[dict], batch_size: int | None = None) -> list[tuple[list, list]]:
         """Per item, the predicted tag and its probability for every word (``O``/0 for words with no token)."""
         bs = batch_size or self.cfg.train.eval_batch_size or max(32, self.cfg.train.batch_size * 2)
         order = length_grouped_batches([len(it["input_ids"]) for it in items], bs, seed=0, epoch=0, shuffle=False)
