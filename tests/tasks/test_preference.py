@@ -220,3 +220,15 @@ def test_eval_on_a_finished_run(tmp_path, tiny_llama_dir):
     again = back.evaluate(task.eval_items)
     assert abs(again["accuracy"] - final["accuracy"]) < 1e-9
     assert abs(again["mean_margin"] - final["mean_margin"]) < 1e-4
+
+
+def test_logp_accuracy_is_the_policy_own_per_token_preference(tmp_path, tiny_llama_dir):
+    task = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(30)))
+    perturb_lora(task.model, 0.5)
+    wins = 0
+    with torch.no_grad():
+        for it in task.eval_items:
+            c, r = pair_sequences(it)
+            wins += full_logps(task.model, c) / len(it["chosen_ids"]) > full_logps(task.model, r) / len(it["rejected_ids"])
+    m = task.evaluate()
+    assert m["logp_accuracy"] == pytest.approx(wins / len(task.eval_items))

@@ -9,4 +9,5 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.generate",
     "lmforge.commands.embed",
     "lmforge.commands.fill_mask",
+    "lmforge.commands.compare",
 ]

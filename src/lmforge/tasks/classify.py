@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from ..config import RunConfig, Section, register_task_config
 from ..data.batching import collate_tokens, length_grouped_batches
@@ -24,11 +24,87 @@ LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
 
 
-class ClassifyConfig(Section):
-    """How the backbone is trained."""
+LOGISTIC = "sklearn.linear_model.LogisticRegression"
 
-    mode: Literal["full", "frozen", "lora"] = "lora"
+
+class EncoderOptions(Section):
+    """The sentence encoder of the embedding methods (embedding_lr, zero_shot, setfit)."""
+
+    pooling: Literal["mean", "cls", "max", "last"] | None = Field(None, description="default: the model's, else mean")
+    normalize: bool | None = Field(None, description="L2-normalise embeddings (default: the model's setting)")
+    batch_size: int = Field(64, gt=0, description="sentences per forward pass when embedding")
+
+
+class EmbeddingLRConfig(Section):
+    """embedding_lr: frozen embeddings + a scikit-learn classifier."""
+
+    classifier: str = Field(LOGISTIC, description="dotted name of a scikit-learn classifier class")
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"max_iter": 1000}, description="its constructor arguments")
+    cache: bool = Field(True, description="cache training-set embeddings on disk, reused across runs")
+
+
+class ZeroShotConfig(Section):
+    """zero_shot: class prototypes from label descriptions and/or a few labelled examples; cosine decides."""
+
+    label_words: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="label -> word(s) put into the templates (default: the label name)")
+    templates: list[str] = Field(default_factory=lambda: ["{label}"], min_length=1,
+                                 description="description templates with a {label} slot, averaged per class")
+    use_descriptions: bool = Field(True, description="build prototypes from the label descriptions")
+    shots: int = Field(0, ge=0, description="also average N labelled training examples per class (seeded)")
+    temperature: float = Field(0.05, gt=0, description="softmax temperature turning cosines into probabilities")
+
+
+class SetFitConfig(Section):
+    """setfit: contrastive fine-tuning on sampled pairs, then a classification head."""
+
+    per_class: int | None = Field(16, gt=0, description="training examples sampled per class (None: all)")
+    num_iterations: int = Field(20, gt=0, description="pairs per example and kind: up to N*iterations each of "
+                                                      "positive and negative pairs, deduplicated")
+    max_pairs: int | None = Field(None, gt=1, description="bound on the total pair count (half positive)")
+    head: Literal["logistic", "linear"] = Field("logistic", description="logistic: scikit-learn classifier on the "
+                                                "embeddings; linear: a torch head trained with the engine")
+    classifier: str = Field(LOGISTIC, description="head=logistic: dotted scikit-learn classifier")
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"max_iter": 1000})
+    head_epochs: float = Field(20.0, gt=0, description="head=linear: epochs over the sampled examples")
+    head_lr: float = Field(1e-2, gt=0, description="head=linear: learning rate")
+
+
+class PromptConfig(Section):
+    """prompt: a generative (chat) model scores each label's answer word after a templated question."""
+
+    template: str = Field("Review: {text}\nIs this review positive or negative? Answer with one word.",
+                          description="the question; {text} (and {text_pair}) are filled in")
+    verbalizers: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="label -> answer text(s) scored (default: the label name)")
+    system: str | None = Field(None, description="system message (chat models)")
+    chat: bool = Field(True, description="render through the tokenizer's chat template when it has one")
+    answer_prefix: str = Field("", description="text after the assistant turn opens, before the answer")
+    batch_size: int = Field(16, gt=0, description="prompts per forward pass")
+
+
+class ClassifyConfig(Section):
+    """Which method classifies, and its options."""
+
+    method: Literal["finetune", "embedding_lr", "zero_shot", "setfit", "prompt"] = "finetune"
+    mode: Literal["full", "frozen", "lora"] = Field("lora", description="finetune: which weights train")
     unfreeze_last: int = Field(0, ge=0, description="frozen mode: also train the last N blocks")
+    encoder: EncoderOptions = Field(default_factory=EncoderOptions)
+    embedding_lr: EmbeddingLRConfig = Field(default_factory=EmbeddingLRConfig)
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    setfit: SetFitConfig = Field(default_factory=SetFitConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+
+    @model_serializer(mode="wrap")
+    def _only_the_method(self, handler):
+        """Dump (``config show``, a run's config.yaml) only the chosen method's options; a finetune
+        section reads as it always did."""
+        return {k: v for k, v in handler(self).items() if k in METHOD_KEYS[self.method]}
+
+
+METHOD_KEYS = {"finetune": {"mode", "unfreeze_last"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
+               "zero_shot": {"method", "encoder", "zero_shot"}, "setfit": {"method", "encoder", "setfit"},
+               "prompt": {"method", "prompt"}}
 
 
 @register_task_config("classify")
@@ -230,4 +306,26 @@ class ClassifyTask(Task):
         return len(rows)
 
 
-TASK = ClassifyTask
+def method_task(method: str) -> type:
+    """The task class of a ``classify.method``."""
+    if method == "finetune":
+        return ClassifyTask
+    from .classify_methods import method_class
+
+    return method_class(method)
+
+
+class ClassifyDispatch:
+    """``TASK(cfg)`` builds the task of ``cfg.classify.method``; ``TASK.from_run`` reloads a run of any method."""
+
+    name = "classify"
+
+    def __call__(self, cfg: ClassifyRun, **kwargs) -> ClassifyTask:
+        return method_task(cfg.classify.method)(cfg, **kwargs)
+
+    def from_run(self, run_dir: str | Path, which: str = "final") -> ClassifyTask:
+        cfg = read_run_config(run_dir)
+        return method_task(cfg.classify.method).from_run(run_dir, which)
+
+
+TASK = ClassifyDispatch()

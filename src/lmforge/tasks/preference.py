@@ -212,6 +212,7 @@ class PreferenceTask(CausalTask):
             quant=self.opts.mode == "qlora" and self.opts.quant_block_size, dtype=str(self.placement.dtype))
         cached = refcache.load_reference(key, len(items))
         if cached is None:
+            log.info("computing reference log-probs of %d pairs (cached for later runs)", len(items))
             chosen, rejected = torch.zeros(len(items)), torch.zeros(len(items))
             was_training = self.model.training
             self.model.to(self.placement.device).eval()
@@ -223,7 +224,7 @@ class PreferenceTask(CausalTask):
                 chosen[idx], rejected[idx] = logps[:n].float().cpu(), logps[n:].float().cpu()
             self.model.train(was_training)
             refcache.save_reference(key, chosen, rejected)
-            log.info("reference log-probs of %d pairs computed and cached (%s)", len(items), key)
+            log.info("reference log-probs cached (%s)", key)
         else:
             chosen, rejected = cached
             log.info("reference log-probs of %d pairs loaded from the cache (%s)", len(items), key)

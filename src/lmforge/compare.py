@@ -1,0 +1,247 @@
+"""Run several classification methods on one train/test split and tabulate them.
+
+A compare recipe names a shared base run config and the methods as overrides of it::
+
+    name: compare_sst2             # results go to <output_dir>/<name>/
+    output_dir: runs
+    overwrite: false               # replace earlier method runs of the same names
+    base:                          # a complete `classify` run config
+      task: classify
+      model: {name: minilm}
+      data: {train: ..., eval: ...}
+    methods:                       # method name -> overrides (nested mappings or dotted keys)
+      full: {classify: {method: finetune, mode: full}, train.max_steps: 200}
+      setfit: {classify.method: setfit}
+
+Every method trains into ``<output_dir>/<name>/<method>/`` (a normal run directory: ``lmforge eval``
+and ``predict`` work on it) and is then evaluated on the base's eval split. The training time
+excludes model loading and evaluation; inference samples/s is the evaluation pass over the test
+split. Methods may not change the split (``data.train``, ``data.eval``, filters, eval sampling,
+columns, labels; nor ``seed`` when the eval split is a seeded fraction of train).
+``comparison.md`` and ``comparison.json`` are rewritten after every method.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from .config import RunConfig, Section, apply_overrides, build_config, dump_config, read_yaml
+from .errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+SPLIT_KEYS = {"train", "eval", "eval_fraction", "where", "max_eval_samples", "columns", "labels"}
+
+
+class CompareRecipe(Section):
+    """A comparison: a shared base config and per-method overrides."""
+
+    name: str = "compare"
+    output_dir: str = "runs"
+    overwrite: bool = False
+    base: dict[str, Any]
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def read_compare(path: str | Path, overrides: list[str] | tuple = ()) -> CompareRecipe:
+    """Load a compare recipe; ``overrides`` are dotted keys into it (``base.train.lr=1e-4``)."""
+    raw = apply_overrides(read_yaml(path), list(overrides), source=str(path))
+    try:
+        recipe = CompareRecipe.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(p) for p in e["loc"])
+        raise LmforgeError(f"{path}: {key}: {e['msg']}") from None
+    for name in recipe.methods:
+        if not name or "/" in name or name.startswith("."):
+            raise LmforgeError(f"{path}: methods: '{name}' must be a plain folder name")
+    return recipe
+
+
+def _expand(overrides: dict) -> dict:
+    """Turn dotted keys into nested mappings (``{"a.b": 1}`` -> ``{"a": {"b": 1}}``)."""
+    out: dict = {}
+    for key, value in overrides.items():
+        node = out
+        parts = str(key).split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _expand(value) if isinstance(value, dict) else value
+    return out
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in (mappings recursively, other values replaced); a new dict."""
+    out = copy.deepcopy(base)
+    for key, value in _expand(over).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def method_configs(recipe: CompareRecipe, source: str = "compare") -> dict[str, RunConfig]:
+    """Validated run configs of every method (all checked before anything runs)."""
+    base = build_config(recipe.base | {"name": "base"}, source=f"{source}: base")
+    if base.task != "classify":
+        raise LmforgeError(f"{source}: base.task must be classify (got '{base.task}')")
+    if not base.data.eval and base.data.eval_fraction <= 0:
+        raise LmforgeError(f"{source}: the base needs a test split (data.eval or data.eval_fraction > 0)")
+    split = base.data.model_dump(include=SPLIT_KEYS)
+    out = {}
+    for name, over in recipe.methods.items():
+        raw = deep_merge(recipe.base, over or {}) | {
+            "name": name, "output_dir": str(recipe.out_dir), "overwrite": recipe.overwrite}
+        cfg = build_config(raw, source=f"{source}: methods.{name}")
+        if cfg.task != "classify":
+            raise LmforgeError(f"{source}: methods.{name}: task must stay classify")
+        changed = sorted(f"data.{k}" for k, v in cfg.data.model_dump(include=SPLIT_KEYS).items() if v != split[k])
+        if not base.data.eval and cfg.seed != base.seed:
+            changed.append("seed")
+        if changed:
+            raise LmforgeError(f"{source}: methods.{name} changes {', '.join(changed)}: every method must use "
+                               "the same train/test split")
+        out[name] = cfg
+    return out
+
+
+def examples_used(task, cfg) -> int:
+    """Labelled training examples the method learnt from."""
+    method, n = cfg.classify.method, len(task.train_items)
+    if method == "finetune":
+        tc = cfg.train
+        if tc.max_steps:
+            return min(n, tc.max_steps * tc.batch_size * tc.grad_accum)
+        return n
+    if method == "setfit":
+        return int(getattr(task, "sample_size", 0))
+    if method == "zero_shot":
+        shots = cfg.classify.zero_shot.shots
+        return sum(min(shots, sum(it["label"] == c for it in task.train_items)) for c in range(len(task.labels)))
+    return n if method == "embedding_lr" else 0
+
+
+def describe(cfg) -> str:
+    c = cfg.classify
+    return {"finetune": f"finetune/{c.mode}", "setfit": f"setfit/{c.setfit.head}"}.get(c.method, c.method)
+
+
+def run_method(cfg) -> dict:
+    """Train one method (timed), save its run, evaluate it on the test split; return its table row."""
+    from .commands.core import prepare_run_dir
+    from .tasks import task_class
+    from .tasks.common import write_json
+    from .train import fit
+
+    task = task_class(cfg.task)(cfg)
+    run_dir = prepare_run_dir(cfg)
+    test_items, task.eval_items = list(task.eval_items), []
+    t0 = time.perf_counter()
+    if task.train_direct(run_dir) is None:
+        fit(task, cfg, run_dir)
+    train_s = time.perf_counter() - t0
+    task.save(run_dir)
+    report = task.evaluate(test_items)
+    report["train_seconds"] = train_s
+    write_json(run_dir / "eval.json", report)
+    params = report.get("trainable_params") or {}
+    row = {"method": cfg.name, "kind": describe(cfg), "accuracy": report["accuracy"],
+           "macro_f1": report["macro_f1"], "train_seconds": train_s, "samples_per_s": report["samples_per_s"],
+           "trainable_params": params.get("trainable"), "total_params": params.get("total"),
+           "train_examples": examples_used(task, cfg), "n_test": report["n"], "run_dir": str(run_dir)}
+    write_json(run_dir / "compare_row.json", row)
+    return row
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a markdown table (one row per method, in run order)."""
+    head = ("| method | kind | accuracy | macro-F1 | train time (s) | inference (samples/s) | trainable params "
+            "| train examples |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in rows:
+        share = (f" ({100 * r['trainable_params'] / r['total_params']:.3g}%)"
+                 if r.get("total_params") and r.get("trainable_params") is not None else "")
+        lines.append(f"| {r['method']} | {r['kind']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} "
+                     f"| {r['train_seconds']:.1f} | {r['samples_per_s']:.1f} "
+                     f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    from .tasks.common import write_json
+
+    md, js = out_dir / "comparison.md", out_dir / "comparison.json"
+    write_json(js, meta | {"results": rows})
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(markdown_table(rows), encoding="utf-8")
+    tmp.replace(md)
+    return md, js
+
+
+def run_compare(recipe: CompareRecipe, *, source: str = "compare", only: list[str] | None = None,
+                reuse: bool = False) -> tuple[list[dict], Path, Path]:
+    """Run the recipe's methods in order (``only``: a subset); ``reuse`` keeps a method's earlier
+    result when its saved config is unchanged. Returns the rows and the markdown/JSON paths."""
+    from .commands.core import check_run_dir
+
+    cfgs = method_configs(recipe, source)
+    unknown = sorted(set(only or []) - set(cfgs))
+    if unknown:
+        raise LmforgeError(f"{source}: unknown method(s) {unknown} (recipe has {list(cfgs)})")
+    chosen = {k: v for k, v in cfgs.items() if not only or k in only}
+    kept = {k: _earlier_row(cfg) for k, cfg in chosen.items() if reuse}
+    for name, cfg in chosen.items():
+        if kept.get(name) is None:
+            check_run_dir(cfg)  # refuse to clobber before anything runs
+    first = next(iter(chosen.values()))
+    meta = {"name": recipe.name, "train": first.data.train, "eval": first.data.eval,
+            "eval_fraction": None if first.data.eval else first.data.eval_fraction, "seed": first.seed}
+    rows: list[dict] = []
+    md = js = recipe.out_dir
+    for name, cfg in chosen.items():
+        row = kept.get(name)
+        if row is None:
+            log.info("compare: %s (%s)", name, describe(cfg))
+            row = run_method(cfg)
+            gc.collect()
+        rows.append(row)
+        log.info("compare: %s accuracy %.4f, train %.1f s", name, row["accuracy"], row["train_seconds"])
+        md, js = write_results(recipe.out_dir, rows, meta)
+    return rows, md, js
+
+
+def _earlier_row(cfg) -> dict | None:
+    run_dir = cfg.run_dir
+    row_file, cfg_file = run_dir / "compare_row.json", run_dir / "config.yaml"
+    if not (row_file.is_file() and cfg_file.is_file()):
+        return None
+    import yaml
+
+    saved, now = yaml.safe_load(cfg_file.read_text(encoding="utf-8")), yaml.safe_load(dump_config(cfg))
+    if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "overwrite"} != {
+            k: v for k, v in now.items() if k != "overwrite"}:
+        return None
+    row = json.loads(row_file.read_text(encoding="utf-8"))
+    return row if isinstance(row.get("accuracy"), float) and math.isfinite(row["accuracy"]) else None

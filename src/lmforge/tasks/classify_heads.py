@@ -1,0 +1,272 @@
+"""Pieces of the embedding-based classification methods: scikit-learn heads saved without pickle,
+the on-disk embedding cache, per-class sampling and SetFit's pair generation."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import LmforgeError
+
+SAFE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.")
+
+
+# ---- heads -------------------------------------------------------------------------------------------
+def classifier_class(name: str) -> type:
+    """The scikit-learn classifier class named ``name`` (dotted path inside ``sklearn``)."""
+    module, _, attr = name.rpartition(".")
+    if not name.startswith("sklearn.") or not module:
+        raise LmforgeError(f"classifier '{name}': give a scikit-learn class by dotted name, "
+                           "e.g. sklearn.linear_model.LogisticRegression")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        raise LmforgeError(f"classifier '{name}' not found in scikit-learn") from None
+    if not (isinstance(cls, type) and hasattr(cls, "fit") and hasattr(cls, "predict")):
+        raise LmforgeError(f"classifier '{name}' is not a scikit-learn estimator class")
+    return cls
+
+
+def linear_probs(x: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """Probabilities of a linear classifier, as scikit-learn's ``LogisticRegression.predict_proba``.
+
+    ``z = x W^T + b``. One row in ``W`` (binary): ``p = [1 - s(z), s(z)]`` with the logistic
+    ``s``; several rows: ``p = softmax(z)``. (For linear models without probabilities, e.g.
+    LinearSVC, these are monotone scores, not calibrated probabilities.)
+
+    Args:
+        x: ``(N, D)`` features.
+        coef: ``(K, D)`` weights, K = 1 (binary) or the number of classes.
+        intercept: ``(K,)`` biases.
+
+    Returns:
+        ``(N, max(K, 2))`` float64 probabilities.
+    """
+    z = x.astype(np.float64) @ coef.T + intercept  # (N, K)
+    if coef.shape[0] == 1:
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))  # (N,)
+        return np.stack([1.0 - p1, p1], axis=1)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class SklearnHead:
+    """A classifier on embeddings, saved without pickle: linear models as JSON coefficients,
+    other scikit-learn classifiers with skops (``pip install skops``).
+
+    Args:
+        name: dotted scikit-learn class (or ``torch.nn.Linear`` for a head made by :meth:`from_linear`).
+        kwargs: constructor arguments.
+        n_classes: number of labels; probabilities always have this many columns.
+    """
+
+    def __init__(self, name: str, kwargs: dict[str, Any], n_classes: int):
+        self.name, self.kwargs, self.n_classes = name, dict(kwargs), n_classes
+        self.estimator = None
+        self.coef = self.intercept = self.classes = None
+        if not name.startswith("torch."):
+            cls = classifier_class(name)
+            if not _is_linear(cls):
+                _need_skops(name)
+            try:
+                self.estimator = cls(**self.kwargs)
+            except TypeError as err:
+                raise LmforgeError(f"classifier '{name}': bad arguments ({err})") from None
+
+    @classmethod
+    def from_linear(cls, name: str, coef: np.ndarray, intercept: np.ndarray, n_classes: int) -> "SklearnHead":
+        head = cls(name, {}, n_classes)
+        head.coef, head.intercept, head.classes = coef, intercept, np.arange(n_classes)
+        return head
+
+    @property
+    def fitted(self) -> bool:
+        return self.coef is not None or (self.estimator is not None and hasattr(self.estimator, "classes_"))
+
+    @property
+    def n_params(self) -> int:
+        """Learned numbers: weights + biases of a linear head (0 for non-parametric ones)."""
+        return int(self.coef.size + self.intercept.size) if self.coef is not None else 0
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> "SklearnHead":
+        if len(set(np.asarray(y).tolist())) < 2:
+            raise LmforgeError("the classifier needs training examples of at least two labels")
+        self.estimator.fit(x, y)
+        if hasattr(self.estimator, "coef_"):
+            self.coef = np.atleast_2d(np.asarray(self.estimator.coef_, dtype=np.float64))
+            self.intercept = np.atleast_1d(np.asarray(self.estimator.intercept_, dtype=np.float64))
+            self.classes = np.asarray(self.estimator.classes_, dtype=np.int64)
+        return self
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        """``(N, n_classes)`` probabilities (classes never seen in training get 0)."""
+        out = np.zeros((len(x), self.n_classes))
+        if self.coef is not None:
+            out[:, self.classes] = linear_probs(x, self.coef, self.intercept)
+        elif hasattr(self.estimator, "predict_proba"):
+            out[:, self.estimator.classes_] = self.estimator.predict_proba(x)
+        else:
+            out[np.arange(len(x)), self.estimator.predict(x)] = 1.0
+        return out
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {"classifier": self.name, "kwargs": self.kwargs}
+        if self.coef is not None:
+            meta |= {"classes": self.classes.tolist(), "coef": self.coef.tolist(), "intercept": self.intercept.tolist()}
+        else:
+            import skops.io as sio
+
+            sio.dump(self.estimator, folder / "classifier.skops")
+        _write_text(folder / "head.json", json.dumps(meta))
+
+    @classmethod
+    def load(cls, folder: Path, n_classes: int) -> "SklearnHead":
+        path = folder / "head.json"
+        if not path.is_file():
+            raise LmforgeError(f"{folder}: no head.json (did training finish?)")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if "coef" in meta:
+            head = cls.from_linear(meta["classifier"], np.array(meta["coef"]), np.array(meta["intercept"]), n_classes)
+            head.kwargs, head.classes = meta.get("kwargs", {}), np.array(meta["classes"], dtype=np.int64)
+            return head
+        head = cls(meta["classifier"], meta.get("kwargs", {}), n_classes)
+        import skops.io as sio
+
+        file = folder / "classifier.skops"
+        untrusted = sio.get_untrusted_types(file=file)
+        unsafe = [t for t in untrusted if not t.startswith(SAFE_PREFIXES)]
+        if unsafe:
+            raise LmforgeError(f"{file}: refusing to load types outside scikit-learn/numpy: {unsafe[:3]}")
+        head.estimator = sio.load(file, trusted=untrusted)
+        return head
+
+
+def _is_linear(cls: type) -> bool:
+    from sklearn.linear_model._base import LinearClassifierMixin
+    from sklearn.svm import LinearSVC
+
+    return issubclass(cls, (LinearClassifierMixin, LinearSVC))
+
+
+def _need_skops(name: str) -> None:
+    try:
+        import skops.io  # noqa: F401
+    except ImportError:
+        raise LmforgeError(f"classifier '{name}' is not linear: saving it without pickle needs skops "
+                           "(pip install skops)") from None
+
+
+# ---- embedding cache -----------------------------------------------------------------------------------
+def model_fingerprint(folder: Path) -> str:
+    """Identity of a model folder: its path and the size/mtime of its config and weight files."""
+    folder = Path(folder).resolve()
+    parts = [str(folder)]
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
+            st = p.stat()
+            parts.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def embedding_cache_path(folder: Path, texts: Sequence[str], settings: str) -> Path:
+    """``cache_dir()/embeddings/<key>.npy``, key = sha256(model fingerprint, settings, texts)."""
+    from ..models import cache_dir
+
+    h = hashlib.sha256(model_fingerprint(folder).encode())
+    h.update(f"|{settings}|{len(texts)}|".encode())
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return cache_dir() / "embeddings" / f"{h.hexdigest()[:40]}.npy"
+
+
+def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, placement) -> np.ndarray:
+    """``encoder.encode(texts)``, read from / written to the on-disk cache.
+
+    The key covers the model files, the texts (in order), pooling, normalisation, max length and
+    compute precision, so any change re-embeds; files are written atomically and loaded without pickle.
+    """
+    settings = f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}"
+    path = embedding_cache_path(folder, texts, settings)
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape[0] == len(texts):
+                return arr
+        except (OSError, ValueError):
+            pass  # unreadable: embed again and overwrite
+    arr = encoder.encode(texts, batch_size=batch_size, placement=placement)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+    os.replace(tmp, path)
+    return arr
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+def sample_per_class(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """Indices of ``n`` examples of every class (all of a class with fewer), seeded; sorted."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(labels)
+    out: list[int] = []
+    for c in sorted(set(y.tolist())):
+        idx = np.flatnonzero(y == c)
+        out += idx.tolist() if len(idx) <= n else rng.choice(idx, n, replace=False).tolist()
+    return sorted(out)
+
+
+def setfit_pairs(labels: Sequence[int], num_iterations: int, *, keys: Sequence[str] | None = None,
+                 max_pairs: int | None = None, seed: int = 0) -> list[tuple[int, int, float]]:
+    """SetFit's training pairs: positives (same label, target 1.0) and negatives (target 0.0).
+
+    Candidates are the unordered pairs ``{i, j}``, ``i != j``, deduplicated by key (the texts):
+    pairs of two equal texts are dropped, pairs with the same two texts are kept once. With ``n``
+    examples, ``min(n * num_iterations, available, max_pairs // 2)`` pairs of each kind are drawn
+    without replacement (seeded). SetFit's ``num_iterations`` asks for ``n * num_iterations`` of
+    each kind too, but samples with repetition and includes self-pairs.
+
+    Args:
+        labels: ``(n,)`` class ids.
+        num_iterations: pairs of each kind per example.
+        keys: identity of each example (default: its index).
+        max_pairs: bound on the total (split evenly between the kinds).
+        seed: sampling seed.
+
+    Returns:
+        ``[(i, j, target)]``: the positives, then the negatives, each in drawn order.
+    """
+    y = np.asarray(labels)
+    n = len(y)
+    kid = np.arange(n) if keys is None else np.unique(np.asarray(list(keys), dtype=object).astype(str),
+                                                     return_inverse=True)[1].reshape(-1)
+    i, j = np.triu_indices(n, k=1)
+    ka, kb = np.minimum(kid[i], kid[j]), np.maximum(kid[i], kid[j])
+    keep = ka != kb
+    i, j, pair_key = i[keep], j[keep], (ka * n + kb)[keep]
+    _, first = np.unique(pair_key, return_index=True)
+    first.sort()
+    i, j = i[first], j[first]
+    same = y[i] == y[j]
+    rng = np.random.default_rng(seed)
+    want = n * num_iterations if max_pairs is None else min(n * num_iterations, max_pairs // 2)
+    out: list[tuple[int, int, float]] = []
+    for kind, target in ((same, 1.0), (~same, 0.0)):
+        ci, cj = i[kind], j[kind]
+        take = rng.choice(len(ci), min(want, len(ci)), replace=False)
+        out += [(int(ci[t]), int(cj[t]), target) for t in take]
+    return out
