@@ -117,7 +117,7 @@ def test_embedding_cache_is_keyed_and_reused(tiny_bert_dir):
     texts = ["good movie", "awful plot", "the film"]
     first = cached_encode(enc, texts, tiny_bert_dir, batch_size=2, placement=FP32)
     np.testing.assert_allclose(first, enc.encode(texts, placement=FP32), atol=1e-6)
-    settings = f"mean|False|{enc.max_length}|{FP32.describe()}"
+    settings = f"mean|False|{enc.max_length}|{FP32.describe()}|torch.float32"
     path = embedding_cache_path(tiny_bert_dir, texts, settings)
     assert path.is_file()
     np.save(path, np.full_like(first, 7.0))  # a second call must read the file, not re-embed
@@ -153,6 +153,16 @@ def test_method_dispatch_and_config(tmp_path, tiny_bert_dir):
         _cfg(tmp_path, tiny_bert_dir, "knn")
     with pytest.raises(LmforgeError, match="unknown key 'classify.setfit.pairs'"):
         _cfg(tmp_path, tiny_bert_dir, "setfit", classify={"setfit": {"pairs": 3}})
+    import yaml
+
+    from lmforge.config import dump_config
+
+    cfg = _cfg(tmp_path, tiny_bert_dir, "setfit", classify={"setfit": {"per_class": 4}})
+    shown = yaml.safe_load(dump_config(cfg))["classify"]  # only the chosen method's options
+    assert set(shown) == {"method", "encoder", "setfit"} and shown["setfit"]["per_class"] == 4
+    assert build_config(yaml.safe_load(dump_config(cfg))) == cfg
+    finetune = yaml.safe_load(dump_config(_cfg(tmp_path, tiny_bert_dir, "finetune")))["classify"]
+    assert finetune == {"mode": "lora", "unfreeze_last": 0}  # as before methods existed
 
 
 def test_embedding_lr_learns_and_counts_its_parameters(tmp_path, tiny_bert_dir):
@@ -193,6 +203,29 @@ def test_zero_shot_prototypes_are_mean_description_embeddings(tmp_path, tiny_ber
     with pytest.raises(LmforgeError, match="unknown label"):
         ZeroShotTask(_cfg(tmp_path, tiny_bert_dir, "zero_shot",
                           classify={"zero_shot": {"label_words": {"maybe": "x"}}})).fit_method(tmp_path)
+
+
+def test_pair_batches_embed_each_sentence_once_with_the_same_gradient(tiny_bert_dir):
+    from lmforge.losses.contrastive import cosine_similarity_loss
+    from lmforge.tasks.classify_methods import PairTask
+
+    enc = SentenceEncoder.from_pretrained(tiny_bert_dir)  # dropout 0: repeats change nothing
+    tokens = enc.tokenize(["good movie", "great film", "awful plot", "dull story", "the end"])
+    pairs = [(0, 1, 1.0), (0, 2, 0.0), (2, 3, 1.0), (1, 3, 0.0), (0, 4, 0.0)]
+    task = PairTask(enc, tokens, pairs, FP32)
+    batch = task.collate(task.train_items)
+    assert batch["input_ids"].shape[0] == 5 and task.batch_units(batch) == 5  # 5 sentences, not 10
+    loss, _ = task.loss(batch)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad()
+    a, b = (enc(**enc.collate([tokens[p[k]] for p in pairs])) for k in (0, 1))  # each side on its own
+    want = cosine_similarity_loss(a, b, torch.tensor([p[2] for p in pairs]))
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=0)
+    for n, p in enc.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["logistic", "linear"])
@@ -249,6 +282,8 @@ def test_prompt_method_ranks_labels_by_answer_logprob(tmp_path, tiny_llama_dir):
     pos = torch.tensor([lp[words["good"][0]] for lp in last])
     want = torch.softmax(torch.stack([neg, pos], -1), -1)  # labels sorted: neg, pos
     np.testing.assert_allclose(task.predict_texts(texts), want.numpy(), atol=1e-5)
+    long = " ".join(["good"] * 40)  # data.max_length is 32 tokens: the text is cut, the question is not
+    assert task.clip([long, "bad plot"]) == [" ".join(["good"] * 32), "bad plot"]
     with pytest.raises(LmforgeError, match="no \\{text\\} slot"):
         PromptTask(_cfg(tmp_path, tiny_llama_dir, "prompt", classify={"prompt": {"template": "hi"}}))
 

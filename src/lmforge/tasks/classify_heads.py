@@ -191,10 +191,11 @@ def embedding_cache_path(folder: Path, texts: Sequence[str], settings: str) -> P
 def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, placement) -> np.ndarray:
     """``encoder.encode(texts)``, read from / written to the on-disk cache.
 
-    The key covers the model files, the texts (in order), pooling, normalisation, max length and
-    compute precision, so any change re-embeds; files are written atomically and loaded without pickle.
+    The key covers the model files, the texts (in order), pooling, normalisation, max length,
+    compute precision and weight dtype, so any change re-embeds; files are written atomically and loaded without pickle.
     """
-    settings = f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}"
+    weights = next(encoder.parameters()).dtype
+    settings = f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}"
     path = embedding_cache_path(folder, texts, settings)
     if path.is_file():
         try:

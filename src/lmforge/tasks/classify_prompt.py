@@ -47,8 +47,20 @@ class PromptTask(TextMethod):
             {"role": "user", "content": question}]
         return render_chat(self.tokenizer, messages) + pc.answer_prefix
 
+    def clip(self, texts: list[str]) -> list[str]:
+        """Texts cut to ``data.max_length`` tokens (the question around them is not counted)."""
+        limit = self.cfg.data.max_length
+        try:
+            spans = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, ValueError):  # slow tokenizers have no offsets: keep the texts
+            return texts
+        return [t if len(o) <= limit else t[:o[limit - 1][1]] for t, o in zip(texts, spans)]
+
     def predict_texts(self, texts, pairs=None) -> np.ndarray:
-        pairs = pairs or [None] * len(texts)
+        """Label probabilities: ``softmax_c(logsumexp_{w in words(c)} log p(w | prompt))`` -- each
+        label's answer words scored by :func:`choice_logprobs`, renormalised over the labels."""
+        texts = self.clip(list(texts))
+        pairs = self.clip([p or "" for p in pairs]) if pairs and any(pairs) else [None] * len(texts)
         prompts = [self.render(t, p) for t, p in zip(texts, pairs)]
         ids = self.tokenizer(prompts, add_special_tokens=not self.use_chat)["input_ids"]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
