@@ -18,7 +18,8 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import is_decoder_only, load_tokenizer, resolve_model
 from .base import Task
-from .common import atomic_dir, freeze_except, lora_spec, pick_targets, read_run_config, write_json
+from .common import (freeze_except, lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights,
+                     write_json)
 
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
@@ -246,16 +247,8 @@ class ClassifyTask(Task):
 
     def save(self, out_dir: Path) -> None:
         """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
-        model = getattr(self.model, "module", self.model)
-        if self.cfg.classify.mode == "lora":
-            from ..adapters.peft_io import save_adapter
-
-            save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(self.cfg.model.name),
-                         task_type="SEQ_CLS")
-        else:
-            with atomic_dir(out_dir / "model") as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.classify.mode == "lora",
+                     base_name=str(self.cfg.model.name), task_type="SEQ_CLS")
         write_json(out_dir / "labels.json", self.labels)
 
     # ---- loading a finished run --------------------------------------------------------
@@ -273,11 +266,7 @@ class ClassifyTask(Task):
             from ..adapters.peft_io import load_adapter
 
             load_adapter(task.model, art / "adapter")
-        for p in task.model.parameters():
-            p.requires_grad_(False)
-        if cfg.model.frozen_in_compute_dtype:
-            task.placement.cast_frozen(task.model)
-        task.model.to(task.placement.device).eval()
+        ready_for_inference(task)
         return task
 
     # ---- files for eval/predict ------------------------------------------------------------

@@ -98,3 +98,27 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     if not (p / "config.yaml").is_file():
         raise LmforgeError(f"{p}: not an lmforge run directory (no config.yaml)")
     return build_config(read_yaml(p / "config.yaml"), source=str(p / "config.yaml"))
+
+
+def save_weights(model: nn.Module, tokenizer, out_dir: Path, *, lora: bool, base_name: str,
+                 task_type: str) -> None:
+    """Write a trained model into ``out_dir``: ``adapter/`` (PEFT format) when LoRA-trained,
+    else ``model/`` (a Hugging Face folder with the tokenizer), each atomically."""
+    model = getattr(model, "module", model)
+    if lora:
+        from ..adapters.peft_io import save_adapter
+
+        save_adapter(model, out_dir / "adapter", base_model_name_or_path=base_name, task_type=task_type)
+    else:
+        with atomic_dir(out_dir / "model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+
+def ready_for_inference(task) -> None:
+    """Freeze the task's model, store it in the compute dtype if configured, move it, eval mode."""
+    for p in task.model.parameters():
+        p.requires_grad_(False)
+    if task.cfg.model.frozen_in_compute_dtype:
+        task.placement.cast_frozen(task.model)
+    task.model.to(task.placement.device).eval()

@@ -35,7 +35,7 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task
-from .common import atomic_dir, read_run_config
+from .common import atomic_dir, read_run_config, ready_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +272,7 @@ class MlmTask(Task):
             raise LmforgeError(f"{run_dir}: no trained model in the run (missing {art.name}/)")
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)})})
         task = cls(cfg, with_data=False)
-        for p in task.model.parameters():
-            p.requires_grad_(False)
-        if cfg.model.frozen_in_compute_dtype:
-            task.placement.cast_frozen(task.model)
-        task.model.to(task.placement.device).eval()
+        ready_for_inference(task)
         return task
 
     def read_eval_file(self, path: str) -> list[dict]:

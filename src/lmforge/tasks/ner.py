@@ -35,7 +35,7 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task
-from .common import atomic_dir, lora_spec, pick_targets, read_run_config, write_json
+from .common import lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights, write_json
 
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
@@ -221,16 +221,8 @@ class NerTask(Task):
 
     def save(self, out_dir: Path) -> None:
         """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
-        model = getattr(self.model, "module", self.model)
-        if self.cfg.ner.mode == "lora":
-            from ..adapters.peft_io import save_adapter
-
-            save_adapter(model, out_dir / "adapter", base_model_name_or_path=str(self.cfg.model.name),
-                         task_type="TOKEN_CLS")
-        else:
-            with atomic_dir(out_dir / "model") as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.ner.mode == "lora",
+                     base_name=str(self.cfg.model.name), task_type="TOKEN_CLS")
         write_json(out_dir / "labels.json", self.labels)
 
     # ---- loading a finished run --------------------------------------------------------
@@ -249,11 +241,7 @@ class NerTask(Task):
             from ..adapters.peft_io import load_adapter
 
             load_adapter(task.model, art / "adapter")
-        for p in task.model.parameters():
-            p.requires_grad_(False)
-        if cfg.model.frozen_in_compute_dtype:
-            task.placement.cast_frozen(task.model)
-        task.model.to(task.placement.device).eval()
+        ready_for_inference(task)
         return task
 
     # ---- files for eval/predict ------------------------------------------------------------
