@@ -16,8 +16,11 @@ def peak_rss_mb() -> float:
 
 
 def _child(fn: Callable[..., dict], kwargs: dict, q) -> None:
+    import contextlib
+
     try:
-        out = fn(**kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # peers print their own summaries
+            out = fn(**kwargs)
         out["peak_rss_mb"] = peak_rss_mb()
         q.put(("ok", out))
     except BaseException as exc:  # report, don't hang the parent
