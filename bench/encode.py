@@ -4,9 +4,10 @@ Same packaged MiniLM (all-MiniLM-L6-v2), the same sentences (default: the first 
 STS-B train sentences), the same batch size. Each trial runs in a fresh process (model load and
 a short warm-up are not timed); peers alternate; the medians of ``--reps`` repetitions are
 reported. sentence-transformers runs its default (fp32); lmforge its default (automatic
-precision: bf16 on CPUs with AMX / AVX512-BF16, weights stored in bf16 for inference). For reference sentence-transformers also
-runs with its weights cast to bf16. The vectors of the last repetition are compared with
-sentence-transformers' fp32 vectors (cosine per sentence). Prints one JSON line.
+precision: bf16 on CPUs with AMX / AVX512-BF16, weights stored in bf16 for inference). For
+reference sentence-transformers also runs with its weights cast to bf16. The vectors of the last
+repetition are compared with sentence-transformers' fp32 vectors (cosine per sentence). Prints
+one JSON line.
 
     .venv/bin/python bench/encode.py [--n 5000] [--batch-size 32] [--reps 3] [--data FILE]
 """

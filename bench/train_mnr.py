@@ -73,7 +73,8 @@ def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) 
 
 def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
     from transformers import TrainerCallback
     from transformers.utils import logging as hf_logging
 

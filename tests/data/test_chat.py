@@ -171,6 +171,8 @@ def test_pack_items_keeps_samples_whole_with_restarting_positions():
         bounds = starts + [len(r["input_ids"])]
         for a, b in zip(bounds, bounds[1:]):
             assert r["position_ids"][a:b] == list(range(b - a))
+            assert items[r["sample_ids"][a]]["input_ids"] == r["input_ids"][a:b]
+            assert len(set(r["sample_ids"][a:b])) == 1
             seen.append(r["input_ids"][a:b])
             assert r["targets"][b - 1] == IGNORE  # never predicts the next sample's first token
     assert sorted(seen) == sorted(it["input_ids"] for it in items)
@@ -193,5 +195,6 @@ def test_collate_unpacked_and_packed():
         assert pb["position_ids"][r, :k].tolist() == row["position_ids"]
         assert pb["position_ids"][r, k:].tolist() == list(range(pb["input_ids"].shape[1] - k))
         assert pb["token_mask"][r].sum() == k
+        assert pb["sample_ids"][r, :k].tolist() == row["sample_ids"] and (pb["sample_ids"][r, k:] == -1).all()
     assert collate_causal([{"input_ids": [1, 2]}], pad_id=0).keys() == {"input_ids", "attention_mask"}
     assert isinstance(b["input_ids"], torch.Tensor) and b["input_ids"].dtype == torch.long

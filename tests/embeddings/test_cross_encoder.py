@@ -51,3 +51,20 @@ def _fp32():
     from lmforge.device import Placement
 
     return Placement.resolve("cpu", "fp32")
+
+
+def test_train_cross_encoder_with_the_engine(tiny_bert_dir, tmp_path):
+    from lmforge.config import build_config
+    from lmforge.embeddings.cross_encoder import train_cross_encoder
+
+    cfg = build_config({"task": "embed", "name": "ce", "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+                        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False}})
+    pairs = list(zip(sentences(8, 1), sentences(8, 2)))
+    scores = [i / 7 for i in range(8)]
+    ce = CrossEncoder.from_pretrained(tiny_bert_dir)
+    before = [p.detach().clone() for p in ce.parameters()]
+    metrics = train_cross_encoder(ce, pairs, scores, cfg, tmp_path / "ce", eval_pairs=pairs, eval_scores=scores)
+    assert set(metrics) >= {"cross_spearman", "cross_pearson"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, ce.parameters()))
+    again = CrossEncoder.from_pretrained(tmp_path / "ce" / "model")
+    assert np.abs(again.predict(pairs, placement=_fp32()) - ce.predict(pairs, placement=_fp32())).max() < 1e-6

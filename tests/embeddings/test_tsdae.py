@@ -33,7 +33,8 @@ def test_decoder_is_tied_to_the_encoder(encoder):
     dec = build_tied_decoder(encoder.backbone)
     enc_params = {id(p) for p in encoder.backbone.parameters()}
     base = dec.base_model
-    assert base.encoder.layer[0].attention.self.query.weight is encoder.backbone.encoder.layer[0].attention.self.query.weight
+    query = encoder.backbone.encoder.layer[0].attention.self.query
+    assert base.encoder.layer[0].attention.self.query.weight is query.weight
     assert dec.get_output_embeddings().weight is encoder.backbone.get_input_embeddings().weight
     own = [n for n, p in dec.named_parameters() if id(p) not in enc_params]
     assert own and all("crossattention" in n or n.startswith("cls.") for n in own)

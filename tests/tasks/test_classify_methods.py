@@ -104,7 +104,7 @@ def test_heads_round_trip_without_pickle(tmp_path):
 
 
 def test_classifier_names_are_checked():
-    for bad in ("os.system", "sklearn.linear_model.Nope", "sklearn.linear_model"):
+    for bad in ("os.system", "sklearn.linear_model.Nope", "sklearn.linear_model", "sklearn.linear_model.Ridge"):
         with pytest.raises(LmforgeError, match="classifier"):
             SklearnHead(bad, {}, 2)
     with pytest.raises(LmforgeError, match="bad arguments"):

@@ -45,7 +45,8 @@ def test_mnr_masks_identical_texts_in_a_batch(tmp_path, tiny_bert_dir):
     assert loss.item() == pytest.approx(torch.stack(want).mean().item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("loss_name,rows", [("mnr", triplet_rows(8)), ("simcse_unsup", [{"text": t} for t in sentences(8)])])
+@pytest.mark.parametrize("loss_name,rows", [("mnr", triplet_rows(8)),
+                                            ("simcse_unsup", [{"text": t} for t in sentences(8)])])
 def test_gradcache_in_the_task_equals_plain(tmp_path, tiny_bert_dir, loss_name, rows):
     grads, losses = [], []
     for mini in (None, 3):

@@ -53,12 +53,16 @@ def perturb_lora(model, scale=0.3):
                 p.normal_(0, scale)
 
 
-def test_concatenated_forward_matches_separate_sequences(tmp_path, tiny_llama_dir):
-    task = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20)))
+@pytest.mark.parametrize("packing", [True, False])
+def test_concatenated_forward_matches_separate_sequences(tmp_path, tiny_llama_dir, packing):
+    task = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20), pref={"packing": packing},
+                                   data={"max_length": 128}))
     perturb_lora(task.model)
     items = task.train_items[:4]
     batch = task.collate(items)
-    assert batch["input_ids"].shape[0] == 8 and task.batch_units(batch) == 4
+    assert task.batch_units(batch) == 4
+    rows = batch["input_ids"].shape[0]
+    assert rows < 8 if packing else rows == 8  # packed: fewer rows than sequences
     with torch.no_grad():
         logps, counts = task.sequence_logps(batch)
     for i, it in enumerate(items):

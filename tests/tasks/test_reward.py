@@ -34,15 +34,20 @@ def make_cfg(tmp_path, model_dir, rows, reward=None, train=None, data=None, name
     })
 
 
-def test_reward_is_the_head_on_the_last_real_token(tmp_path, tiny_llama_dir):
-    task = RewardTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20)))
+@pytest.mark.parametrize("packing", [True, False])
+def test_reward_is_the_head_on_the_last_real_token(tmp_path, tiny_llama_dir, packing):
+    task = RewardTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20), reward={"packing": packing},
+                               data={"max_length": 128}))
     with torch.no_grad():
         for n, p in task.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     items = task.train_items[:4]
     batch = task.collate(items)
-    assert batch["attention_mask"].min() == 0  # padded rows
+    if packing:
+        assert batch["input_ids"].shape[0] < 8  # several sequences share a row
+    else:
+        assert batch["attention_mask"].min() == 0  # padded rows
     with torch.no_grad():
         r = task.rewards(batch)  # (8,)
         seqs = [it["prompt_ids"] + it["chosen_ids"] for it in items] + [it["prompt_ids"] + it["rejected_ids"] for it in items]

@@ -19,7 +19,8 @@ def cmd_compare(args) -> int:
 def register(sub) -> None:
     c = sub.add_parser("compare", help="run several classification methods on one split and tabulate them")
     c.add_argument("recipe", help="compare recipe: a base config and the methods as overrides of it")
-    c.add_argument("overrides", nargs="*", help="dotted key=value into the recipe (base.train.lr=1e-4)")
+    c.add_argument("overrides", nargs="*", help="dotted key=value into the recipe (base.train.lr=1e-4); "
+                   "put them before --only/--reuse")
     c.add_argument("--only", default=None, help="comma-separated method names to run")
     c.add_argument("--reuse", action="store_true",
                    help="keep a method's earlier result when its run config is unchanged")

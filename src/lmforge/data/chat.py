@@ -263,7 +263,8 @@ def pack_items(items: Sequence[dict], max_length: int) -> list[dict]:
 
     Each row concatenates whole samples; ``position_ids`` restart at 0 for every sample, which
     tells the model (transformers' packed-sequence masks) not to attend across samples.
-    Returns rows ``{input_ids, targets, position_ids, n_samples}``.
+    Returns rows ``{input_ids, targets, position_ids, sample_ids, n_samples}``; ``sample_ids``
+    gives, per token, the index of its sample in ``items``.
     """
     order = sorted(range(len(items)), key=lambda i: (-len(items[i]["input_ids"]), i))
     bins: list[list[int]] = []
@@ -282,12 +283,17 @@ def pack_items(items: Sequence[dict], max_length: int) -> list[dict]:
             room.append(max_length - n)
     rows = []
     for members in bins:
-        row = {"input_ids": [], "targets": [], "position_ids": [], "n_samples": len(members)}
+        row = {"input_ids": [], "position_ids": [], "sample_ids": [], "n_samples": len(members)}
+        if "targets" in items[members[0]]:
+            row["targets"] = []
         for i in members:
             it = items[i]
+            n = len(it["input_ids"])
             row["input_ids"] += it["input_ids"]
-            row["targets"] += it["targets"]
-            row["position_ids"] += list(range(len(it["input_ids"])))
+            if "targets" in row:
+                row["targets"] += it["targets"]
+            row["position_ids"] += list(range(n))
+            row["sample_ids"] += [i] * n
         rows.append(row)
     return rows
 
@@ -296,8 +302,8 @@ def collate_causal(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor
     """Right-pad ``input_ids`` (and ``targets`` when the items have them) into a batch.
 
     Unpacked items get an ``attention_mask`` (B, T). Packed rows get ``position_ids`` (B, T)
-    whose padding restarts at 0 (a separate segment that nothing attends to) and a
-    ``token_mask`` (B, T) of real tokens instead of an attention mask.
+    whose padding restarts at 0 (a separate segment that nothing attends to), ``sample_ids``
+    (B, T; -1 on padding) and a ``token_mask`` (B, T) of real tokens instead of an attention mask.
     """
     width = max(len(it["input_ids"]) for it in items)
     n = len(items)
@@ -307,6 +313,7 @@ def collate_causal(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor
     real = torch.zeros((n, width), dtype=torch.long)  # (B, T)
     packed = "position_ids" in items[0]
     pos = torch.zeros((n, width), dtype=torch.long) if packed else None  # (B, T)
+    sid = torch.full((n, width), -1, dtype=torch.long) if packed else None  # (B, T)
     for r, it in enumerate(items):
         k = len(it["input_ids"])
         ids[r, :k] = torch.as_tensor(it["input_ids"], dtype=torch.long)
@@ -316,11 +323,13 @@ def collate_causal(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor
         if packed:
             pos[r, :k] = torch.as_tensor(it["position_ids"], dtype=torch.long)
             pos[r, k:] = torch.arange(width - k)
+            sid[r, :k] = torch.as_tensor(it["sample_ids"], dtype=torch.long)
     batch = {"input_ids": ids}
     if has_targets:
         batch["targets"] = targets
     if packed:
         batch["position_ids"] = pos
+        batch["sample_ids"] = sid
         batch["token_mask"] = real
     else:
         batch["attention_mask"] = real

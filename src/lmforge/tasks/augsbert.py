@@ -16,16 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Literal, Sequence
 
-import torch
 from pydantic import Field, model_validator
 
 from ..config import Section, register_task_config
 from ..data.readers import Table
 from ..data.schema import field_column, load_splits, require_columns, text_values
-from ..embeddings.cross_encoder import CrossEncoder, cross_encoder_loss
 from ..embeddings.evaluators import normalised_scores, sts_from_file
 from ..errors import LmforgeError
-from .base import Task
 from .embed import EmbedConfig, EmbedRun, EmbedTask
 
 
@@ -59,36 +56,6 @@ class AugsbertRun(EmbedRun):
         if self.embed.loss not in ("cosine", "cosent"):
             raise ValueError("augsbert trains the bi-encoder on scored pairs: embed.loss must be cosine or cosent")
         return self
-
-
-class CrossEncoderTask(Task):
-    """Cross-encoder regression on scored pairs (targets in [0, 1], binary cross-entropy)."""
-
-    name = "cross_encoder"
-
-    def __init__(self, cfg, model: CrossEncoder, placement, pairs: Sequence[tuple[str, str]], scores: Sequence[float],
-                 eval_pairs: Sequence[tuple[str, str]] = (), eval_scores: Sequence[float] = ()):
-        self.cfg, self.model, self.placement = cfg, model, placement
-        self.train_items = [it | {"score": float(y)} for it, y in zip(model.tokenize_pairs(pairs), scores)]
-        self.eval_pairs, self.eval_scores = list(eval_pairs), list(eval_scores)
-        self.eval_items = [{"pair": p} for p in self.eval_pairs]
-
-    def collate(self, items: Sequence[dict]) -> dict:
-        return self.model.collate(items) | {"scores": torch.tensor([it["score"] for it in items])}  # (B,)
-
-    def loss(self, batch: dict):
-        feats = {k: v for k, v in batch.items() if k != "scores"}
-        return cross_encoder_loss(self.model(**feats), batch["scores"]), {}
-
-    def evaluate(self, items=None) -> dict:
-        from ..eval.metrics import sts_report
-
-        ce = getattr(self.model, "module", self.model)
-        pred = ce.predict(self.eval_pairs, placement=self.placement)
-        return {f"cross_{k}": v for k, v in sts_report(pred, self.eval_scores).items()}
-
-    def save(self, out_dir: Path) -> None:
-        getattr(self.model, "module", self.model).save(Path(out_dir) / "model")
 
 
 def sample_silver_pairs(emb, sentences: Sequence[str], gold: set[tuple[str, str]], top_k: int) -> list[tuple[str, str]]:
@@ -142,8 +109,9 @@ class AugsbertTask(EmbedTask):
         locs = train.locs + [f"silver pair {i + 1}" for i in range(len(self.silver))]
         return Table(f"{train.source} + silver", records, locs), ev
 
-    def _train_cross_encoder(self, pairs, gold, ev: Table | None, cols) -> CrossEncoder:
-        from ..train import fit
+    def _train_cross_encoder(self, pairs, gold, ev: Table | None, cols):
+        # imported here: the cross-encoder module itself imports the task package
+        from ..embeddings.cross_encoder import CrossEncoder, train_cross_encoder
 
         cfg, ac = self.cfg, self.cfg.augsbert
         ce = CrossEncoder.from_pretrained(ac.cross_encoder or cfg.model.name, max_length=2 * cfg.data.max_length)
@@ -160,15 +128,13 @@ class AugsbertTask(EmbedTask):
         tc = cfg.train.model_copy(update={
             "epochs": ac.cross_epochs, "max_steps": None, "batch_size": ac.cross_batch_size, "lr": ac.cross_lr,
             "eval_every": None, "save_every": None, "best_metric": None, "resume": False})
-        ce_cfg = cfg.model_copy(update={"train": tc})
-        task = CrossEncoderTask(ce_cfg, ce, self.placement, pairs, gold, eval_pairs, eval_scores)
         self.cross_dir = Path(cfg.output_dir) / f".{cfg.name}-cross-encoder"
         if self.cross_dir.exists():
             shutil.rmtree(self.cross_dir)
-        self.cross_dir.mkdir(parents=True)
-        self.cross_metrics = fit(task, ce_cfg, self.cross_dir)
-        task.save(self.cross_dir)
-        return task.model
+        self.cross_metrics = train_cross_encoder(ce, pairs, gold, cfg.model_copy(update={"train": tc}), self.cross_dir,
+                                                 eval_pairs=eval_pairs, eval_scores=eval_scores,
+                                                 placement=self.placement)
+        return ce
 
     def evaluate(self, items=None) -> dict:
         metrics = super().evaluate(items)

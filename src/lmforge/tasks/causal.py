@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from ..config import RunConfig, Section
-from ..data.chat import DropReport, Formatter
+from ..data.chat import DropReport, Formatter, collate_causal, pack_items
 from ..device import Placement
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
@@ -94,29 +94,42 @@ def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 @torch.no_grad()
-def store_frozen_bases(model: nn.Module, dtype: torch.dtype) -> int:
-    """Keep the frozen base weights under LoRA in the autocast dtype.
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen floating-point parameters in the autocast dtype (adapter modes).
 
-    Autocast would cast every fp32 weight to ``dtype`` in every forward (and keep the copy for
-    backward); storing them in ``dtype`` once gives the same numbers (the same rounding)
-    without that traffic, and halves their memory. Only frozen ``nn.Linear`` bases change;
-    LoRA matrices and everything trained stay fp32. Forward passes must then run under
-    ``Placement.autocast()``.
+    Autocast casts every fp32 weight to ``dtype`` in every forward and keeps the copies for
+    backward; storing the frozen base in ``dtype`` once removes that traffic and halves its
+    memory, and the residual stream then runs in ``dtype`` too, as in a bf16 model. Trainable
+    parameters (LoRA matrices, saved heads) stay fp32 master weights, and buffers (e.g. rotary
+    frequencies) are left alone. Forward passes must run under ``Placement.autocast()``.
 
     Returns:
-        The number of weights converted.
+        The number of parameters converted.
     """
-    from ..adapters.lora import LoraLinear
-
     n = 0
-    for m in model.modules():
-        base = m.base if isinstance(m, LoraLinear) else None
-        if type(base) is nn.Linear and not base.weight.requires_grad and base.weight.dtype != dtype:
-            base.weight.data = base.weight.data.to(dtype)
-            if base.bias is not None and not base.bias.requires_grad:
-                base.bias.data = base.bias.data.to(dtype)
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
             n += 1
     return n
+
+
+@torch.no_grad()
+def packing_supported(model: nn.Module, placement: Placement) -> bool:
+    """Whether the model keeps packed samples apart when their position ids restart at 0.
+
+    Runs two 3-token samples packed in one row and separately and compares the hidden states
+    (transformers' packed-sequence masks cover Llama, Mistral, Qwen, Gemma ...; an architecture
+    without them would let the second sample attend to the first).
+    """
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(model.parameters()).device
+    ids = (torch.arange(6, device=device) * 7 + 3).remainder(vocab)[None]  # (1, 6)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]], device=device)
+    with placement.autocast():
+        packed = decoder_hidden(model, ids, position_ids=pos).float()  # (1, 6, H)
+        apart = torch.cat([decoder_hidden(model, ids[:, :3]), decoder_hidden(model, ids[:, 3:])], 1).float()
+    return bool((packed - apart).abs().max() <= 2e-2 * apart.abs().max() + 1e-4)
 
 
 def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_code: bool = False) -> nn.Module:
@@ -159,6 +172,9 @@ class CausalTask(Task):
             self.load_data()  # bad data fails before the model is loaded
         torch.manual_seed(cfg.seed)  # new heads and LoRA matrices start the same in every run
         self.model = self.build_model(adapter_dir, full=model_dir is not None)
+        if getattr(self.opts, "packing", False) and not packing_supported(self.model, self.placement):
+            raise LmforgeError(f"this model attends across packed samples (no position-id packing support); "
+                               f"set {self.section}.packing: false")
 
     # ---- data ------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -197,7 +213,7 @@ class CausalTask(Task):
             mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
             apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
         if self.placement.autocast_enabled:
-            store_frozen_bases(model, self.placement.dtype)
+            store_frozen(model, self.placement.dtype)
         return model
 
     def describe_model(self) -> str:
@@ -209,6 +225,20 @@ class CausalTask(Task):
     def core(self) -> nn.Module:
         """The model without a DDP wrapper."""
         return getattr(self.model, "module", self.model)
+
+    def collate_sequences(self, seqs: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Sequences (``input_ids``, optional ``targets``) packed into rows when ``packing``, else padded.
+
+        Packed rows are at most ``max(data.max_length, longest sequence)`` tokens wide.
+        """
+        if getattr(self.opts, "packing", False):
+            width = max([self.cfg.data.max_length] + [len(s["input_ids"]) for s in seqs])
+            return collate_causal(pack_items(seqs, width), self.tokenizer.pad_token_id)
+        return collate_causal(seqs, self.tokenizer.pad_token_id)
+
+    def batch_tokens(self, batch: dict) -> int:
+        """Real (non-padding) tokens in a collated batch."""
+        return int(batch.get("attention_mask", batch.get("token_mask")).sum())
 
     def hidden(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
         """(B, T, H) final hidden states for a collated batch (packed rows use their position ids).

@@ -79,6 +79,10 @@ class SklearnHead:
                 self.estimator = cls(**self.kwargs)
             except TypeError as err:
                 raise LmforgeError(f"classifier '{name}': bad arguments ({err})") from None
+            from sklearn.base import is_classifier
+
+            if not is_classifier(self.estimator):
+                raise LmforgeError(f"classifier '{name}' is not a scikit-learn classifier")
 
     @classmethod
     def from_linear(cls, name: str, coef: np.ndarray, intercept: np.ndarray, n_classes: int) -> "SklearnHead":

@@ -25,12 +25,12 @@ from pydantic import Field
 
 from ..config import RunConfig, register_task_config
 from ..data.batching import length_grouped_batches
-from ..data.chat import IGNORE, DropReport, collate_causal, completion_text, next_token_targets
+from ..data.chat import IGNORE, DropReport, completion_text, next_token_targets
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
 from ..device import move
 from ..errors import LmforgeError
-from ..losses.lm import sequence_logps
+from ..losses.lm import sequence_logps, token_logps
 from ..losses.preference import dpo_loss, orpo_loss
 from ..models import resolve_model
 from . import refcache
@@ -48,6 +48,8 @@ class PreferenceConfig(CausalSection):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability a label is flipped")
     max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
     precompute_ref: bool = Field(False, description="compute reference log-probs once and cache them on disk")
+    packing: bool = Field(True, description="pack a batch's chosen and rejected sequences into shared rows "
+                                            "(per-sequence position ids, no attention across them): no padding")
 
 
 @register_task_config("preference")
@@ -167,9 +169,10 @@ class PreferenceTask(CausalTask):
         return len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Chosen rows first, then rejected rows: (2B, T) ``input_ids``/``targets``/``attention_mask``."""
-        seqs = [pair_sequences(it) for it in items]
-        batch = collate_causal([s[0] for s in seqs] + [s[1] for s in seqs], self.tokenizer.pad_token_id)
+        """The 2B sequences (chosen ones first, then rejected), packed or padded, plus ``n_pairs``."""
+        pairs = [pair_sequences(it) for it in items]
+        batch = self.collate_sequences([p[0] for p in pairs] + [p[1] for p in pairs])
+        batch["n_pairs"] = torch.tensor(len(items))
         if all("ref_chosen" in it for it in items):
             batch["ref_chosen"] = torch.tensor([it["ref_chosen"] for it in items], dtype=torch.float32)  # (B,)
             batch["ref_rejected"] = torch.tensor([it["ref_rejected"] for it in items], dtype=torch.float32)
@@ -177,7 +180,7 @@ class PreferenceTask(CausalTask):
 
     def batch_units(self, batch: dict) -> int:
         """Pairs: the loss is a mean over them."""
-        return int(batch["input_ids"].shape[0]) // 2
+        return int(batch["n_pairs"])
 
     # ---- reference ---------------------------------------------------------------------------
     def _freeze(self, model):
@@ -209,7 +212,8 @@ class PreferenceTask(CausalTask):
             refcache.tokenizer_fingerprint(self.tokenizer, base),
             refcache.data_fingerprint(items, ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids",
                                               "rejected_labels")),
-            quant=self.opts.mode == "qlora" and self.opts.quant_block_size, dtype=str(self.placement.dtype))
+            quant=self.opts.mode == "qlora" and self.opts.quant_block_size, dtype=str(self.placement.dtype),
+            frozen_in_dtype=self.adapters and self.placement.autocast_enabled)
         cached = refcache.load_reference(key, len(items))
         if cached is None:
             log.info("computing reference log-probs of %d pairs (cached for later runs)", len(items))
@@ -235,10 +239,19 @@ class PreferenceTask(CausalTask):
     def sequence_logps(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs (2B,) and completion token counts (2B,) in one forward."""
         model = self.model if model is None else model
-        hidden = self.hidden(batch, model)  # (2B, T, H)
+        hidden = self.hidden(batch, model)  # (R, T, H)
         weight, bias = output_projection(model)
-        return sequence_logps(hidden, weight, batch["targets"], bias=bias, chunk_size=self.opts.chunk_size,
-                              return_counts=True)
+        targets = batch["targets"]  # (R, T)
+        if "sample_ids" not in batch:  # one sequence per row
+            return sequence_logps(hidden, weight, targets, bias=bias, chunk_size=self.opts.chunk_size,
+                                  return_counts=True)
+        per_token = token_logps(hidden, weight, targets, bias=bias, chunk_size=self.opts.chunk_size)  # (R, T)
+        scored = targets != IGNORE  # (R, T)
+        seq = batch["sample_ids"][scored]  # (M,) sequence of each scored token
+        n = 2 * int(batch["n_pairs"])
+        logps = per_token.new_zeros(n).index_add(0, seq, per_token[scored])  # (2B,)
+        counts = torch.zeros(n, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+        return logps, counts
 
     def pair_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses (B,) and per-pair statistics (rewards, log-probs)."""

@@ -17,7 +17,6 @@ import torch
 from pydantic import Field
 
 from ..config import RunConfig, register_task_config
-from ..data.chat import collate_causal
 from ..data.readers import read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
 from ..device import move
@@ -34,6 +33,8 @@ class RewardConfig(CausalSection):
 
     max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
     use_margin: bool = Field(False, description="subtract the per-pair margin column (data.columns.margin)")
+    packing: bool = Field(True, description="pack a batch's sequences into shared rows (per-sequence position "
+                                            "ids, no attention across them): no padding")
 
 
 @register_task_config("reward")
@@ -80,24 +81,41 @@ class RewardTask(CausalTask):
     def item_length(self, item: dict) -> int:
         return len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
 
+    def collate_sequences(self, seqs: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Packed or padded sequences plus ``last_index`` (N,): each sequence's last token in the
+        flattened (R * T) batch."""
+        batch = super().collate_sequences(seqs)
+        width = batch["input_ids"].shape[1]
+        if "sample_ids" in batch:
+            flat = batch["sample_ids"].flatten()  # (R * T,)
+            real = flat >= 0
+            pos = torch.arange(flat.numel())[real]
+            last = torch.zeros(len(seqs), dtype=torch.long).scatter_reduce(0, flat[real], pos, "amax")
+        else:
+            last = torch.arange(len(seqs)) * width + batch["attention_mask"].sum(-1) - 1  # (N,)
+        batch["last_index"] = last
+        return batch
+
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Chosen rows, then rejected rows: (2B, T) ``input_ids`` and ``attention_mask``."""
+        """The 2B sequences (chosen ones first, then rejected), packed or padded; ``n_pairs``, ``margin``."""
         seqs = [{"input_ids": it["prompt_ids"] + it[f"{s}_ids"]} for s in ("chosen", "rejected") for it in items]
-        batch = collate_causal(seqs, self.tokenizer.pad_token_id)
+        batch = self.collate_sequences(seqs)
+        batch["n_pairs"] = torch.tensor(len(items))
         if all("margin" in it for it in items):
             batch["margin"] = torch.tensor([it["margin"] for it in items], dtype=torch.float32)  # (B,)
         return batch
 
     def batch_units(self, batch: dict) -> int:
-        return int(batch["input_ids"].shape[0]) // 2
+        return int(batch["n_pairs"])
 
     # ---- model ---------------------------------------------------------------------------------
     def rewards(self, batch: dict) -> torch.Tensor:
-        """(N,) scalar rewards: the score head on each row's last real token."""
-        hidden = self.hidden(batch)  # (N, T, H)
-        last = batch["attention_mask"].sum(-1) - 1  # (N,)
-        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-        return self.core.score(h_last).squeeze(-1).float()  # (N,)
+        """(N,) scalar rewards: the score head on each sequence's last real token."""
+        hidden = self.hidden(batch)  # (R, T, H)
+        h_last = hidden.flatten(0, 1).index_select(0, batch["last_index"])  # (N, H)
+        head = self.core.score
+        with torch.autocast(h_last.device.type, enabled=False):  # the head in its own (fp32) precision
+            return head(h_last.to(head.weight.dtype)).squeeze(-1).float()  # (N,)
 
     def loss(self, batch):
         r = self.rewards(batch)  # (2B,)
@@ -118,8 +136,7 @@ class RewardTask(CausalTask):
         out = [0.0] * len(seqs)
         self.model.eval()
         for idx in length_grouped_batches([len(s) for s in seqs], bs, seed=0, epoch=0, shuffle=False):
-            batch = collate_causal([{"input_ids": seqs[i]} for i in idx], self.tokenizer.pad_token_id)
-            batch = move(batch, self.placement.device)
+            batch = move(self.collate_sequences([{"input_ids": seqs[i]} for i in idx]), self.placement.device)
             with self.placement.autocast():
                 r = self.rewards(batch)
             for i, v in zip(idx, r.tolist()):

@@ -152,10 +152,6 @@ class SftTask(CausalTask):
         """Target tokens: the loss is a mean over them."""
         return int((batch["targets"] != IGNORE).sum())
 
-    def batch_tokens(self, batch: dict) -> int:
-        mask = batch.get("attention_mask", batch.get("token_mask"))
-        return int(mask.sum())
-
     def loss(self, batch):
         hidden = self.hidden(batch)  # (B, T, H)
         weight, bias = output_projection(self.model)
