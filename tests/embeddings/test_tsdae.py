@@ -64,3 +64,28 @@ def test_decoder_models_are_refused(tiny_llama_dir):
     enc = SentenceEncoder.from_pretrained(tiny_llama_dir)
     with pytest.raises(LmforgeError, match="tsdae"):
         build_tied_decoder(enc.backbone)
+
+
+def test_loss_matches_sentence_transformers(tiny_bert_dir):
+    st = pytest.importorskip("sentence_transformers")
+    try:
+        from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.losses import DenoisingAutoEncoderLoss
+    from sentence_transformers import models
+
+    torch.manual_seed(0)
+    t = models.Transformer(str(tiny_bert_dir))
+    model = st.SentenceTransformer(modules=[t, models.Pooling(32, "mean")], device="cpu")
+    theirs = DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
+    backbone = t.auto_model
+    enc = SentenceEncoder(backbone, t.tokenizer, pooling="mean")
+    dec = build_tied_decoder(backbone)
+    missing, unexpected = dec.load_state_dict(theirs.decoder.state_dict(), strict=False)  # their fresh weights
+    assert not unexpected and not missing
+    texts = sentences(5, seed=12)
+    noisy = [delete_words(x, 0.6, random.Random(i)) for i, x in enumerate(texts)]
+    src, tgt = enc.collate(enc.tokenize(noisy)), enc.collate(enc.tokenize(texts))
+    ours = tsdae_loss(dec, enc(**src), tgt["input_ids"], tgt["attention_mask"])
+    ref = theirs([dict(src), dict(tgt)], None)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
