@@ -6,8 +6,9 @@ a short warm-up are not timed); peers alternate; the medians of ``--reps`` repet
 reported. sentence-transformers runs its default (fp32); lmforge its default (automatic
 precision: bf16 on CPUs with AMX / AVX512-BF16, weights stored in bf16 for inference). For
 reference sentence-transformers also runs with its weights cast to bf16. The vectors of the last
-repetition are compared with sentence-transformers' fp32 vectors (cosine per sentence). Prints
-one JSON line.
+repetition are compared with sentence-transformers' fp32 vectors (cosine per sentence). Throughput is given per
+wall-clock second and per CPU second of the process (the latter is steadier on a shared machine;
+run with OMP_NUM_THREADS=1 there). Prints one JSON line.
 
     .venv/bin/python bench/encode.py [--n 5000] [--batch-size 32] [--reps 3] [--data FILE]
 """
@@ -57,11 +58,11 @@ def run_st(sentences_file: str, batch: int, vectors_out: str, bf16: bool = False
     if bf16:
         model = model.bfloat16()
     model.encode(texts[:64], batch_size=batch)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vecs = model.encode(texts, batch_size=batch, show_progress_bar=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     np.save(vectors_out, np.asarray(vecs, dtype=np.float32))
-    return {"sentences_per_s": len(texts) / dt, "seconds": dt}
+    return {"sentences_per_s": len(texts) / dt, "sentences_per_cpu_s": len(texts) / cpu, "seconds": dt}
 
 
 def run_lmforge(sentences_file: str, batch: int, vectors_out: str, precision: str) -> dict:
@@ -75,11 +76,18 @@ def run_lmforge(sentences_file: str, batch: int, vectors_out: str, precision: st
     place = Placement.resolve("cpu", precision)
     enc.to_inference(place)
     enc.encode(texts[:64], batch_size=batch, placement=place)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vecs = enc.encode(texts, batch_size=batch, placement=place)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     np.save(vectors_out, vecs)
-    return {"sentences_per_s": len(texts) / dt, "seconds": dt, "precision": place.name}
+    return {"sentences_per_s": len(texts) / dt, "sentences_per_cpu_s": len(texts) / cpu, "seconds": dt,
+            "precision": place.name}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cosines(a_file: str, b_file: str):
@@ -118,6 +126,10 @@ def main() -> None:
         "reps": args.reps, "lmforge_precision": lm[-1]["precision"], "sentence_transformers_precision": "fp32",
         "sentence_transformers_sentences_per_s": round(st_sps, 1), "lmforge_sentences_per_s": round(lm_sps, 1),
         "ratio": round(lm_sps / st_sps, 3),
+        "sentence_transformers_sentences_per_cpu_s": round(median(st, "sentences_per_cpu_s"), 1),
+        "lmforge_sentences_per_cpu_s": round(median(lm, "sentences_per_cpu_s"), 1),
+        "ratio_cpu_time": round(median(lm, "sentences_per_cpu_s") / median(st, "sentences_per_cpu_s"), 3),
+        "threads": _threads(),
         "cosine_min": round(cmin, 6), "cosine_mean": round(cmean, 6),
         "sentence_transformers_bf16_weights_sentences_per_s": round(median(stb, "sentences_per_s"), 1),
         "ratio_vs_bf16_weights": round(lm_sps / median(stb, "sentences_per_s"), 3),

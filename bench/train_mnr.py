@@ -6,7 +6,8 @@ the same batch size, steps, learning rate, linear schedule and gradient clipping
 in a fresh process; peers alternate; medians over ``--reps``. Warm-up steps are not timed.
 Figures: both in fp32, and each at its best setting (bf16 autocast on this CPU: the
 sentence-transformers trainer with ``bf16=True``, lmforge with automatic precision). Prints one
-JSON line with pairs/s, peak RSS and the ratios.
+JSON line with pairs/s (per wall-clock and per CPU second; the latter is steadier on a shared
+machine, run with OMP_NUM_THREADS=1 there), peak RSS and the ratios.
 
     .venv/bin/python bench/train_mnr.py [--steps 30] [--warmup 3] [--batch 32] [--reps 3] [--data FILE]
 """
@@ -64,11 +65,11 @@ def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) 
 
     def on_step(step, rec):
         if step == warmup:
-            marks["t0"] = time.perf_counter()
-        marks["t1"] = time.perf_counter()
+            marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
+        marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
 
     fit(task, cfg, Path(out) / "bench", on_step=on_step)
-    return {"pairs_per_s": steps * batch / (marks["t1"] - marks["t0"])}
+    return _rates(marks, steps * batch)
 
 
 def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
@@ -94,8 +95,8 @@ def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == warmup:
-                marks["t0"] = time.perf_counter()
-            marks["t1"] = time.perf_counter()
+                marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
+            marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
 
     args = SentenceTransformerTrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + warmup,
@@ -104,7 +105,11 @@ def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
         dataloader_num_workers=0, seed=0)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
                                loss=MultipleNegativesRankingLoss(model, scale=20.0), callbacks=[Clock()]).train()
-    return {"pairs_per_s": steps * batch / (marks["t1"] - marks["t0"])}
+    return _rates(marks, steps * batch)
+
+
+def _rates(marks: dict, pairs: int) -> dict:
+    return {"pairs_per_s": pairs / (marks["t1"] - marks["t0"]), "pairs_per_cpu_s": pairs / (marks["c1"] - marks["c0"])}
 
 
 def main() -> None:
@@ -125,8 +130,9 @@ def main() -> None:
         "st_bf16": (run_st, common | {"bf16": True}),
         "lmforge_auto": (run_lmforge, common | {"precision": "auto"}),
     }, reps=args.reps)
-    fig = {k: {"pairs_per_s": round(median(v, "pairs_per_s"), 2), "peak_rss_mb": round(median(v, "peak_rss_mb"), 1)}
-           for k, v in res.items()}
+    fig = {k: {"pairs_per_s": round(median(v, "pairs_per_s"), 2),
+               "pairs_per_cpu_s": round(median(v, "pairs_per_cpu_s"), 2),
+               "peak_rss_mb": round(median(v, "peak_rss_mb"), 1)} for k, v in res.items()}
     st_best = max(("st_fp32", "st_bf16"), key=lambda k: fig[k]["pairs_per_s"])
     emit({
         "bench": "train_mnr", "model": "minilm (all-MiniLM-L6-v2)", "data": Path(args.data).name,
@@ -134,6 +140,9 @@ def main() -> None:
         "ratio_default": round(fig["lmforge_auto"]["pairs_per_s"] / fig["st_fp32"]["pairs_per_s"], 3),
         "ratio_fp32": round(fig["lmforge_fp32"]["pairs_per_s"] / fig["st_fp32"]["pairs_per_s"], 3),
         "ratio_best": round(fig["lmforge_auto"]["pairs_per_s"] / fig[st_best]["pairs_per_s"], 3),
+        "ratio_default_cpu_time": round(fig["lmforge_auto"]["pairs_per_cpu_s"] / fig["st_fp32"]["pairs_per_cpu_s"], 3),
+        "ratio_best_cpu_time": round(fig["lmforge_auto"]["pairs_per_cpu_s"] / fig[st_best]["pairs_per_cpu_s"], 3),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
         "rss_ratio_default": round(fig["lmforge_auto"]["peak_rss_mb"] / fig["st_fp32"]["peak_rss_mb"], 3),
         "rss_ratio_best": round(fig["lmforge_auto"]["peak_rss_mb"] / fig[st_best]["peak_rss_mb"], 3),
     })

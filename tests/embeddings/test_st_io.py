@@ -33,7 +33,12 @@ def test_saved_folder_gives_the_same_vectors_in_sentence_transformers(tiny_bert_
 
 
 def test_folder_written_by_sentence_transformers_loads(tiny_bert_dir, tmp_path):
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models
 
     t = models.Transformer(str(tiny_bert_dir), max_seq_length=40)
     model = SentenceTransformer(modules=[t, models.Pooling(32, "max"),

@@ -72,7 +72,10 @@ def test_loss_matches_sentence_transformers(tiny_bert_dir):
         from sentence_transformers.sentence_transformer.losses import DenoisingAutoEncoderLoss
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import DenoisingAutoEncoderLoss
-    from sentence_transformers import models
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models
 
     torch.manual_seed(0)
     t = models.Transformer(str(tiny_bert_dir))
