@@ -126,7 +126,7 @@ def examples_used(task, cfg) -> int:
         if tc.max_steps:
             return min(n, tc.max_steps * tc.batch_size * tc.grad_accum)
         return n
-    if method == "setfit":
+    if method == "setfit" or (method == "embedding_lr" and cfg.classify.embedding_lr.per_class):
         return int(getattr(task, "sample_size", 0))
     if method == "zero_shot":
         shots = cfg.classify.zero_shot.shots

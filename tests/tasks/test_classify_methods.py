@@ -175,6 +175,22 @@ def test_embedding_lr_learns_and_counts_its_parameters(tmp_path, tiny_bert_dir):
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["accuracy"] == metrics["accuracy"]
 
 
+def test_embedding_lr_per_class_fits_on_the_seeded_few_shot_sample(tmp_path, tiny_bert_dir):
+    task = EmbeddingLRTask(_cfg(tmp_path, tiny_bert_dir, "embedding_lr", n_train=200,
+                                classify={"embedding_lr": {"per_class": 4, "cache": False}}))
+    task.fit_method(tmp_path)
+    assert task.sample_size == 8
+    idx = sample_per_class([it["label"] for it in task.train_items], 4, task.cfg.seed)  # what SetFit samples too
+    x = task.embed([task.train_items[i]["text"] for i in idx])
+    ref = SklearnHead(task.cfg.classify.embedding_lr.classifier, task.cfg.classify.embedding_lr.kwargs, 2)
+    ref.fit(x, np.array([task.train_items[i]["label"] for i in idx]))
+    probe = task.embed([it["text"] for it in task.eval_items])
+    np.testing.assert_allclose(task.head.probs(probe), ref.probs(probe), atol=1e-6)
+    full = EmbeddingLRTask(_cfg(tmp_path, tiny_bert_dir, "embedding_lr", name="all", classify={"embedding_lr": {"cache": False}}))
+    full.fit_method(tmp_path)
+    assert full.sample_size == 200 and not np.allclose(full.head.probs(probe), ref.probs(probe), atol=1e-3)
+
+
 def test_zero_shot_prototypes_are_mean_description_embeddings(tmp_path, tiny_bert_dir):
     zc = {"label_words": {"pos": ["good", "great"], "neg": "bad"}, "templates": ["a {label} movie", "{label}"]}
     task = ZeroShotTask(_cfg(tmp_path, tiny_bert_dir, "zero_shot", classify={"zero_shot": zc}))

@@ -42,6 +42,8 @@ class EmbeddingLRConfig(Section):
     classifier: str = Field(LOGISTIC, description="dotted name of a scikit-learn classifier class")
     kwargs: dict[str, Any] = Field(default_factory=lambda: {"max_iter": 1000}, description="its constructor arguments")
     cache: bool = Field(True, description="cache training-set embeddings on disk, reused across runs")
+    per_class: int | None = Field(None, gt=0, description="train on N seeded examples per class (None: all); "
+                                  "the few-shot baseline next to SetFit")
 
 
 class ZeroShotConfig(Section):

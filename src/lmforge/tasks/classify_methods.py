@@ -188,8 +188,13 @@ class EmbeddingLRTask(EncoderMethod):
         return super()._build_model(adapt)
 
     def fit_method(self, run_dir: Path) -> None:
-        x = self.embed([it["text"] for it in self.train_items], cache=self.cfg.classify.embedding_lr.cache)
-        self.head.fit(x, np.array([it["label"] for it in self.train_items]))
+        ec = self.cfg.classify.embedding_lr
+        items = self.train_items
+        if ec.per_class is not None:
+            items = [items[i] for i in sample_per_class([it["label"] for it in items], ec.per_class, self.cfg.seed)]
+        self.sample_size = len(items)
+        x = self.embed([it["text"] for it in items], cache=ec.cache)  # (N, D)
+        self.head.fit(x, np.array([it["label"] for it in items]))
 
     def predict_texts(self, texts, pairs=None) -> np.ndarray:
         return self.head.probs(self.embed(texts))
