@@ -91,3 +91,39 @@ def test_decoder_backbone_with_mean_pooling(tiny_llama_dir):
     batched = enc.encode(texts, batch_size=3, precision="fp32")
     single = np.concatenate([enc.encode([t], precision="fp32") for t in texts])
     assert np.abs(batched - single).max() < 1e-4
+
+
+def test_decoder_dropout_noises_hidden_states_in_training_only(tiny_llama_dir):
+    """Llama configs have attention dropout only: `dropout` adds it on embeddings and on each
+    residual branch (o_proj, down_proj), so two training-mode views differ; eval mode is exact."""
+    plain = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean")
+    noisy = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean", dropout=0.2)
+    n_layers = noisy.backbone.config.num_hidden_layers
+    hooked = [m for m in noisy.backbone.modules() if m._forward_hooks]
+    assert len(hooked) == 1 + 2 * n_layers
+    assert noisy.backbone.config.attention_dropout == 0.2
+    batch = noisy.collate(noisy.tokenize(sentences(4, seed=8)))
+    noisy.eval()
+    with torch.no_grad():
+        assert torch.allclose(noisy(**batch), plain.eval()(**batch), atol=1e-6)
+    noisy.train()
+    torch.manual_seed(0)
+    # with attention dropout alone the views would already differ a little; the hooks must
+    # perturb the embeddings themselves: the first block's input is noised
+    seen = []
+    emb = noisy.backbone.get_input_embeddings()
+    h = emb.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            v1, v2 = noisy(**batch), noisy(**batch)
+    finally:
+        h.remove()
+    assert not torch.allclose(v1, v2)
+    zeros = [(s == 0).float().mean().item() for s in seen]
+    assert all(0.1 < z < 0.3 for z in zeros)  # about 20% of embedding entries dropped
+
+
+def test_bert_dropout_adds_no_hooks(tiny_bert_dir):
+    enc = SentenceEncoder.from_pretrained(tiny_bert_dir, dropout=0.1)
+    assert enc.backbone.config.hidden_dropout_prob == 0.1
+    assert not any(m._forward_hooks for m in enc.backbone.modules())

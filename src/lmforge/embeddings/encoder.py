@@ -56,12 +56,41 @@ def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
     raise LmforgeError(f"pooling must be one of {', '.join(POOLING_MODES)}, got '{mode}'")
 
 
+HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout", "hidden_dropout", "resid_pdrop")
+# residual-branch output projections of Llama-family blocks (attention out, MLP down)
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
 def set_dropout(config, p: float) -> None:
     """Set every dropout probability a transformers config knows about to ``p``."""
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
-                "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+    for key in HIDDEN_DROPOUT_KEYS + ("attention_probs_dropout_prob", "attention_dropout", "embd_pdrop",
+                                      "attn_pdrop"):
         if hasattr(config, key):
             setattr(config, key, p)
+
+
+def has_hidden_dropout(config) -> bool:
+    """Whether the architecture has a dropout on hidden states (BERT, GPT-2 ...), not only on
+    attention probabilities (Llama, Mistral, Qwen, Gemma configs have ``attention_dropout`` only)."""
+    return any(hasattr(config, k) for k in HIDDEN_DROPOUT_KEYS)
+
+
+def add_residual_dropout(backbone: nn.Module, p: float) -> int:
+    """Dropout where BERT has it, for decoders whose configs lack it: on the token embeddings and
+    on each residual branch's output (``o_proj``, ``down_proj``), active only in training mode.
+
+    Unsupervised SimCSE needs two differently-noised views of a sentence; attention-probability
+    dropout alone barely perturbs a decoder's states. Forward hooks draw from torch's RNG, so
+    GradCache's RNG replay reproduces the masks. Returns the number of hooked modules.
+    """
+    def hook(module: nn.Module, args, output):
+        return F.dropout(output, p, module.training) if isinstance(output, Tensor) else output
+
+    mods = [backbone.get_input_embeddings()]
+    mods += [m for name, m in backbone.named_modules() if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS]
+    for m in mods:
+        m.register_forward_hook(hook)
+    return len(mods)
 
 
 class SentenceEncoder(nn.Module):
@@ -96,11 +125,15 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, ref: str | Path, *, pooling: str | None = None, normalize: bool | None = None,
                         max_length: int | None = None, dropout: float | None = None,
-                        trust_remote_code: bool = False, revision: str | None = None) -> "SentenceEncoder":
+                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        revision: str | None = None) -> "SentenceEncoder":
         """Load a sentence-transformers folder or a plain Hugging Face model (alias, folder, hub id).
 
         Settings stored in a sentence-transformers folder (pooling, normalisation, max length) are
         used unless overridden; plain models default to mean pooling without normalisation.
+        ``dropout`` sets every dropout of the config; architectures without a hidden-state dropout
+        (Llama family) get one on embeddings and residual branches (:func:`add_residual_dropout`).
+        ``attn_implementation``: transformers' attention kernel (default: transformers' choice).
         """
         from transformers import AutoConfig, AutoModel
 
@@ -113,8 +146,11 @@ class SentenceEncoder(nn.Module):
         config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
         if dropout is not None:
             set_dropout(config, dropout)
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
         backbone = AutoModel.from_pretrained(hf_dir, config=config, trust_remote_code=trust_remote_code,
-                                             dtype=torch.float32)
+                                             dtype=torch.float32, **kw)
+        if dropout and not has_hidden_dropout(config):
+            add_residual_dropout(backbone, dropout)
         tokenizer = load_tokenizer(hf_dir, trust_remote_code)
         length = max_length or st.max_seq_length or _tokenizer_limit(tokenizer, config)
         return cls(backbone, tokenizer, pooling=pooling or st.pooling or "mean",
