@@ -63,6 +63,10 @@ def test_split_words_keeps_character_offsets():
     assert joined == "EU rejects German" and offs == [(0, 2), (3, 10), (11, 17)]
     with pytest.raises(LmforgeError):
         words_with_offsets(["two words"])
+    text = "Airbus, the U.S. firm's rival, paid $1,000.50 in Paris."
+    words, offs = split_words(text)
+    assert words == ["Airbus", ",", "the", "U.S.", "firm's", "rival", ",", "paid", "$", "1,000.50", "in", "Paris", "."]
+    assert [text[a:b] for a, b in offs] == words
 
 
 def test_merge_spans_hand_checked():

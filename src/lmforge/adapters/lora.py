@@ -115,7 +115,12 @@ class LoraLinear(nn.Module):
             x = x.to(w.dtype)
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
-        delta = self.lora_B(self.lora_A(x))  # (..., in) -> (..., r) -> (..., out)
+        a = self.lora_A(x)  # (..., in) -> (..., r)
+        if a.dtype == y.dtype:  # one GEMM: y + scale * a @ B.T, no (..., out) temporaries
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.weight.T,
+                              alpha=self.scale)  # (N, out)
+            return out.view(y.shape)
+        delta = self.lora_B(a)  # (..., out)
         return y + (delta * self.scale).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -14,7 +14,9 @@ from typing import Sequence
 from ..errors import LmforgeError
 
 IGNORE = -100
-_WORD = re.compile(r"\S+")
+# CoNLL-style words: acronyms (U.S.), numbers (1,000.5), words with inner hyphens/apostrophes, and every
+# other non-space character on its own (so "Paris." -> "Paris", ".").
+_WORD = re.compile(r"(?:[A-Za-z]\.){2,}|\d+(?:[.,]\d+)*|\w+(?:[-'\u2019&]\w+)*|[^\w\s]")
 
 __all__ = ["IGNORE", "align_labels", "bio_label_list", "check_tag", "inside_of", "merge_spans", "split_words",
            "word_first_tokens", "words_with_offsets"]
@@ -95,7 +97,7 @@ def word_first_tokens(word_ids: Sequence[int | None], n_words: int) -> list[int]
 
 
 def split_words(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """Whitespace words of ``text`` with their ``[start, end)`` character offsets."""
+    """Words of ``text`` (split on whitespace and punctuation, CoNLL-style) with ``[start, end)`` offsets."""
     words, offsets = [], []
     for m in _WORD.finditer(text):
         words.append(m.group())

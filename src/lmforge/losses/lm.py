@@ -70,8 +70,9 @@ def _flatten(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum (times ``scale``) of token cross-entropies; gradients are computed in forward.
 
-    For each chunk of valid rows: ``p = softmax(logits)``, ``g = scale * (p - onehot(y))``,
-    ``dL/dh = g @ W``, ``dL/dW += g.T @ h``, ``dL/db += sum(g)``. Backward only
+    For each chunk of valid rows: ``p = softmax(logits)`` (from one fused ``log_softmax``),
+    ``g = p - onehot(y)``, ``dL/dh = scale * g @ W``, ``dL/dW += scale * g.T @ h``,
+    ``dL/db += scale * sum(g)`` (the scale goes on the small products, not the ``(C, V)`` tile). Backward only
     multiplies the stored gradients by the incoming scalar.
     """
 
@@ -93,21 +94,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 idx = rows[start : start + chunk_size]  # (C,)
                 h = hidden.index_select(0, idx).to(cdtype)  # (C, H)
                 y = labels.index_select(0, idx)  # (C,)
-                logits = _logits_tile(h, w, bias)  # (C, V) fp32
-                lse = torch.logsumexp(logits, dim=-1)  # (C,)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                logp = torch.log_softmax(_logits_tile(h, w, bias), dim=-1)  # (C, V) fp32, one fused pass
+                total -= logp.gather(1, y[:, None]).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # (C, V) softmax, in place
-                g[torch.arange(idx.numel(), device=g.device), y] -= 1.0
-                g *= scale
+                g = logp.exp_()  # (C, V) softmax, in place
+                g[torch.arange(idx.numel(), device=g.device), y] -= 1.0  # p - onehot(y)
                 if need_b:
-                    grad_b += g.sum(0)
-                g_c = g.to(cdtype)  # (C, V)
+                    grad_b.add_(g.sum(0), alpha=scale)
+                g_c = g.to(cdtype)  # (C, V); the scale is applied to the (C, H) / (V, H) products
                 if need_h:
-                    grad_h.index_copy_(0, idx, (g_c @ w).to(hidden.dtype))  # (C, H)
+                    grad_h.index_copy_(0, idx, (g_c @ w).mul_(scale).to(hidden.dtype))  # (C, H)
                 if need_w:
-                    grad_w += g_c.T @ h  # (V, H)
+                    grad_w.add_(g_c.T @ h, alpha=scale)  # (V, H)
         ctx.grads = (
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -188,9 +187,10 @@ class _TokenLogps(torch.autograd.Function):
                 idx = rows[start : start + chunk_size]  # (C,)
                 y = labels.index_select(0, idx)  # (C,)
                 logits = _logits_tile(hidden.index_select(0, idx).to(cdtype), w, bias)  # (C, V)
-                lse = torch.logsumexp(logits, dim=-1)  # (C,)
-                lse_all[start : start + idx.numel()] = lse
-                out.index_copy_(0, idx, logits.gather(1, y[:, None]).squeeze(1) - lse)
+                z_y = logits.gather(1, y[:, None]).squeeze(1)  # (C,)
+                logp_y = torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).squeeze(1)  # (C,)
+                lse_all[start : start + idx.numel()] = z_y - logp_y  # log-normaliser
+                out.index_copy_(0, idx, logp_y)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse_all)
         ctx.cdtype = cdtype
         ctx.chunk_size = chunk_size

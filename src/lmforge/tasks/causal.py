@@ -132,8 +132,10 @@ def packing_supported(model: nn.Module, placement: Placement) -> bool:
     return bool((packed - apart).abs().max() <= 2e-2 * apart.abs().max() + 1e-4)
 
 
-def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_code: bool = False) -> nn.Module:
-    """The plain Hugging Face model (fp32) from a resolved folder."""
+def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_code: bool = False,
+              attn_implementation: str | None = None) -> nn.Module:
+    """The plain Hugging Face model (fp32) from a resolved folder, with the given attention
+    kernel (``Placement.attn_implementation``; None: transformers' default)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -144,8 +146,10 @@ def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_cod
         cls = AutoModelForSequenceClassification
     else:
         cls = AutoModelForCausalLM
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        return cls.from_pretrained(folder, config=hf_cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        return cls.from_pretrained(folder, config=hf_cfg, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                   **attn)
     except ValueError as exc:
         raise LmforgeError(f"{folder}: cannot load as a {'reward' if reward else 'causal LM'} model "
                            f"({str(exc).splitlines()[0]})") from None
@@ -194,7 +198,9 @@ class CausalTask(Task):
     def build_model(self, adapter_dir=None, full: bool = False) -> nn.Module:
         """Base model, quantised for qlora, with fresh LoRA (or the saved adapter) for adapter modes."""
         mc = self.cfg.model
-        model = load_base(self.folder, self.tokenizer, reward=self.reward_head, trust_remote_code=mc.trust_remote_code)
+        model = load_base(self.folder, self.tokenizer, reward=self.reward_head, trust_remote_code=mc.trust_remote_code,
+                          attn_implementation=self.placement.attn_implementation(mc.attn_implementation,
+                                                                                self.cfg.data.max_length))
         if full or not self.adapters:
             return model
         if self.opts.mode == "qlora":
@@ -212,7 +218,7 @@ class CausalTask(Task):
             heads = HEADS if self.reward_head else []
             mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
             apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
-        if self.placement.autocast_enabled:
+        if self.placement.autocast_enabled and mc.frozen_in_compute_dtype:
             store_frozen(model, self.placement.dtype)
         return model
 

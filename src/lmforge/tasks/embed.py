@@ -99,6 +99,7 @@ class EmbedTask(Task):
         self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
         self.encoder = SentenceEncoder.from_pretrained(
             cfg.model.name, pooling=ec.pooling, normalize=ec.normalize, dropout=ec.dropout,
+            attn_implementation=self.placement.attn_implementation(cfg.model.attn_implementation),
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
         self.tokenizer = self.encoder.tokenizer
         self.max_length = min(cfg.data.max_length, self.encoder.max_length)

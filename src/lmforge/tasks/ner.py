@@ -8,7 +8,7 @@
 - Predictions are read at each word's first sub-token; evaluation is entity-level
   precision/recall/F1 per type and overall (seqeval via :func:`lmforge.eval.ner_report`).
   Words cut off by ``data.max_length`` count as ``O``.
-- ``predict`` reads ``text`` (raw strings, split on whitespace with character offsets kept) or
+- ``predict`` reads ``text`` (raw strings, split into words CoNLL-style with character offsets kept) or
   ``tokens`` (lists of words) and writes entity spans merged from the word tags.
 - Saved as ``adapter/`` (PEFT, ``TOKEN_CLS``) for LoRA or a Hugging Face folder ``model/``
   (with ``id2label``) for full fine-tuning, plus ``labels.json``.
@@ -249,7 +249,7 @@ class NerTask(Task):
         return self._items(apply_where(read_table(path), self.cfg.data.where))
 
     def predict_file(self, path: str, out: str) -> int:
-        """Entity spans for each record's ``text`` (split on whitespace) or ``tokens`` (list of words)."""
+        """Entity spans for each record's ``text`` (split into words CoNLL-style) or ``tokens`` (list of words)."""
         table = read_table(path)
         if not table.records:
             raise LmforgeError(f"{path}: no records (empty file)")
