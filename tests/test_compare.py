@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import sentiment_rows, write_jsonl, write_yaml
 
 from lmforge.compare import (deep_merge, markdown_table, method_configs, read_compare, run_compare)
@@ -84,6 +85,12 @@ def test_run_compare_trains_every_method_on_one_split(tmp_path, tiny_bert_dir):
 
     again, _, _ = run_compare(read_compare(path), source=str(path), only=["zs", "lr"], reuse=True)
     assert again == rows[1:]  # unchanged configs: earlier results, nothing retrained
+    # a saved config written before an option existed (the option at its default) still counts as unchanged
+    saved_cfg = tmp_path / "runs" / "cmp" / "lr" / "config.yaml"
+    old = yaml.safe_load(saved_cfg.read_text())
+    del old["classify"]["embedding_lr"]["per_class"]
+    saved_cfg.write_text(yaml.safe_dump(old))
+    assert run_compare(read_compare(path), source=str(path), only=["lr"], reuse=True)[0] == rows[1:2]
     with pytest.raises(LmforgeError, match="run directory exists"):
         run_compare(read_compare(path), source=str(path), only=["zs"])
     with pytest.raises(LmforgeError, match="unknown method"):

@@ -73,3 +73,14 @@ def test_move_keeps_structure_and_leaves_non_tensors():
     assert isinstance(out["nested"], list) and isinstance(out["nested"][1], tuple)
     assert out["nested"][1][0] == "x"
     assert torch.equal(out["ids"], batch["ids"]) and out["ids"].device.type == "cpu"
+
+
+def test_attention_kernel_follows_precision_and_row_length():
+    from lmforge.device import EAGER_MAX_LENGTH
+
+    bf16, fp32 = Placement.resolve("cpu", "bf16"), Placement.resolve("cpu", "fp32")
+    assert fp32.attn_implementation() == "sdpa"
+    assert bf16.attn_implementation() == "eager"  # callers that do not know the length
+    assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH) == "eager"
+    assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH + 1) == "sdpa"  # long rows
+    assert bf16.attn_implementation("sdpa", 64) == "sdpa" and fp32.attn_implementation("eager", 4096) == "eager"

@@ -239,7 +239,12 @@ def _earlier_row(cfg) -> dict | None:
         return None
     import yaml
 
-    saved, now = yaml.safe_load(cfg_file.read_text(encoding="utf-8")), yaml.safe_load(dump_config(cfg))
+    saved = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+    try:  # re-resolve, so options added since with their defaults do not count as a change
+        saved = yaml.safe_load(dump_config(build_config(saved)))
+    except (LmforgeError, ValidationError, ValueError, TypeError):
+        return None
+    now = yaml.safe_load(dump_config(cfg))
     if not isinstance(saved, dict) or {k: v for k, v in saved.items() if k != "overwrite"} != {
             k: v for k, v in now.items() if k != "overwrite"}:
         return None

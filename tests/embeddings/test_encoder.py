@@ -94,10 +94,11 @@ def test_decoder_backbone_with_mean_pooling(tiny_llama_dir):
 
 
 def test_decoder_dropout_noises_hidden_states_in_training_only(tiny_llama_dir):
-    """Llama configs have attention dropout only: `dropout` adds it on embeddings and on each
-    residual branch (o_proj, down_proj), so two training-mode views differ; eval mode is exact."""
+    """Llama configs have attention dropout only: `residual_dropout` adds one on embeddings and on
+    each residual branch (o_proj, down_proj), so two training-mode views differ; eval mode is exact."""
     plain = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean")
-    noisy = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean", dropout=0.2)
+    noisy = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling="mean", dropout=0.2, residual_dropout=0.2)
+    assert not any(m._forward_hooks for m in SentenceEncoder.from_pretrained(tiny_llama_dir, dropout=0.2).modules())
     n_layers = noisy.backbone.config.num_hidden_layers
     hooked = [m for m in noisy.backbone.modules() if m._forward_hooks]
     assert len(hooked) == 1 + 2 * n_layers
@@ -129,3 +130,5 @@ def test_bert_dropout_adds_no_hooks(tiny_bert_dir):
     enc = SentenceEncoder.from_pretrained(tiny_bert_dir, dropout=0.1)
     assert enc.backbone.config.hidden_dropout_prob == 0.1
     assert not any(m._forward_hooks for m in enc.backbone.modules())
+    with pytest.raises(LmforgeError, match="own hidden dropout"):
+        SentenceEncoder.from_pretrained(tiny_bert_dir, residual_dropout=0.1)

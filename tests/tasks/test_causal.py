@@ -217,3 +217,43 @@ def test_packing_support_check(tmp_path, tiny_llama_dir):
             return lambda **kw: inner(**(kw | {"position_ids": None}))
 
     assert not packing_supported(Leaky(task.model), Placement.resolve("cpu", "fp32"))
+
+
+def test_attention_kernel_switches_with_row_width(tmp_path, tiny_llama_dir):
+    from lmforge.device import EAGER_MAX_LENGTH
+
+    data = write_jsonl(tmp_path / "k.jsonl", sft_rows(24))
+    cfg = build_config({"task": "sft", "model": {"name": str(tiny_llama_dir), "precision": "bf16"},
+                        "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 512},
+                        "sft": {"mode": "lora"}, "train": {"progress": False}})
+    task = SftTask(cfg)
+    assert task.model.config._attn_implementation == "sdpa"  # built for 512-token rows
+    batch = task.collate(task.train_items[:4])  # short rows
+    with task.placement.autocast():
+        trained = task.loss(batch)[0]
+        assert task.model.config._attn_implementation == "eager"
+        task.use_attention(task.model, EAGER_MAX_LENGTH + 1)
+        assert task.model.config._attn_implementation == "sdpa"
+        again = task.loss(batch)[0]  # both kernels give the same loss
+    assert abs(float(trained) - float(again)) < 2e-2 * abs(float(again))
+
+
+def test_packed_pairs_use_rows_as_wide_as_the_longest_sequence_for_eager(tmp_path, tiny_llama_dir):
+    from lmforge.tasks.preference import PreferenceTask
+
+    rows = [{"prompt": " ".join(WORDS[i:i + 4]), "chosen": " ".join(WORDS[i + 4:i + 9]),
+             "rejected": " ".join(WORDS[i + 9:i + 11])} for i in range(12)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    spec = {"task": "preference", "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 200},
+            "preference": {"mode": "lora", "template": "raw"}, "train": {"progress": False}}
+    widths = {}
+    for prec in ("bf16", "fp32"):
+        task = PreferenceTask(build_config(spec | {"model": {"name": str(tiny_llama_dir), "precision": prec}}))
+        batch = task.collate(task.train_items[:4])
+        longest = max(len(s["input_ids"]) for it in task.train_items[:4] for s in
+                      [{"input_ids": it["prompt_ids"] + it[k]} for k in ("chosen_ids", "rejected_ids")])
+        widths[prec] = (batch["input_ids"].shape[1], longest)
+        assert int(batch["token_mask"].sum()) == sum(len(it["prompt_ids"]) * 2 + len(it["chosen_ids"])
+                                                     + len(it["rejected_ids"]) for it in task.train_items[:4])
+    assert widths["bf16"][0] == widths["bf16"][1]  # eager: rows as wide as the longest sequence
+    assert widths["bf16"][1] < widths["fp32"][0] <= 200  # SDPA: rows of up to max_length, shared

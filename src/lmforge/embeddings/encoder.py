@@ -125,14 +125,16 @@ class SentenceEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, ref: str | Path, *, pooling: str | None = None, normalize: bool | None = None,
                         max_length: int | None = None, dropout: float | None = None,
-                        attn_implementation: str | None = None, trust_remote_code: bool = False,
+                        residual_dropout: float | None = None, attn_implementation: str | None = None,
+                        trust_remote_code: bool = False,
                         revision: str | None = None) -> "SentenceEncoder":
         """Load a sentence-transformers folder or a plain Hugging Face model (alias, folder, hub id).
 
         Settings stored in a sentence-transformers folder (pooling, normalisation, max length) are
         used unless overridden; plain models default to mean pooling without normalisation.
-        ``dropout`` sets every dropout of the config; architectures without a hidden-state dropout
-        (Llama family) get one on embeddings and residual branches (:func:`add_residual_dropout`).
+        ``dropout`` sets every dropout of the config (Llama-family configs have attention dropout
+        only); ``residual_dropout`` adds one on their embeddings and residual branches
+        (:func:`add_residual_dropout`).
         ``attn_implementation``: transformers' attention kernel (default: transformers' choice).
         """
         from transformers import AutoConfig, AutoModel
@@ -149,8 +151,10 @@ class SentenceEncoder(nn.Module):
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
         backbone = AutoModel.from_pretrained(hf_dir, config=config, trust_remote_code=trust_remote_code,
                                              dtype=torch.float32, **kw)
-        if dropout and not has_hidden_dropout(config):
-            add_residual_dropout(backbone, dropout)
+        if residual_dropout:
+            if has_hidden_dropout(config):
+                raise LmforgeError(f"{ref}: the model has its own hidden dropout; set it with 'dropout'")
+            add_residual_dropout(backbone, residual_dropout)
         tokenizer = load_tokenizer(hf_dir, trust_remote_code)
         length = max_length or st.max_seq_length or _tokenizer_limit(tokenizer, config)
         return cls(backbone, tokenizer, pooling=pooling or st.pooling or "mean",

@@ -235,10 +235,15 @@ class CausalTask(Task):
     def collate_sequences(self, seqs: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Sequences (``input_ids``, optional ``targets``) packed into rows when ``packing``, else padded.
 
-        Packed rows are at most ``max(data.max_length, longest sequence)`` tokens wide.
+        Packed rows are at most ``max(data.max_length, longest sequence)`` tokens wide, or as
+        wide as the longest sequence when that selects the eager attention kernel (see
+        :meth:`attention_for`).
         """
         if getattr(self.opts, "packing", False):
-            width = max([self.cfg.data.max_length] + [len(s["input_ids"]) for s in seqs])
+            longest = max(len(s["input_ids"]) for s in seqs)
+            width = max(self.cfg.data.max_length, longest)
+            if self.attention_for(longest) == "eager":  # eager's cost grows with the row width
+                width = longest
             return collate_causal(pack_items(seqs, width), self.tokenizer.pad_token_id)
         return collate_causal(seqs, self.tokenizer.pad_token_id)
 
@@ -252,8 +257,21 @@ class CausalTask(Task):
         Right padding needs no attention mask for the real tokens (they never attend forward),
         so the plain causal mask is used: that keeps SDPA on its fast causal path.
         """
-        return decoder_hidden(self.model if model is None else model, batch["input_ids"], None,
-                              batch.get("position_ids"))
+        model = self.model if model is None else model
+        self.use_attention(model, batch["input_ids"].shape[1])
+        return decoder_hidden(model, batch["input_ids"], None, batch.get("position_ids"))
+
+    def attention_for(self, width: int) -> str:
+        """The attention kernel for rows of ``width`` tokens (``lmforge.device`` decides)."""
+        return self.placement.attn_implementation(self.cfg.model.attn_implementation, width)
+
+    def use_attention(self, model: nn.Module, width: int) -> None:
+        """Switch the model to the faster attention kernel for rows of ``width`` tokens (no-op when
+        unchanged or when the model cannot switch)."""
+        core = getattr(model, "module", model)
+        want = self.attention_for(width)
+        if getattr(core.config, "_attn_implementation", want) != want and hasattr(core, "set_attn_implementation"):
+            core.set_attn_implementation(want)
 
     # ---- saving and loading ------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:

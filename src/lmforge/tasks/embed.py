@@ -60,6 +60,8 @@ class EmbedConfig(Section):
     pooling: Literal["mean", "cls", "max", "last"] | None = Field(None, description="default: the model's, else mean")
     normalize: bool | None = Field(None, description="L2-normalise outputs (default: the model's setting)")
     dropout: float | None = Field(None, ge=0, lt=1, description="set the backbone's dropout (SimCSE needs > 0)")
+    residual_dropout: float | None = Field(None, ge=0, lt=1, description="Llama-family decoders (attention "
+                                           "dropout only): also drop embeddings and residual-branch outputs")
     mode: Literal["full", "lora"] = "full"
     temperature: float = Field(0.05, gt=0, description="simcse_*: InfoNCE temperature")
     scale: float = Field(20.0, gt=0, description="mnr / cosent: similarity scale")
@@ -99,6 +101,7 @@ class EmbedTask(Task):
         self.placement = Placement.resolve(cfg.model.device, cfg.model.precision)
         self.encoder = SentenceEncoder.from_pretrained(
             cfg.model.name, pooling=ec.pooling, normalize=ec.normalize, dropout=ec.dropout,
+            residual_dropout=ec.residual_dropout,
             attn_implementation=self.placement.attn_implementation(cfg.model.attn_implementation),
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
         self.tokenizer = self.encoder.tokenizer
@@ -352,7 +355,8 @@ class EmbedTask(Task):
         art = (run_dir / "best" if which == "best" else run_dir) / "model"
         if not (art / "modules.json").is_file():
             raise LmforgeError(f"{run_dir}: no trained model in {art}")
-        ec = cfg.embed.model_copy(update={"mode": "full", "pooling": None, "normalize": None, "dropout": None})
+        ec = cfg.embed.model_copy(update={"mode": "full", "pooling": None, "normalize": None, "dropout": None,
+                                         "residual_dropout": None})
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)}), "embed": ec})
         return cls(cfg, with_data=False)
 

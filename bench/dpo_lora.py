@@ -1,0 +1,206 @@
+"""LoRA DPO of a causal LM: lmforge ``preference`` vs TRL DPOTrainer + peft, side by side.
+
+Same packaged SmolLM2-135M-Instruct, same Anthropic HH-RLHF helpful-base pairs
+(``../shared/data/hh_rlhf/helpful-base.jsonl``: prompt/chosen/rejected as plain text), batch 4
+pairs, max length 512, LoRA r=16 alpha=32 dropout=0 on q/k/v/o/gate/up/down, sigmoid DPO loss
+with beta 0.1, AdamW, same learning rate and schedule, same number of optimizer steps. Pairs are
+pre-filtered to those whose prompt (<= 256 tokens) and prompt + completion (<= max length) fit,
+and with non-empty, different chosen/rejected, so neither side truncates or drops anything and
+both train on identical sequences: in file order (TRL's sequential sampler; the bench gives
+lmforge's engine the same sequential batches instead of its length-grouped shuffle), so every
+step of both sides sees the same pairs.
+
+Reference log-probs: by default both sides compute them on the fly every step (the adapters
+switched off on the same weights: TRL's and lmforge's defaults); ``--precompute`` runs both with
+reference log-probs precomputed before training (TRL ``precompute_ref_log_probs``, lmforge
+``preference.precompute_ref``; the precomputation is outside the timed window on both sides).
+
+Figures (medians over ``--reps``): ``pairs_per_s``, ``tokens_per_s`` (real tokens of chosen +
+rejected sequences), ``peak_rss_mb`` and ``mfu`` against the measured bf16 matmul peak. Model
+FLOPs per step: the policy pass as in ``bench/sft_lora.py`` (``4 N s + 12 L d_attn s^2`` per
+sequence) plus, without precomputation, the reference forward (``2 N s + 4 L d_attn s^2``).
+
+Trials: ``trl_fp32``, ``trl_bf16`` (TRL defaults except gradient checkpointing off, its faster
+setting), ``lmforge_fp32`` and ``lmforge_best`` (lmforge defaults: chosen and rejected in one
+packed forward, chunked log-probs over completion tokens; ``auto`` precision = bf16 autocast,
+frozen weights in bf16, eager attention).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 2] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, emit, llama_matmul_params, matmul_peak_gflops, median, set_threads  # noqa: E402
+from sft_lora import LORA, TARGETS, Window  # noqa: E402
+
+HH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh_rlhf" / "helpful-base.jsonl"
+BETA = 0.1
+
+
+def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute: bool, batch: int, max_len: int,
+                lr: float, threads: int | None) -> dict:
+    set_threads(threads)
+    from lmforge.config import build_config
+    from lmforge.tasks.preference import PreferenceTask
+    from lmforge.train import fit
+
+    out = tempfile.mkdtemp()
+    cfg = build_config({
+        "task": "preference", "name": "bench", "output_dir": out, "seed": 0,
+        "model": {"name": "smollm2", "precision": precision},
+        "data": {"train": pairs, "eval_fraction": 0.0, "max_length": max_len},
+        "preference": {"mode": "lora", "template": "raw", "loss": "sigmoid", "beta": BETA,
+                       "precompute_ref": precompute},
+        "lora": LORA | {"target_modules": TARGETS},
+        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
+                  "log_every": 10_000, "max_grad_norm": 1.0},
+    })
+    task = PreferenceTask(cfg)
+    from lmforge.train import engine
+
+    n = len(task.train_items)  # the pairs in file order, as TRL's sequential sampler gives them
+    engine.epoch_batches = lambda task, cfg, epoch, world: [list(range(i, i + batch)) for i in range(0, n - batch + 1, batch)]
+    win = Window(warmup, steps)
+    task.collate = win.wrap(task.collate)
+    fit(task, cfg, Path(out) / "bench", on_step=lambda step, rec: win.step(step))
+    return win.result()
+
+
+def run_trl(pairs: str, steps: int, warmup: int, bf16: bool, precompute: bool, batch: int, max_len: int, lr: float,
+            threads: int | None) -> dict:
+    set_threads(threads)
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl import DPOConfig, DPOTrainer
+
+    from lmforge.models import resolve_model
+
+    hf_logging.set_verbosity_error()
+    folder = resolve_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ds = Dataset.from_list([json.loads(line) for line in open(pairs, encoding="utf-8")])
+    win = Window(warmup, steps)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            win.step(state.global_step)
+
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + warmup,
+                     learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                     max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                     use_cpu=True, bf16=bf16, gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
+                     max_length=max_len, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
+                     train_sampling_strategy="sequential")
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()],
+                         peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                                target_modules=TARGETS, task_type="CAUSAL_LM"))
+    trainer.data_collator = win.wrap(trainer.data_collator)
+    trainer.train()
+    return win.result()
+
+
+def write_pairs(path: Path, max_len: int, seed: int = 0) -> int:
+    """HH pairs that fit without truncation on both sides, shuffled with a fixed seed."""
+    from lmforge.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("smollm2"))
+    n_tok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    rows = []
+    for line in open(HH, encoding="utf-8"):
+        r = json.loads(line)
+        p, c, j = r.get("prompt"), r.get("chosen"), r.get("rejected")
+        if not all(isinstance(x, str) for x in (p, c, j)) or not c.strip() or not j.strip() or c.strip() == j.strip():
+            continue
+        lp = n_tok(p)
+        if lp <= max_len // 2 and lp + max(n_tok(c), n_tok(j)) + 2 <= max_len:
+            rows.append({"prompt": p, "chosen": c, "rejected": j})
+    random.Random(seed).shuffle(rows)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return len(rows)
+
+
+def summarise(res: dict, flops: dict, peak: float, precompute: bool) -> dict:
+    n, L, d = flops["n"], flops["layers"], flops["attn_dim"]
+    per_seq = (lambda s: 4.0 * n * s + 12.0 * L * d * s * s) if precompute else \
+        (lambda s: 6.0 * n * s + 16.0 * L * d * s * s)  # + the reference forward
+    fig = {}
+    for k, runs in res.items():
+        mfu = [sum(per_seq(s) for s in r["seq_lengths"]) / r["seconds"] / (peak * 1e9) for r in runs]
+        pps = [r["sequences"] / 2 / r["seconds"] for r in runs]
+        fig[k] = {"pairs_per_s": round(statistics.median(pps), 3),
+                  "tokens_per_s": round(median(runs, "tokens_per_s"), 1),
+                  "peak_rss_mb": round(median(runs, "peak_rss_mb"), 1),
+                  "mfu": round(statistics.median(mfu), 4),
+                  "tokens_per_seq": round(sum(r["tokens"] for r in runs) / sum(r["sequences"] for r in runs), 1)}
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--precompute", action="store_true", help="precompute reference log-probs on both sides")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every trial (default: torch's)")
+    ap.add_argument("--peak-gflops", type=float, default=None, help="bf16 matmul peak; measured when not given")
+    ap.add_argument("--only", default=None, help="comma-separated trial names to run (default: all)")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from lmforge.models import resolve_model
+
+    pairs = Path(tempfile.mkdtemp()) / "hh.jsonl"
+    n_pairs = write_pairs(pairs, args.max_length)
+    flops = llama_matmul_params(Path(resolve_model("smollm2")) / "config.json")
+    peak = args.peak_gflops or matmul_peak_gflops(args.threads)
+    print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; {n_pairs} pairs", file=sys.stderr, flush=True)
+    common = {"pairs": str(pairs), "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
+              "max_len": args.max_length, "lr": args.lr, "threads": args.threads, "precompute": args.precompute}
+    trials = {
+        "trl_fp32": (run_trl, common | {"bf16": False}),
+        "lmforge_fp32": (run_lmforge, common | {"precision": "fp32"}),
+        "trl_bf16": (run_trl, common | {"bf16": True}),
+        "lmforge_best": (run_lmforge, common | {"precision": "auto"}),
+    }
+    if args.only:
+        trials = {k: v for k, v in trials.items() if k in args.only.split(",")}
+    fig = summarise(alternate(trials, reps=args.reps), flops, peak, args.precompute)
+    rec = {"bench": "dpo_lora", "model": "SmolLM2-135M-Instruct", "data": "hh_rlhf helpful-base", "pairs": n_pairs,
+           "batch": args.batch, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
+           "reps": args.reps, "threads": args.threads,
+           "reference": "precomputed before training (both)" if args.precompute else "computed every step (both)",
+           "peak_bf16_gflops": round(peak, 1), "figures": fig}
+    pps = {k: v["pairs_per_s"] for k, v in fig.items()}
+    rss = {k: v["peak_rss_mb"] for k, v in fig.items()}
+    if "trl_fp32" in fig and "lmforge_fp32" in fig:
+        rec["ratio_fp32"] = round(pps["lmforge_fp32"] / pps["trl_fp32"], 3)
+        rec["rss_ratio_fp32"] = round(rss["lmforge_fp32"] / rss["trl_fp32"], 3)
+    peers = [k for k in fig if k.startswith("trl_")]
+    if peers and "lmforge_best" in fig:
+        best = max(peers, key=lambda k: pps[k])
+        rec["trl_best"] = best
+        rec["ratio_best"] = round(pps["lmforge_best"] / pps[best], 3)
+        rec["rss_ratio_best"] = round(rss["lmforge_best"] / rss[best], 3)
+    emit(rec)
+
+
+if __name__ == "__main__":
+    main()
