@@ -54,9 +54,33 @@ def test_embed_npy_and_parquet(tiny_bert_dir, data, tmp_path, capsys):
     assert np.allclose(emb, want[:3] / np.linalg.norm(want[:3], axis=1, keepdims=True), atol=1e-5)
 
 
+@pytest.mark.parametrize("fast_bf16", ["1", "0"])
+def test_embed_picks_precision_automatically_and_shows_progress(tiny_bert_dir, data, tmp_path, capsys, monkeypatch,
+                                                                 fast_bf16):
+    from lmforge.device import cpu_has_fast_bf16
+
+    monkeypatch.setenv("LMFORGE_CPU_BF16", fast_bf16)  # what the CPU detection would say
+    cpu_has_fast_bf16.cache_clear()
+    try:
+        assert main(["embed", str(tiny_bert_dir), "--input", str(data / "texts.txt"), "--out",
+                     str(tmp_path / "v.npy"), "--batch-size", "5"]) == 0
+    finally:
+        cpu_has_fast_bf16.cache_clear()
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["precision"] == ("bf16" if fast_bf16 == "1" else "fp32")
+    assert "encode" in cap.err and "24/24" in cap.err  # the progress bar
+    texts = (data / "texts.txt").read_text().splitlines()
+    want = SentenceEncoder.from_pretrained(tiny_bert_dir).encode(texts, precision="fp32")
+    got = np.load(tmp_path / "v.npy")
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.99
+    assert (np.abs(got - want).max() < 1e-5) == (fast_bf16 == "0")
+
+
 @pytest.mark.parametrize("content,out_name,match", [
     ("good movie\n\nbad plot\n", "v.npy", "line 2: empty line"),
     ("good movie\n", "v.csv", "must end in .npy or .parquet"),
+    ("", "v.npy", "no texts"),
 ])
 def test_embed_bad_input(tiny_bert_dir, tmp_path, capsys, content, out_name, match):
     (tmp_path / "in.txt").write_text(content)
@@ -94,11 +118,13 @@ def test_train_every_loss(tiny_bert_dir, data, tmp_path, capsys, loss):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = tmp_path / "runs" / f"embed-{loss}"
     ev = json.loads((run / "eval.json").read_text())
-    assert ev["step"] == 2 and "sts_spearman" in ev and "sts_uniformity" in ev["before"]
+    au = ("sts_alignment", "sts_uniformity")
+    assert ev["step"] == 2 and "sts_spearman" in ev and all(k in ev and k in ev["before"] for k in au)
     assert summary["sts_alignment"] == ev["sts_alignment"]
     assert (run / "model" / "modules.json").is_file() and (run / "best" / "model" / "modules.json").is_file()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any(m["split"] == "eval" and "sts_spearman" in m for m in metrics)
+    evals = [m for m in metrics if m["split"] == "eval"]
+    assert len(evals) >= 2 and all({"sts_spearman", *au} <= set(m) for m in evals)  # logged while training
 
 
 def test_augsbert_runs_end_to_end(tiny_bert_dir, data, tmp_path, capsys):
@@ -135,13 +161,17 @@ def test_eval_tasks_on_runs_and_models(tiny_bert_dir, data, tmp_path, capsys):
     # predict with a run writes its vectors, like `lmforge embed RUN`
     assert main(["predict", str(run), "--input", str(data / "texts.txt"), "--out", str(tmp_path / "p.npy")]) == 0
     assert np.load(tmp_path / "p.npy").shape == (24, 32)
+    assert main(["embed", str(run), "--input", str(data / "texts.txt"), "--out", str(tmp_path / "e.npy"), *FP32]) == 0
+    assert np.abs(np.load(tmp_path / "e.npy") - np.load(tmp_path / "p.npy")).max() < 1e-5
 
 
 def test_bad_pair_files_exit_2(tiny_bert_dir, data, tmp_path, capsys):
     rows = scored_rows(6, seed=9)
     write_jsonl(tmp_path / "missing.jsonl", rows[:3] + [{"sentence1": "a", "sentence2": "b"}] + rows[3:])
     write_jsonl(tmp_path / "range.jsonl", rows[:2] + [rows[2] | {"score": 9.5}])
-    for name, match in (("missing", "line 4: missing column 'score'"), ("range", "line 3: score 9.5 is outside")):
+    write_jsonl(tmp_path / "empty.jsonl", rows[:1] + [rows[1] | {"sentence2": "  "}])
+    for name, match in (("missing", "line 4: missing column 'score'"), ("range", "line 3: score 9.5 is outside"),
+                        ("empty", "line 2: 'sentence2' is empty")):
         recipe = _recipe(tmp_path, tiny_bert_dir, data, "cosine", name=f"bad-{name}")
         assert main(["train", str(recipe), f"data.train={tmp_path / (name + '.jsonl')}"]) == 2
         assert match in _err(capsys)

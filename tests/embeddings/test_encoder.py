@@ -132,3 +132,26 @@ def test_bert_dropout_adds_no_hooks(tiny_bert_dir):
     assert not any(m._forward_hooks for m in enc.backbone.modules())
     with pytest.raises(LmforgeError, match="own hidden dropout"):
         SentenceEncoder.from_pretrained(tiny_bert_dir, residual_dropout=0.1)
+
+
+def test_encode_batches_are_length_sorted(encoder):
+    """Each forward pass gets texts of similar length: widths are the sorted lengths cut into batches."""
+    texts = sentences(23, seed=13, lo=1, hi=14)
+    lengths = sorted((len(x) for x in encoder.tokenize(texts)), reverse=True)
+    widths = []
+    hook = encoder.backbone.register_forward_pre_hook(
+        lambda m, args, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        encoder.encode(texts, batch_size=5, precision="fp32")
+    finally:
+        hook.remove()
+    assert widths == [(len(lengths[s:s + 5]), lengths[s]) for s in range(0, 23, 5)]
+
+
+def test_encode_progress_bar(encoder, capsys):
+    texts = sentences(7, seed=14)
+    encoder.encode(texts, batch_size=3, precision="fp32", progress=True)
+    err = capsys.readouterr().err
+    assert "encode" in err and "7/7" in err
+    encoder.encode(texts, batch_size=3, precision="fp32")
+    assert capsys.readouterr().err == ""

@@ -50,6 +50,9 @@ def test_sts_evaluator_by_hand():
     out = run_evaluators([ev, AlignUniformEvaluator(["a"], ["c"], name="pairs")], enc)
     assert enc.calls == 1  # every text embedded once for all evaluators
     assert out["sts_spearman"] == pytest.approx(0.8, abs=1e-9)  # 1 - 6*2/(4*15)
+    x = np.array([1.0, math.sqrt(0.5), 0.0, -1.0]) - (math.sqrt(0.5) / 4)  # centred cosines
+    y = np.array([1.0, 0.3, 0.5, 0.0]) - 0.45  # centred gold
+    assert out["sts_pearson"] == pytest.approx(x @ y / math.sqrt((x @ x) * (y @ y)), abs=1e-6)
     # alignment over pairs scored above 0.8 (only (a, b): distance 0)
     assert out["sts_alignment"] == pytest.approx(0.0, abs=1e-6)
     assert out["pairs_alignment"] == pytest.approx(2 - math.sqrt(2), abs=1e-6)

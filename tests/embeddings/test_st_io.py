@@ -32,6 +32,16 @@ def test_saved_folder_gives_the_same_vectors_in_sentence_transformers(tiny_bert_
     assert np.abs(back.encode(TEXTS, precision="fp32") - ours).max() < 1e-6
 
 
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_decoder_folder_gives_the_same_vectors_in_sentence_transformers(tiny_llama_dir, tmp_path, pooling):
+    """A decoder backbone (unsupervised SimCSE on SmolLM2) saves as a folder ST reads identically."""
+    enc = SentenceEncoder.from_pretrained(tiny_llama_dir, pooling=pooling, max_length=40)
+    out = enc.save(tmp_path / "st")
+    ours = enc.encode(TEXTS, batch_size=4, precision="fp32")
+    theirs = st.SentenceTransformer(str(out), device="cpu").encode(TEXTS, batch_size=4)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
 def test_folder_written_by_sentence_transformers_loads(tiny_bert_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 

@@ -103,3 +103,42 @@ def test_custom_score_range_and_columns(tmp_path, tiny_bert_dir):
                           data={"columns": {"sentence1": "q", "sentence2": "d", "score": "sim"}}))
     assert [it["score"] for it in task.train_items] == [0.0, 1.0]
     assert math.isfinite(task.loss(task.collate(task.train_items))[0].item())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_unsupervised_simcse_contrasts_two_dropout_views(tmp_path, tiny_bert_dir, dropout):
+    """Both views come from one forward over the batch twice: dropout makes them differ."""
+    rows = [{"text": t} for t in sentences(6, seed=21)]
+    task = EmbedTask(_cfg(tmp_path, tiny_bert_dir, "simcse_unsup", rows, batch_size=6,
+                          embed={"dropout": dropout, "temperature": 0.1, "eval_before": False}))
+    task.model.train()
+    batch = task.collate(task.train_items)
+    torch.manual_seed(3)
+    loss, _ = task.loss(batch)
+    torch.manual_seed(3)
+    a, p = task.encoder(**{k: torch.cat([v, v]) for k, v in batch["columns"][0].items()}).chunk(2)  # (B, D) each
+    assert torch.equal(a, p) == (dropout == 0.0)
+    s = 10.0 * F.normalize(a, dim=-1) @ F.normalize(p, dim=-1).T  # (B, B), 1 / temperature
+    assert loss.item() == pytest.approx(F.cross_entropy(s, torch.arange(6)).item(), abs=1e-5)
+
+
+def test_supervised_simcse_uses_the_contradiction_as_hard_negative(tmp_path, tiny_bert_dir):
+    task = EmbedTask(_cfg(tmp_path, tiny_bert_dir, "simcse_sup", triplet_rows(5, seed=4), batch_size=5,
+                          embed={"eval_before": False}))
+    batch = task.collate(task.train_items)
+    loss, _ = task.loss(batch)
+    a, p, n = (F.normalize(task.encoder(**c), dim=-1) for c in batch["columns"])  # (B, D) each
+    s = 20.0 * a @ torch.cat([p, n]).T  # (B, 2B): in-batch positives, then every row's negative
+    assert loss.item() == pytest.approx(F.cross_entropy(s, torch.arange(5)).item(), abs=1e-5)
+
+
+def test_tsdae_deletes_sixty_percent_of_words_by_default(tmp_path, tiny_bert_dir):
+    texts = sentences(60, seed=22, lo=15, hi=20)
+    task = EmbedTask(_cfg(tmp_path, tiny_bert_dir, "tsdae", [{"text": t} for t in texts],
+                          embed={"eval_before": False}))
+    batch = task.collate(task.train_items)
+    clean_ids = task.encoder.collate(task.encoder.tokenize(texts))["input_ids"]  # the decoder's target
+    assert torch.equal(batch["target"]["input_ids"], clean_ids)
+    noisy = batch["columns"][0]["attention_mask"].sum() - 2 * len(texts)  # words, without [CLS] [SEP]
+    clean = batch["target"]["attention_mask"].sum() - 2 * len(texts)
+    assert 0.33 < (noisy / clean).item() < 0.47  # keep probability 1 - 0.6
