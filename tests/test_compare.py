@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -9,6 +10,8 @@ from conftest import sentiment_rows, write_jsonl, write_yaml
 
 from lmforge.compare import (deep_merge, markdown_table, method_configs, read_compare, run_compare)
 from lmforge.errors import LmforgeError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(tmp_path, model_dir, methods, **extra):
@@ -49,6 +52,28 @@ def test_method_configs_share_the_split(tmp_path, tiny_bert_dir):
         method_configs(read_compare(typo), "r")
     with pytest.raises(LmforgeError, match="methods"):
         read_compare(write_yaml(tmp_path / "e.yaml", {"base": {}, "methods": {}}))
+
+
+def test_the_seed_may_change_only_when_it_does_not_draw_the_test_split(tmp_path, tiny_bert_dir):
+    path = _recipe(tmp_path, tiny_bert_dir, {"a": {"seed": 6}})
+    assert method_configs(read_compare(path), "r")["a"].seed == 6  # a fixed eval file: the seed is free
+    for over in (["base.data.max_eval_samples=10"], ["base.data.eval=null", "base.data.eval_fraction=0.2"]):
+        with pytest.raises(LmforgeError, match="methods.a changes seed"):  # the seed draws the test sample
+            method_configs(read_compare(path, over), "r")
+
+
+def test_the_sst2_recipe_runs_every_method_on_one_split():
+    from lmforge.compare import describe
+
+    cfgs = method_configs(read_compare(ROOT / "recipes" / "compare_sst2.yaml"), "compare_sst2")
+    kinds = {describe(c) for c in cfgs.values()}
+    assert {"finetune/full", "finetune/frozen", "finetune/lora", "setfit/logistic", "embedding_lr", "zero_shot",
+            "prompt"} <= kinds
+    assert {c.data.train for c in cfgs.values()} == {"../shared/data/sst2/train.jsonl"}
+    assert len({c.data.eval for c in cfgs.values()}) == 1
+    setfit = [c for c in cfgs.values() if c.classify.method == "setfit"]
+    assert [c.classify.setfit.per_class for c in setfit] == [16]
+    assert {c.model.name for c in cfgs.values() if c.classify.method == "prompt"} == {"smollm2"}
 
 
 def test_markdown_table_formats_every_column():

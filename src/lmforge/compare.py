@@ -17,7 +17,7 @@ Every method trains into ``<output_dir>/<name>/<method>/`` (a normal run directo
 and ``predict`` work on it) and is then evaluated on the base's eval split. The training time
 excludes model loading and evaluation; inference samples/s is the evaluation pass over the test
 split. Methods may not change the split (``data.train``, ``data.eval``, filters, eval sampling,
-columns, labels; nor ``seed`` when the eval split is a seeded fraction of train).
+columns, labels; nor ``seed`` when the test split is a seeded fraction of train or a seeded sample).
 ``comparison.md`` and ``comparison.json`` are rewritten after every method.
 """
 from __future__ import annotations
@@ -109,8 +109,8 @@ def method_configs(recipe: CompareRecipe, source: str = "compare") -> dict[str, 
         if cfg.task != "classify":
             raise LmforgeError(f"{source}: methods.{name}: task must stay classify")
         changed = sorted(f"data.{k}" for k, v in cfg.data.model_dump(include=SPLIT_KEYS).items() if v != split[k])
-        if not base.data.eval and cfg.seed != base.seed:
-            changed.append("seed")
+        if (not base.data.eval or base.data.max_eval_samples) and cfg.seed != base.seed:
+            changed.append("seed")  # the seed draws the eval fraction and the eval sample
         if changed:
             raise LmforgeError(f"{source}: methods.{name} changes {', '.join(changed)}: every method must use "
                                "the same train/test split")

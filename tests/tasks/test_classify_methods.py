@@ -73,6 +73,7 @@ def test_sample_per_class_is_seeded_and_keeps_small_classes_whole():
     assert [sum(labels[i] == c for i in idx) for c in range(3)] == [3, 2, 3]
     assert idx == sorted(idx) == sample_per_class(labels, 3, seed=1)
     assert any(sample_per_class(labels, 3, seed=s) != idx for s in range(2, 6))
+    assert sample_per_class(labels, None, seed=1) == list(range(17))  # None: every example
 
 
 # ---- heads ------------------------------------------------------------------------------------------------
@@ -216,6 +217,9 @@ def test_zero_shot_prototypes_are_mean_description_embeddings(tmp_path, tiny_ber
     idx = sample_per_class([it["label"] for it in shots.train_items], 4, seed=3)
     pos = [shots.train_items[i]["text"] for i in idx if shots.train_items[i]["label"] == 1]
     torch.testing.assert_close(shots.prototypes[1], proto(pos), atol=1e-5, rtol=0)
+    both = ZeroShotTask(_cfg(tmp_path, tiny_bert_dir, "zero_shot", classify={"zero_shot": zc | {"shots": 4}}))
+    both.fit_method(tmp_path)  # descriptions and examples: the mean of the two unit prototypes, renormalised
+    torch.testing.assert_close(both.prototypes, F.normalize(want + shots.prototypes, dim=-1), atol=1e-5, rtol=0)
     with pytest.raises(LmforgeError, match="unknown label"):
         ZeroShotTask(_cfg(tmp_path, tiny_bert_dir, "zero_shot",
                           classify={"zero_shot": {"label_words": {"maybe": "x"}}})).fit_method(tmp_path)
@@ -223,7 +227,7 @@ def test_zero_shot_prototypes_are_mean_description_embeddings(tmp_path, tiny_ber
 
 def test_pair_batches_embed_each_sentence_once_with_the_same_gradient(tiny_bert_dir):
     from lmforge.losses.contrastive import cosine_similarity_loss
-    from lmforge.tasks.classify_methods import PairTask
+    from lmforge.tasks.classify_heads import PairTask
 
     enc = SentenceEncoder.from_pretrained(tiny_bert_dir)  # dropout 0: repeats change nothing
     tokens = enc.tokenize(["good movie", "great film", "awful plot", "dull story", "the end"])
@@ -261,6 +265,14 @@ def test_setfit_trains_the_encoder_on_pairs_then_a_head(tmp_path, tiny_bert_dir,
     again = SetFitTask.from_run(run_dir)
     texts = ["good great movie", "awful boring plot", "w1 w2 the"]
     np.testing.assert_allclose(again.predict_texts(texts), task.predict_texts(texts), atol=1e-4)
+
+
+def test_setfit_per_class_none_trains_on_every_example(tmp_path, tiny_bert_dir):
+    cfg = _cfg(tmp_path, tiny_bert_dir, "setfit", n_train=40, max_steps=1,
+               classify={"setfit": {"per_class": None, "num_iterations": 1}})
+    task = SetFitTask(cfg)
+    task.fit_method(prepare_run_dir(cfg))
+    assert task.sample_size == 40 and task.pair_count == 40 + 40
 
 
 def test_choice_logprobs_equal_a_hand_computation(tiny_llama_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from lmforge.commands.core import prepare_run_dir
 from lmforge.config import build_config
 from lmforge.errors import LmforgeError
 from lmforge.tasks.classify import ClassifyTask
-from lmforge.tasks.mlm import MlmTask
+from lmforge.tasks.mlm import MlmConfig, MlmTask
 from lmforge.train import fit
 
 
@@ -180,3 +181,15 @@ def test_a_resumed_run_sees_the_same_masks(tmp_path, tiny_bert_dir):
     resumed = run("cut", resume=True)
     for (n, p), (_, q) in zip(ref.hf.named_parameters(), resumed.hf.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+def test_defaults_and_the_domain_recipes():
+    """BERT's 15% with 80/10/10 by default; the yelp recipe's adapted encoder starts the classify recipe by path."""
+    from lmforge.config import load_config
+
+    mc = MlmConfig()
+    assert (mc.probability, mc.mask_prob, mc.random_prob, mc.whole_word) == (0.15, 0.8, 0.1, False)
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    mlm, clf = load_config(recipes / "mlm_minilm_yelp.yaml"), load_config(recipes / "classify_from_mlm_yelp.yaml")
+    assert mlm.task == "mlm" and mlm.model.name == "minilm" and mlm.data.eval_fraction > 0
+    assert clf.task == "classify" and Path(clf.model.name) == mlm.run_dir / "model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,13 @@ def test_cli_train_eval_predict_with_entity_spans(tmp_path, capsys, wordpiece_be
     assert main(["predict", str(run_dir), "--input", str(tmp_path / "bad.jsonl"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs 'text'" in err[0]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_conll_recipes_train_the_packaged_minilm(mode):
+    from lmforge.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / f"ner_{mode}_minilm_conll.yaml")
+    assert cfg.task == "ner" and cfg.ner.mode == mode and cfg.model.name == "minilm"
+    assert cfg.data.train == "../shared/data/conll2003/train.jsonl"
+    assert cfg.data.eval == "../shared/data/conll2003/valid.jsonl" and cfg.train.best_metric == "f1"

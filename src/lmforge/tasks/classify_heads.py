@@ -1,5 +1,6 @@
 """Pieces of the embedding-based classification methods: scikit-learn heads saved without pickle,
-the on-disk embedding cache, per-class sampling and SetFit's pair generation."""
+the on-disk embedding cache, per-class sampling, SetFit's pair generation and the two small tasks
+the engine trains for SetFit (the contrastive pair stage, the differentiable linear head)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..errors import LmforgeError
+from .base import Task
 
 SAFE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.")
 
@@ -224,14 +229,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 # ---- sampling --------------------------------------------------------------------------------------------
-def sample_per_class(labels: Sequence[int], n: int, seed: int) -> list[int]:
-    """Indices of ``n`` examples of every class (all of a class with fewer), seeded; sorted."""
+def sample_per_class(labels: Sequence[int], n: int | None, seed: int) -> list[int]:
+    """Indices of ``n`` examples of every class (all of a class with fewer; ``n=None``: all), seeded; sorted."""
     rng = np.random.default_rng(seed)
     y = np.asarray(labels)
     out: list[int] = []
     for c in sorted(set(y.tolist())):
         idx = np.flatnonzero(y == c)
-        out += idx.tolist() if len(idx) <= n else rng.choice(idx, n, replace=False).tolist()
+        out += idx.tolist() if n is None or len(idx) <= n else rng.choice(idx, n, replace=False).tolist()
     return sorted(out)
 
 
@@ -275,3 +280,79 @@ def setfit_pairs(labels: Sequence[int], num_iterations: int, *, keys: Sequence[s
         take = rng.choice(len(ci), min(want, len(ci)), replace=False)
         out += [(int(ci[t]), int(cj[t]), target) for t in take]
     return out
+
+
+# ---- SetFit stages for the engine ------------------------------------------------------------------------
+class PairTask(Task):
+    """SetFit's contrastive stage for the engine: ``L = mean_i (cos(u_i, v_i) - y_i)^2`` with
+    ``y = 1`` for same-class pairs and ``0`` otherwise (``losses.contrastive.cosine_similarity_loss``).
+
+    A batch embeds each distinct sentence once (pairs drawn from a few dozen examples repeat
+    sentences: ~35 % of the rows of a 16-pair batch from 32 examples), in one forward pass; the
+    loss gathers the pair sides from those rows, so gradients flow to every occurrence. (Repeats
+    then share a dropout mask.)
+
+    Args:
+        encoder: the :class:`~lmforge.embeddings.SentenceEncoder` being trained.
+        tokens: token ids of the examples.
+        pairs: ``(i, j, target)`` over example indices.
+        placement: the run's device/precision.
+    """
+
+    name = "setfit-pairs"
+
+    def __init__(self, encoder, tokens: list[list[int]], pairs: list[tuple[int, int, float]], placement):
+        self.model, self.placement, self.tokens = encoder, placement, tokens
+        self.train_items = [{"a": i, "b": j, "score": float(s)} for i, j, s in pairs]
+        self.eval_items = []
+
+    def item_length(self, item: dict) -> int:
+        return max(len(self.tokens[item["a"]]), len(self.tokens[item["b"]]))
+
+    def collate(self, items: Sequence[dict]) -> dict[str, Tensor]:
+        rows = list(dict.fromkeys([it["a"] for it in items] + [it["b"] for it in items]))  # distinct examples
+        where = {ex: r for r, ex in enumerate(rows)}
+        batch = self.model.collate([self.tokens[ex] for ex in rows])  # (U, T)
+        batch["side_a"] = torch.tensor([where[it["a"]] for it in items])  # (B,)
+        batch["side_b"] = torch.tensor([where[it["b"]] for it in items])  # (B,)
+        batch["scores"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)  # (B,)
+        return batch
+
+    def batch_units(self, batch: dict) -> int:
+        return int(batch["scores"].shape[0])
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict]:
+        from ..losses.contrastive import cosine_similarity_loss
+
+        emb = self.model(batch["input_ids"], batch["attention_mask"]).float()  # (U, D)
+        return cosine_similarity_loss(emb[batch["side_a"]], emb[batch["side_b"]], batch["scores"]), {}
+
+
+class VectorHeadTask(Task):
+    """A linear softmax head on fixed vectors (SetFit's differentiable head), trained by the engine."""
+
+    name = "linear-head"
+
+    def __init__(self, x: Tensor, y: Tensor, n_classes: int, placement):
+        self.x, self.y, self.placement = x.float(), y.long(), placement  # (N, D), (N,)
+        self.model = nn.Linear(x.shape[1], n_classes)
+        self.train_items = [{"i": i} for i in range(len(y))]
+        self.eval_items = []
+
+    def item_length(self, item: dict) -> int:
+        return 1
+
+    def collate(self, items: Sequence[dict]) -> dict[str, Tensor]:
+        idx = torch.tensor([it["i"] for it in items])
+        return {"x": self.x[idx], "labels": self.y[idx]}  # (B, D), (B,)
+
+    def batch_units(self, batch: dict) -> int:
+        return int(batch["labels"].shape[0])
+
+    def batch_tokens(self, batch: dict) -> int:
+        return self.batch_units(batch)
+
+    def loss(self, batch: dict) -> tuple[Tensor, dict]:
+        logits = self.model(batch["x"]).float()  # (B, C)
+        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
+        return F.cross_entropy(logits, batch["labels"]), {"accuracy": float(acc)}

@@ -24,13 +24,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..data.schema import label_ids, require_columns, text_values
 from ..errors import LmforgeError
-from .base import Task
 from .classify import ClassifyTask
-from .classify_heads import SklearnHead, cached_encode, sample_per_class, setfit_pairs
+from .classify_heads import (PairTask, SklearnHead, VectorHeadTask, cached_encode, sample_per_class,
+                             setfit_pairs)
 from .common import read_run_config, write_json
 
 
@@ -340,81 +340,6 @@ class SetFitTask(EncoderMethod):
 
     def load_artefacts(self, run_dir: Path) -> None:
         self.head = SklearnHead.load(run_dir / "head", len(self.labels))
-
-
-class PairTask(Task):
-    """SetFit's contrastive stage for the engine: ``L = mean_i (cos(u_i, v_i) - y_i)^2`` with
-    ``y = 1`` for same-class pairs and ``0`` otherwise (``losses.contrastive.cosine_similarity_loss``).
-
-    A batch embeds each distinct sentence once (pairs drawn from a few dozen examples repeat
-    sentences: ~35 % of the rows of a 16-pair batch from 32 examples), in one forward pass; the
-    loss gathers the pair sides from those rows, so gradients flow to every occurrence. (Repeats
-    then share a dropout mask.)
-
-    Args:
-        encoder: the :class:`~lmforge.embeddings.SentenceEncoder` being trained.
-        tokens: token ids of the examples.
-        pairs: ``(i, j, target)`` over example indices.
-        placement: the run's device/precision.
-    """
-
-    name = "setfit-pairs"
-
-    def __init__(self, encoder, tokens: list[list[int]], pairs: list[tuple[int, int, float]], placement):
-        self.model, self.placement, self.tokens = encoder, placement, tokens
-        self.train_items = [{"a": i, "b": j, "score": float(s)} for i, j, s in pairs]
-        self.eval_items = []
-
-    def item_length(self, item: dict) -> int:
-        return max(len(self.tokens[item["a"]]), len(self.tokens[item["b"]]))
-
-    def collate(self, items: Sequence[dict]) -> dict[str, Tensor]:
-        rows = list(dict.fromkeys([it["a"] for it in items] + [it["b"] for it in items]))  # distinct examples
-        where = {ex: r for r, ex in enumerate(rows)}
-        batch = self.model.collate([self.tokens[ex] for ex in rows])  # (U, T)
-        batch["side_a"] = torch.tensor([where[it["a"]] for it in items])  # (B,)
-        batch["side_b"] = torch.tensor([where[it["b"]] for it in items])  # (B,)
-        batch["scores"] = torch.tensor([it["score"] for it in items], dtype=torch.float32)  # (B,)
-        return batch
-
-    def batch_units(self, batch: dict) -> int:
-        return int(batch["scores"].shape[0])
-
-    def loss(self, batch: dict) -> tuple[Tensor, dict]:
-        from ..losses.contrastive import cosine_similarity_loss
-
-        emb = self.model(batch["input_ids"], batch["attention_mask"]).float()  # (U, D)
-        return cosine_similarity_loss(emb[batch["side_a"]], emb[batch["side_b"]], batch["scores"]), {}
-
-
-class VectorHeadTask(Task):
-    """A linear softmax head on fixed vectors (SetFit's differentiable head), trained by the engine."""
-
-    name = "linear-head"
-
-    def __init__(self, x: Tensor, y: Tensor, n_classes: int, placement):
-        self.x, self.y, self.placement = x.float(), y.long(), placement  # (N, D), (N,)
-        self.model = nn.Linear(x.shape[1], n_classes)
-        self.train_items = [{"i": i} for i in range(len(y))]
-        self.eval_items = []
-
-    def item_length(self, item: dict) -> int:
-        return 1
-
-    def collate(self, items: Sequence[dict]) -> dict[str, Tensor]:
-        idx = torch.tensor([it["i"] for it in items])
-        return {"x": self.x[idx], "labels": self.y[idx]}  # (B, D), (B,)
-
-    def batch_units(self, batch: dict) -> int:
-        return int(batch["labels"].shape[0])
-
-    def batch_tokens(self, batch: dict) -> int:
-        return self.batch_units(batch)
-
-    def loss(self, batch: dict) -> tuple[Tensor, dict]:
-        logits = self.model(batch["x"]).float()  # (B, C)
-        acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        return F.cross_entropy(logits, batch["labels"]), {"accuracy": float(acc)}
 
 
 METHODS = {"embedding_lr": EmbeddingLRTask, "zero_shot": ZeroShotTask, "setfit": SetFitTask}
