@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_sft_train_eval_and_generate(tmp_path, tiny_llama_dir, capsys):
+def test_sft_train_eval_merge_and_generate(tmp_path, tiny_llama_dir, capsys):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(60))
     r = recipe(tmp_path, "sft", tiny_llama_dir, data, {"rouge_samples": 3, "max_new_tokens": 4, "eval_base": True},
                "sft")
@@ -57,6 +58,37 @@ def test_sft_train_eval_and_generate(tmp_path, tiny_llama_dir, capsys):
     report = last_json(capsys)
     assert {"loss", "perplexity", "rougeL", "base_loss"} <= set(report)
     assert json.loads((run / "eval_sft.json").read_text()) == report
+
+    # merge -> a plain HF folder; generate from the run (adapter) and from the merged folder
+    merged = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    assert last_json(capsys)["max_abs_diff"] < 1e-4
+    prompts = ["awful bad plot actor", "good fine movie plot", "the movie", "boring dull film"]
+    src = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    texts = {}
+    for name, model in (("adapter", run), ("merged", merged)):
+        out = tmp_path / f"gen_{name}.jsonl"
+        assert main(["generate", str(model), "--input", str(src), "--out", str(out), "--raw",
+                     "--max-new-tokens", "6", "--precision", "fp32"]) == 0
+        texts[name] = [json.loads(x)["generation"] for x in out.read_text().splitlines()]
+    assert texts["merged"] == texts["adapter"] and any(texts["adapter"])
+    # transformers alone (lmforge never imported) loads the merged folder and generates the same texts
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}, dtype=torch.float32).eval()\n"
+        f"t = AutoTokenizer.from_pretrained({str(merged)!r})\n"
+        "outs = []\n"
+        f"for p in {prompts!r}:\n"
+        "    ids = t(p, return_tensors='pt')['input_ids']\n"
+        "    out = m.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=t.pad_token_id)\n"
+        "    outs.append(t.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n"
+        "assert not any(k.split('.')[0] == 'lmforge' for k in sys.modules)\n"
+        "print(json.dumps(outs))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == texts["adapter"]
 
 
 def test_preference_train_eval(tmp_path, tiny_llama_dir, capsys):

@@ -205,3 +205,33 @@ def test_chat_template_applied_unless_raw(lm):
     cfg = GenerationConfig(max_new_tokens=8)
     assert generate(model, tok, ["the movie"], cfg) == generate(model, tok, [messages], cfg)
     assert generate(model, tok, ["the movie"], cfg) != generate(model, tok, ["the movie"], cfg, chat=False)
+
+
+def test_prompt_longer_than_the_context_is_refused_and_generation_capped(lm, caplog):
+    model, tok = lm
+    limit = model.config.max_position_embeddings  # 128
+    too_long = " ".join(["movie"] * limit)  # no room for a new token
+    n = len(encode_prompts(tok, [too_long], chat=False)[0])
+    with pytest.raises(LmforgeError, match=f"prompt 2 has {n} tokens; the model takes at most {limit}") as err:
+        generate(model, tok, ["w1 w2", too_long], GenerationConfig(max_new_tokens=4), chat=False)
+    assert n >= limit and "\n" not in str(err.value)
+    near = " ".join(["w1", "w2", "the", "plot"] * 31)  # 124 words
+    ids = encode_prompts(tok, [near], chat=False)[0]
+    room = limit - len(ids)
+    assert 0 < room < 50
+    out = decode(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                 GenerationConfig(max_new_tokens=room))[0]
+    with caplog.at_level("WARNING", logger="lmforge"):
+        text = generate(model, tok, [near], GenerationConfig(max_new_tokens=50), chat=False)[0]
+    assert len(out) == room and f"capped at {room} new tokens" in caplog.text
+    assert text == tok.decode(out, skip_special_tokens=True)
+
+
+def test_decoding_uses_no_deprecated_cache_argument(lm):
+    import warnings
+
+    model, tok = lm
+    ids, mask = _ids(tok, PROMPTS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        decode(model, ids, mask, GenerationConfig(max_new_tokens=3))

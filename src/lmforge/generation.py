@@ -226,6 +226,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) real tokens count from 0
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache = _new_cache(model) if cfg.use_cache else None
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
     seen = None
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -233,7 +234,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     for _ in range(cfg.max_new_tokens):
         kwargs = dict(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache)
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[cache_arg] = cache
         logits = model(**kwargs, **keep_last).logits[:, -1, :].float()  # (B, V)
         if cfg.repetition_penalty != 1.0 and seen is None:
             seen = seen_tokens(input_ids, mask, logits.shape[-1])  # (B, V)

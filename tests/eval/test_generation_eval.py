@@ -107,3 +107,42 @@ def test_eval_task_perplexity_and_generation(lm, tiny_llama_dir, tmp_path, capsy
     assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(report) and report["n"] == 2
     with pytest.raises(LmforgeError, match="--task must be one of"):
         run_eval_task(_args(tmp_path / "m", "accuracy", data))
+
+
+def test_lmforge_eval_cli_on_a_run_with_an_adapter(lm, tmp_path, capsys):
+    from conftest import write_yaml
+    from lmforge.adapters import LoraSpec, apply_lora, load_adapter, save_adapter
+    from lmforge.cli import main
+
+    model, tok = lm
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    adapted = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    apply_lora(adapted, LoraSpec(r=4, alpha=32, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    run = tmp_path / "run"
+    save_adapter(adapted, run / "adapter", base_model_name_or_path=str(base), task_type="CAUSAL_LM")
+    write_yaml(run / "config.yaml", {"task": "sft", "model": {"name": str(base)}})
+    txt = tmp_path / "texts.txt"
+    txt.write_text("\n".join(TEXTS) + "\n")
+    fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    load_adapter(fresh, run / "adapter")
+    total, count = naive_nll(fresh, tok, TEXTS)
+    assert main(["eval", str(run), "--task", "perplexity", "--data", str(txt)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the CLI runs in the auto precision (bf16 autocast on CPUs with bf16 units): 2% tolerance
+    assert report["perplexity"] == pytest.approx(math.exp(total / count), rel=2e-2)  # the adapter is on
+    assert json.loads((run / "eval_perplexity_texts.json").read_text())["tokens"] == count
+    assert main(["eval", str(base), "--task", "perplexity", "--data", str(txt)]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(plain["perplexity"] - report["perplexity"]) > 0.2 * report["perplexity"]
+    data = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "the movie", "reference": "good film"}])
+    assert main(["eval", str(run), "--task", "generation", "--data", str(data)]) == 0
+    assert {"rouge1", "rouge2", "rougeL", "bleu"} <= set(json.loads((run / "eval_generation_gen.json").read_text()))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "the movie"}])
+    assert main(["eval", str(run), "--task", "generation", "--data", str(bad)]) == 2
+    assert "missing a reference" in capsys.readouterr().err

@@ -236,3 +236,48 @@ def test_logp_accuracy_is_the_policy_own_per_token_preference(tmp_path, tiny_lla
             wins += full_logps(task.model, c) / len(it["chosen_ids"]) > full_logps(task.model, r) / len(it["rejected_ids"])
     m = task.evaluate()
     assert m["logp_accuracy"] == pytest.approx(wins / len(task.eval_items))
+
+
+def test_chat_message_pairs_encode_like_text_pairs(tmp_path, tiny_llama_dir):
+    text = [{"prompt": "the plot", "chosen": "good film", "rejected": "bad film"}] * 4
+    msgs = [{"prompt": [{"role": "user", "content": "the plot"}],
+             "chosen": [{"role": "assistant", "content": "good film"}],
+             "rejected": [{"role": "assistant", "content": "bad film"}]}] * 4
+    a = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, text, data={"eval_fraction": 0.0}, name="text"))
+    b = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, msgs, data={"eval_fraction": 0.0}, name="msgs"))
+    keys = ("prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+    assert [[it[k] for k in keys] for it in a.train_items] == [[it[k] for k in keys] for it in b.train_items]
+    turns = [{"role": "user", "content": "good movie"}, {"role": "assistant", "content": "bad film"},
+             {"role": "user", "content": "the plot"}]
+    multi = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, [dict(msgs[0], prompt=turns)] * 4,
+                                    data={"eval_fraction": 0.0, "max_length": 128}, pref={"max_prompt_length": 100},
+                                    name="multi"))
+    rendered = multi.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert multi.train_items[0]["prompt_ids"] == multi.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    bad = [dict(msgs[0], chosen=[{"role": "user", "content": "good"}])] * 4
+    with pytest.raises(LmforgeError, match="line 1: 'chosen' as messages must be exactly one assistant message"):
+        PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, bad, name="bad"))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_one_concatenated_policy_forward_per_step(tmp_path, tiny_llama_dir, monkeypatch, precompute):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # keep the shared cache's entry count
+    task = PreferenceTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20), pref={"precompute_ref": precompute}))
+    shapes: list[tuple[tuple, bool]] = []  # (input_ids shape, adapters on) of every decoder forward
+
+    def record(module, args, kwargs):
+        from lmforge.adapters.lora import LoraLinear
+
+        on = not any(m.disabled for m in task.model.modules() if isinstance(m, LoraLinear))
+        shapes.append((tuple(kwargs["input_ids"].shape), on))
+
+    batch = task.collate(task.train_items[:4])  # 4 chosen + 4 rejected sequences (packed rows)
+    hook = task.model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        task.loss(batch)
+    finally:
+        hook.remove()
+    whole = tuple(batch["input_ids"].shape)
+    assert [s for s, on in shapes if on] == [whole]  # one policy forward over chosen and rejected together
+    # the reference: read from the cache, or one more forward of the same batch with the adapters off
+    assert [s for s, on in shapes if not on] == ([] if precompute else [whole])

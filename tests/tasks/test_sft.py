@@ -159,3 +159,15 @@ def test_eval_file_on_a_finished_run(tmp_path, tiny_llama_dir):
     assert m["tokens"] == sum(sum(t != IGNORE for t in it["targets"]) for it in items)
     assert (cfg.run_dir / "adapter" / "adapter_config.json").is_file()
     assert (cfg.run_dir / "data_report.json").is_file()
+
+
+def test_plain_text_format_trains_on_every_token_with_eos(tmp_path, tiny_llama_dir, caplog):
+    rows = [{"text": "the movie was good"}, {"text": "  "}, {"text": "a dull plot"}] * 2
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        task = SftTask(make_cfg(tmp_path, tiny_llama_dir, rows, data={"eval_fraction": 0.0}))
+    assert "dropped 2 of 6 samples: empty text (first: " in caplog.text and "line 2)" in caplog.text
+    tok = task.tokenizer
+    it = task.train_items[0]
+    ids = tok("the movie was good")["input_ids"] + [tok.eos_token_id]
+    assert it["input_ids"] == ids and it["targets"] == ids[1:] + [IGNORE]
+    assert len(task.train_items) == 4
