@@ -68,7 +68,8 @@ def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute:
     from lmforge.train import engine
 
     n = len(task.train_items)  # the pairs in file order, as TRL's sequential sampler gives them
-    engine.epoch_batches = lambda task, cfg, epoch, world: [list(range(i, i + batch)) for i in range(0, n - batch + 1, batch)]
+    sequential = [list(range(i, i + batch)) for i in range(0, n - batch + 1, batch)]
+    engine.epoch_batches = lambda task, cfg, epoch, world: sequential
     win = Window(warmup, steps)
     task.collate = win.wrap(task.collate)
     fit(task, cfg, Path(out) / "bench", on_step=lambda step, rec: win.step(step))
