@@ -40,5 +40,10 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(VPY) bench/classify_lora.py
 
+# every side-by-side benchmark, one JSON line each (about 1.5 h on 2 cores)
+BENCHES := classify_lora encode train_mnr setfit generate_cache sft_lora dpo_lora
+bench-all: $(STAMP)
+	@for b in $(BENCHES); do $(VPY) bench/$$b.py || exit 1; done
+
 clean:
 	rm -rf runs .pytest_cache
