@@ -50,6 +50,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
         from ..errors import LmforgeError
 
         raise LmforgeError("no trainable parameters: check the training mode / adapter targets")
-    fused = all(p.device.type == "cuda" for g in groups for p in g["params"])
-    kwargs = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+    # The fused kernel (CUDA, and CPU since torch 2.4) equals foreach to float rounding (1e-7 after 50
+    # steps) and is ~3x faster on this 2-core CPU (MiniLM's 22.7M parameters: 38 vs 124 ms a step);
+    # builds or devices without it fall back to foreach.
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
