@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .errors import LmforgeError
+from .sampling import repetition_penalty, seen_tokens, temperature_scale, top_k_filter, top_p_filter  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -81,87 +82,7 @@ class GenerationConfig:
         return self.temperature == 0.0
 
 
-# ---- logits processors (pure functions) ---------------------------------------------------------
-def seen_tokens(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) -> Tensor:
-    """Which vocabulary entries occur in each row (padding excluded).
-
-    Args:
-        input_ids: (B, T) token ids.
-        attention_mask: (B, T), 1 on real tokens, 0 on padding.
-        vocab_size: V.
-
-    Returns:
-        (B, V) bool.
-    """
-    counts = torch.zeros(input_ids.shape[0], vocab_size, device=input_ids.device)  # (B, V)
-    counts.scatter_add_(1, input_ids, attention_mask.to(counts.dtype))
-    return counts > 0
-
-
-def repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL repetition penalty: ``z'_v = z_v / θ if z_v > 0 else z_v θ`` for seen ``v``.
-
-    Args:
-        logits: (B, V) next-token logits.
-        seen: (B, V) bool, tokens already in the row.
-        penalty: θ > 0 (θ > 1 makes repeats less likely, 1 is a no-op).
-
-    Returns:
-        (B, V) logits.
-    """
-    if penalty == 1.0:
-        return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
-    return torch.where(seen, penalised, logits)
-
-
-def temperature_scale(logits: Tensor, temperature: float) -> Tensor:
-    """``z / T`` (T > 0): T < 1 sharpens the distribution, T > 1 flattens it. (B, V) -> (B, V)."""
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 (use greedy decoding for 0)")
-    return logits / temperature
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the ``k`` largest logits of each row, set the rest to ``-inf`` (ties at the k-th value kept).
-
-    Args:
-        logits: (B, V).
-        k: tokens kept; 0 or k >= V is a no-op.
-
-    Returns:
-        (B, V).
-    """
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches ``p``.
-
-    With tokens sorted by probability ``π_(1) >= π_(2) >= ...``, token ``(i)`` is dropped when
-    ``sum_{j < i} π_(j) >= p`` (the tokens before it already hold mass ``p``); the most likely
-    token is always kept.
-
-    Args:
-        logits: (B, V).
-        p: in (0, 1]; 1 is a no-op.
-
-    Returns:
-        (B, V) with dropped tokens at ``-inf``.
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.float().softmax(dim=-1)  # (B, V)
-    before = probs.cumsum(dim=-1) - probs  # (B, V) mass strictly before each token
-    drop_sorted = before >= p  # (B, V)
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
-
-
+# ---- combining the logits processors (pure functions in sampling.py) --------------------------
 def process_logits(logits: Tensor, seen: Tensor | None, cfg: GenerationConfig) -> Tensor:
     """Apply the configured processors in order: repetition penalty, then (sampling only)
     temperature, top-k, top-p. (B, V) -> (B, V)."""
@@ -199,6 +120,14 @@ def _new_cache(model):
         return DynamicCache()
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` under the keyword ``model.forward`` takes (``cache`` since transformers 5,
+    ``past_key_values`` before); empty when ``cache`` is None."""
+    if cache is None:
+        return {}
+    return {"cache" if _accepts(model, "cache") else "past_key_values": cache}
+
+
 @torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig, *,
            eos_ids: Sequence[int] = (), pad_id: int = 0, generator: torch.Generator | None = None,
@@ -226,16 +155,13 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) real tokens count from 0
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache = _new_cache(model) if cfg.use_cache else None
-    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
     seen = None
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     out: list[list[int]] = [[] for _ in range(batch)]
     ids, step_ids, step_pos = input_ids, input_ids, positions
     for _ in range(cfg.max_new_tokens):
-        kwargs = dict(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache)
-        if cache is not None:
-            kwargs[cache_arg] = cache
-        logits = model(**kwargs, **keep_last).logits[:, -1, :].float()  # (B, V)
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache,
+                       **cache_kwargs(model, cache), **keep_last).logits[:, -1, :].float()  # (B, V)
         if cfg.repetition_penalty != 1.0 and seen is None:
             seen = seen_tokens(input_ids, mask, logits.shape[-1])  # (B, V)
         token = next_tokens(process_logits(logits, seen, cfg), cfg, generator)  # (B,)

@@ -111,12 +111,10 @@ def resolve_source(model: str, adapter: str | None = None, *, base_4bit: bool | 
     """
     path = Path(model).expanduser() if model else None
     src = Source(base=model)
-    if path is None:
-        pass
-    elif adapter is None and (path / "adapter_config.json").is_file():
+    if path is not None and adapter is None and (path / "adapter_config.json").is_file():
         adapter = model  # an adapter folder as the model argument
         src.base = ""
-    elif is_run_dir(path):
+    elif path is not None and is_run_dir(path):
         if adapter is not None:
             raise LmforgeError(f"{path} is a run directory; give --adapter with a base model instead")
         name = _read_run(path, src)

@@ -123,7 +123,7 @@ def choice_logprobs(model, prompts: Sequence[Sequence[int]], choices: Sequence[S
         ``(B, K)`` fp32 summed log-probabilities.
     """
     from ..data.batching import pad_sequences
-    from ..generation import _accepts, _new_cache
+    from ..generation import _new_cache, cache_kwargs
 
     body = model.base_model
     device = next(model.parameters()).device
@@ -132,9 +132,8 @@ def choice_logprobs(model, prompts: Sequence[Sequence[int]], choices: Sequence[S
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
     batch = ids.shape[0]
     cache = _new_cache(model)
-    cache_arg = "cache" if _accepts(body, "cache") else "past_key_values"  # renamed in transformers 5.x
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                  **{cache_arg: cache}).last_hidden_state  # (B, T, H)
+                  **cache_kwargs(body, cache)).last_hidden_state  # (B, T, H)
     first = _head_logps(model, hidden[:, -1:])[:, 0]  # (B, V)
     scores = torch.empty(batch, len(choices), device=device)
     for k, choice in enumerate(choices):
@@ -145,7 +144,7 @@ def choice_logprobs(model, prompts: Sequence[Sequence[int]], choices: Sequence[S
             step_mask = torch.cat([mask, mask.new_ones(batch, n)], dim=1)  # (B, T + n)
             step_pos = pos[:, -1:] + torch.arange(1, n + 1, device=device)  # (B, n)
             h = body(input_ids=c[:-1].expand(batch, n), attention_mask=step_mask, position_ids=step_pos,
-                     use_cache=True, **{cache_arg: cache}).last_hidden_state  # (B, n, H)
+                     use_cache=True, **cache_kwargs(body, cache)).last_hidden_state  # (B, n, H)
             logp = _head_logps(model, h).gather(-1, c[1:].expand(batch, n)[..., None])  # (B, n, 1)
             score = score + logp.squeeze(-1).sum(-1)
             cache.crop(-n)  # drop the choice again (negative: tokens to remove)
