@@ -1,16 +1,13 @@
 """Helpers shared by tasks: model surgery (freezing, LoRA), run-dir I/O."""
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from ..config import LoraConfig, RunConfig
 from ..errors import LmforgeError
+from ..rundir import atomic_dir, write_json  # noqa: F401  (re-exported for tasks)
 
 
 def module_names(model: nn.Module) -> set[str]:
@@ -60,34 +57,6 @@ def freeze_except(model: nn.Module, trainable_names: list[str], unfreeze_last: i
         for block in list(stack)[-unfreeze_last:]:
             for p in block.parameters():
                 p.requires_grad_(True)
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_dir(final: Path):
-    """Context manager yielding a temp folder that replaces ``final`` on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-            return self.tmp
-
-        def __exit__(self, et, ev, tb):
-            if et is None:
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(self.tmp, final)
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-
-    return _Ctx()
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
