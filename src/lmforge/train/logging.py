@@ -1,10 +1,16 @@
-"""Run logging: metrics.jsonl, TensorBoard (when installed) and a progress bar."""
+"""Run logging: metrics.jsonl, TensorBoard (when installed) and progress for people.
+
+Progress is a tqdm bar only on a terminal; in a log (no TTY) it is one concise line per logging
+interval with elapsed time and a linear estimate of the time left, never carriage-return redraws.
+"""
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
+
+from ..progress import LineProgress, progress, progress_line  # noqa: F401  (re-exported)
 
 
 def _clean(v):
@@ -44,18 +50,3 @@ class RunLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
-
-
-def progress(total: int, initial: int, enabled: bool, desc: str = "train"):
-    """A tqdm bar, or a do-nothing stand-in when disabled."""
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
-
-    class _Null:
-        def update(self, n=1): ...
-        def set_postfix(self, *a, **k): ...
-        def close(self): ...
-
-    return _Null()

@@ -1,0 +1,96 @@
+"""Progress for people: bars only on a terminal, concise lines with an estimate in logs."""
+from __future__ import annotations
+
+import io
+import types
+import zipfile
+
+from lmforge.progress import LineProgress, progress, progress_line, tracked_tqdm
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_line_hand_computed_estimate():
+    # 120 of 500 in 30 s -> 380 left at 4 units/s = 95 s
+    line = progress_line("train", 120, 500, 30.0, {"loss": "0.4100"})
+    assert line == "train 120/500 (24%) 0:30 elapsed, ~1:35 left, loss=0.4100"
+    # resumed at 100: 20 units here in 30 s -> 380 left at 2/3 units/s = 570 s
+    assert "~9:30 left" in progress_line("train", 120, 500, 30.0, done_here=20)
+    assert progress_line("x", 5 << 20, 10 << 20, 3.0, unit="B").startswith("x 5.0MB/10.0MB (50%)")
+    assert "left" not in progress_line("x", 0, 10, 1.0)
+
+
+def test_no_tty_one_line_per_logging_interval_and_no_carriage_returns():
+    out = io.StringIO()
+    bar = progress(100, 0, True, "train", stream=out)
+    assert isinstance(bar, LineProgress)
+    for step in range(1, 101):
+        bar.update(1)
+        if step % 10 == 0:  # the engine's log_every
+            bar.set_postfix(loss=f"{1 / step:.4f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10  # one per interval, close adds nothing new
+    assert "\r" not in out.getvalue()
+    assert lines[-1].startswith("train 100/100 (100%)") and "loss=0.0100" in lines[-1]
+
+
+def test_update_alone_writes_on_time_interval_and_at_close():
+    out = io.StringIO()
+    bar = progress(1000, 0, True, "encode", stream=out, interval=3600)
+    for _ in range(1000):
+        bar.update(1)
+    assert out.getvalue() == ""  # nothing until the interval passes
+    bar.close()
+    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("encode 1000/1000")
+    out = io.StringIO()
+    bar = progress(5, 0, True, "encode", stream=out, interval=0.0)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    assert out.getvalue().count("\n") == 5
+
+
+def test_tty_gets_a_bar_disabled_gets_nothing():
+    from tqdm.auto import tqdm
+
+    bar = progress(10, 0, True, "train", stream=_Tty())
+    assert isinstance(bar, tqdm)
+    bar.close()
+    out = io.StringIO()
+    null = progress(10, 0, False, stream=out)
+    null.update(3)
+    null.set_postfix(loss=1)
+    null.close()
+    assert out.getvalue() == ""
+
+
+def test_tracked_tqdm_routes_a_library_loop(capsys):
+    mod = types.SimpleNamespace(tqdm=lambda it, desc=None: it)
+    with tracked_tqdm(mod):
+        got = list(mod.tqdm(range(7), desc="Converting and de-quantizing GGUF tensors..."))
+    assert got == list(range(7))
+    err = capsys.readouterr().err
+    assert err.startswith("Converting and de-quantizing GGUF tensors 7/7 (100%)")
+    assert mod.tqdm(range(2)) == range(2)  # restored
+
+
+def test_split_zip_extraction_reports_progress(tmp_path, capsys):
+    from lmforge.models import extract_split_zip
+
+    z = tmp_path / "m.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("m/config.json", "{}")
+        zf.writestr("m/weights.bin", b"\0" * 300_000)
+    data = z.read_bytes()
+    parts = [tmp_path / "m.zip.001", tmp_path / "m.zip.002"]
+    parts[0].write_bytes(data[:1000])
+    parts[1].write_bytes(data[1000:])
+    out = extract_split_zip(parts, tmp_path / "cache" / "m")
+    assert (out / "config.json").is_file() and (out / "weights.bin").stat().st_size == 300_000
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("join parts") and "(100%)" in line for line in err)
+    assert any(line.startswith("extract") and "(100%)" in line for line in err)
