@@ -174,7 +174,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def build_config(raw: dict, source: str = "config") -> RunConfig:
     """Validate a raw dict into the task's RunConfig subclass."""
-    from . import tasks  # noqa: F401  (registers task configs)
+    import importlib
+
+    importlib.import_module("lmforge.tasks")  # plugin discovery: task modules register their configs
 
     task = raw.get("task")
     if task is None:

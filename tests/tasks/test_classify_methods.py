@@ -14,8 +14,8 @@ from lmforge.commands.core import prepare_run_dir
 from lmforge.config import build_config
 from lmforge.embeddings import SentenceEncoder
 from lmforge.errors import LmforgeError
-from lmforge.tasks import task_class
-from lmforge.tasks.classify import TASK, ClassifyTask
+from lmforge.tasks import build_task, load_task, task_class
+from lmforge.tasks.classify import ClassifyTask
 from lmforge.tasks.classify_heads import (SklearnHead, cached_encode, embedding_cache_path, linear_probs,
                                           sample_per_class, setfit_pairs)
 from lmforge.tasks.classify_methods import EmbeddingLRTask, SetFitTask, ZeroShotTask
@@ -147,9 +147,10 @@ def test_embedding_lr_runs_reuse_the_cached_training_embeddings(tmp_path, tiny_b
 
 # ---- methods on tiny models -------------------------------------------------------------------------------
 def test_method_dispatch_and_config(tmp_path, tiny_bert_dir):
-    assert task_class("classify") is TASK
-    assert type(TASK(_cfg(tmp_path, tiny_bert_dir, "finetune", classify={"mode": "frozen"}))) is ClassifyTask
-    assert type(TASK(_cfg(tmp_path, tiny_bert_dir, "zero_shot"))) is ZeroShotTask
+    assert task_class("classify") is ClassifyTask
+    assert task_class("classify", _cfg(tmp_path, tiny_bert_dir, "setfit")) is SetFitTask
+    assert type(build_task(_cfg(tmp_path, tiny_bert_dir, "finetune", classify={"mode": "frozen"}))) is ClassifyTask
+    assert type(build_task(_cfg(tmp_path, tiny_bert_dir, "zero_shot"))) is ZeroShotTask
     with pytest.raises(LmforgeError, match="classify.method"):
         _cfg(tmp_path, tiny_bert_dir, "knn")
     with pytest.raises(LmforgeError, match="unknown key 'classify.setfit.pairs'"):
@@ -357,7 +358,7 @@ def test_train_eval_predict_on_the_command_line(request, tmp_path, capsys, metho
     assert json.loads(capsys.readouterr().out) == {"predictions": 2, "out": str(out)}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == texts
-    reloaded = TASK.from_run(run_dir)
+    reloaded = load_task(run_dir)
     want = reloaded.predict_texts(texts)
     for r, p in zip(rows, want):
         assert set(r["probs"]) == {"neg", "pos"} and sum(r["probs"].values()) == pytest.approx(1.0, abs=1e-5)

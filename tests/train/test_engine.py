@@ -16,7 +16,7 @@ from lmforge.config import build_config, dump_config
 from lmforge.data.batching import collate_tokens
 from lmforge.device import Placement
 from lmforge.models import load_tokenizer
-from lmforge.tasks import classify as classify_module
+from lmforge.tasks import TASKS
 from lmforge.tasks.base import Task
 from lmforge.tasks.classify import ClassifyTask
 from lmforge.train import checkpoint as ckpt
@@ -291,7 +291,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     recipe = tmp_path / "r.yaml"
     recipe.write_text(dump_config(cfg))
     monkeypatch.setattr(BadLossAt5, "value", value)
-    monkeypatch.setattr(classify_module, "TASK", BadLossAt5)
+    monkeypatch.setitem(TASKS, "classify", BadLossAt5)
     assert main(["train", str(recipe)]) == 1
     out = capsys.readouterr()
     err = out.err.strip().splitlines()

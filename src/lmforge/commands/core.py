@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,51 +25,37 @@ def cmd_config(args) -> int:
     return 0
 
 
-def _is_main_rank() -> bool:
-    """Rank 0 owns the run directory under torchrun (other ranks would see it half-made)."""
-    return int(os.environ.get("RANK", "0")) == 0
+def check_run_dir(cfg) -> str:
+    """What training will do with the run directory (new, resume, overwrite, restart); refuses
+    one line when it cannot (see :func:`lmforge.rundir.check_run`)."""
+    from ..rundir import check_run
 
-
-def check_run_dir(cfg) -> None:
-    """Refuse to clobber an existing run unless resume=true or overwrite=true."""
-    run_dir = cfg.run_dir
-    if not _is_main_rank():
-        return
-    if run_dir.exists() and any(run_dir.iterdir()) and not cfg.train.resume and not cfg.overwrite:
-        raise LmforgeError(f"{run_dir}: run directory exists; set resume=true, overwrite=true or a new name=")
+    return check_run(cfg)
 
 
 def prepare_run_dir(cfg) -> Path:
-    """Create the run directory and save the resolved config in it."""
-    from ..config import dump_config
+    """Create the run directory and save the resolved config in it (:func:`lmforge.rundir.prepare_run`)."""
+    from ..rundir import prepare_run
 
-    check_run_dir(cfg)
-    run_dir = cfg.run_dir
-    if not _is_main_rank():
-        return run_dir
-    if run_dir.exists() and cfg.overwrite and not cfg.train.resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    return run_dir
+    return prepare_run(cfg)
 
 
 def cmd_train(args) -> int:
     from ..config import load_config
-    from ..tasks import task_class
+    from ..rundir import check_run, prepare_run
+    from ..tasks import build_task
     from ..train import fit
 
     cfg = load_config(args.recipe, args.overrides)
-    check_run_dir(cfg)
-    task = task_class(cfg.task)(cfg)  # reads and checks data before anything is written
-    run_dir = prepare_run_dir(cfg)
+    action = check_run(cfg)
+    task = build_task(cfg)  # reads and checks data and model before anything is written
+    run_dir = prepare_run(cfg, action)
     log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
-    if hasattr(task, "describe_model"):
-        log.info(task.describe_model())
+    log.info(task.describe_model())
     metrics = task.train_direct(run_dir)
     if metrics is None:
         metrics = fit(task, cfg, run_dir)
-    if _is_main_rank():
+    if int(os.environ.get("RANK", "0")) == 0:
         task.save(run_dir)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps({"run_dir": str(run_dir)} | summary))
@@ -78,11 +63,9 @@ def cmd_train(args) -> int:
 
 
 def _load_run(run_dir: str):
-    from ..tasks import task_class
-    from ..tasks.common import read_run_config
+    from ..tasks import load_task
 
-    cfg = read_run_config(run_dir)
-    return task_class(cfg.task).from_run(run_dir)
+    return load_task(run_dir)
 
 
 def cmd_eval(args) -> int:

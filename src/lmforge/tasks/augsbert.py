@@ -18,12 +18,13 @@ from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from ..config import Section, register_task_config
+from ..config import Section
 from ..data.readers import Table
 from ..data.schema import field_column, load_splits, require_columns, text_values
 from ..embeddings.evaluators import normalised_scores, sts_from_file
 from ..errors import LmforgeError
 from .embed import EmbedConfig, EmbedRun, EmbedTask
+from .base import register_task
 
 
 class AugsbertConfig(Section):
@@ -38,7 +39,6 @@ class AugsbertConfig(Section):
     max_silver: int | None = Field(None, gt=0, description="cap on silver pairs (seeded sample)")
 
 
-@register_task_config("augsbert")
 class AugsbertRun(EmbedRun):
     task: Literal["augsbert"] = "augsbert"
     embed: EmbedConfig = Field(default_factory=lambda: EmbedConfig(loss="cosine"))
@@ -83,6 +83,7 @@ def sample_silver_pairs(emb, sentences: Sequence[str], gold: set[tuple[str, str]
     return out
 
 
+@register_task("augsbert", config=AugsbertRun)
 class AugsbertTask(EmbedTask):
     name = "augsbert"
 
@@ -168,5 +169,3 @@ class AugsbertTask(EmbedTask):
             raise LmforgeError(f"{run_dir}: no trained model")
         return super().from_run(run_dir, which)
 
-
-TASK = AugsbertTask

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_serializer
 
-from ..config import RunConfig, Section, register_task_config
+from ..config import RunConfig, Section
 from ..data.batching import collate_tokens, length_grouped_batches
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, label_ids, label_names, load_splits, require_columns, text_values
 from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import is_decoder_only, load_tokenizer, resolve_model
-from .base import Task
+from .base import Task, register_task
 from .common import (freeze_except, lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights,
                      write_json)
 
@@ -110,7 +110,6 @@ METHOD_KEYS = {"finetune": {"mode", "unfreeze_last"}, "embedding_lr": {"method",
                "prompt": {"method", "prompt"}}
 
 
-@register_task_config("classify")
 class ClassifyRun(RunConfig):
     task: Literal["classify"] = "classify"
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
@@ -126,6 +125,7 @@ def _tokenize(tok, texts: list[str], pairs: list[str] | None, max_length: int) -
     return items
 
 
+@register_task("classify", config=ClassifyRun)
 class ClassifyTask(Task):
     name = "classify"
 
@@ -154,6 +154,13 @@ class ClassifyTask(Task):
         self.trainable = trainable_parameters(self.model) if adapt else None
         if cfg.model.frozen_in_compute_dtype:
             self.placement.cast_frozen(self.model)
+
+    @classmethod
+    def for_config(cls, cfg) -> type["ClassifyTask"]:
+        """``classify.method`` picks the class: this one (or a subclass) fine-tunes, the others
+        are in :mod:`lmforge.tasks.classify_methods`."""
+        method = cfg.classify.method
+        return cls if method == "finetune" and not getattr(cls, "method", "") else method_task(method)
 
     # ---- data -------------------------------------------------------------------------
     def _items(self, table: Table, split: str) -> list[dict]:
@@ -304,19 +311,3 @@ def method_task(method: str) -> type:
     from .classify_methods import method_class
 
     return method_class(method)
-
-
-class ClassifyDispatch:
-    """``TASK(cfg)`` builds the task of ``cfg.classify.method``; ``TASK.from_run`` reloads a run of any method."""
-
-    name = "classify"
-
-    def __call__(self, cfg: ClassifyRun, **kwargs) -> ClassifyTask:
-        return method_task(cfg.classify.method)(cfg, **kwargs)
-
-    def from_run(self, run_dir: str | Path, which: str = "final") -> ClassifyTask:
-        cfg = read_run_config(run_dir)
-        return method_task(cfg.classify.method).from_run(run_dir, which)
-
-
-TASK = ClassifyDispatch()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..config import RunConfig, Section, register_task_config
+from ..config import RunConfig, Section
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, label_ids, label_names, load_splits, require_columns, text_values
 from ..device import Placement
@@ -42,7 +42,7 @@ from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, NLIAccura
                                      sts_from_file)
 from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
-from .base import Task
+from .base import Task, register_task
 from .common import lora_spec, pick_targets, read_run_config
 
 LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
@@ -74,7 +74,6 @@ class EmbedConfig(Section):
     eval_before: bool = Field(True, description="also evaluate the untrained model (eval.json 'before')")
 
 
-@register_task_config("embed")
 class EmbedRun(RunConfig):
     task: Literal["embed"] = "embed"
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
@@ -91,6 +90,7 @@ class EmbedModel(nn.Module):
         return self.encoder(input_ids, attention_mask, token_type_ids)  # (B, D)
 
 
+@register_task("embed", config=EmbedRun)
 class EmbedTask(Task):
     name = "embed"
 
@@ -369,5 +369,3 @@ class EmbedTask(Task):
         write_vectors(out, texts, vecs)
         return len(texts)
 
-
-TASK = EmbedTask

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import RunConfig, Section, register_task_config
+from ..config import RunConfig, Section
 from ..data.batching import length_grouped_batches, pad_sequences
 from ..data.masking import mask_batch, seed_of
 from ..data.readers import Table, read_table
@@ -34,7 +34,7 @@ from ..data.schema import apply_where, field_column, load_splits, require_column
 from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
-from .base import Task
+from .base import Task, register_task
 from .common import atomic_dir, read_run_config, ready_for_inference
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ class MlmConfig(Section):
         return self
 
 
-@register_task_config("mlm")
 class MlmRun(RunConfig):
     task: Literal["mlm"] = "mlm"
     mlm: MlmConfig = Field(default_factory=MlmConfig)
@@ -120,6 +119,7 @@ def _carried_tensors(folder: Path, unexpected: set[str], hf: nn.Module) -> dict[
     return out
 
 
+@register_task("mlm", config=MlmRun)
 class MlmTask(Task):
     name = "mlm"
 
@@ -282,5 +282,3 @@ class MlmTask(Task):
     def predict_file(self, path: str, out: str) -> int:
         raise LmforgeError("mlm runs do not predict files; use: lmforge fill-mask RUN_DIR \"a [MASK] text\"")
 
-
-TASK = MlmTask

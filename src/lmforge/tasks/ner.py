@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..config import RunConfig, Section, register_task_config
+from ..config import RunConfig, Section
 from ..data.batching import collate_tokens, length_grouped_batches
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
@@ -34,7 +34,7 @@ from ..data.tokens import (IGNORE, align_labels, bio_label_list, check_tag, insi
 from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
-from .base import Task
+from .base import Task, register_task
 from .common import lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights, write_json
 
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
@@ -49,12 +49,12 @@ class NerConfig(Section):
         False, description="train the non-first sub-tokens of a word on its I- tag instead of ignoring them")
 
 
-@register_task_config("ner")
 class NerRun(RunConfig):
     task: Literal["ner"] = "ner"
     ner: NerConfig = Field(default_factory=NerConfig)
 
 
+@register_task("ner", config=NerRun)
 class NerTask(Task):
     name = "ner"
 
@@ -287,5 +287,3 @@ class NerTask(Task):
         os.replace(tmp, out)
         return len(texts)
 
-
-TASK = NerTask

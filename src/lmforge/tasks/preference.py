@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from ..config import RunConfig, register_task_config
+from ..config import RunConfig
 from ..data.batching import length_grouped_batches
 from ..data.chat import IGNORE, DropReport, completion_text, next_token_targets
 from ..data.readers import Table, read_table
@@ -35,6 +35,7 @@ from ..losses.preference import dpo_loss, orpo_loss
 from ..models import resolve_model
 from . import refcache
 from .causal import CausalSection, CausalTask, load_base, output_projection
+from .base import register_task
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ class PreferenceConfig(CausalSection):
                                             "(per-sequence position ids, no attention across them): no padding")
 
 
-@register_task_config("preference")
 class PreferenceRun(RunConfig):
     task: Literal["preference"] = "preference"
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
@@ -120,6 +120,7 @@ def pair_sequences(item: dict) -> list[dict]:
             for s in ("chosen", "rejected")]
 
 
+@register_task("preference", config=PreferenceRun)
 class PreferenceTask(CausalTask):
     name = "preference"
     section = "preference"
@@ -325,5 +326,3 @@ class PreferenceTask(CausalTask):
                 "logps/chosen": sums["logps/chosen"] / len(items), "logps/rejected": sums["logps/rejected"] / len(items),
                 "logp_accuracy": logp_wins / len(items), "n": report["n"]}
 
-
-TASK = PreferenceTask

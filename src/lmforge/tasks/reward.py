@@ -16,7 +16,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from ..config import RunConfig, register_task_config
+from ..config import RunConfig
 from ..data.readers import read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
 from ..device import move
@@ -24,6 +24,7 @@ from ..errors import LmforgeError
 from ..losses.preference import bradley_terry_loss
 from .causal import CausalSection, CausalTask
 from .preference import encode_pairs
+from .base import register_task
 
 RESPONSE_COLUMNS = ("response", "completion", "chosen")
 
@@ -37,12 +38,12 @@ class RewardConfig(CausalSection):
                                             "ids, no attention across them): no padding")
 
 
-@register_task_config("reward")
 class RewardRun(RunConfig):
     task: Literal["reward"] = "reward"
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
+@register_task("reward", config=RewardRun)
 class RewardTask(CausalTask):
     name = "reward"
     section = "reward"
@@ -194,5 +195,3 @@ class RewardTask(CausalTask):
             os.replace(tmp, out)
         return rows
 
-
-TASK = RewardTask

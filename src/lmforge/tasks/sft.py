@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from ..config import RunConfig, register_task_config
+from ..config import RunConfig
 from ..data.batching import length_grouped_batches
 from ..data.chat import (IGNORE, DropReport, collate_causal, completion_text, make_item, pack_items,
                          truncate_right)
@@ -24,6 +24,7 @@ from ..device import move
 from ..errors import LmforgeError
 from ..losses.lm import chunked_cross_entropy
 from .causal import CausalSection, CausalTask, output_projection
+from .base import register_task
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,12 @@ class SftConfig(CausalSection):
     eval_base: bool = Field(False, description="also report the base model's eval metrics (adapters off), once")
 
 
-@register_task_config("sft")
 class SftRun(RunConfig):
     task: Literal["sft"] = "sft"
     sft: SftConfig = Field(default_factory=SftConfig)
 
 
+@register_task("sft", config=SftRun)
 class SftTask(CausalTask):
     name = "sft"
     section = "sft"
@@ -222,5 +223,3 @@ class SftTask(CausalTask):
             out |= self._base_metrics
         return out
 
-
-TASK = SftTask
