@@ -26,11 +26,14 @@ import torch
 from torch import Tensor
 
 from .errors import LmforgeError
-from .sampling import repetition_penalty, seen_tokens, temperature_scale, top_k_filter, top_p_filter  # noqa: F401
+from .sampling import (mask_disallowed, repetition_penalty, seen_tokens, temperature_scale,  # noqa: F401
+                       top_k_filter, top_p_filter)
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[dict]  # a text, or chat messages [{"role": ..., "content": ...}]
+# constrained decoding: (tokens generated so far per row, finished rows (B,)) -> allowed (B, V) bool or None
+LogitsMask = Callable[[list[list[int]], Tensor], "Tensor | None"]
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -131,7 +134,8 @@ def cache_kwargs(model, cache) -> dict:
 @torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig, *,
            eos_ids: Sequence[int] = (), pad_id: int = 0, generator: torch.Generator | None = None,
-           on_token: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+           on_token: Callable[[int, list[int]], bool] | None = None,
+           logits_mask: LogitsMask | None = None) -> list[list[int]]:
     """Generate up to ``cfg.max_new_tokens`` tokens for each left-padded row.
 
     Args:
@@ -144,6 +148,10 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
         generator: sampling generator.
         on_token: called as ``on_token(row, row_ids)`` after each new token of a running row;
             returning True ends that row (stop strings, streaming).
+        logits_mask: called as ``logits_mask(out, done)`` before each step's processors with the
+            tokens generated so far (B lists) and the finished rows (B,); returns the allowed
+            tokens (B, V) bool (constrained decoding), or None for no constraint this step.
+            Disallowed logits become ``-inf`` before the repetition penalty, top-k and top-p.
 
     Returns:
         B lists of generated token ids (an EOS, when hit, is the last element).
@@ -162,6 +170,10 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     for _ in range(cfg.max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache,
                        **cache_kwargs(model, cache), **keep_last).logits[:, -1, :].float()  # (B, V)
+        if logits_mask is not None:
+            allowed = logits_mask(out, done)  # (B, V) bool or None
+            if allowed is not None:
+                logits = mask_disallowed(logits, allowed)
         if cfg.repetition_penalty != 1.0 and seen is None:
             seen = seen_tokens(input_ids, mask, logits.shape[-1])  # (B, V)
         token = next_tokens(process_logits(logits, seen, cfg), cfg, generator)  # (B,)
@@ -288,7 +300,8 @@ def _device(model) -> torch.device:
 
 
 def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig, *, chat: bool | None = None,
-             stream: Callable[[str], None] | None = None) -> list[str]:
+             stream: Callable[[str], None] | None = None,
+             constraint: Callable[[int], LogitsMask] | None = None) -> list[str]:
     """Generate a completion for each prompt.
 
     Prompts are sorted by length and decoded in left-padded batches of ``cfg.batch_size``; the
@@ -301,6 +314,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
         cfg: decoding settings.
         chat: apply the chat template to text prompts; None = when the tokenizer has one.
         stream: called with each new piece of text as it is decoded (a single prompt only).
+        constraint: constrained decoding; called once per batch with its row count, it returns
+            the ``logits_mask`` for :func:`decode` (e.g. ``lmforge.prompting.constrained``).
 
     Returns:
         The generated texts (without the prompt, the EOS token and any stop string).
@@ -340,7 +355,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
         tracker = _TextTracker(tokenizer, eos, cfg.stop, stream)
         hook = tracker.on_token if (cfg.stop or stream is not None) else None
         out = decode(model, ids.to(device), mask.to(device), step_cfg, eos_ids=eos, pad_id=pad,
-                     generator=generator, on_token=hook)
+                     generator=generator, on_token=hook,
+                     logits_mask=constraint(len(rows)) if constraint is not None else None)
         for r, i in enumerate(rows):
             results[i] = tracker.final(r, out[r])
     return results

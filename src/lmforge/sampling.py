@@ -1,5 +1,6 @@
 """Logits processors as pure tensor functions: which tokens a row has seen, the CTRL repetition
-penalty, temperature, top-k and top-p (nucleus) filtering. ``generation.py`` chains them."""
+penalty, temperature, top-k and top-p (nucleus) filtering, the allowed-token mask of constrained
+decoding. ``generation.py`` chains them."""
 from __future__ import annotations
 
 import torch
@@ -84,3 +85,17 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     drop_sorted = before >= p  # (B, V)
     drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
+
+
+def mask_disallowed(logits: Tensor, allowed: Tensor) -> Tensor:
+    """Constrained decoding: ``z'_v = z_v`` where ``allowed[b, v]``, ``-inf`` elsewhere.
+
+    Args:
+        logits: (B, V).
+        allowed: (B, V) bool; a row with no allowed token would become all ``-inf`` (the caller
+            guarantees at least one, e.g. EOS).
+
+    Returns:
+        (B, V).
+    """
+    return logits.masked_fill(~allowed, float("-inf"))
