@@ -79,13 +79,17 @@ def test_the_sst2_recipe_runs_every_method_on_one_split():
 def test_markdown_table_formats_every_column():
     rows = [{"method": "full", "kind": "finetune/full", "accuracy": 0.91234, "macro_f1": 0.9, "train_seconds": 12.345,
              "samples_per_s": 250.04, "trainable_params": 22_713_602, "total_params": 22_713_602,
-             "train_examples": 6920},
+             "train_examples": 6920, "recall": {"neg": 0.9, "pos": 0.925}},
             {"method": "zs", "kind": "zero_shot", "accuracy": 0.7, "macro_f1": 0.65, "train_seconds": 0.2,
-             "samples_per_s": 300.0, "trainable_params": 0, "total_params": 22_713_216, "train_examples": 0}]
+             "samples_per_s": 300.0, "trainable_params": 0, "total_params": 22_713_216, "train_examples": 0,
+             "recall": {"neg": 0.0, "pos": 1.0}, "never_predicted": ["neg"]}]
     lines = markdown_table(rows).splitlines()
-    assert lines[0].startswith("| method | kind | accuracy | macro-F1 | train time (s) | inference (samples/s)")
-    assert lines[2] == "| full | finetune/full | 0.9123 | 0.9000 | 12.3 | 250.0 | 22.7M (100%) | 6,920 |"
-    assert lines[3] == "| zs | zero_shot | 0.7000 | 0.6500 | 0.2 | 300.0 | 0 (0%) | 0 |"
+    assert lines[0].startswith("| method | kind | accuracy | macro-F1 | per-class recall | train time (s) "
+                               "| inference (samples/s)")
+    assert lines[2] == ("| full | finetune/full | 0.9123 | 0.9000 | neg:0.90 pos:0.93 | 12.3 | 250.0 "
+                        "| 22.7M (100%) | 6,920 |")
+    assert lines[3] == ("| zs | zero_shot | 0.7000 | 0.6500 | neg:0.00 pos:1.00 (never predicted: neg) | 0.2 "
+                        "| 300.0 | 0 (0%) | 0 |")
 
 
 def test_run_compare_trains_every_method_on_one_split(tmp_path, tiny_bert_dir):

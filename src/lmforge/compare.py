@@ -159,7 +159,9 @@ def run_method(cfg) -> dict:
     write_json(run_dir / "eval.json", report)
     params = report.get("trainable_params") or {}
     row = {"method": cfg.name, "kind": describe(cfg), "accuracy": report["accuracy"],
-           "macro_f1": report["macro_f1"], "train_seconds": train_s, "samples_per_s": report["samples_per_s"],
+           "macro_f1": report["macro_f1"], "min_recall": report.get("min_recall"),
+           "recall": {k: v["recall"] for k, v in report.get("per_class", {}).items()},
+           "never_predicted": report.get("never_predicted", []), "train_seconds": train_s, "samples_per_s": report["samples_per_s"],
            "trainable_params": params.get("trainable"), "total_params": params.get("total"),
            "train_examples": examples_used(task, cfg), "n_test": report["n"], "run_dir": str(run_dir)}
     write_json(run_dir / "compare_row.json", row)
@@ -177,13 +179,16 @@ def _count(n: int | None) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a markdown table (one row per method, in run order)."""
-    head = ("| method | kind | accuracy | macro-F1 | train time (s) | inference (samples/s) | trainable params "
-            "| train examples |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| method | kind | accuracy | macro-F1 | per-class recall | train time (s) | inference (samples/s) "
+            "| trainable params | train examples |\n|---|---|---:|---:|---|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         share = (f" ({100 * r['trainable_params'] / r['total_params']:.3g}%)"
                  if r.get("total_params") and r.get("trainable_params") is not None else "")
-        lines.append(f"| {r['method']} | {r['kind']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} "
+        recall = " ".join(f"{k}:{v:.2f}" for k, v in (r.get("recall") or {}).items()) or "-"
+        if r.get("never_predicted"):
+            recall += f" (never predicted: {', '.join(r['never_predicted'])})"
+        lines.append(f"| {r['method']} | {r['kind']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {recall} "
                      f"| {r['train_seconds']:.1f} | {r['samples_per_s']:.1f} "
                      f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} |")
     return head + "\n".join(lines) + "\n"

@@ -44,7 +44,7 @@ def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None
 
 
 def classification_report(
-    y_true: Sequence[int], y_pred: Sequence[int], label_names: list[str]
+    y_true: Sequence[int], y_pred: Sequence[int], label_names: list[str], *, ordinal: bool = False
 ) -> dict:
     """Accuracy, macro/weighted F1, per-class scores and the confusion matrix.
 
@@ -59,13 +59,17 @@ def classification_report(
         y_true: (N,) gold class ids in ``[0, len(label_names))``.
         y_pred: (N,) predicted class ids, same range.
         label_names: name of class ``i`` at index ``i``.
+        ordinal: the class ids are ranks (1-5 stars): also report ``mae`` (mean ``|y - y_hat|``
+            in ranks) and ``off_by_one_accuracy`` (share with ``|y - y_hat| <= 1``).
 
     Returns:
         ``{"accuracy", "macro_f1", "weighted_f1", "n",
         "per_class": {name: {"precision", "recall", "f1", "support"}},
         "confusion_matrix": C}`` with ``C[i][j]`` = number of samples of true class
         ``i`` predicted as ``j`` (rows = true, columns = predicted, in
-        ``label_names`` order).
+        ``label_names`` order), plus ``macro_recall``, ``min_recall`` and
+        ``never_predicted`` (classes with gold examples that no prediction names) with one
+        human-readable line per such class in ``warnings``.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
     from sklearn.metrics import precision_recall_fscore_support
@@ -94,7 +98,20 @@ def classification_report(
     macro = f1_score(yt, yp, labels=present, average="macro", zero_division=0)
     weighted = f1_score(yt, yp, labels=labels, average="weighted", zero_division=0)
     cm = confusion_matrix(yt, yp, labels=labels)  # (C, C) rows true, cols pred
-    return {
+    gold = [i for i in labels if support[i] > 0]
+    never = [label_names[i] for i in gold if cm[:, i].sum() == 0]
+    extra: dict = {
+        "macro_recall": float(np.mean([rec[i] for i in gold])) if gold else 0.0,
+        "min_recall": float(min(rec[i] for i in gold)) if gold else 0.0,
+        "never_predicted": never,
+        "warnings": [f"class '{c}' is never predicted ({int(support[label_names.index(c)])} gold examples)"
+                     for c in never],
+    }
+    if ordinal:
+        diff = np.abs(yt.astype(np.int64) - yp.astype(np.int64))
+        extra |= {"mae": float(diff.mean()) if diff.size else 0.0,
+                  "off_by_one_accuracy": float((diff <= 1).mean()) if diff.size else 0.0}
+    out = {
         "accuracy": float(accuracy_score(yt, yp)),
         "macro_f1": float(macro),
         "weighted_f1": float(weighted),
@@ -110,6 +127,7 @@ def classification_report(
         "confusion_matrix": cm.astype(int).tolist(),
         "n": int(len(yt)),
     }
+    return out | extra
 
 
 def ner_report(

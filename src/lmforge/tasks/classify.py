@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -21,6 +22,7 @@ from .base import Task, register_task
 from .common import (freeze_except, lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights,
                      write_json)
 
+log = logging.getLogger("lmforge")
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
 
@@ -92,6 +94,14 @@ class ClassifyConfig(Section):
     method: Literal["finetune", "embedding_lr", "zero_shot", "setfit", "prompt"] = "finetune"
     mode: Literal["full", "frozen", "lora"] = Field("lora", description="finetune: which weights train")
     unfreeze_last: int = Field(0, ge=0, description="frozen mode: also train the last N blocks")
+    class_weights: Literal["none", "balanced", "sqrt_balanced"] | dict[str, float] = Field(
+        "none", description="finetune: per-class loss weights: balanced (N / (C * n_c) from the training "
+                            "labels), sqrt_balanced, or label -> weight")
+    focal_gamma: float = Field(0.0, ge=0, description="finetune: focal loss focusing parameter (0: cross-entropy)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="finetune: label smoothing of the targets")
+    ordinal: Literal["none", "regression", "cumulative"] = Field(
+        "none", description="finetune: labels are ordered (data.labels order is the rank): regression on the "
+                            "rank, or cumulative-link logits P(y > k); eval adds MAE and off-by-one accuracy")
     encoder: EncoderOptions = Field(default_factory=EncoderOptions)
     embedding_lr: EmbeddingLRConfig = Field(default_factory=EmbeddingLRConfig)
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
@@ -105,7 +115,7 @@ class ClassifyConfig(Section):
         return {k: v for k, v in handler(self).items() if k in METHOD_KEYS[self.method]}
 
 
-METHOD_KEYS = {"finetune": {"mode", "unfreeze_last"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
+METHOD_KEYS = {"finetune": {"mode", "unfreeze_last", "class_weights", "focal_gamma", "label_smoothing", "ordinal"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
                "zero_shot": {"method", "encoder", "zero_shot"}, "setfit": {"method", "encoder", "setfit"},
                "prompt": {"method", "prompt"}}
 
@@ -148,6 +158,7 @@ class ClassifyTask(Task):
             self.labels = labels or dc.labels
             if not self.labels:
                 raise LmforgeError("classification labels are unknown (no labels.json in the run)")
+        self.weight = self._class_weights() if with_data else None
         self.model = self._build_model(adapt)
         from ..adapters.lora import trainable_parameters
 
@@ -173,6 +184,40 @@ class ClassifyTask(Task):
             it["label"] = y
         return items
 
+    def _class_weights(self) -> torch.Tensor | None:
+        """(C,) loss weights per ``classify.class_weights`` (None: unweighted)."""
+        from ..losses.classification import class_weights
+
+        cw = self.cfg.classify.class_weights
+        if cw == "none":
+            return None
+        if isinstance(cw, dict):
+            unknown = sorted(set(cw) - set(self.labels))
+            if unknown:
+                raise LmforgeError(f"config: classify.class_weights: unknown label(s) {unknown} "
+                                   f"(labels: {', '.join(self.labels[:10])})")
+            return torch.tensor([float(cw.get(l, 1.0)) for l in self.labels])
+        counts = [0] * len(self.labels)
+        for it in self.train_items:
+            counts[it["label"]] += 1
+        return class_weights(counts, cw)
+
+    def n_outputs(self) -> int:
+        """Width of the head: C logits, C-1 cumulative logits (ordinal), or 1 score (regression)."""
+        return {"none": len(self.labels), "cumulative": len(self.labels) - 1, "regression": 1}[
+            self.cfg.classify.ordinal]
+
+    def outputs_to_probs(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, n_outputs) head outputs -> (B, C) class probabilities."""
+        from ..losses.classification import cumulative_link_probs, regression_probs
+
+        kind = self.cfg.classify.ordinal
+        if kind == "cumulative":
+            return cumulative_link_probs(out)
+        if kind == "regression":
+            return regression_probs(out, len(self.labels))
+        return torch.softmax(out.float(), -1)
+
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "token_type_ids") if "token_type_ids" in items[0] else ("input_ids",)
         batch = collate_tokens(items, self.tokenizer.pad_token_id, keys)
@@ -187,9 +232,14 @@ class ClassifyTask(Task):
 
         mc = self.cfg.model
         hf_cfg = AutoConfig.from_pretrained(self.folder, trust_remote_code=mc.trust_remote_code)
-        hf_cfg.num_labels = len(self.labels)
-        hf_cfg.id2label = {i: l for i, l in enumerate(self.labels)}
-        hf_cfg.label2id = {l: i for i, l in enumerate(self.labels)}
+        if self.cfg.classify.ordinal != "none" and len(self.labels) < 2:
+            raise LmforgeError("config: classify.ordinal needs at least 2 ordered labels")
+        names = {"none": self.labels, "cumulative": [f">{l}" for l in self.labels[:-1]],
+                 "regression": ["rank"]}[self.cfg.classify.ordinal]
+        hf_cfg.num_labels = len(names)
+        hf_cfg.id2label = {i: l for i, l in enumerate(names)}
+        hf_cfg.label2id = {l: i for i, l in enumerate(names)}
+        hf_cfg.problem_type = "regression" if self.cfg.classify.ordinal == "regression" else None
         if is_decoder_only(hf_cfg) or getattr(hf_cfg, "pad_token_id", None) is None:
             hf_cfg.pad_token_id = self.tokenizer.pad_token_id
         torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
@@ -219,9 +269,17 @@ class ClassifyTask(Task):
     def loss(self, batch):
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = self.model(**inputs).logits.float()  # (B, C)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(-1) == labels).float().mean()
+        out = self.model(**inputs).logits.float()  # (B, n_outputs)
+        c = self.cfg.classify
+        from ..losses.classification import cumulative_link_loss, regression_loss, weighted_focal_cross_entropy
+
+        if c.ordinal == "cumulative":
+            loss = cumulative_link_loss(out, labels, self.weight)
+        elif c.ordinal == "regression":
+            loss = regression_loss(out, labels, self.weight)
+        else:
+            loss = weighted_focal_cross_entropy(out, labels, self.weight, c.focal_gamma, c.label_smoothing)
+        acc = (self.outputs_to_probs(out.detach()).argmax(-1) == labels).float().mean()
         return loss, {"accuracy": float(acc)}
 
     @torch.no_grad()
@@ -236,7 +294,7 @@ class ClassifyTask(Task):
                          self.placement.device)
             with self.placement.autocast():
                 logits = self.model(**batch).logits.float()
-            out[idx] = torch.softmax(logits, -1).cpu()
+            out[idx] = self.outputs_to_probs(logits).cpu()
         return out
 
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
@@ -247,7 +305,10 @@ class ClassifyTask(Task):
         probs = self.predict_items(items)
         dt = time.perf_counter() - t0
         y = torch.tensor([it["label"] for it in items])
-        report = classification_report(y.tolist(), probs.argmax(-1).tolist(), self.labels)
+        report = classification_report(y.tolist(), probs.argmax(-1).tolist(), self.labels,
+                                       ordinal=self.cfg.classify.ordinal != "none")
+        for w in report.get("warnings", []):
+            log.warning("classify: %s", w)
         report["loss"] = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), y))
         report["samples_per_s"] = len(items) / max(dt, 1e-9)
         if self.trainable is not None:
