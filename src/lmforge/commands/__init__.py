@@ -10,4 +10,5 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.embed",
     "lmforge.commands.fill_mask",
     "lmforge.commands.compare",
+    "lmforge.commands.search",
 ]

@@ -71,6 +71,12 @@ def _load_run(run_dir: str):
 def cmd_eval(args) -> int:
     from ..tasks.common import write_json
 
+    if getattr(args, "qrels", None) or getattr(args, "queries", None):  # a search index (commands/search.py)
+        from .search import cmd_eval_index
+
+        return cmd_eval_index(args)
+    if not args.data:
+        raise LmforgeError("eval needs --data FILE (or --queries and --qrels for a search index)")
     if getattr(args, "task", None) in ("perplexity", "generation"):  # causal LM evaluation
         from .generate import run_eval_task
 
@@ -109,7 +115,10 @@ def register(sub) -> None:
 
     e = sub.add_parser("eval", help="evaluate a run on a data file")
     e.add_argument("run_dir")
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", default=None)
+    e.add_argument("--queries", default=None, help="search index: queries file (id, query)")
+    e.add_argument("--qrels", default=None, help="search index: judgements (TREC qrels or query_id/doc_id/score)")
+    e.add_argument("--modes", default=None, help="search index: modes to evaluate (default dense,bm25,hybrid)")
     e.add_argument("--out", default=None)
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation"],
                    help="sts|retrieval (embeddings) or perplexity|generation (causal LMs); run_dir may then "
