@@ -60,6 +60,8 @@ def load_splits(dc: DataConfig, seed: int) -> tuple[Table, Table | None]:
     train = apply_where(read_table(dc.train), dc.where)
     if not train.records:
         raise LmforgeError(f"{dc.train}: no training examples (empty split{' after data.where' if dc.where else ''})")
+    if dc.test_fraction > 0 and not dc.test:
+        train = _carve_test(train, dc, seed)[0]
     if dc.eval:
         ev = apply_where(read_table(dc.eval), dc.where)
         if not ev.records:
@@ -80,6 +82,31 @@ def load_splits(dc: DataConfig, seed: int) -> tuple[Table, Table | None]:
         idx = sorted(random.Random(seed + 2).sample(range(len(ev)), dc.max_eval_samples))
         ev = ev.subset(idx)
     return train, ev
+
+
+def _carve_test(table: Table, dc: DataConfig, seed: int) -> tuple[Table, Table]:
+    """Split ``data.test_fraction`` of the (filtered) training table off as the test split:
+    a seeded draw independent of the eval split's, made before it. Returns (rest, test)."""
+    idx = list(range(len(table)))
+    random.Random(f"test-{seed}").shuffle(idx)
+    n_test = max(1, int(round(len(idx) * dc.test_fraction)))
+    if n_test >= len(idx):
+        raise LmforgeError(f"{dc.train}: too few examples ({len(idx)}) to hold out a test split")
+    return table.subset(sorted(idx[n_test:])), table.subset(sorted(idx[:n_test]))
+
+
+def load_test_split(dc: DataConfig, seed: int) -> Table | None:
+    """The held-out test split (``data.test`` or the seeded ``data.test_fraction`` of train), or None."""
+    if dc.test:
+        test = apply_where(read_table(dc.test), dc.where)
+        if not test.records:
+            raise LmforgeError(f"{dc.test}: no test examples (empty split)")
+        return test
+    if dc.test_fraction > 0:
+        if not dc.train:
+            raise LmforgeError("config: data.test_fraction needs data.train")
+        return _carve_test(apply_where(read_table(dc.train), dc.where), dc, seed)[1]
+    return None
 
 
 def label_names(train: Table, column: str, given: list[str] | None) -> list[str]:
