@@ -55,6 +55,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+_SENTINEL = "\U0010fffd"  # a private-use character appended to every pattern (see TokenAutomaton)
 _HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -95,19 +96,21 @@ def _vocabulary(tokenizer, eos_id: int):
     except TypeError:
         hit = None
     if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+        return hit[1:]
     oc = _need_outlines()
     pieces: dict[bytes, list[int]] = {}
     for i, b in token_bytes(tokenizer).items():
         if i != eos_id:
             pieces.setdefault(b, []).append(i)
     fingerprint = (len(tokenizer), eos_id, hash(frozenset((b, tuple(v)) for b, v in pieces.items())))
+    sentinel_id = max([eos_id, *(i for ids in pieces.values() for i in ids)]) + 1
+    pieces.setdefault(_SENTINEL.encode(), []).append(sentinel_id)
     vocab = oc.Vocabulary(eos_id, pieces)
     try:
-        _VOCABS[tokenizer] = (key, fingerprint, vocab)
+        _VOCABS[tokenizer] = (key, fingerprint, vocab, sentinel_id)
     except TypeError:
         pass
-    return fingerprint, vocab
+    return fingerprint, vocab, sentinel_id
 
 
 # ---- the token automaton --------------------------------------------------------------------------
@@ -119,10 +122,10 @@ class TokenAutomaton:
         distance: state -> fewest tokens to reach a final state (0 for final states).
     """
 
-    def __init__(self, regex: str, vocab, eos_id: int):
+    def __init__(self, regex: str, vocab, eos_id: int, sentinel_id: int):
         oc = _need_outlines()
         try:
-            index = oc.Index(regex, vocab)
+            index = oc.Index(f"(?:{regex}){_SENTINEL}", vocab)
         except (ValueError, RuntimeError) as exc:
             msg = str(exc).splitlines()[0]
             if "no transition" in msg or "incompatible" in msg:
@@ -130,8 +133,21 @@ class TokenAutomaton:
             raise LmforgeError(f"constraint: the pattern cannot be compiled ({msg})") from None
         self.regex, self.eos = regex, eos_id
         self.initial = index.get_initial_state()
-        self.finals = set(index.get_final_states())
-        self.transitions: dict[int, dict[int, int]] = index.get_transitions()
+        # outlines-core 0.2.14 drops the exits of an accepting state that lead to non-accepting
+        # ones (``1(\\.2)?`` over {1, ., 2} never offers '.' after '1'). The pattern is therefore
+        # compiled with a sentinel character appended: the library's accepting state is only ever
+        # after the sentinel, and our final states are those with a sentinel exit (which becomes
+        # EOS). States that entered the sentinel's bytes cannot reach a final state: pruned below.
+        self.transitions: dict[int, dict[int, int]] = {}
+        self.finals: set[int] = set()
+        accepting = set(index.get_final_states())
+        for state, edges in index.get_transitions().items():
+            if edges.get(sentinel_id) in accepting:
+                self.finals.add(state)
+            kept = {t: n for t, n in edges.items() if t != sentinel_id and t != eos_id}
+            if state in self.finals:
+                kept[eos_id] = state
+            self.transitions[state] = kept
         self.distance = self._distances()
         if self.initial not in self.distance:
             raise LmforgeError("constraint: the pattern accepts no complete output with the model's tokens")
@@ -189,12 +205,12 @@ _AUTOMATA: "collections.OrderedDict[tuple, TokenAutomaton]" = collections.Ordere
 
 def automaton(regex: str, tokenizer, eos_id: int) -> TokenAutomaton:
     """The cached automaton of ``regex`` over ``tokenizer`` (built once per tokenizer and regex)."""
-    fingerprint, vocab = _vocabulary(tokenizer, eos_id)
+    fingerprint, vocab, sentinel_id = _vocabulary(tokenizer, eos_id)
     key = (fingerprint, regex)
     if key in _AUTOMATA:
         _AUTOMATA.move_to_end(key)
         return _AUTOMATA[key]
-    auto = _AUTOMATA[key] = TokenAutomaton(regex, vocab, eos_id)
+    auto = _AUTOMATA[key] = TokenAutomaton(regex, vocab, eos_id, sentinel_id)
     while len(_AUTOMATA) > _CACHE_SIZE:
         _AUTOMATA.popitem(last=False)
     return auto
