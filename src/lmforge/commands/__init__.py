@@ -10,5 +10,6 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.embed",
     "lmforge.commands.fill_mask",
     "lmforge.commands.compare",
+    "lmforge.commands.report",
     "lmforge.commands.search",
 ]

@@ -57,6 +57,8 @@ def cmd_train(args) -> int:
         metrics = fit(task, cfg, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         task.save(run_dir)
+        from ..report import report_after_training
+        report_after_training(run_dir)  # runs/<name>/report.html
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         print(json.dumps({"run_dir": str(run_dir)} | summary))
     return 0
