@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 from ..errors import LmforgeError
 
 MODES = ("sentences", "tokens", "paragraphs", "none")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']*\s+|\n+")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 
 

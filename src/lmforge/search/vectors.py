@@ -88,8 +88,8 @@ def block_scorer(stored: np.ndarray, ranges: np.ndarray | None) -> Callable[[tor
             return (q @ lo)[:, None] + (q * step) @ codes.T  # (Q, b-a)
         return score
 
-    def score(q: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return q @ torch.from_numpy(np.asarray(stored[a:b], dtype=np.float32)).T  # (Q, b-a)
+    def score(q: torch.Tensor, a: int, b: int) -> torch.Tensor:  # numpy reads the (read-only) memmap directly
+        return torch.from_numpy(q.numpy() @ np.asarray(stored[a:b], dtype=np.float32).T)  # (Q, b-a)
     return score
 
 
