@@ -39,7 +39,7 @@ def test_config_show_applies_dotted_overrides(tmp_path, capsys):
     assert shown["train"]["lr"] == 0.5 and shown["train"]["max_steps"] == 7
     assert shown["train"]["batch_size"] == 8                  # from the recipe
     assert shown["train"]["grad_accum"] == 1                  # default filled in
-    assert shown["classify"] == {"mode": "frozen", "unfreeze_last": 0}
+    assert shown["classify"]["mode"] == "frozen" and shown["classify"]["unfreeze_last"] == 0
     assert shown["data"]["columns"] == {"text": "sentence"}
     assert shown["data"]["labels"] == ["neg", "pos"]
     assert shown["lora"]["target_modules"] == "q_proj"
@@ -90,7 +90,10 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, comm
     assert main(argv + overrides) == 2
     line = _one_error_line(capsys)
     assert must in line
-    assert str(recipe) in line                                 # names the file
+    if overrides:                                              # names the override, not the recipe
+        assert f"override '{overrides[0]}" in line
+    else:
+        assert str(recipe) in line                             # names the file
     assert not (tmp_path / "runs").exists()
 
 
@@ -117,17 +120,6 @@ def test_task_config_is_registered_subclass(tmp_path):
         cfg.train.batch_size = 0
 
 
-def test_existing_run_dir_is_refused_unless_resume_or_overwrite(tmp_path, capsys):
-    recipe = _recipe(tmp_path)
-    run_dir = tmp_path / "runs" / "r"
-    run_dir.mkdir(parents=True)
-    (run_dir / "keep.txt").write_text("mine")
-    assert main(["train", str(recipe)]) == 2
-    line = _one_error_line(capsys)
-    assert "run directory exists" in line and "resume=true" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]
-
-
 def test_resolved_config_is_saved_in_the_run_dir_and_round_trips(tmp_path, tiny_bert_dir, capsys):
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(24))
     recipe = _recipe(tmp_path, model=str(tiny_bert_dir))
@@ -139,3 +131,100 @@ def test_resolved_config_is_saved_in_the_run_dir_and_round_trips(tmp_path, tiny_
     assert cfg == load_config(recipe, overrides)
     assert cfg.train.lr == 1e-3 and cfg.seed == 7 and cfg.classify.mode == "full"
     assert dump_config(cfg) == saved.read_text(encoding="utf-8")
+
+
+# ---- trust: YAML bombs, duplicate keys, previews, non-finite numbers, remote code -----------------------------
+def test_duplicate_keys_are_errors_naming_both_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("task: classify\nmodel:\n  name: a\n  precision: fp32\n  name: b\n", encoding="utf-8")
+    with pytest.raises(LmforgeError, match=r"dup.yaml: line 5 malformed YAML: duplicate key 'name' \(first at line 3\)"):
+        read_yaml(p)
+
+
+def test_merge_keys_still_override():
+    from lmforge.config import _load_yaml_text
+
+    assert _load_yaml_text("d: &d {a: 1, b: 2}\nx:\n  <<: *d\n  a: 3\n", "s")["x"] == {"a": 3, "b": 2}
+
+
+def test_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path):
+    import time
+
+    layers = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+    p = tmp_path / "bomb.yaml"
+    p.write_text(layers + "task: *i\n", encoding="utf-8")
+    t0 = time.perf_counter()
+    with pytest.raises(LmforgeError, match="alias") as exc:
+        read_yaml(p)
+    assert time.perf_counter() - t0 < 2 and len(str(exc.value)) < 300
+    small = tmp_path / "ok.yaml"  # anchors used as intended stay fine
+    small.write_text("base: &b {lr: 0.1}\ntrain: *b\ntask: classify\n", encoding="utf-8")
+    assert read_yaml(small)["train"] == {"lr": 0.1}
+
+
+def test_non_utf8_recipe_names_file_and_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"task: classify\n\xef\xbb\xbfname: ok\nx: \xff\n")
+    with pytest.raises(LmforgeError, match=r"r.yaml line 3: not UTF-8 text"):
+        read_yaml(p)
+    p.write_bytes(b"\xef\xbb\xbftask: classify\n")  # a BOM is fine
+    assert read_yaml(p) == {"task": "classify"}
+
+
+@pytest.mark.parametrize("override,key", [("train.epochs=.inf", "train.epochs"), ("train.lr=.inf", "train.lr"),
+                                          ("train.lr=.nan", "train.lr"), ("lora.alpha=-.inf", "lora.alpha"),
+                                          ("train.max_grad_norm=.inf", "train.max_grad_norm")])
+def test_non_finite_numbers_are_refused(tmp_path, override, key):
+    with pytest.raises(LmforgeError, match=rf"override '{override}': {key}: Input should be a finite number"):
+        load_config(_recipe(tmp_path), [override])
+
+
+@pytest.mark.parametrize("value", [["classify", "ner"], {"classify": 1}, 3])
+def test_task_must_be_one_name(tmp_path, value):
+    with pytest.raises(LmforgeError, match="task: must be one task name"):
+        build_config({"task": value, "model": {"name": "x"}}, source="r.yaml")
+
+
+def test_error_messages_cut_long_values(tmp_path):
+    long = "v" * 100_000
+    for override in (f"train.batch_size={long}", f"task={long}", f"model.precision={long}", f"{long}=1",
+                     f"train.{long}=1"):
+        with pytest.raises(LmforgeError) as exc:
+            load_config(_recipe(tmp_path), [override])
+        assert len(str(exc.value)) < 400 and "characters)" in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "/abs/path", "a/b", "a\\b", ".hidden", ""])
+def test_run_and_compare_names_are_plain(tmp_path, name):
+    from lmforge.compare import read_compare
+
+    with pytest.raises(LmforgeError, match="name"):
+        load_config(_recipe(tmp_path), [f"name={name}"] if name else ["name=''"])
+    p = write_yaml(tmp_path / "c.yaml", {"name": name, "base": {"task": "classify"}, "methods": {"a": {}}})
+    with pytest.raises(LmforgeError, match="name"):
+        read_compare(p)
+
+
+@pytest.mark.parametrize("device,ok", [("cpu", True), ("cuda:1", True), ("auto", True), ("tpu", False),
+                                       ("cuda:x", False), ("cpu; rm", False)])
+def test_device_strings_are_checked_in_the_config(tmp_path, device, ok):
+    if ok:
+        assert load_config(_recipe(tmp_path), [f"model.device={device}"]).model.device == device
+    else:
+        with pytest.raises(LmforgeError, match=r"model.device: .*unknown device"):
+            load_config(_recipe(tmp_path), [f"model.device={device}"])
+
+
+def test_saved_run_configs_do_not_turn_on_remote_code(tmp_path):
+    from lmforge.config import loading_saved_runs
+
+    raw = {"task": "classify", "model": {"name": "x", "trust_remote_code": True}}
+    assert build_config(raw).model.trust_remote_code is True          # a recipe the user runs
+    with loading_saved_runs(False):
+        with pytest.raises(LmforgeError, match="pass --trust-remote-code"):
+            build_config(raw, source="run/config.yaml")
+        assert build_config(raw | {"model": {"name": "x"}}).model.trust_remote_code is False
+    with loading_saved_runs(True):                                     # only the command's flag enables it
+        assert build_config(raw | {"model": {"name": "x"}}).model.trust_remote_code is True
+    assert build_config(raw | {"model": {"name": "x"}}).model.trust_remote_code is False

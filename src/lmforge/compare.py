@@ -27,14 +27,14 @@ import gc
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
 
-from .config import RunConfig, Section, apply_overrides, build_config, dump_config, read_yaml
+from .config import PlainName, RunConfig, Section, apply_overrides, build_config, dump_config, read_yaml
 from .errors import LmforgeError
+from .rundir import is_run_dir, read_config
 
 log = logging.getLogger("lmforge")
 
@@ -44,7 +44,7 @@ SPLIT_KEYS = {"train", "eval", "eval_fraction", "where", "max_eval_samples", "co
 class CompareRecipe(Section):
     """A comparison: a shared base config and per-method overrides."""
 
-    name: str = "compare"
+    name: PlainName = "compare"
     output_dir: str = "runs"
     overwrite: bool = False
     base: dict[str, Any]
@@ -141,20 +141,12 @@ def describe(cfg) -> str:
 
 def run_method(cfg) -> dict:
     """Train one method (timed), save its run, evaluate it on the test split; return its table row."""
-    from .commands.core import prepare_run_dir
-    from .tasks import task_class
-    from .tasks.common import write_json
-    from .train import fit
+    from .api import train_config
+    from .rundir import write_json
 
-    task = task_class(cfg.task)(cfg)
-    run_dir = prepare_run_dir(cfg)
-    test_items, task.eval_items = list(task.eval_items), []
-    t0 = time.perf_counter()
-    if task.train_direct(run_dir) is None:
-        fit(task, cfg, run_dir)
-    train_s = time.perf_counter() - t0
-    task.save(run_dir)
-    report = task.evaluate(test_items)
+    run = train_config(cfg, eval_during_training=False)  # the test split stays out of training
+    task, run_dir, train_s = run.task, run.run_dir, run.train_seconds
+    report = task.evaluate(task.eval_items)
     report["train_seconds"] = train_s
     write_json(run_dir / "eval.json", report)
     params = report.get("trainable_params") or {}
@@ -195,13 +187,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(out_dir: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
-    from .tasks.common import write_json
+    from .rundir import write_json, write_text
 
     md, js = out_dir / "comparison.md", out_dir / "comparison.json"
     write_json(js, meta | {"results": rows})
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(markdown_table(rows), encoding="utf-8")
-    tmp.replace(md)
+    write_text(md, markdown_table(rows))
     return md, js
 
 
@@ -209,7 +199,7 @@ def run_compare(recipe: CompareRecipe, *, source: str = "compare", only: list[st
                 reuse: bool = False) -> tuple[list[dict], Path, Path]:
     """Run the recipe's methods in order (``only``: a subset); ``reuse`` keeps a method's earlier
     result when its saved config is unchanged. Returns the rows and the markdown/JSON paths."""
-    from .commands.core import check_run_dir
+    from .rundir import check_run
 
     cfgs = method_configs(recipe, source)
     unknown = sorted(set(only or []) - set(cfgs))
@@ -219,7 +209,7 @@ def run_compare(recipe: CompareRecipe, *, source: str = "compare", only: list[st
     kept = {k: _earlier_row(cfg) for k, cfg in chosen.items() if reuse}
     for name, cfg in chosen.items():
         if kept.get(name) is None:
-            check_run_dir(cfg)  # refuse to clobber before anything runs
+            check_run(cfg)  # refuse to clobber before anything runs
     first = next(iter(chosen.values()))
     meta = {"name": recipe.name, "train": first.data.train, "eval": first.data.eval,
             "eval_fraction": None if first.data.eval else first.data.eval_fraction, "seed": first.seed}
@@ -239,14 +229,13 @@ def run_compare(recipe: CompareRecipe, *, source: str = "compare", only: list[st
 
 def _earlier_row(cfg) -> dict | None:
     run_dir = cfg.run_dir
-    row_file, cfg_file = run_dir / "compare_row.json", run_dir / "config.yaml"
-    if not (row_file.is_file() and cfg_file.is_file()):
+    row_file = run_dir / "compare_row.json"
+    if not (row_file.is_file() and is_run_dir(run_dir)):
         return None
     import yaml
 
-    saved = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-    try:  # re-resolve, so options added since with their defaults do not count as a change
-        saved = yaml.safe_load(dump_config(build_config(saved)))
+    try:  # the typed config: options added since, with their defaults, do not count as a change
+        saved = yaml.safe_load(dump_config(read_config(run_dir)))
     except (LmforgeError, ValidationError, ValueError, TypeError):
         return None
     now = yaml.safe_load(dump_config(cfg))

@@ -7,20 +7,97 @@ own section (``classify:``, ``sft:`` ...). Shared sections: ``model``, ``data``,
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import LmforgeError
+
+PREVIEW = 60            # characters of a user value repeated in an error message
+MAX_YAML_NODES = 100_000  # nodes of a YAML document once its aliases are expanded (a recipe has a few hundred)
+
+
+def preview(value: Any, limit: int = PREVIEW) -> str:
+    """``repr(value)`` cut to ``limit`` characters (``...`` and the full length when cut): an
+    error message never repeats an unbounded input."""
+    text = value if isinstance(value, str) else _short_repr(value, limit)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    """repr of a container without building the whole string for huge (e.g. alias-expanded) values."""
+    if isinstance(value, (list, tuple, set, dict)):
+        n = len(value)
+        return f"a {type(value).__name__} of {n} item{'s' * (n != 1)}"
+    return repr(value)
+
+
+def plain_name(value: str) -> str:
+    """A folder name safe to join under an output folder: no path separators, no ``..``, not absolute,
+    not hidden. Raises ValueError (pydantic turns it into a one-line config error)."""
+    if (not value or "/" in value or "\\" in value or value.startswith(".") or "\0" in value
+            or len(value) > 200 or Path(value).is_absolute()):
+        raise ValueError("must be a plain folder name (no '/', '..', absolute path or leading '.')")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|meta|(cuda|xpu)(:\d+)?)$")
+
+
+def check_device(value: str) -> str:
+    """A device string lmforge can place a model on (auto, cpu, cuda, cuda:N, mps, xpu[:N])."""
+    if not isinstance(value, str) or not DEVICE_RE.match(value):
+        raise ValueError(f"unknown device {preview(value)} (use auto, cpu, cuda, cuda:N, mps)")
+    return value
+
+
+# ---- remote code: a run folder someone hands you is data, never code ----------------------------------
+_REMOTE_CODE_FLAG: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lmforge_remote_code", default=None)
+
+
+@contextlib.contextmanager
+def loading_saved_runs(trust_remote_code: bool) -> Iterator[None]:
+    """While a command loads a saved run (eval, predict, merge, generate, embed ...), a
+    ``model.trust_remote_code: true`` in the run's ``config.yaml`` is not obeyed: the config is
+    refused in one line unless the command line itself passed ``--trust-remote-code``, and only
+    that flag turns remote code on (configs built inside the block get the flag's value)."""
+    token = _REMOTE_CODE_FLAG.set(bool(trust_remote_code))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE_FLAG.reset(token)
+
+
+REMOTE_CODE_REFUSAL = ("model.trust_remote_code=true is not obeyed from a run folder (it would run code shipped with "
+                       "the model); pass --trust-remote-code to the command if you trust it")
+
+
+def remote_code_allowed(from_config: bool, source: str = "config.yaml") -> bool:
+    """The ``trust_remote_code`` to use for a model named by a saved run's config: the command's
+    flag inside :func:`loading_saved_runs` (refusing a config that asks for it without the flag),
+    else the config's own value (a recipe the user runs)."""
+    flag = _REMOTE_CODE_FLAG.get()
+    if flag is None:
+        return bool(from_config)
+    if from_config and not flag:
+        raise LmforgeError(f"{source}: {REMOTE_CODE_REFUSAL}")
+    return flag
 
 
 class Section(BaseModel):
     """Base for config sections: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
-                              coerce_numbers_to_str=True)  # `name=2024`, `labels: [0, 1]` are text
+                              coerce_numbers_to_str=True,  # `name=2024`, `labels: [0, 1]` are text
+                              allow_inf_nan=False)         # `epochs: .inf`, `lr: .nan` are errors
 
 
 class ModelConfig(Section):
@@ -36,6 +113,20 @@ class ModelConfig(Section):
     frozen_in_compute_dtype: bool = Field(
         True, description="store frozen weights in the autocast dtype (bf16/fp16): no per-step casts, less memory")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+    @model_validator(mode="after")
+    def _remote_code(self) -> "ModelConfig":
+        flag = _REMOTE_CODE_FLAG.get()
+        if flag is not None:  # a saved run being loaded: only the command's flag counts
+            if self.trust_remote_code and not flag:
+                raise ValueError(REMOTE_CODE_REFUSAL)
+            object.__setattr__(self, "trust_remote_code", flag)
+        return self
+
 
 class DataConfig(Section):
     """Where the examples come from and how their columns map to the task's fields."""
@@ -43,6 +134,10 @@ class DataConfig(Section):
     train: str | None = Field(None, description="file path, pkg://PACKAGE/path, or hf:NAME[:CONFIG]@SPLIT")
     eval: str | None = None
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="seeded split when eval is not given")
+    test: str | None = Field(None, description="held-out test file: scored once at the end with the selected "
+                                               "weights into eval.json's `test`, never used for selection")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="seeded share of data.train held out as the "
+                                 "test split (carved before the eval split) when data.test is not given")
     columns: dict[str, str] = Field(default_factory=dict, description="task field -> column in the file")
     labels: list[str] | None = Field(None, description="label names in order; discovered (sorted) if unset")
     where: dict[str, list[Any]] = Field(default_factory=dict, description="keep rows whose column is in the list")
@@ -90,7 +185,7 @@ class RunConfig(Section):
     """A run: task, model, data, training and adapter settings."""
 
     task: str
-    name: str = "run"
+    name: PlainName = "run"
     output_dir: str = "runs"
     seed: int = 42
     overwrite: bool = Field(False, description="replace an existing run directory of the same name")
@@ -98,13 +193,6 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name")
-        return v
 
     @property
     def run_dir(self) -> Path:
@@ -124,76 +212,186 @@ def register_task_config(task: str):
     return deco
 
 
-def _fmt_error(err: ValidationError, source: str) -> str:
+def _fmt_error(err: ValidationError, source: str, overrides: dict[str, str] | None = None) -> str:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"]) or "<root>"
+    loc = [str(p) for p in e["loc"]]
+    key = ".".join(preview(p, 40)[1:-1] if len(p) > 40 else p for p in loc) or "<root>"
+    source = _override_source(loc, overrides) or source
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
     if e["type"] == "missing":
         return f"{source}: missing required value '{key}'"
     got = e.get("input")
-    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"{source}: {key}: {e['msg']}{got_s}"
+    got_s = f" (got {preview(got)})" if got is not None and not isinstance(got, dict) else ""
+    msg = e["msg"] if len(e["msg"]) <= 200 else e["msg"][:200] + "..."
+    return f"{source}: {key}: {msg}{got_s}"
+
+
+def _override_source(loc: list[str], overrides: dict[str, str] | None) -> str | None:
+    """``override 'train.lr=x'`` when the failing key (or a key inside it) was set on the command line."""
+    for key, item in (overrides or {}).items():
+        parts = key.split(".")
+        n = min(len(parts), len(loc))
+        if n and parts[:n] == loc[:n]:
+            return f"override {preview(item)}"
+    return None
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "overrides") -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise LmforgeError(f"{source}: override '{item}' is not key=value")
+            raise LmforgeError(f"{source}: override {preview(item)} is not key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise LmforgeError(f"override {preview(item)}: empty key part in {preview(key)}")
         node = raw
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise LmforgeError(f"{source}: '{key}' goes inside '{p}', which is not a section")
+                raise LmforgeError(f"override {preview(item)}: '{preview(key)[1:-1]}' goes inside '{p}', "
+                                   "which is not a section")
             node = nxt
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
+            node[parts[-1]] = _load_yaml_text(value, f"override {preview(item)}") if value != "" else None
+        except LmforgeError as exc:
+            if "alias" in str(exc) or "duplicate key" in str(exc):
+                raise
             node[parts[-1]] = value
     return raw
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with a one-line error for missing/malformed files."""
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"{p}: recipe file not found")
+# ---- YAML: duplicate keys are errors, alias expansion is bounded -------------------------------------------
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys and documents whose aliases expand past
+    ``MAX_YAML_NODES`` nodes (a 668-byte "billion laughs" document expands to 10^9)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                k = (key_node.tag, key_node.value)
+                if k in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {preview(key_node.value)} (first at line {seen[k] + 1})",
+                        key_node.start_mark)
+                seen[k] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, MAX_YAML_NODES)
+        if size > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)", node.start_mark)
+        return self.construct_document(node)
+
+
+def _expanded_size(node, memo: dict, limit: int) -> int:
+    """Nodes of ``node`` once every alias is expanded (shared sub-trees count each time), stopping past ``limit``."""
+    got = memo.get(id(node))
+    if got is not None:
+        return got
+    memo[id(node)] = limit + 1  # a recursive alias counts as unbounded
+    if isinstance(node, yaml.ScalarNode):
+        total = 1
+    else:
+        total = 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else [c for kv in node.value for c in kv]
+        for child in children:
+            total += _expanded_size(child, memo, limit)
+            if total > limit:
+                break
+    memo[id(node)] = total
+    return total
+
+
+def _load_yaml_text(text: str, source: str):
+    """Parse YAML text with :class:`_RecipeLoader`; one-line errors naming ``source`` and the line."""
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise LmforgeError(f"{p}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise LmforgeError(f"{source}:{where} malformed YAML: {problem[:200]}") from None
+    except RecursionError:
+        raise LmforgeError(f"{source}: malformed YAML: nested too deeply") from None
+
+
+def read_text_utf8(path: str | Path, what: str = "file") -> str:
+    """A text file's contents; non-UTF-8 bytes are one line naming the file, line and byte (a BOM is dropped)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise LmforgeError(f"{p}: is a folder, expected a {what}") from None
+    except OSError as exc:
+        raise LmforgeError(f"{p}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise LmforgeError(f"{p} line {line}: not UTF-8 text (byte {exc.start + 1}: {exc.reason}); "
+                           "save the file as UTF-8") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with a one-line error for missing/malformed/non-UTF-8 files."""
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"{p}: recipe file not found")
+    data = _load_yaml_text(read_text_utf8(p, "recipe"), str(p)) or {}
     if not isinstance(data, dict):
         raise LmforgeError(f"{p}: a recipe must be a YAML mapping")
     return data
 
 
-def build_config(raw: dict, source: str = "config") -> RunConfig:
-    """Validate a raw dict into the task's RunConfig subclass."""
+def build_config(raw: dict, source: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:
+    """Validate a raw dict into the task's RunConfig subclass.
+
+    Args:
+        raw: the nested config.
+        source: what errors name (the recipe file).
+        overrides: dotted key -> ``key=value`` item given on the command line; an error in such a
+            key names the override instead of ``source``.
+    """
     import importlib
 
     importlib.import_module("lmforge.tasks")  # plugin discovery: task modules register their configs
 
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"{source}: a config must be a mapping")
     task = raw.get("task")
+    src = _override_source(["task"], overrides) or source
     if task is None:
         raise LmforgeError(f"{source}: missing required value 'task'")
+    if not isinstance(task, str):
+        raise LmforgeError(f"{src}: task: must be one task name, got {preview(task)} "
+                           f"(choose from {sorted(TASK_CONFIGS)})")
     cls = TASK_CONFIGS.get(task)
     if cls is None:
-        raise LmforgeError(f"{source}: task: unknown task '{task}' (choose from {sorted(TASK_CONFIGS)})")
+        raise LmforgeError(f"{src}: task: unknown task {preview(task)} (choose from {sorted(TASK_CONFIGS)})")
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
-        raise LmforgeError(_fmt_error(err, source)) from None
+        raise LmforgeError(_fmt_error(err, source, overrides)) from None
+
+
+def override_keys(overrides: list[str] | tuple) -> dict[str, str]:
+    """Dotted key -> the ``key=value`` item, for error messages that name the override."""
+    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple = ()) -> RunConfig:
     """Load a recipe, apply overrides and validate it."""
     raw = apply_overrides(read_yaml(path), list(overrides), source=str(path))
-    return build_config(raw, source=str(path))
+    return build_config(raw, source=str(path), overrides=override_keys(overrides))
 
 
 def dump_config(cfg: RunConfig) -> str:

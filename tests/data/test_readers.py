@@ -127,3 +127,43 @@ def test_unreadable_references(tmp_path, name, content, message):
         read_table(str(p))
     with pytest.raises(LmforgeError, match="is a folder"):
         read_table(str(tmp_path))
+
+
+# ---- encodings and broken compression: one line naming the file (and line) ------------------------------------
+def test_bom_is_accepted_in_jsonl_txt_and_csv(tmp_path):
+    from lmforge.data.readers import read_table
+
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "x"}\n{"text": "y"}\n')
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbffirst\nsecond\n")
+    (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbftext,label\nx,1\n")
+    assert [r["text"] for r in read_table(str(tmp_path / "a.jsonl")).records] == ["x", "y"]
+    assert [r["text"] for r in read_table(str(tmp_path / "a.txt")).records] == ["first", "second"]
+    assert read_table(str(tmp_path / "a.csv")).records == [{"text": "x", "label": "1"}]
+
+
+@pytest.mark.parametrize("name,data,where", [
+    ("a.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "a.jsonl line 2: not UTF-8 text"),
+    ("a.txt", b"ok\n\xff\n", "a.txt line 2: not UTF-8 text"),
+    ("a.json", b'[{"text": "\xff"}]', "a.json line 1: not UTF-8 text"),
+    ("a.csv", b"text,label\nok,1\ncaf\xe9,2\n", "a.csv line 3: not UTF-8 text"),
+])
+def test_non_utf8_is_one_line(tmp_path, name, data, where):
+    from lmforge.data.readers import read_table
+
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(LmforgeError, match=where):
+        read_table(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("ext", ["gz", "bz2", "xz"])
+def test_truncated_compressed_csv_is_one_line(tmp_path, ext):
+    import bz2
+    import gzip
+    import lzma
+
+    from lmforge.data.readers import read_table
+
+    packed = {"gz": gzip, "bz2": bz2, "xz": lzma}[ext].compress(b"text,label\n" + b"a fine line,1\n" * 2000)
+    (tmp_path / f"d.csv.{ext}").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(LmforgeError, match=rf"d.csv.{ext}: truncated or corrupt compressed file"):
+        read_table(str(tmp_path / f"d.csv.{ext}"))

@@ -6,6 +6,8 @@ Every reader returns a :class:`Table`: the records plus, for each, a location st
 from __future__ import annotations
 
 import json
+import lzma
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,26 +56,41 @@ def _strip_compression(name: str) -> str:
     return name
 
 
+def text_lines(path: Path):
+    """``(line number, text)`` of a UTF-8 file (a leading BOM is dropped, as CSV readers do); a line
+    that is not UTF-8 is one error naming the file, line and byte."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise LmforgeError(f"{path} line {n}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
+                                   "save the file as UTF-8") from None
+            yield n, line
+
+
 def _read_jsonl(path: Path) -> Table:
     records, locs = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmforgeError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise LmforgeError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
-            locs.append(f"line {n}")
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmforgeError(f"{path} line {n}: malformed JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise LmforgeError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+        records.append(obj)
+        locs.append(f"line {n}")
     return Table(str(path), records, locs)
 
 
 def _read_json(path: Path) -> Table:
+    from ..config import read_text_utf8
+
+    text = read_text_utf8(path, "data file")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LmforgeError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -87,12 +104,28 @@ def _read_delimited(path: Path, sep: str) -> Table:
     import pandas as pd
 
     try:
-        df = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype=object)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise LmforgeError(f"{path}: malformed {('CSV', 'TSV')[sep == chr(9)]} ({str(exc).splitlines()[0]})") from None
+        df = pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""], dtype=object, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if path.name == _strip_compression(path.name):
+            for _ in text_lines(path):  # raises naming the line
+                pass
+        raise LmforgeError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise LmforgeError(f"{path}: empty file (no header row)") from None
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as exc:  # gzip/bz2/zstd streams: OSError subclasses
+        if path.name != _strip_compression(path.name):
+            raise LmforgeError(f"{path}: truncated or corrupt compressed file ({_first_line(exc)})") from None
+        raise LmforgeError(f"{path}: cannot read ({_first_line(exc)})") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise LmforgeError(f"{path}: malformed {('CSV', 'TSV')[sep == chr(9)]} ({_first_line(exc)})") from None
     df = df.astype(object).where(df.notna(), None)
     records = df.to_dict(orient="records")
     return Table(str(path), records, [f"row {i + 2}" for i in range(len(records))])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
 
 
 def _read_parquet(path: Path) -> Table:
@@ -107,12 +140,11 @@ def _read_parquet(path: Path) -> Table:
 
 def _read_text(path: Path) -> Table:
     records, locs = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            line = line.rstrip("\n")
-            if line.strip():
-                records.append({"text": line})
-                locs.append(f"line {n}")
+    for n, line in text_lines(path):
+        line = line.rstrip("\n")
+        if line.strip():
+            records.append({"text": line})
+            locs.append(f"line {n}")
     return Table(str(path), records, locs)
 
 

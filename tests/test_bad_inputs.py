@@ -1,0 +1,542 @@
+"""Every bad input through the real CLI: one line, the right exit code, nothing half-written.
+
+Each case builds its input in a fresh folder, runs ``lmforge.cli.main([...])`` in this process and
+checks: the exit code (2 for bad input, 1 for a run stopped by the environment), exactly one
+``lmforge: error:`` line on stderr holding the expected substring and no longer than
+``MAX_LINE`` characters, no ``.tmp`` leftovers, no 0-byte files and (for ``train``) no run
+directory. A Python exception escaping ``main`` is a traceback: the test fails on it.
+
+Run as a script (``python tests/test_bad_inputs.py``) it prints the tally the issue asks for:
+inputs tried, clear lines, tracebacks, wrongly accepted.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import traceback
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_tiny_bert, make_tiny_llama, sentiment_rows, write_jsonl, write_yaml  # noqa: E402
+
+from lmforge.cli import main  # noqa: E402
+
+MAX_LINE = 400
+
+
+# ---- the world the cases share (built once: tiny models, data, one trained run of each kind) --------------
+class World:
+    def __init__(self, root: Path):
+        self.root = root
+        self.bert = make_tiny_bert(root / "bert")
+        self.llama = make_tiny_llama(root / "llama")
+        self.train = write_jsonl(root / "train.jsonl", sentiment_rows(48, 1))
+        self.texts = root / "texts.txt"
+        self.texts.write_text("good great movie\nawful boring plot\n", encoding="utf-8")
+        self.predict_in = write_jsonl(root / "in.jsonl", [{"text": "good movie"}, {"text": "bad plot"}])
+        self.clf = self._train("clf", {})
+        self.elr = self._train("elr", {"classify": {"method": "embedding_lr", "embedding_lr": {
+            "classifier": "sklearn.tree.DecisionTreeClassifier", "kwargs": {"max_depth": 2}}}})
+
+    def recipe_dict(self, out: Path, **top) -> dict:
+        raw = {"task": "classify", "name": "r", "output_dir": str(out / "runs"),
+               "model": {"name": str(self.bert), "precision": "fp32", "device": "cpu"},
+               "data": {"train": str(self.train), "eval_fraction": 0.25, "max_length": 32},
+               "train": {"max_steps": 1, "batch_size": 8, "progress": False}}
+        for k, v in top.items():
+            raw[k] = raw[k] | v if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+        return raw
+
+    def recipe(self, out: Path, **top) -> str:
+        return str(write_yaml(out / "recipe.yaml", self.recipe_dict(out, **top)))
+
+    def _train(self, name: str, top: dict) -> Path:
+        recipe = write_yaml(self.root / f"{name}.yaml", self.recipe_dict(self.root, name=name, **top))
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["train", str(recipe)]) == 0
+        return self.root / "runs" / name
+
+    def copy_run(self, run: Path, out: Path) -> Path:
+        dst = out / run.name
+        shutil.copytree(run, dst)
+        return dst
+
+    def model_copy(self, out: Path, which: str = "bert") -> Path:
+        dst = out / f"{which}_copy"
+        shutil.copytree(getattr(self, which), dst)
+        return dst
+
+
+def _write(path: Path, data: bytes | str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return str(path)
+
+
+def _edit_config(run: Path, fn) -> None:
+    raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    fn(raw)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+
+
+# ---- building blocks of the cases --------------------------------------------------------------------------
+def train_with(**top):
+    return lambda w, t: ["train", w.recipe(t, **top)]
+
+
+def train_override(*overrides):
+    return lambda w, t: ["train", w.recipe(t), *overrides]
+
+
+def train_recipe_text(text: bytes | str):
+    return lambda w, t: ["train", _write(t / "recipe.yaml", text)]
+
+
+def train_data(name: str, data: bytes | str):
+    return lambda w, t: ["train", w.recipe(t, data={"train": _write(t / name, data)})]
+
+
+def train_model(mutate: Callable[[Path], None]):
+    def make(w, t):
+        m = w.model_copy(t)
+        mutate(m)
+        return ["train", w.recipe(t, model={"name": str(m)})]
+    return make
+
+
+def _truncate(f: str, keep: int | None = None):
+    def mutate(m: Path):
+        b = (m / f).read_bytes()
+        (m / f).write_bytes(b[: keep if keep is not None else len(b) // 2])
+    return mutate
+
+
+def _garbage_weights(m: Path):
+    (m / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+
+
+def _no_weights(m: Path):
+    (m / "model.safetensors").unlink()
+
+
+def _pickled_weights(m: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(m / "model.safetensors"), m / "pytorch_model.bin")
+    (m / "model.safetensors").unlink()
+
+
+def _config_json(text: str):
+    return lambda m: (m / "config.json").write_text(text, encoding="utf-8")
+
+
+def _unknown_model_type(m: Path):
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["model_type"] = "no_such_architecture"
+    (m / "config.json").write_text(json.dumps(cfg))
+
+
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
+
+
+def run_cmd(cmd: str, run: str, mutate: Callable[[Path], None] | None = None, *extra: str, out: str = "out.jsonl"):
+    """``lmforge <cmd> RUN`` on a copy of a trained run (``mutate`` breaks it first)."""
+    def make(w, t):
+        r = w.copy_run(getattr(w, run), t)
+        if mutate is not None:
+            mutate(r)
+        if cmd == "predict":
+            return ["predict", str(r), "--input", str(w.predict_in), "--out", str(t / out), *extra]
+        if cmd == "eval":
+            return ["eval", str(r), "--data", str(w.train), *extra]
+        return [cmd, str(r), *extra]
+    return make
+
+
+def _bytes_in_config(r: Path):
+    (r / "config.yaml").write_bytes((r / "config.yaml").read_bytes().replace(b"name: clf", b"name: cl\xff"))
+
+
+def _rm(rel: str):
+    return lambda r: (r / rel).unlink()
+
+
+def _put(rel: str, text: str):
+    return lambda r: (r / rel).write_text(text, encoding="utf-8")
+
+
+# ---- remote code: a model folder whose config asks for code that writes a marker when imported ----------
+MARKER = "REMOTE_CODE_RAN"
+
+
+def _evil_model(w: World, t: Path) -> Path:
+    m = w.model_copy(t)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                       "AutoModelForSequenceClassification": "evil.EvilModel", "AutoModelForCausalLM": "evil.EvilModel"}
+    cfg["model_type"] = "evil"
+    (m / "config.json").write_text(json.dumps(cfg))
+    (m / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(t / MARKER)!r}).write_text('ran')\n"
+        "from transformers import BertConfig, BertModel\n"
+        "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(BertModel):\n    config_class = EvilConfig\n")
+    return m
+
+
+def remote_code_run(cmd: str, *extra: str):
+    def make(w, t):
+        r = w.copy_run(w.clf, t)
+        m = _evil_model(w, t)
+        _edit_config(r, lambda raw: raw["model"].update(name=str(m), trust_remote_code=True))
+        if cmd == "predict":
+            return ["predict", str(r), "--input", str(w.predict_in), "--out", str(t / "out.jsonl"), *extra]
+        if cmd == "eval":
+            return ["eval", str(r), "--data", str(w.train), *extra]
+        if cmd == "merge":
+            return ["merge", str(r), "--out", str(t / "merged"), *extra]
+        if cmd == "embed":
+            return ["embed", str(r), "--input", str(w.texts), "--out", str(t / "v.npy"), *extra]
+        return [cmd, str(r), "--prompt", "hi", "--max-new-tokens", "2", *extra]
+    return make
+
+
+def no_marker(w, t) -> str | None:
+    return "the remote code ran" if (t / MARKER).exists() else None
+
+
+# ---- a crafted .skops whose node calls builtins.exec ---------------------------------------------------------
+PWNED = "SKOPS_PAYLOAD_RAN"
+
+
+def _evil_skops(t: Path):
+    def mutate(r: Path):
+        f = r / "head" / "classifier.skops"
+        with zipfile.ZipFile(f) as z:
+            files = {n: z.read(n) for n in z.namelist()}
+        schema = json.loads(files["schema.json"])
+        payload = f"open({str(t / PWNED)!r}, 'w').write('x')"
+        text = {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+                "content": json.dumps(payload), "is_json": True, "__id__": 1}
+        schema["content"]["content"]["criterion"] = {
+            "__class__": "exec", "__module__": "builtins", "__loader__": "ConstructorFromReduceNode",
+            "content": {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+                        "content": [text], "__id__": 2}, "__id__": 3}
+        files["schema.json"] = json.dumps(schema).encode()
+        with zipfile.ZipFile(f, "w") as z:
+            for n, b in files.items():
+                z.writestr(n, b)
+    return mutate
+
+
+def skops_case(cmd: str):
+    def make(w, t):
+        return run_cmd(cmd, "elr", _evil_skops(t))(w, t)
+    return make
+
+
+def no_payload(w, t) -> str | None:
+    return "the .skops payload ran" if (t / PWNED).exists() else None
+
+
+# ---- YAML bombs and long values ------------------------------------------------------------------------------
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "task: *i\n"
+LONG = "v" * 20000
+
+
+# ---- the cases -------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    id: str
+    make: Callable[[World, Path], list[str]]
+    code: int
+    needle: str
+    check: Callable[[World, Path], str | None] | None = None
+    subprocess_limits: dict = field(default_factory=dict)
+
+
+CASES = [
+    # 1. security
+    Case("skops_exec_predict", skops_case("predict"), 2, "classifier.skops", no_payload),
+    Case("skops_exec_eval", skops_case("eval"), 2, "classifier.skops", no_payload),
+    Case("remote_code_from_run_predict", remote_code_run("predict"), 2, "--trust-remote-code", no_marker),
+    Case("remote_code_from_run_eval", remote_code_run("eval"), 2, "--trust-remote-code", no_marker),
+    Case("remote_code_from_run_merge", remote_code_run("merge"), 2, "--trust-remote-code", no_marker),
+    Case("remote_code_from_run_generate", remote_code_run("generate"), 2, "--trust-remote-code", no_marker),
+    Case("remote_code_from_run_embed", remote_code_run("embed"), 2, "--trust-remote-code", no_marker),
+    Case("train_name_dotdot", train_override("name=../escape"), 2, "name"),
+    Case("train_name_absolute", train_override("name=/tmp/abs"), 2, "name"),
+    Case("compare_name_dotdot", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"name": "../escape", "output_dir": str(t / "runs"), "base": w.recipe_dict(t),
+         "methods": {"a": {}}}))], 2, "name"),
+    Case("compare_name_absolute", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"name": str(t / "abs"), "output_dir": str(t / "runs"), "base": w.recipe_dict(t),
+         "methods": {"a": {}}}))], 2, "name"),
+    Case("yaml_alias_bomb", train_recipe_text(ALIAS_BOMB), 2, "alias"),
+    Case("long_value_is_cut", train_override(f"train.batch_size={LONG}"), 2, "train.batch_size"),
+    Case("long_model_name_is_cut", train_override(f"model.name=./{LONG}"), 2, "not found"),
+    Case("long_task_name_is_cut", train_override(f"task={LONG}"), 2, "task"),
+    # 3. one line, exit 2: text encodings
+    Case("recipe_not_utf8", train_recipe_text(b"task: classify\nname: r\xff\n"), 2, "UTF-8"),
+    Case("data_jsonl_not_utf8", train_data("d.jsonl", b'{"text": "good \xff", "label": "pos"}\n'), 2, "UTF-8"),
+    Case("data_csv_not_utf8", train_data("d.csv", b"text,label\ngood \xff movie,pos\nbad,neg\n"), 2, "UTF-8"),
+    Case("data_txt_not_utf8", lambda w, t: ["embed", str(w.bert), "--input", _write(t / "x.txt", b"ok\nbad \xff\n"),
+                                            "--out", str(t / "v.npy")], 2, "UTF-8"),
+    Case("predict_input_not_utf8", lambda w, t: ["predict", str(w.clf), "--input", _write(
+        t / "in.jsonl", b'{"text": "\xff"}\n'), "--out", str(t / "o.jsonl")], 2, "UTF-8"),
+    Case("run_config_not_utf8", run_cmd("predict", "clf", _bytes_in_config), 2, "UTF-8"),
+    Case("data_csv_gz_truncated", train_data("d.csv.gz", _gz(b"text,label\n" + b"good movie,pos\n" * 400)[:60]),
+         2, "d.csv.gz"),
+    # model files
+    Case("weights_truncated", train_model(_truncate("model.safetensors")), 2, "model.safetensors"),
+    Case("weights_header_truncated", train_model(_truncate("model.safetensors", 5)), 2, "model.safetensors"),
+    Case("weights_garbage", train_model(_garbage_weights), 2, "model.safetensors"),
+    Case("weights_missing", train_model(_no_weights), 2, "no weights"),
+    Case("weights_pickled", train_model(_pickled_weights), 2, "pickle"),
+    Case("config_json_malformed", train_model(_config_json("{not json")), 2, "config.json"),
+    Case("config_json_not_a_mapping", train_model(_config_json("[1, 2]")), 2, "config.json"),
+    Case("model_type_unknown", train_model(_unknown_model_type), 2, "model_type"),
+    Case("gguf_not_gguf", lambda w, t: ["train", w.recipe(t, model={"name": _write(t / "m.gguf", b"not a gguf" * 10)})],
+         2, "GGUF"),
+    Case("weights_truncated_generate", lambda w, t: ["generate", str((lambda m: (_truncate("model.safetensors")(m), m)[1])(
+        w.model_copy(t, "llama"))), "--prompt", "hi"], 2, "model.safetensors"),
+    Case("weights_truncated_embed", lambda w, t: ["embed", str((lambda m: (_truncate("model.safetensors")(m), m)[1])(
+        w.model_copy(t))), "--input", str(w.texts), "--out", str(t / "v.npy")], 2, "model.safetensors"),
+    # incomplete runs
+    Case("labels_json_missing", run_cmd("predict", "clf", _rm("labels.json")), 2, "labels.json"),
+    Case("labels_json_malformed", run_cmd("predict", "clf", _put("labels.json", "[neg, pos")), 2, "labels.json"),
+    Case("labels_json_not_a_list", run_cmd("predict", "clf", _put("labels.json", '{"a": 1}')), 2, "labels.json"),
+    Case("predict_out_is_a_folder", lambda w, t: ["predict", str(w.clf), "--input", str(w.predict_in),
+                                                  "--out", str(t)], 2, "folder"),
+    Case("eval_out_is_a_folder", lambda w, t: ["eval", str(w.clf), "--data", str(w.train), "--out", str(t)],
+         2, "folder"),
+    Case("embed_out_is_a_folder", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts),
+                                                "--out", str((t / "d.npy").mkdir() or t / "d.npy")], 2, "folder"),
+    Case("predict_on_a_task_without_prediction", run_cmd(
+        "predict", "clf", lambda r: _edit_config(r, lambda raw: (raw.update(task="mlm"), raw.pop("classify")))),
+         2, "predict"),
+    # config values
+    Case("task_is_a_list", lambda w, t: ["train", _write(t / "r.yaml", yaml.safe_dump(
+        w.recipe_dict(t, task=["classify", "ner"])))], 2, "task"),
+    Case("task_is_a_mapping", lambda w, t: ["train", _write(t / "r.yaml", yaml.safe_dump(
+        w.recipe_dict(t, task={"classify": 1})))], 2, "task"),
+    Case("epochs_inf", train_override("train.epochs=.inf", "train.max_steps=null"), 2, "train.epochs"),
+    Case("lr_inf", train_override("train.lr=.inf"), 2, "train.lr"),
+    Case("lr_nan", train_override("train.lr=.nan"), 2, "train.lr"),
+    Case("max_length_beyond_positions", train_override("data.max_length=100000"), 2, "data.max_length"),
+    Case("device_unknown", train_override("model.device=tpu"), 2, "model.device"),
+    Case("device_cuda_missing", train_override("model.device=cuda:3"), 2, "cuda"),
+    Case("best_metric_unknown", train_override("train.best_metric=acuracy"), 2, "train.best_metric"),
+    Case("duplicate_yaml_key", train_recipe_text(
+        "task: classify\nmodel: {name: x}\ntrain: {lr: 0.1}\ntrain: {lr: 0.2}\n"), 2, "duplicate key 'train'"),
+    Case("duplicate_nested_yaml_key", train_recipe_text(
+        "task: classify\nmodel:\n  name: x\n  name: y\n"), 2, "duplicate key 'name'"),
+    Case("override_error_names_the_override", train_override("train.batch_size=x"), 2, "train.batch_size=x"),
+    Case("override_into_a_value", train_override("train.lr.x=1"), 2, "train.lr.x=1"),
+    Case("override_not_key_value", train_override("train.lr"), 2, "key=value"),
+    Case("embed_batch_size_0", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts), "--out", str(t / "v.npy"),
+                                             "--batch-size", "0"], 2, "--batch-size"),
+    Case("embed_max_length_0", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts), "--out", str(t / "v.npy"),
+                                             "--max-length", "0"], 2, "--max-length"),
+    Case("fill_mask_on_causal", lambda w, t: ["fill-mask", str(w.llama), "a [MASK] movie"], 2, "mask"),
+    Case("generate_on_encoder", lambda w, t: ["generate", str(w.bert), "--prompt", "hi"], 2, "causal"),
+    Case("generate_device_unknown", lambda w, t: ["generate", str(w.llama), "--prompt", "hi", "--device", "tpu"],
+         2, "--device"),
+    # positive cases: accepted, and what they produced
+    Case("bom_jsonl_is_accepted", train_data("bom.jsonl", "\ufeff" + "".join(
+        json.dumps(r) + "\n" for r in sentiment_rows(24, 3))), 0, ""),
+]
+
+
+# ---- running one case ----------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    code: int | None
+    err: str
+    tb: str | None = None
+
+
+def run_main(argv: list[str]) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    except SystemExit as exc:  # argparse
+        return Outcome(exc.code if isinstance(exc.code, int) else 1, err.getvalue())
+    except BaseException:  # noqa: BLE001 - a traceback is what this suite counts
+        return Outcome(None, err.getvalue(), traceback.format_exc())
+    return Outcome(code, err.getvalue())
+
+
+def leftovers(*roots: Path) -> list[str]:
+    bad = []
+    for root in roots:
+        for p in root.rglob("*"):
+            if ".tmp" in p.name:
+                bad.append(f"temporary leftover {p}")
+            elif p.is_file() and p.stat().st_size == 0 and p.suffix != ".lock":
+                bad.append(f"0-byte file {p}")
+    return bad
+
+
+def judge(case: Case, world: World, t: Path) -> tuple[str, str]:
+    """(verdict, detail): verdict is clear, traceback, accepted (wrongly) or unclear."""
+    argv = case.make(world, t)
+    res = run_main(argv)
+    if res.tb is not None:
+        return "traceback", res.tb.strip().splitlines()[-1]
+    problems = []
+    lines = [ln for ln in res.err.strip().splitlines() if ln.strip() and not ln.startswith(("WARNING", "INFO"))]
+    if case.code == 0:
+        if res.code != 0:
+            problems.append(f"exit {res.code}: {lines[-1] if lines else ''}")
+    else:
+        if res.code == 0:
+            return "accepted", "exit 0"
+        if res.code != case.code:
+            problems.append(f"exit {res.code} (want {case.code})")
+        if len(lines) != 1 or not lines[0].startswith("lmforge: error: "):
+            problems.append(f"{len(lines)} stderr lines: {lines[:3]!r:.300}")
+        elif case.needle not in lines[0]:
+            problems.append(f"message lacks {case.needle!r}: {lines[0][:300]}")
+        elif len(lines[0]) > MAX_LINE:
+            problems.append(f"message of {len(lines[0])} characters")
+        if argv[0] == "train" and (t / "runs").exists():
+            problems.append("a run directory was created")
+    if case.check is not None and (msg := case.check(world, t)):
+        problems.append(msg)
+    problems += leftovers(t)
+    return ("clear" if not problems else "unclear"), "; ".join(problems) or (lines[0] if lines else "")
+
+
+# ---- pytest ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return World(tmp_path_factory.mktemp("bad_inputs_world"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    verdict, detail = judge(case, world, tmp_path)
+    assert verdict == "clear", detail
+
+
+def test_the_world_holds_no_leftovers(world):
+    assert leftovers(world.root / "runs") == []
+
+
+# ---- a stopped run: read-only output and a full disk (exit 1) --------------------------------------------------
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a write past the limit fails with EFBIG, as ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from lmforge.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def _full_disk(argv: list[str], limit: int, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FULL_DISK.format(limit=limit, argv=argv)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300, env=os.environ | {"LMFORGE_NO_TQDM": "1"})
+
+
+STOPPED = [
+    ("predict_readonly_out", lambda w, t: ["predict", str(w.clf), "--input", str(w.predict_in),
+                                           "--out", "/proc/lmforge-no-write/out.jsonl"], None),
+    ("embed_readonly_out", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts),
+                                         "--out", "/proc/lmforge-no-write/v.npy"], None),
+    ("generate_readonly_out", lambda w, t: ["generate", str(w.llama), "--input", _write(
+        t / "p.jsonl", '{"prompt": "hi"}\n'), "--out", "/proc/lmforge-no-write/g.jsonl", "--max-new-tokens", "2"], None),
+    ("train_readonly_output_dir", lambda w, t: ["train", w.recipe(t, output_dir="/proc/lmforge-no-write")], None),
+    ("train_full_disk", lambda w, t: ["train", w.recipe(t, train={"max_steps": 4, "save_every": 2})], 20_000),
+    ("predict_full_disk", lambda w, t: ["predict", str(w.clf), "--input", str(w.predict_in),
+                                        "--out", str(t / "o.jsonl")], 10),
+    ("embed_full_disk", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts), "--out", str(t / "v.npy")], 10),
+]
+
+
+def judge_stopped(make, limit, world: World, t: Path) -> tuple[str, str]:
+    argv = make(world, t)
+    if limit is None:
+        res = run_main(argv)
+        if res.tb is not None:
+            return "traceback", res.tb.strip().splitlines()[-1]
+        code, err = res.code, res.err
+    else:
+        p = _full_disk(argv, limit, t)
+        code, err = p.returncode, p.stderr
+        if "Traceback (most recent call last)" in err:
+            return "traceback", err.strip().splitlines()[-1]
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("lmforge: error: ")]
+    problems = []
+    if code == 0:
+        return "accepted", "exit 0"
+    if code != 1:
+        problems.append(f"exit {code} (want 1)")
+    if len(lines) != 1:
+        problems.append(f"{len(lines)} error lines")
+    problems += leftovers(t)
+    return ("clear" if not problems else "unclear"), "; ".join(problems) or lines[0]
+
+
+@pytest.mark.parametrize("make,limit", [s[1:] for s in STOPPED], ids=[s[0] for s in STOPPED])
+def test_stopped_run_exit_1(make, limit, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    verdict, detail = judge_stopped(make, limit, world, tmp_path)
+    assert verdict == "clear", detail
+
+
+# ---- the tally -------------------------------------------------------------------------------------------------
+def tally(root: Path, only: str | None = None) -> dict:
+    import tempfile
+
+    os.environ.setdefault("LMFORGE_CACHE", str(root / "cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    world = World(root / "world")
+    counts = {"tried": 0, "clear": 0, "traceback": 0, "accepted": 0, "unclear": 0}
+    cases = [(c.id, lambda c=c, t=None: judge(c, world, t)) for c in CASES]
+    cases += [(sid, lambda make=make, limit=limit, t=None: judge_stopped(make, limit, world, t))
+              for sid, make, limit in STOPPED]
+    for cid, fn in cases:
+        if only and only not in cid:
+            continue
+        t = Path(tempfile.mkdtemp(dir=root, prefix=f"{cid}-"))
+        cwd = os.getcwd()
+        os.chdir(t)
+        try:
+            verdict, detail = fn(t=t)
+        finally:
+            os.chdir(cwd)
+        counts["tried"] += 1
+        counts[verdict] += 1
+        print(f"{verdict:9s} {cid:40s} {detail[:220]} {detail[-120:] if len(detail) > 220 else ''}", flush=True)
+    return counts
+
+
+if __name__ == "__main__":
+    import logging
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory() as d:
+        print(json.dumps(tally(Path(d), sys.argv[1] if len(sys.argv) > 1 else None)))
