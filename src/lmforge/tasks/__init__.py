@@ -20,6 +20,7 @@ TASK_MODULES = {
     "augsbert": "lmforge.tasks.augsbert",
     "mlm": "lmforge.tasks.mlm",
     "ner": "lmforge.tasks.ner",
+    "topics": "lmforge.tasks.topics",
 }
 
 
