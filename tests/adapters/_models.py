@@ -5,7 +5,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, BertForTokenClassification,
                           BertModel, LlamaConfig, LlamaForCausalLM)
 
-from lmforge.adapters import LoraLinear, ModulesToSave
+from lmforge.adapters import adapter_state_dict
 
 
 def bert_config() -> BertConfig:
@@ -51,12 +51,13 @@ def output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 @torch.no_grad()
 def randomize_adapter(model: torch.nn.Module, seed: int = 2) -> None:
-    """Give every LoRA B (and A) and every modules_to_save copy non-trivial random values."""
+    """Give every adapter tensor (LoRA A and B, DoRA magnitudes, IA3 scales, prompts, bottleneck
+    weights) and every modules_to_save copy non-trivial random values (LoRA A and B replaced by
+    N(0, 0.2^2), everything else shifted by such noise)."""
     g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, LoraLinear):
-            for p in (m.lora_A.weight, m.lora_B.weight):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        elif isinstance(m, ModulesToSave):
-            for p in m.trained.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    for name, t in sorted(adapter_state_dict(model).items()):
+        noise = torch.randn(t.shape, generator=g) * 0.2
+        if name.endswith(("lora_A.weight", "lora_B.weight")):
+            t.copy_(noise)
+        else:
+            t.add_(noise)

@@ -169,7 +169,7 @@ def test_freezing_and_apply_twice():
     assert trainable == {f"bert.encoder.layer.{i}.attention.self.query.lora_{ab}.weight"
                          for i in range(2) for ab in "AB"} | {"classifier.trained.weight",
                                                               "classifier.trained.bias"}
-    assert model._lmforge_lora.r == 4
+    assert model._lmforge_adapter.r == 4
     with pytest.raises(LmforgeError, match="already has LoRA"):
         apply_lora(model, LoraSpec(target_modules=["value"]))
 
@@ -227,7 +227,7 @@ def test_unwrap_returns_plain_model():
     plain = unwrap_lora(model)
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in plain.modules())
     assert set(plain.state_dict()) == set(base.state_dict())
-    assert not hasattr(plain, "_lmforge_lora")
+    assert not hasattr(plain, "_lmforge_adapter")
     torch.testing.assert_close(output(plain, batch), adapted, atol=1e-5, rtol=1e-5)
 
 

@@ -124,9 +124,9 @@ def test_missing_and_malformed_folders(tmp_path):
     (bad / "adapter_config.json").write_text("{not json")
     with pytest.raises(LmforgeError, match="malformed JSON"):
         read_adapter_config(bad)
-    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 4,
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4,
                                                          "target_modules": ["q"]}))
-    with pytest.raises(LmforgeError, match="IA3"):
+    with pytest.raises(LmforgeError, match="VERA"):
         read_adapter_config(bad)
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     with pytest.raises(LmforgeError, match="target_modules"):
@@ -136,9 +136,9 @@ def test_missing_and_malformed_folders(tmp_path):
 def test_unsupported_variant_refused(tmp_path):
     _, out = _saved("llama", tmp_path, rslora=False)
     cfg = json.loads((out / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["fan_in_fan_out"] = True
     (out / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LmforgeError, match="use_dora"):
+    with pytest.raises(LmforgeError, match="fan_in_fan_out"):
         load_adapter(build("llama"), out)
 
 
@@ -158,7 +158,7 @@ def _edit_weights(out, fn):
 
 def _assert_untouched(model, kind):
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in model.modules())
-    assert not hasattr(model, "_lmforge_lora")
+    assert not hasattr(model, "_lmforge_adapter")
     assert all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(output(model, inputs()), output(build(kind), inputs()))
 
