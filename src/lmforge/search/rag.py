@@ -66,15 +66,17 @@ def parse_citations(answer: str, n_passages: int) -> list[int]:
     numbers outside ``1..n_passages`` are dropped."""
     out: list[int] = []
     for m in _CITATION.finditer(answer):
-        body = m.group(1)
-        for a, b in re.findall(r"(\d+)\s*(?:-|–)\s*(\d+)", body):
-            if int(b) - int(a) <= 50:
-                body += "," + ",".join(str(x) for x in range(int(a), int(b) + 1))
+        body = re.sub(r"(\d+)\s*(?:-|–)\s*(\d+)", _expand_range, m.group(1))
         for tok in re.findall(r"\d+", body):
             n = int(tok)
             if 1 <= n <= n_passages and n not in out:
                 out.append(n)
     return out
+
+
+def _expand_range(m: re.Match) -> str:
+    a, b = int(m.group(1)), int(m.group(2))
+    return ",".join(str(x) for x in range(a, b + 1)) if 0 <= b - a <= 50 else f"{a},{b}"
 
 
 @dataclass
