@@ -21,6 +21,7 @@ TASK_MODULES = {
     "mlm": "lmforge.tasks.mlm",
     "ner": "lmforge.tasks.ner",
     "topics": "lmforge.tasks.topics",
+    "retriever": "lmforge.search.finetune",
 }
 
 
