@@ -12,4 +12,5 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.compare",
     "lmforge.commands.report",
     "lmforge.commands.search",
+    "lmforge.commands.inspect",
 ]
