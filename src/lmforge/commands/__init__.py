@@ -11,6 +11,7 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.fill_mask",
     "lmforge.commands.compare",
     "lmforge.commands.report",
+    "lmforge.commands.serve",
     "lmforge.commands.search",
     "lmforge.commands.inspect",
 ]
