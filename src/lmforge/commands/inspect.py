@@ -171,10 +171,11 @@ def cmd_w2v_train(args) -> int:
     for path in args.input:
         lines += _texts_of(path, args.column, None)
     sentences = [w for w in (wordvec.words_of(t, lower=not args.cased) for t in lines) if w]
-    if args.dim <= 0 or args.window <= 0 or args.negative <= 0 or args.epochs <= 0 or args.min_count <= 0:
-        raise LmforgeError("--dim, --window, --negative, --epochs and --min-count must be positive")
+    if min(args.dim, args.window, args.negative, args.epochs, args.min_count) <= 0 or args.sample < 0:
+        raise LmforgeError("--dim, --window, --negative, --epochs and --min-count must be positive, --sample >= 0")
     wv = wordvec.train(sentences, sg=args.arch == "skipgram", dim=args.dim, window=args.window, negative=args.negative,
-                       min_count=args.min_count, epochs=args.epochs, seed=args.seed, workers=args.workers)
+                       min_count=args.min_count, epochs=args.epochs, sample=args.sample, seed=args.seed,
+                       workers=args.workers)
     wordvec.save(wv, args.out)
     print(f"{len(wv.words)} words x {wv.vectors.shape[1]} dims from {len(sentences)} sentences "
           f"({sum(map(len, sentences))} words) -> {args.out}")
@@ -269,6 +270,7 @@ def register(sub) -> None:
     t.add_argument("--negative", type=int, default=5, help="negative samples per positive")
     t.add_argument("--min-count", type=int, default=5)
     t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--sample", type=float, default=1e-3, help="down-sample words above this frequency (0: off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=1, help="1 = reproducible")
     t.add_argument("--cased", action="store_true", help="keep case (default: lower-case)")

@@ -20,6 +20,7 @@ writes them (``KeyedVectors.load_word2vec_format``); nothing is pickled.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -165,10 +166,12 @@ def _looks_binary(body: bytes, d: int) -> bool:
 
 # ---- training ------------------------------------------------------------------------------------
 def train(sentences: Sequence[list[str]], *, sg: bool = True, dim: int = 100, window: int = 5, negative: int = 5,
-          min_count: int = 5, epochs: int = 5, seed: int = 0, workers: int = 1) -> WordVectors:
+          min_count: int = 5, epochs: int = 5, sample: float = 1e-3, seed: int = 0, workers: int = 1) -> WordVectors:
     """word2vec (skip-gram when ``sg``, else CBOW) with negative sampling, trained by gensim.
 
-    ``workers=1`` with a fixed seed gives the same vectors on every run.
+    ``sample`` down-samples words more frequent than that share of the corpus (0 = off; a toy corpus,
+    where every word is frequent, needs 0). ``workers=1`` with a fixed seed gives the same vectors on
+    every run.
     """
     try:
         from gensim.models import Word2Vec
@@ -176,10 +179,12 @@ def train(sentences: Sequence[list[str]], *, sg: bool = True, dim: int = 100, wi
         raise LmforgeError("word2vec training needs gensim: pip install 'lmforge[inspect]'") from None
     if not sentences or not any(sentences):
         raise LmforgeError("the corpus has no words")
+    counts = Counter(w for s in sentences for w in s)
+    if max(counts.values()) < min_count:
+        raise LmforgeError(f"no word occurs at least min_count={min_count} times in the corpus "
+                           f"({sum(counts.values())} words); lower --min-count")
     model = Word2Vec(sentences=list(sentences), vector_size=dim, window=window, min_count=min_count,
-                     sg=int(sg), hs=0, negative=negative, epochs=epochs, seed=seed, workers=workers)
-    if len(model.wv.index_to_key) == 0:
-        raise LmforgeError(f"no word occurs at least min_count={min_count} times in the corpus")
+                     sg=int(sg), hs=0, negative=negative, epochs=epochs, sample=sample, seed=seed, workers=workers)
     return WordVectors(list(model.wv.index_to_key), model.wv.vectors.copy())
 
 
