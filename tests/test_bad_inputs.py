@@ -357,7 +357,7 @@ CASES = [
     Case("fill_mask_on_causal", lambda w, t: ["fill-mask", str(w.llama), "a [MASK] movie"], 2, "mask"),
     Case("generate_on_encoder", lambda w, t: ["generate", str(w.bert), "--prompt", "hi"], 2, "causal"),
     Case("generate_device_unknown", lambda w, t: ["generate", str(w.llama), "--prompt", "hi", "--device", "tpu"],
-         2, "--device"),
+         2, "unknown device 'tpu'"),
     # positive cases: accepted, and what they produced
     Case("bom_jsonl_is_accepted", train_data("bom.jsonl", "\ufeff" + "".join(
         json.dumps(r) + "\n" for r in sentiment_rows(24, 3))), 0, ""),

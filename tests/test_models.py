@@ -232,7 +232,14 @@ def _split_model_files() -> dict[str, bytes]:
     return {"modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "x"}]).encode(),
             "config.json": b'{"model_type": "bert"}',
             "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
-            "model.safetensors": rng.bytes(5000)}                  # spans several parts
+            "model.safetensors": _safetensors_bytes(rng)}          # spans several parts
+
+
+def _safetensors_bytes(rng) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.from_numpy(rng.standard_normal(1250).astype(np.float32))})
 
 
 def test_split_zip_is_joined_and_extracted_once_atomically(tmp_path, monkeypatch):
@@ -341,3 +348,108 @@ def test_mpnet_encodes_sentences():
     vecs = torch.as_tensor(np.asarray(vecs))
     assert vecs.shape == (2, 768) and torch.isfinite(vecs).all()
     assert torch.nn.functional.cosine_similarity(vecs[0], vecs[1], dim=0) > 0.5
+
+
+# ---- model folders are checked before anything loads them ---------------------------------------------------
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def _truncate(m: Path):
+    b = (m / "model.safetensors").read_bytes()
+    (m / "model.safetensors").write_bytes(b[: len(b) - 7])
+
+
+def _pickled(m: Path):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(m / "model.safetensors"), m / "pytorch_model.bin")
+    (m / "model.safetensors").unlink()
+
+
+def _set(key, value):
+    def edit(m: Path):
+        cfg = json.loads((m / "config.json").read_text())
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+        (m / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_truncate, r"model.safetensors: truncated or padded safetensors file"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00[1,2]" + bytes(10)),
+     r"not a safetensors file \(its header is not a JSON object\)"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 100), "not a complete safetensors file"),
+    (lambda m: (m / "model.safetensors").unlink(), "no weights"),
+    (_pickled, "only pickled weights"),
+    (lambda m: (m / "config.json").write_text("{oops"), r"config.json: malformed JSON \(line 1"),
+    (lambda m: (m / "config.json").write_bytes(b'{"a": "\xff"}'), "config.json: not UTF-8"),
+    (_set("model_type", "bert_9000"), "unknown model_type 'bert_9000'"),
+    (_set("model_type", None), "no model_type"),
+])
+def test_broken_model_folders_are_one_line(tmp_path, tiny_bert_dir, edit, match):
+    from lmforge.models import resolve_model
+
+    m = _copy(tiny_bert_dir, tmp_path / "m")
+    edit(m)
+    with pytest.raises(LmforgeError, match=match):
+        resolve_model(str(m))
+
+
+def test_sharded_safetensors_are_checked_shard_by_shard(tmp_path, tiny_bert_dir):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.models import resolve_model
+
+    m = _copy(tiny_bert_dir, tmp_path / "m")
+    state = load_file(m / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    save_file({k: state[k] for k in names[:half]}, m / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in names[half:]}, m / "model-00002-of-00002.safetensors")
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}}))
+    assert resolve_model(str(m)) == m
+    (m / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(LmforgeError, match="shard model-00002-of-00002.safetensors"):
+        resolve_model(str(m))
+
+
+def test_a_gguf_that_is_not_gguf_and_a_read_only_cache(tmp_path, monkeypatch):
+    from lmforge.models import resolve_model
+
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"PK\x03\x04 not gguf")
+    with pytest.raises(LmforgeError, match="not a GGUF file"):
+        resolve_model(str(fake))
+    fake.write_bytes(b"GGUF" + bytes(60))
+    blocked = tmp_path / "cache_is_a_file"
+    blocked.write_text("x")                       # the cache root cannot be a folder: like a read-only cache
+    monkeypatch.setenv("LMFORGE_CACHE", str(blocked))
+    with pytest.raises(LmforgeError, match="cannot write to the model cache") as exc:
+        resolve_model(str(fake))
+    assert exc.value.exit_code == 1
+
+
+def test_max_length_beyond_learned_positions(tiny_bert_dir, tiny_llama_dir):
+    from lmforge.models import check_max_length
+
+    check_max_length(tiny_bert_dir, 64)
+    with pytest.raises(LmforgeError, match=r"data.max_length: 65 is beyond the model's 64 positions"):
+        check_max_length(tiny_bert_dir, 65)
+    check_max_length(tiny_llama_dir, 100_000)     # rotary positions: no table to index past
+
+
+def test_long_or_odd_model_names_are_one_short_line():
+    from lmforge.models import resolve_model
+
+    for ref in ("./" + "x" * 5000, "x" * 300 + "/y", "a\0b"):
+        with pytest.raises(LmforgeError) as exc:
+            resolve_model(ref)
+        assert len(str(exc.value)) < 300

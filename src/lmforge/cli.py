@@ -37,7 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for cmd, sp in sub.choices.items():
+        if cmd not in OWN_RECIPES and not any("--trust-remote-code" in a.option_strings for a in sp._actions):
+            sp.add_argument("--trust-remote-code", action="store_true",
+                            help="allow Python code shipped with a model to run (off: a run folder's "
+                                 "config.yaml never turns it on)")
     return p
+
+
+#: commands whose configs are the user's own recipes; every other command loads models, run folders
+#: and indexes someone may have handed over: their configs never turn on remote code by themselves
+OWN_RECIPES = ("train", "config", "compare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        if args.command in OWN_RECIPES:
+            return args.func(args)
+        from .config import loading_saved_runs
+
+        with loading_saved_runs(getattr(args, "trust_remote_code", False)):
+            return args.func(args)
     except LmforgeError as err:
         print(f"lmforge: error: {err}", file=sys.stderr)
         return err.exit_code

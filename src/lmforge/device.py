@@ -38,9 +38,16 @@ def pick_device(requested: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    dev = torch.device(requested)
+    from .config import check_device
+
+    try:
+        dev = torch.device(check_device(requested))
+    except (ValueError, RuntimeError) as exc:
+        raise LmforgeError(f"device: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LmforgeError(f"device '{requested}' requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LmforgeError(f"device '{requested}' requested but MPS is not available")
     return dev
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -191,6 +192,8 @@ def dequantise_gguf(gguf: Path) -> Path:
     out = _gguf_cache_folder(gguf)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    check_gguf(gguf)
+    check_writable(out.parent, "the model cache (set LMFORGE_CACHE to a writable folder)")
     try:
         import gguf as _  # noqa: F401
     except ImportError:
@@ -201,10 +204,14 @@ def dequantise_gguf(gguf: Path) -> Path:
     folder, name = str(gguf.parent), gguf.name
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    with tracked_tqdm(gguf_utils):  # per-tensor progress with an estimate, concise lines in logs
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    try:
+        with tracked_tqdm(gguf_utils):  # per-tensor progress with an estimate, concise lines in logs
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, OSError, IndexError, TypeError, EOFError) as exc:  # corrupt/unsupported GGUF
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise LmforgeError(f"{gguf}: cannot read this GGUF file ({first})") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = "float32"
@@ -229,20 +236,60 @@ def dequantise_gguf(gguf: Path) -> Path:
     return out
 
 
+def check_gguf(path: Path) -> None:
+    """A ``.gguf`` file starts with the magic bytes ``GGUF`` (else one line, before any loader runs)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise LmforgeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic != b"GGUF":
+        raise LmforgeError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` and a probe file in it; a read-only or full location is one line (exit 1),
+    found before minutes of work whose result could not be stored."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-probe-") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise LmforgeError(f"{folder}: cannot write to {what} ({exc.strerror or exc})", exit_code=1) from None
+
+
 def _looks_like_hub_id(ref: str) -> bool:
     parts = ref.split("/")
     return 1 <= len(parts) <= 2 and all(parts) and not ref.startswith((".", "~"))
 
 
 def resolve_model(ref: str, revision: str | None = None) -> Path:
-    """Turn a model reference into a local folder holding config.json (and weights)."""
+    """Turn a model reference into a local folder holding config.json (and weights).
+
+    The folder is checked before anything loads it (:func:`check_model_folder`): a malformed
+    ``config.json``, an unknown ``model_type``, missing, truncated or pickled weights are one line.
+    """
+    return check_model_folder(_resolve(ref, revision))
+
+
+def _resolve(ref: str, revision: str | None) -> Path:
+    from .config import preview
+
+    if not isinstance(ref, str) or not ref or len(ref) > 4096 or "\0" in ref:
+        raise LmforgeError(f"model {preview(ref)} not found (packaged aliases: {', '.join(PACKAGED)})")
     if ref in PACKAGED:
         p = PACKAGED[ref].locate(ref)
         return dequantise_gguf(p) if p.suffix == ".gguf" else p
     p = Path(os.path.expanduser(ref))
-    if p.is_file() and p.suffix == ".gguf":
+    try:
+        is_file, is_dir = p.is_file(), p.is_dir()
+    except OSError:  # a name too long for the file system ...
+        is_file = is_dir = False
+    if is_file and p.suffix == ".gguf":
         return dequantise_gguf(p)
-    if p.is_dir():
+    if is_dir:
         if (p / "config.json").is_file():
             return p
         ggufs = sorted(p.glob("*.gguf"))
@@ -250,8 +297,127 @@ def resolve_model(ref: str, revision: str | None = None) -> Path:
             return dequantise_gguf(ggufs[0])
         raise LmforgeError(f"{p}: not a Hugging Face model folder (no config.json)")
     if p.suffix == ".gguf" or ref.startswith((".", "/", "~")) or not _looks_like_hub_id(ref):
-        raise LmforgeError(f"model '{ref}' not found (packaged aliases: {', '.join(PACKAGED)})")
+        raise LmforgeError(f"model {preview(ref)} not found (packaged aliases: {', '.join(PACKAGED)})")
     return _download(ref, revision)
+
+
+# ---- checking a model folder before loading it ------------------------------------------------------------
+PICKLED = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+#: model types whose position ids start after the padding index (usable positions = max - pad - 1)
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "roberta-prelayernorm"}
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """``config.json`` of a model folder as a dict; malformed JSON or a non-mapping is one line."""
+    f = Path(folder) / "config.json"
+    try:
+        raw = f.read_bytes()
+    except OSError as exc:
+        raise LmforgeError(f"{f}: cannot read ({exc.strerror or exc})") from None
+    try:
+        cfg = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise LmforgeError(f"{f}: not UTF-8 text (byte {exc.start + 1})") from None
+    except json.JSONDecodeError as exc:
+        raise LmforgeError(f"{f}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise LmforgeError(f"{f}: must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's 8-byte header length, JSON header and data size agree with the file
+    size (a truncated download or a garbage file is one line, not a loader traceback)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size or n > 100_000_000:
+                raise LmforgeError(f"{path}: not a complete safetensors file (header of {max(n, 0)} bytes in a "
+                                   f"{size}-byte file: truncated or not safetensors)")
+            header = json.loads(fh.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise LmforgeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LmforgeError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise LmforgeError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    end = 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise LmforgeError(f"{path}: not a safetensors file (tensor {name[:60]!r} has no data offsets)")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise LmforgeError(f"{path}: truncated or padded safetensors file ({size} bytes, the header describes "
+                           f"{8 + n + end}); download or save it again")
+
+
+def _weights_of(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise LmforgeError(f"{index}: malformed safetensors index (no weight_map)") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise LmforgeError(f"{folder}: shard {missing[0]} listed in model.safetensors.index.json is missing")
+        return [folder / s for s in shards]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def check_model_folder(folder: Path) -> Path:
+    """Refuse, in one line, a model folder that would fail (or run pickle) deep inside transformers:
+    malformed ``config.json``, unknown ``model_type`` (unless the folder ships its own code),
+    no weights, pickled weights only, truncated or garbage safetensors. Returns ``folder``."""
+    folder = Path(folder)
+    cfg = read_model_config(folder)
+    model_type = cfg.get("model_type")
+    if not cfg.get("auto_map"):
+        from transformers import CONFIG_MAPPING
+
+        if not isinstance(model_type, str) or not model_type:
+            raise LmforgeError(f"{folder / 'config.json'}: no model_type (which architecture is this?)")
+        if model_type not in CONFIG_MAPPING:
+            raise LmforgeError(f"{folder / 'config.json'}: unknown model_type {model_type[:60]!r} (not an "
+                               "architecture of the installed transformers; upgrade transformers?)")
+    weights = _weights_of(folder)
+    if not weights:
+        pickled = sorted({p.name for pat in PICKLED for p in folder.glob(pat)})
+        if pickled:
+            raise LmforgeError(f"{folder}: only pickled weights ({', '.join(pickled[:3])}); lmforge never unpickles "
+                               "model files: convert them to model.safetensors")
+        raise LmforgeError(f"{folder}: no weights (no model.safetensors)")
+    for w in weights:
+        check_safetensors(w)
+    return folder
+
+
+def check_max_length(folder: str | Path, max_length: int, key: str = "data.max_length") -> None:
+    """Refuse a ``max_length`` beyond the positions of a model with learned position embeddings
+    (BERT, RoBERTa, GPT-2 ...: longer rows would index past the table). Rotary models (no such
+    table) are not limited here."""
+    cfg = read_model_config(folder)
+    if any(k in cfg for k in ("rope_theta", "rope_scaling", "rope_parameters")):
+        return
+    positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    if not isinstance(positions, int) or positions <= 0:
+        return
+    if cfg.get("model_type") in OFFSET_POSITIONS:
+        positions -= int(cfg.get("pad_token_id") or 0) + 1
+    if max_length > positions:
+        raise LmforgeError(f"{key}: {max_length} is beyond the model's {positions} positions ({folder}); "
+                           f"set {key}={positions} or less")
+
+
+def _preview(ref: str) -> str:
+    from .config import preview
+
+    return preview(ref)
 
 
 def _download(ref: str, revision: str | None) -> Path:
@@ -267,7 +433,7 @@ def _download(ref: str, revision: str | None) -> Path:
             pass
         kind = type(exc).__name__
         raise LmforgeError(
-            f"model '{ref}' could not be fetched from the Hugging Face hub ({kind}; offline?); "
+            f"model {_preview(ref)} could not be fetched from the Hugging Face hub ({kind}; offline?); "
             f"use a local folder, a .gguf file or a packaged alias: {', '.join(PACKAGED)}"
         ) from None
 

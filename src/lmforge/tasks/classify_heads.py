@@ -19,7 +19,21 @@ from torch import Tensor, nn
 from ..errors import LmforgeError
 from .base import Task
 
-SAFE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "scipy.")
+#: Types a saved head may hold beyond those skops trusts by default, by exact name (never a module
+#: prefix: ``builtins.`` alone would admit ``builtins.exec``). They are the fitted internals of the
+#: scikit-learn classifiers a head can use (trees and forests, nearest neighbours, MLPs).
+SKOPS_ALLOWED = frozenset({
+    "sklearn.tree._tree.Tree",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.metrics._dist_metrics.ManhattanDistance64",
+    "sklearn.metrics._dist_metrics.MinkowskiDistance64",
+    "sklearn.metrics._dist_metrics.ChebyshevDistance64",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+})
 
 
 # ---- heads -------------------------------------------------------------------------------------------
@@ -141,21 +155,47 @@ class SklearnHead:
         path = folder / "head.json"
         if not path.is_file():
             raise LmforgeError(f"{folder}: no head.json (did training finish?)")
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or not isinstance(meta.get("classifier"), str):
+                raise ValueError("no 'classifier' name")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise LmforgeError(f"{path}: malformed head file ({str(exc).splitlines()[0][:120]})") from None
         if "coef" in meta:
             head = cls.from_linear(meta["classifier"], np.array(meta["coef"]), np.array(meta["intercept"]), n_classes)
             head.kwargs, head.classes = meta.get("kwargs", {}), np.array(meta["classes"], dtype=np.int64)
             return head
         head = cls(meta["classifier"], meta.get("kwargs", {}), n_classes)
-        import skops.io as sio
-
-        file = folder / "classifier.skops"
-        untrusted = sio.get_untrusted_types(file=file)
-        unsafe = [t for t in untrusted if not t.startswith(SAFE_PREFIXES)]
-        if unsafe:
-            raise LmforgeError(f"{file}: refusing to load types outside scikit-learn/numpy: {unsafe[:3]}")
-        head.estimator = sio.load(file, trusted=untrusted)
+        head.estimator = load_skops(folder / "classifier.skops", type(head.estimator))
         return head
+
+
+def load_skops(file: Path, expected: type):
+    """Load a scikit-learn estimator saved with skops, trusting only :data:`SKOPS_ALLOWED` by exact
+    name beyond skops' own defaults; any other type (``builtins.exec``, ``os.system`` ...) is
+    refused in one line before anything is constructed. The result must be an ``expected``."""
+    import zipfile
+
+    import skops.io as sio
+
+    if not file.is_file():
+        raise LmforgeError(f"{file}: missing (did training finish?)")
+    try:
+        untrusted = sio.get_untrusted_types(file=file)
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError, AttributeError) as exc:
+        raise LmforgeError(f"{file}: not a readable skops file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    refused = sorted(t for t in untrusted if t not in SKOPS_ALLOWED)
+    if refused:
+        shown = ", ".join(t[:80] for t in refused[:3])
+        raise LmforgeError(f"{file}: refusing to load type{'s' * (len(refused) > 1)} {shown} (not a scikit-learn "
+                           "classifier part lmforge trusts; a crafted head can run code)")
+    try:
+        est = sio.load(file, trusted=list(untrusted))
+    except Exception as exc:  # noqa: BLE001 - skops raises many types for malformed (but allowed) content
+        raise LmforgeError(f"{file}: cannot load the classifier ({type(exc).__name__})") from None
+    if type(est) is not expected:
+        raise LmforgeError(f"{file}: holds a {type(est).__name__}, head.json names {expected.__name__}")
+    return est
 
 
 def _is_linear(cls: type) -> bool:

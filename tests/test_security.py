@@ -1,0 +1,118 @@
+"""Run folders are data, never code: crafted skops heads, remote code named by a run's config."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.errors import LmforgeError
+
+pytest.importorskip("skops")
+
+
+def _exec_node(payload: str) -> dict:
+    """A skops node that calls ``builtins.exec(payload)`` when the file is loaded."""
+    text = {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+            "content": json.dumps(payload), "is_json": True, "__id__": 1}
+    return {"__class__": "exec", "__module__": "builtins", "__loader__": "ConstructorFromReduceNode",
+            "content": {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+                        "content": [text], "__id__": 2}, "__id__": 3}
+
+
+def _tree_head(folder: Path):
+    from lmforge.tasks.classify_heads import SklearnHead
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), np.arange(30) % 2
+    head = SklearnHead("sklearn.tree.DecisionTreeClassifier", {"max_depth": 2}, 2).fit(x, y)
+    head.save(folder)
+    return head, x
+
+
+def _inject(file: Path, node: dict) -> None:
+    with zipfile.ZipFile(file) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    schema = json.loads(files["schema.json"])
+    schema["content"]["content"]["criterion"] = node
+    files["schema.json"] = json.dumps(schema).encode()
+    with zipfile.ZipFile(file, "w") as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+
+
+def test_the_exec_hole_is_real_in_skops_with_a_prefix_allowlist(tmp_path):
+    """The old loader trusted every type under ``builtins.``: this is what it let through."""
+    import skops.io as sio
+
+    _tree_head(tmp_path / "h")
+    marker = tmp_path / "ran"
+    _inject(tmp_path / "h" / "classifier.skops", _exec_node(f"open({str(marker)!r}, 'w').write('x')"))
+    untrusted = sio.get_untrusted_types(file=tmp_path / "h" / "classifier.skops")
+    assert "builtins.exec" in untrusted
+    prefix_trusted = [t for t in untrusted if t.startswith(("sklearn.", "numpy.", "builtins.", "scipy."))]
+    sio.load(tmp_path / "h" / "classifier.skops", trusted=prefix_trusted)
+    assert marker.exists()                                   # the payload ran
+
+
+def test_a_crafted_skops_head_is_refused_before_anything_runs(tmp_path):
+    from lmforge.tasks.classify_heads import SklearnHead
+
+    _tree_head(tmp_path / "h")
+    marker = tmp_path / "ran"
+    _inject(tmp_path / "h" / "classifier.skops", _exec_node(f"open({str(marker)!r}, 'w').write('x')"))
+    with pytest.raises(LmforgeError, match=r"classifier.skops: refusing to load type builtins.exec"):
+        SklearnHead.load(tmp_path / "h", 2)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("module,name", [("os", "system"), ("subprocess", "call"), ("builtins", "eval"),
+                                         ("sklearn.utils", "_print_elapsed_time")])
+def test_other_callables_are_refused_too(tmp_path, module, name):
+    from lmforge.tasks.classify_heads import SklearnHead
+
+    _tree_head(tmp_path / "h")
+    node = _exec_node("1")
+    node["__module__"], node["__class__"] = module, name
+    _inject(tmp_path / "h" / "classifier.skops", node)
+    with pytest.raises(LmforgeError, match=f"refusing to load type {module}.{name}"):
+        SklearnHead.load(tmp_path / "h", 2)
+
+
+@pytest.mark.parametrize("classifier,kwargs", [
+    ("sklearn.tree.DecisionTreeClassifier", {"max_depth": 3}),
+    ("sklearn.ensemble.RandomForestClassifier", {"n_estimators": 3}),
+    ("sklearn.neighbors.KNeighborsClassifier", {"n_neighbors": 3, "algorithm": "kd_tree"}),
+    ("sklearn.neighbors.KNeighborsClassifier", {"n_neighbors": 3, "algorithm": "ball_tree"}),
+    ("sklearn.neural_network.MLPClassifier", {"max_iter": 5, "hidden_layer_sizes": (4,)}),
+    ("sklearn.ensemble.HistGradientBoostingClassifier", {"max_iter": 3}),
+    ("sklearn.naive_bayes.GaussianNB", {}),
+])
+def test_genuine_heads_still_round_trip(tmp_path, classifier, kwargs):
+    import warnings
+
+    from lmforge.tasks.classify_heads import SklearnHead
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), np.arange(40) % 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        head = SklearnHead(classifier, kwargs, 3).fit(x, y)
+    head.save(tmp_path / "h")
+    np.testing.assert_allclose(SklearnHead.load(tmp_path / "h", 3).probs(x), head.probs(x))
+
+
+def test_a_head_of_another_class_than_head_json_is_refused(tmp_path):
+    from lmforge.tasks.classify_heads import SklearnHead
+
+    _tree_head(tmp_path / "h")
+    meta = json.loads((tmp_path / "h" / "head.json").read_text())
+    (tmp_path / "h" / "head.json").write_text(json.dumps(meta | {"classifier": "sklearn.naive_bayes.GaussianNB",
+                                                                "kwargs": {}}))
+    with pytest.raises(LmforgeError, match="holds a DecisionTreeClassifier"):
+        SklearnHead.load(tmp_path / "h", 2)
+    (tmp_path / "h" / "head.json").write_text("{broken")
+    with pytest.raises(LmforgeError, match="head.json: malformed head file"):
+        SklearnHead.load(tmp_path / "h", 2)
