@@ -13,7 +13,7 @@ from conftest import write_yaml
 from lmforge.adapters import LoraSpec, apply_lora, load_adapter, save_adapter
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.merge import config_says_4bit, merge, resolve_source
+from lmforge.merge import merge, resolve_source
 from lmforge.quant.nf4 import dequantize_model, quantize_model
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
@@ -120,13 +120,17 @@ def test_merge_bad_input(tiny_llama_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
 
 
-def test_config_says_4bit():
-    assert config_says_4bit({"sft": {"mode": "qlora"}})
-    assert config_says_4bit({"model": {"load_in_4bit": True}})
-    assert config_says_4bit({"sft": {"quantize": "nf4"}})
-    assert config_says_4bit({"lora": {"bits": 4}})
-    assert not config_says_4bit({"sft": {"mode": "lora", "quantize": None}, "model": {"load_in_4bit": False}})
-    assert not config_says_4bit({"lora": {"bits": 1}})
+def test_the_typed_config_says_4bit(tiny_llama_dir, tmp_path):
+    """``mode: qlora`` in the run's typed config decides; key names are not guessed."""
+    qlora = _make_run(tiny_llama_dir, tmp_path / "q", four_bit=True, block=32,
+                      extra={"sft": {"mode": "qlora", "quant_block_size": 32}})
+    src = resolve_source(str(qlora))
+    assert src.base_4bit and src.quant_block_size == 32
+    lora = _make_run(tiny_llama_dir, tmp_path / "l", four_bit=False, extra={"sft": {"mode": "lora"}})
+    assert not resolve_source(str(lora)).base_4bit
+    guessed = _make_run(tiny_llama_dir, tmp_path / "g", four_bit=False, extra={"lora": {"bits": 4}})
+    with pytest.raises(LmforgeError, match="unknown key 'lora.bits'"):
+        resolve_source(str(guessed))
 
 
 def test_resolve_source(tiny_llama_dir, tmp_path):

@@ -2,7 +2,8 @@
 
 A source is a model reference (anything :func:`lmforge.models.resolve_model` accepts), a run
 directory (``config.yaml`` plus ``adapter/`` in PEFT format or ``model/`` as an HF folder) or an
-adapter folder. A run trained on a 4-bit base is loaded on the same NF4 base it was trained on.
+adapter folder. A run trained on a 4-bit base (its typed config says ``mode: qlora``, read through
+:func:`lmforge.rundir.open_run`) is loaded on the same NF4 base it was trained on.
 
 Merging computes ``W' = W0 + (alpha / r) B A`` per adapted layer (LoRA, Hu et al. 2021, Sec. 4.1).
 On a 4-bit base ``W0`` is first dequantised to fp32 (``W0 = dequant(NF4(W))``, the weight the
@@ -10,7 +11,6 @@ adapter was trained against): the update is never merged into 4-bit codes.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 
 from .errors import LmforgeError
+from .rundir import is_run_dir, open_run
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_4BIT_KEYS = {"load_in_4bit", "quantize", "quantization", "quant", "base_4bit", "bits", "base_bits", "nf4"}
-_4BIT_WORDS = {"4", "4bit", "4-bit", "nf4", "qlora"}
-_4BIT_MODES = {"qlora", "lora_4bit", "lora4bit", "4bit"}
 
 
 @dataclass
@@ -38,56 +36,12 @@ class Source:
     quant_block_size: int = 64
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise LmforgeError(f"{path}: malformed YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path}: expected a mapping")
-    return data
-
-
-def config_says_4bit(cfg: dict) -> bool:
-    """True when a run config trained on a 4-bit base (``load_in_4bit: true``, ``quantize: nf4``,
-    ``bits: 4``, ``mode: qlora`` ... in any section)."""
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            if config_says_4bit(value):
-                return True
-        elif key in _4BIT_KEYS and (value is True or (type(value) is int and value == 4)
-                                    or (isinstance(value, str) and value.lower() in _4BIT_WORDS)):
-            return True
-        elif key == "mode" and isinstance(value, str) and value.lower() in _4BIT_MODES:
-            return True
-    return False
-
-
-def _find_key(cfg: dict, key: str):
-    """The first value of ``key`` in any section of a nested config, or None."""
-    for k, v in cfg.items():
-        found = _find_key(v, key) if isinstance(v, dict) else (v if k == key else None)
-        if found is not None:
-            return found
-    return None
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file()
-
-
 def _read_run(run: Path, src: Source) -> str:
-    """Fill ``src`` from a run's config (run dir, 4-bit base, NF4 block size); return the model name."""
-    cfg = _read_yaml(run / "config.yaml")
-    name = (cfg.get("model") or {}).get("name") if isinstance(cfg.get("model"), dict) else None
-    if not isinstance(name, str) or not name:
-        raise LmforgeError(f"{run / 'config.yaml'}: missing model.name")
-    src.run_dir, src.base_4bit = run, config_says_4bit(cfg)
-    block = _find_key(cfg, "quant_block_size")
-    src.quant_block_size = block if isinstance(block, int) and block > 0 else 64
-    return name
+    """Fill ``src`` from a run's typed config (run dir, ``mode: qlora`` base, NF4 block size);
+    return the model name."""
+    opened = open_run(run)
+    src.run_dir, src.base_4bit, src.quant_block_size = run, opened.base_4bit, opened.quant_block_size
+    return opened.config.model.name
 
 
 def _adapter_folder(path: Path) -> Path:
@@ -95,8 +49,9 @@ def _adapter_folder(path: Path) -> Path:
     if (path / "adapter_config.json").is_file():
         return path
     if is_run_dir(path):
-        if (path / "adapter" / "adapter_config.json").is_file():
-            return path / "adapter"
+        opened = open_run(path)
+        if opened.kind == "adapter":
+            return opened.artefact
         raise LmforgeError(f"{path}: the run has no adapter/ folder (a full fine-tune keeps model/)")
     raise LmforgeError(f"{path}: not a run directory or a PEFT adapter folder (no adapter_config.json)")
 
@@ -118,10 +73,11 @@ def resolve_source(model: str, adapter: str | None = None, *, base_4bit: bool | 
         if adapter is not None:
             raise LmforgeError(f"{path} is a run directory; give --adapter with a base model instead")
         name = _read_run(path, src)
-        if (path / "model" / "config.json").is_file():
-            src.base = str(path / "model")
-        elif (path / "adapter" / "adapter_config.json").is_file():
-            src.base, src.adapter = name, path / "adapter"
+        opened = open_run(path)
+        if opened.kind == "model":
+            src.base = str(opened.artefact)
+        elif opened.kind == "adapter":
+            src.base, src.adapter = name, opened.artefact
         else:
             raise LmforgeError(f"{path}: the run has neither adapter/ nor model/ (did training finish?)")
     if adapter is not None:
@@ -148,8 +104,10 @@ def _tokenizer_folder(src: Source, base_folder: Path) -> Path:
 
 
 def load_causal_lm(src: Source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool | None = None):
     """Load base (+ NF4 quantisation when the run used a 4-bit base) + adapter, in eval mode.
+
+    ``trust_remote_code`` None: the command's ``--trust-remote-code`` flag decides (off by default).
 
     Returns:
         ``(model, tokenizer, folder)``: the model on ``device``, its tokenizer, the base folder.
@@ -158,6 +116,10 @@ def load_causal_lm(src: Source, *, dtype: torch.dtype = torch.float32, device: t
 
     from .models import load_tokenizer, resolve_model
 
+    if trust_remote_code is None:
+        from .config import remote_code_allowed
+
+        trust_remote_code = remote_code_allowed(False)
     folder = resolve_model(src.base)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -203,7 +165,7 @@ def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str =
     """
     from .adapters import unwrap_lora
     from .quant.nf4 import dequantize_model
-    from .tasks.common import atomic_dir
+    from .rundir import atomic_dir, write_json
 
     if dtype not in DTYPES:
         raise LmforgeError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
@@ -211,7 +173,7 @@ def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str =
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LmforgeError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
     path = Path(source).expanduser()
-    if is_run_dir(path) and (path / "model" / "config.json").is_file() and not (path / "adapter").is_dir():
+    if is_run_dir(path) and open_run(path).kind == "model":
         raise LmforgeError(f"{path}: nothing to merge, {path / 'model'} is already a standalone model folder")
     src = resolve_source(base or "", str(path), base_4bit=base_4bit)
     model, tokenizer, _ = load_causal_lm(src, dtype=torch.float32)
@@ -224,7 +186,7 @@ def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str =
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "lmforge_merge.json").write_text(json.dumps(
-            {"base": src.base, "adapter": str(src.adapter), "base_4bit": src.base_4bit, "dtype": dtype}, indent=2))
+        write_json(tmp / "lmforge_merge.json",
+                   {"base": src.base, "adapter": str(src.adapter), "base_4bit": src.base_4bit, "dtype": dtype})
     log.info("merged %s into %s (max |adapter - merged| = %.3g)", src.adapter, out, diff)
     return {"out": str(out), "dtype": dtype, "dequantized": dequantized, "max_abs_diff": diff}

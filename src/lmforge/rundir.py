@@ -148,6 +148,74 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def staging_dir(final: str | Path) -> Path:
+    """A fresh ``.tmp-<name>`` sibling of ``final`` to build a folder in (for :func:`commit_dir`).
+
+    Unlike :func:`atomic_dir` the name is fixed, so a write killed half-way leaves one folder
+    that the next write of the same ``final`` (or :func:`clean_stale_tmp`) removes.
+    """
+    final = Path(final)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})") from None
+    return tmp
+
+
+def commit_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Make the folder built in ``tmp`` durable and rename it to ``final`` (replacing it)."""
+    tmp, final = Path(tmp), Path(final)
+    try:
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        raise LmforgeError(f"{final}: write failed ({exc.strerror or exc})") from None
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def truncate_metrics(run_dir: str | Path, after_step: int) -> int:
+    """Drop the ``metrics.jsonl`` records of steps after ``after_step`` (a resumed run logs them
+    again); returns how many were dropped. Unreadable lines are kept as they are."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            step = None
+        if isinstance(step, (int, float)) and step > after_step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        write_text(path, "".join(l + "\n" for l in keep))
+    return dropped
+
+
 def clean_stale_tmp(folder: str | Path) -> list[Path]:
     """Remove ``.tmp-*`` leftovers of a killed write inside ``folder`` (ours by name); returns them."""
     folder = Path(folder)

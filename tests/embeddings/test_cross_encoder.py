@@ -55,7 +55,7 @@ def _fp32():
 
 def test_train_cross_encoder_with_the_engine(tiny_bert_dir, tmp_path):
     from lmforge.config import build_config
-    from lmforge.embeddings.cross_encoder import train_cross_encoder
+    from lmforge.tasks.cross_encoder import train_cross_encoder
 
     cfg = build_config({"task": "embed", "name": "ce", "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
                         "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False}})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import write_jsonl, write_yaml
 from lmforge.cli import main
-from lmforge.search.finetune import mine_negatives
+from lmforge.tasks.retriever import mine_negatives
 
 from ._helpers import corpus
 

@@ -8,14 +8,12 @@ from ..errors import LmforgeError
 
 
 def cmd_score(args) -> int:
-    from ..tasks import task_class
-    from ..tasks.common import read_run_config
+    from ..api import load
 
-    cfg = read_run_config(args.run_dir)
-    if cfg.task != "reward":
-        raise LmforgeError(f"{args.run_dir}: 'score' needs a reward-model run (this run's task is '{cfg.task}')")
-    task = task_class("reward").from_run(args.run_dir, which="best" if args.best else "final")
-    rows = task.score_file(args.input, args.out)
+    run = load(args.run_dir, "best" if args.best else "final")
+    if run.config.task != "reward":
+        raise LmforgeError(f"{args.run_dir}: 'score' needs a reward-model run (this run's task is '{run.config.task}')")
+    rows = run.task.score_file(args.input, args.out)
     if args.out:
         print(json.dumps({"scored": len(rows), "out": args.out}))
     else:

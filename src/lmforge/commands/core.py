@@ -26,8 +26,7 @@ def cmd_config(args) -> int:
 
 
 def check_run_dir(cfg) -> str:
-    """What training will do with the run directory (new, resume, overwrite, restart); refuses
-    one line when it cannot (see :func:`lmforge.rundir.check_run`)."""
+    """What training will do with the run directory (see :func:`lmforge.rundir.check_run`)."""
     from ..rundir import check_run
 
     return check_run(cfg)
@@ -41,38 +40,17 @@ def prepare_run_dir(cfg) -> Path:
 
 
 def cmd_train(args) -> int:
+    from ..api import train_config
     from ..config import load_config
-    from ..rundir import check_run, prepare_run
-    from ..tasks import build_task
-    from ..train import fit
 
-    cfg = load_config(args.recipe, args.overrides)
-    action = check_run(cfg)
-    task = build_task(cfg)  # reads and checks data and model before anything is written
-    run_dir = prepare_run(cfg, action)
-    log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
-    log.info(task.describe_model())
-    metrics = task.train_direct(run_dir)
-    if metrics is None:
-        metrics = fit(task, cfg, run_dir)
+    run = train_config(load_config(args.recipe, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:
-        task.save(run_dir)
-        from ..report import report_after_training
-        report_after_training(run_dir)  # runs/<name>/report.html
-        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        print(json.dumps({"run_dir": str(run_dir)} | summary))
+        summary = {k: v for k, v in run.metrics.items() if isinstance(v, (int, float))}
+        print(json.dumps({"run_dir": str(run.run_dir)} | summary))
     return 0
 
 
-def _load_run(run_dir: str):
-    from ..tasks import load_task
-
-    return load_task(run_dir)
-
-
 def cmd_eval(args) -> int:
-    from ..tasks.common import write_json
-
     if getattr(args, "qrels", None) or getattr(args, "queries", None):  # a search index (commands/search.py)
         from .search import cmd_eval_index
 
@@ -87,18 +65,25 @@ def cmd_eval(args) -> int:
         from .embed import cmd_eval_embedding
 
         return cmd_eval_embedding(args)
-    task = _load_run(args.run_dir)
-    items = task.read_eval_file(args.data)
-    report = task.evaluate(items)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).name.split('.')[0]}.json"
-    write_json(out, report)
+    from ..api import load
+
+    _out_file(args.out)
+    report = load(args.run_dir).evaluate(args.data, args.out)
     print(json.dumps(report))
     return 0
 
 
+def _out_file(out: str | None, flag: str = "--out") -> None:
+    """An output path must name a file (checked before the model loads)."""
+    if out and Path(out).is_dir():
+        raise LmforgeError(f"{flag} {out}: is a folder, give a file name")
+
+
 def cmd_predict(args) -> int:
-    task = _load_run(args.run_dir)
-    n = task.predict_file(args.input, args.out)
+    from ..api import load
+
+    _out_file(args.out)
+    n = load(args.run_dir).predict_file(args.input, args.out)
     print(json.dumps({"predictions": n, "out": args.out}))
     return 0
 

@@ -2,85 +2,25 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import LmforgeError
-
-
-def read_texts(path: str, column: str = "text") -> list[str]:
-    """Texts of a file, one per output row: a .txt line each (an empty line is an error, so rows
-    stay aligned with lines) or the ``column`` of a table file."""
-    from ..data import read_table
-    from ..data.readers import resolve_data_path
-    from ..data.schema import require_columns, text_values
-
-    p = Path(resolve_data_path(path)).expanduser()
-    if p.suffix.lower() in (".txt", ".text") and p.is_file():
-        texts = []
-        with open(p, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()  # the final newline
-        for n, line in enumerate(lines, start=1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                raise LmforgeError(f"{path} line {n}: empty line (one text per line expected)")
-            texts.append(line)
-        if not texts:
-            raise LmforgeError(f"{path}: no texts")
-        return texts
-    table = read_table(path)
-    require_columns(table, [column])
-    return text_values(table, column)
-
-
-def write_vectors(out: str, texts: list[str], vectors) -> None:
-    """Write ``(N, D)`` float32 vectors to ``out``: ``.npy`` (the matrix) or ``.parquet``
-    (columns ``text`` and ``embedding``). Written to a temp file, then renamed."""
-    import numpy as np
-
-    p = Path(out)
-    suffix = p.suffix.lower()
-    if suffix not in (".npy", ".parquet"):
-        raise LmforgeError(f"{out}: output must end in .npy or .parquet")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if suffix == ".npy":
-        with open(tmp, "wb") as fh:
-            np.save(fh, vectors)
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        dim = vectors.shape[1]
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
-        pq.write_table(pa.table({"text": texts, "embedding": emb}), tmp)
-    os.replace(tmp, p)
-
-
-def load_encoder(ref: str, *, pooling: str | None = None, normalize: bool | None = None,
-                 max_length: int | None = None):
-    """A :class:`SentenceEncoder` from an embed run directory (its ``model/``) or any model reference."""
-    from ..embeddings import SentenceEncoder
-
-    p = Path(ref)
-    if (p / "config.yaml").is_file():
-        art = p / "model"
-        if not (art / "modules.json").is_file():
-            raise LmforgeError(f"{ref}: this run has no sentence-embedding model (no model/modules.json)")
-        ref = str(art)
-    return SentenceEncoder.from_pretrained(ref, pooling=pooling, normalize=normalize, max_length=max_length)
 
 
 def cmd_embed(args) -> int:
     import time
 
     from ..device import Placement
+    from ..embeddings.files import load_encoder, read_texts, write_vectors
 
     if Path(args.out).suffix.lower() not in (".npy", ".parquet"):
         raise LmforgeError(f"{args.out}: output must end in .npy or .parquet")
+    if Path(args.out).is_dir():
+        raise LmforgeError(f"--out {args.out}: is a folder, give a file name ending in .npy or .parquet")
+    if args.batch_size <= 0:
+        raise LmforgeError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_length is not None and args.max_length <= 0:
+        raise LmforgeError(f"--max-length must be positive, got {args.max_length}")
     texts = read_texts(args.input, args.column)
     enc = load_encoder(args.model, pooling=args.pooling, normalize=args.normalize, max_length=args.max_length)
     place = Placement.resolve(args.device, args.precision)
@@ -98,7 +38,8 @@ def cmd_eval_embedding(args) -> int:
     """``lmforge eval RUN_DIR_OR_MODEL --task sts|retrieval --data FILE``: one JSON line, and a
     report file (``--out``, or ``eval_<task>_<data>.json`` inside a run directory)."""
     from ..embeddings.evaluators import retrieval_from_file, run_evaluators, sts_from_file
-    from ..tasks.common import write_json
+    from ..embeddings.files import load_encoder
+    from ..rundir import is_run_dir, write_json
 
     enc = load_encoder(args.run_dir)
     if args.task == "sts":
@@ -113,7 +54,7 @@ def cmd_eval_embedding(args) -> int:
     report = run_evaluators([evaluator], enc.to_inference(place), placement=place)
     report = {"task": args.task, "data": args.data} | report
     out = args.out
-    if out is None and (Path(args.run_dir) / "config.yaml").is_file():
+    if out is None and is_run_dir(args.run_dir):
         out = str(Path(args.run_dir) / f"eval_{args.task}_{Path(args.data).name.split('.')[0]}.json")
     if out:
         write_json(Path(out), report)
@@ -123,10 +64,10 @@ def cmd_eval_embedding(args) -> int:
 
 def _score_range(ref: str) -> tuple[float, float]:
     """The score range a run declared (``embed.score_range``), else STS's 0-5."""
-    if (Path(ref) / "config.yaml").is_file():
-        from ..tasks.common import read_run_config
+    from ..rundir import is_run_dir, read_config
 
-        embed = getattr(read_run_config(ref), "embed", None)
+    if is_run_dir(ref):
+        embed = getattr(read_config(ref), "embed", None)
         if embed is not None:
             return tuple(embed.score_range)
     return (0.0, 5.0)

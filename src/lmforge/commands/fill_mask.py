@@ -15,10 +15,13 @@ def _model_folder(ref: str) -> Path:
     """An mlm run directory's ``model/``, else any model reference (folder, alias, hub id)."""
     from ..models import resolve_model
 
+    from ..rundir import is_run_dir, open_run
+
     p = Path(ref)
-    if (p / "config.yaml").is_file():
-        if (p / "model" / "config.json").is_file():
-            return p / "model"
+    if is_run_dir(p):
+        opened = open_run(p)
+        if opened.kind == "model":
+            return opened.artefact
         raise LmforgeError(f"{p}: this run has no model/ folder (fill-mask needs a masked-LM run or model)")
     return resolve_model(ref)
 

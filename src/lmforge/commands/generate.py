@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,12 +58,9 @@ def _load(args):
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from ..rundir import write_jsonl
+
+    write_jsonl(path, rows)
 
 
 def _prompts_of(path: str) -> tuple[list[dict], list]:
@@ -194,8 +190,7 @@ def run_eval_task(args) -> int:
     from ..eval.generation import (generation_scores, perplexity_of_texts, read_generation_pairs,
                                    read_perplexity_texts)
     from ..generation import GenerationConfig, generate
-    from ..merge import is_run_dir
-    from ..tasks.common import write_json
+    from ..rundir import is_run_dir, write_json
 
     task = args.task
     if task not in EVAL_TASKS:

@@ -102,7 +102,7 @@ def save_st_folder(encoder, out_dir: str | Path) -> Path:
     import torch
     import transformers
 
-    from ..tasks.common import atomic_dir
+    from ..rundir import atomic_dir
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:

@@ -21,7 +21,7 @@ TASK_MODULES = {
     "mlm": "lmforge.tasks.mlm",
     "ner": "lmforge.tasks.ner",
     "topics": "lmforge.tasks.topics",
-    "retriever": "lmforge.search.finetune",
+    "retriever": "lmforge.tasks.retriever",
 }
 
 
@@ -46,7 +46,7 @@ def task_class(name: str, cfg=None) -> type[Task]:
     if name not in TASKS:
         raise LmforgeError(f"unknown task '{name}' (choose from {task_names()})")
     cls = TASKS[name]
-    return cls.for_config(cfg) if cfg is not None and hasattr(cls, "for_config") else cls
+    return cls.for_config(cfg) if cfg is not None else cls
 
 
 def build_task(cfg, **kwargs) -> Task:

@@ -112,7 +112,8 @@ class AugsbertTask(EmbedTask):
 
     def _train_cross_encoder(self, pairs, gold, ev: Table | None, cols):
         # imported here: the cross-encoder module itself imports the task package
-        from ..embeddings.cross_encoder import CrossEncoder, train_cross_encoder
+        from ..embeddings.cross_encoder import CrossEncoder
+        from .cross_encoder import train_cross_encoder
 
         cfg, ac = self.cfg, self.cfg.augsbert
         ce = CrossEncoder.from_pretrained(ac.cross_encoder or cfg.model.name, max_length=2 * cfg.data.max_length)

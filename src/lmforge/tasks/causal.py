@@ -26,7 +26,7 @@ from ..device import Placement
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task
-from .common import atomic_dir, lora_spec, pick_targets, read_run_config, write_json
+from .common import atomic_dir, lora_spec, open_run, pick_targets, write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +55,18 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states of the decoder (after its last norm), without the LM head.
 
-    Under DDP the forward goes through the wrapper (its gradient hooks need it): the decoder's
-    output is captured with a forward hook while the head sees no positions.
-
     Returns:
         (B, T, H) hidden states.
     """
-    core = getattr(model, "module", model)
-    decoder = core.get_decoder()
     kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    if core is model:
-        return decoder(**kw).last_hidden_state  # (B, T, H)
-    seen: dict = {}
-
-    def keep(module, args, out):  # returns None: the output is left as it is
-        seen["h"] = out.last_hidden_state
-
-    hook = decoder.register_forward_hook(keep)
-    try:
-        extra = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=input_ids.device)} \
-            if core.get_output_embeddings() is not None else {}
-        model(**kw, **extra)
-    finally:
-        hook.remove()
-    return seen["h"]
+    return model.get_decoder()(**kw).last_hidden_state  # (B, T, H)
 
 
 def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's ``(weight (V, H), bias (V,) or None)``."""
     from ..adapters.lora import LoraLinear
 
-    head = getattr(model, "module", model).get_output_embeddings()
+    head = model.get_output_embeddings()
     if head is None:
         raise LmforgeError("the model has no LM head (get_output_embeddings() is None)")
     if isinstance(head, LoraLinear):
@@ -229,8 +210,8 @@ class CausalTask(Task):
 
     @property
     def core(self) -> nn.Module:
-        """The model without a DDP wrapper."""
-        return getattr(self.model, "module", self.model)
+        """The model (the engine never wraps it; kept for callers of ``task.core``)."""
+        return self.model
 
     def collate_sequences(self, seqs: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Sequences (``input_ids``, optional ``targets``) packed into rows when ``packing``, else padded.
@@ -268,10 +249,9 @@ class CausalTask(Task):
     def use_attention(self, model: nn.Module, width: int) -> None:
         """Switch the model to the faster attention kernel for rows of ``width`` tokens (no-op when
         unchanged or when the model cannot switch)."""
-        core = getattr(model, "module", model)
         want = self.attention_for(width)
-        if getattr(core.config, "_attn_implementation", want) != want and hasattr(core, "set_attn_implementation"):
-            core.set_attn_implementation(want)
+        if getattr(model.config, "_attn_implementation", want) != want and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(want)
 
     # ---- saving and loading ------------------------------------------------------------------
     def save(self, out_dir: Path) -> None:
@@ -293,8 +273,8 @@ class CausalTask(Task):
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "CausalTask":
         """The trained model of a run (``which="best"``: the best checkpoint's artefact), in eval mode."""
         run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
-        art = run_dir / "best" if which == "best" else run_dir
+        opened = open_run(run_dir, which)
+        cfg, art = opened.config, opened.root
         opts = getattr(cfg, cls.section)
         if opts.mode in ("lora", "qlora"):
             if not (art / "adapter").is_dir():

@@ -19,8 +19,8 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import is_decoder_only, load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import (freeze_except, lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights,
-                     write_json)
+from .common import (freeze_except, lora_spec, open_run, pick_targets, ready_for_inference, save_weights,
+                     write_json, write_jsonl)
 
 log = logging.getLogger("lmforge")
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
@@ -325,8 +325,8 @@ class ClassifyTask(Task):
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "ClassifyTask":
         run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
-        art = run_dir / "best" if which == "best" else run_dir
+        opened = open_run(run_dir, which)
+        cfg, art = opened.config, opened.root
         labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
         if cfg.classify.mode != "lora":
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
@@ -339,6 +339,21 @@ class ClassifyTask(Task):
         ready_for_inference(task)
         return task
 
+    def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict]:
+        """``{"text", "label", "score", "probs"}`` for each raw text (and its pair text)."""
+        texts = list(texts)
+        probs = self.predict_items(_tokenize(self.tokenizer, texts, list(pairs) if pairs else None,
+                                             self.cfg.data.max_length))
+        return self.prediction_rows(texts, probs.tolist())
+
+    def prediction_rows(self, texts: Sequence[str], probs: list[list[float]]) -> list[dict]:
+        rows = []
+        for t, p in zip(texts, probs):
+            k = max(range(len(p)), key=p.__getitem__)
+            rows.append({"text": t, "label": self.labels[k], "score": p[k],
+                         "probs": {l: round(v, 6) for l, v in zip(self.labels, p)}})
+        return rows
+
     # ---- files for eval/predict ------------------------------------------------------------
     def read_eval_file(self, path: str) -> list[dict]:
         table = apply_where(read_table(path), self.cfg.data.where)
@@ -350,25 +365,34 @@ class ClassifyTask(Task):
         require_columns(table, [col])
         texts = text_values(table, col)
         pairs = text_values(table, self.pair_col) if self.pair_col else None
-        probs = self.predict_items(_tokenize(self.tokenizer, texts, pairs, self.cfg.data.max_length))
-        rows = []
-        for t, p in zip(texts, probs.tolist()):
-            k = max(range(len(p)), key=p.__getitem__)
-            rows.append({"text": t, "label": self.labels[k], "score": p[k],
-                         "probs": {l: round(v, 6) for l, v in zip(self.labels, p)}})
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        return len(rows)
+        return write_jsonl(out, self.predict(texts, pairs))
+
+
+#: classify.method -> the module defining (and registering) its class; loaded on first use
+METHOD_MODULES = {"embedding_lr": "lmforge.tasks.classify_methods", "zero_shot": "lmforge.tasks.classify_methods",
+                  "setfit": "lmforge.tasks.classify_methods", "prompt": "lmforge.tasks.classify_prompt"}
+CLASSIFY_METHODS: dict[str, type] = {"finetune": ClassifyTask}
+
+
+def classify_method(method: str):
+    """Class decorator: the class that runs ``classify.method: <method>``."""
+
+    def deco(cls: type) -> type:
+        cls.method = method
+        CLASSIFY_METHODS[method] = cls
+        return cls
+
+    return deco
 
 
 def method_task(method: str) -> type:
-    """The task class of a ``classify.method``."""
-    if method == "finetune":
-        return ClassifyTask
-    from .classify_methods import method_class
+    """The task class of a ``classify.method`` (its module is imported by name: the method
+    modules build on this one, so this one never imports them)."""
+    if method not in CLASSIFY_METHODS and method in METHOD_MODULES:
+        import importlib
 
-    return method_class(method)
+        importlib.import_module(METHOD_MODULES[method])
+    if method not in CLASSIFY_METHODS:
+        raise LmforgeError(f"classify.method: unknown method '{method}' (choose from "
+                           f"{sorted(set(METHOD_MODULES) | set(CLASSIFY_METHODS))})")
+    return CLASSIFY_METHODS[method]

@@ -28,10 +28,10 @@ from torch import Tensor
 
 from ..data.schema import label_ids, require_columns, text_values
 from ..errors import LmforgeError
-from .classify import ClassifyTask
+from .classify import ClassifyTask, classify_method
 from .classify_heads import (PairTask, SklearnHead, VectorHeadTask, cached_encode, sample_per_class,
                              setfit_pairs)
-from .common import read_run_config, write_json
+from .common import open_run, write_json
 
 
 class TextMethod(ClassifyTask):
@@ -77,25 +77,9 @@ class TextMethod(ClassifyTask):
         probs = self.predict_texts([it["text"] for it in items], [it.get("text_pair") for it in items])
         return torch.as_tensor(np.asarray(probs), dtype=torch.float32)  # (N, C)
 
-    def predict_file(self, path: str, out: str) -> int:
-        from ..data.readers import read_table
-
-        table = read_table(path)
-        col = self.text_col if table.records and self.text_col in table.records[0] else "text"
-        require_columns(table, [col])
-        texts = text_values(table, col)
-        pairs = text_values(table, self.pair_col) if self.pair_col else None
-        probs = np.asarray(self.predict_texts(texts, pairs))
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for t, p in zip(texts, probs.tolist()):
-                k = int(np.argmax(p))
-                fh.write(json.dumps({"text": t, "label": self.labels[k], "score": p[k],
-                                     "probs": {l: round(v, 6) for l, v in zip(self.labels, p)}},
-                                    ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        return len(texts)
+    def predict(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> list[dict]:
+        texts = list(texts)
+        return self.prediction_rows(texts, np.asarray(self.predict_texts(texts, pairs), dtype=float).tolist())
 
     # ---- training and artefacts ----------------------------------------------------------------
     def count_parameters(self) -> dict:
@@ -137,7 +121,7 @@ class TextMethod(ClassifyTask):
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "TextMethod":
         run_dir = Path(run_dir)
-        cfg = cls.run_config(read_run_config(run_dir), run_dir)
+        cfg = cls.run_config(open_run(run_dir, which).config, run_dir)
         lab = run_dir / "labels.json"
         if not lab.is_file():
             raise LmforgeError(f"{run_dir}: no labels.json (did training finish?)")
@@ -176,6 +160,7 @@ class EncoderMethod(TextMethod):
         return self.encoder.encode(list(texts), batch_size=bs, placement=place)
 
 
+@classify_method("embedding_lr")
 class EmbeddingLRTask(EncoderMethod):
     """Frozen embeddings + a scikit-learn classifier (``classify.embedding_lr``)."""
 
@@ -211,6 +196,7 @@ class EmbeddingLRTask(EncoderMethod):
         self.head = SklearnHead.load(run_dir / "head", len(self.labels))
 
 
+@classify_method("zero_shot")
 class ZeroShotTask(EncoderMethod):
     """Cosine similarity to class prototypes from label descriptions and/or a few examples."""
 
@@ -266,6 +252,7 @@ class ZeroShotTask(EncoderMethod):
         self.prototypes = load_file(str(path))["prototypes"].float()
 
 
+@classify_method("setfit")
 class SetFitTask(EncoderMethod):
     """SetFit: contrastive fine-tuning of the encoder on sampled pairs, then a head on its embeddings."""
 
@@ -340,15 +327,3 @@ class SetFitTask(EncoderMethod):
 
     def load_artefacts(self, run_dir: Path) -> None:
         self.head = SklearnHead.load(run_dir / "head", len(self.labels))
-
-
-METHODS = {"embedding_lr": EmbeddingLRTask, "zero_shot": ZeroShotTask, "setfit": SetFitTask}
-
-
-def method_class(method: str) -> type[TextMethod]:
-    """The task class of a non-finetune ``classify.method``."""
-    if method == "prompt":
-        from .classify_prompt import PromptTask
-
-        return PromptTask
-    return METHODS[method]

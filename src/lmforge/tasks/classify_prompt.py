@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LmforgeError
+from .classify import classify_method
 from .classify_methods import TextMethod
 
 
+@classify_method("prompt")
 class PromptTask(TextMethod):
     """A generative model answers a templated question; labels are ranked by answer log-probability."""
 

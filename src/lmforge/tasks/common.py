@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import LoraConfig, RunConfig
 from ..errors import LmforgeError
-from ..rundir import atomic_dir, write_json  # noqa: F401  (re-exported for tasks)
+from ..rundir import atomic_dir, open_run, read_config, write_json, write_jsonl  # noqa: F401  (for tasks)
 
 
 def module_names(model: nn.Module) -> set[str]:
@@ -60,20 +60,14 @@ def freeze_except(model: nn.Module, trainable_names: list[str], unfreeze_last: i
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
-    from ..config import build_config, read_yaml
-
-    p = Path(run_dir)
-    if not (p / "config.yaml").is_file():
-        raise LmforgeError(f"{p}: not an lmforge run directory (no config.yaml)")
-    return build_config(read_yaml(p / "config.yaml"), source=str(p / "config.yaml"))
+    """The resolved config saved in a run directory (:func:`lmforge.rundir.read_config`)."""
+    return read_config(run_dir)
 
 
 def save_weights(model: nn.Module, tokenizer, out_dir: Path, *, lora: bool, base_name: str,
                  task_type: str) -> None:
     """Write a trained model into ``out_dir``: ``adapter/`` (PEFT format) when LoRA-trained,
     else ``model/`` (a Hugging Face folder with the tokenizer), each atomically."""
-    model = getattr(model, "module", model)
     if lora:
         from ..adapters.peft_io import save_adapter
 

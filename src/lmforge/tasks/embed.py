@@ -43,7 +43,7 @@ from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, NLIAccura
 from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
 from .base import Task, register_task
-from .common import lora_spec, pick_targets, read_run_config
+from .common import lora_spec, open_run, pick_targets
 
 LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
 IN_BATCH = ("simcse_unsup", "simcse_sup", "mnr")
@@ -250,7 +250,7 @@ class EmbedTask(Task):
     def _pair_loss(self, embs: list[Tensor], batch: dict) -> tuple[Tensor, dict]:
         from ..losses.contrastive import cosent_loss, cosine_similarity_loss, softmax_nli_logits
 
-        name, net = self.loss_name, getattr(self.model, "module", self.model)
+        name, net = self.loss_name, self.model
         if name == "tsdae":
             from ..embeddings.tsdae import tsdae_loss
 
@@ -351,8 +351,8 @@ class EmbedTask(Task):
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "EmbedTask":
         run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
-        art = (run_dir / "best" if which == "best" else run_dir) / "model"
+        opened = open_run(run_dir, which)
+        cfg, art = opened.config, opened.root / "model"
         if not (art / "modules.json").is_file():
             raise LmforgeError(f"{run_dir}: no trained model in {art}")
         ec = cfg.embed.model_copy(update={"mode": "full", "pooling": None, "normalize": None, "dropout": None,
@@ -362,7 +362,7 @@ class EmbedTask(Task):
 
     def predict_file(self, path: str, out: str) -> int:
         """Embed a text file (one vector per text) into ``out`` (.npy or .parquet)."""
-        from ..commands.embed import read_texts, write_vectors
+        from ..embeddings.files import read_texts, write_vectors
 
         texts = read_texts(path, field_column(self.cfg.data, "text"))
         vecs = self.encoder.encode(texts, batch_size=self._eval_bs(), placement=self.placement)

@@ -35,7 +35,7 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import atomic_dir, read_run_config, ready_for_inference
+from .common import atomic_dir, open_run, ready_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class MlmTask(Task):
 
     @property
     def hf(self) -> nn.Module:
-        return getattr(self.model, "module", self.model).hf
+        return self.model.hf
 
     # ---- engine protocol ----------------------------------------------------------------
     def loss(self, batch):
@@ -266,8 +266,8 @@ class MlmTask(Task):
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "MlmTask":
         run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
-        art = (run_dir / "best" if which == "best" else run_dir) / "model"
+        opened = open_run(run_dir, which)
+        cfg, art = opened.config, opened.root / "model"
         if not (art / "config.json").is_file():
             raise LmforgeError(f"{run_dir}: no trained model in the run (missing {art.name}/)")
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)})})

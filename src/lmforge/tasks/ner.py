@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -35,7 +34,7 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import lora_spec, pick_targets, read_run_config, ready_for_inference, save_weights, write_json
+from .common import lora_spec, open_run, pick_targets, ready_for_inference, save_weights, write_json
 
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
@@ -229,8 +228,8 @@ class NerTask(Task):
     @classmethod
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "NerTask":
         run_dir = Path(run_dir)
-        cfg = read_run_config(run_dir)
-        art = run_dir / "best" if which == "best" else run_dir
+        opened = open_run(run_dir, which)
+        cfg, art = opened.config, opened.root
         if not (art / "labels.json").is_file():
             raise LmforgeError(f"{art}: no labels.json (the run did not finish)")
         labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
@@ -278,12 +277,8 @@ class NerTask(Task):
         preds: list = [([], [])] * len(words)
         for i, p in zip(nonempty, self.predict_items(items) if items else []):
             preds[i] = p
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for text, offs, (tags, scores) in zip(texts, offsets, preds):
-                row = {"text": text, "entities": merge_spans(text, offs, tags, scores), "tags": tags}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-        return len(texts)
+        from ..rundir import write_jsonl
+
+        return write_jsonl(out, ({"text": text, "entities": merge_spans(text, offs, tags, scores), "tags": tags}
+                                 for text, offs, (tags, scores) in zip(texts, offsets, preds)))
 

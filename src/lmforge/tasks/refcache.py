@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -128,18 +126,9 @@ def load_reference(key: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def save_reference(key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> Path:
-    """Write an entry atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    """Write an entry atomically (:func:`lmforge.rundir.write_safetensors`)."""
+    from ..rundir import write_safetensors
 
     path = cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"chosen": chosen.detach().float().cpu().contiguous(),
-                   "rejected": rejected.detach().float().cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_safetensors(path, {"chosen": chosen.detach().float().cpu(), "rejected": rejected.detach().float().cpu()})
     return path

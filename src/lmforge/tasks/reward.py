@@ -8,8 +8,6 @@ optional per-pair margin ``m`` (``data.columns.margin``). Evaluation: held-out p
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -187,11 +185,8 @@ class RewardTask(CausalTask):
         for row, s in zip(rows, self._score_sequences(seqs)):
             row["score"] = s
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(out) + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            os.replace(tmp, out)
+            from ..rundir import write_jsonl
+
+            write_jsonl(out, rows)
         return rows
 

@@ -1,13 +1,13 @@
 """Atomic checkpoints: trainable weights, optimizer, scheduler, RNG and loop position.
 
 A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when
-complete, so a write killed half-way leaves the previous checkpoints intact. Only the last
+complete (the run directory's folder helpers, :mod:`lmforge.rundir`), so a write killed half-way
+leaves the previous checkpoints intact; a resumed run falls back past a corrupt newest one. Only the last
 ``keep`` (plus the best one) are kept.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..rundir import TMP_PREFIX, commit_dir, staging_dir, write_json
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,40 +64,22 @@ def _set_rng_state(meta: dict, tensors: dict) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, scheduler,
                     loop_state: dict, keep: int, protect: int | None = None) -> Path:
-    """Write ``ckpt_root/step-N`` atomically; prune older ones beyond ``keep`` (never ``protect``)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Write ``ckpt_root/step-N`` atomically; prune older ones beyond ``keep`` (never ``protect``).
+
+    The folder is built in ``.tmp-step-N`` (:func:`lmforge.rundir.staging_dir`) and renamed
+    when complete (:func:`lmforge.rundir.commit_dir`); ``state.json`` is written last.
+    """
+    final = Path(ckpt_root) / f"step-{step:08d}"
+    tmp = staging_dir(final)
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta, rng_tensors = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    state = {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(), "rng": meta}
-    with open(tmp / "state.json", "w", encoding="utf-8") as fh:
-        json.dump(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    write_json(tmp / "state.json", {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(),
+                                    "rng": meta}, indent=None)
+    commit_dir(tmp, final)
     prune(ckpt_root, keep, protect)
     return final
 
@@ -110,7 +94,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def prune(ckpt_root: Path, keep: int, protect: int | None = None) -> None:
     for p in ckpt_root.iterdir():
-        if p.name.startswith(".tmp-"):
+        if p.name.startswith(TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
     ckpts = list_checkpoints(ckpt_root)
     for p in ckpts[:-keep]:
@@ -118,20 +102,76 @@ def prune(ckpt_root: Path, keep: int, protect: int | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """Read every part of a checkpoint (nothing is applied); one line naming the part that is
+    missing or unreadable."""
+    from ..errors import LmforgeError
+
+    parts = {"trainable.safetensors": "weights", "optimizer.pt": "optimizer state", "state.json": "loop state",
+             "rng.safetensors": "random states"}
+    for name, what in parts.items():
+        if not (path / name).is_file():
+            raise LmforgeError(f"{path}: incomplete checkpoint, no {what} ({name})")
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        rng = load_file(str(path / "rng.safetensors"))
+        _ = state["step"], state["loop"], state["scheduler"], state["rng"]
+    except Exception as exc:  # truncated/garbled files of any of the four formats
+        msg = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise LmforgeError(f"{path}: unreadable checkpoint ({msg})") from None
+    return {"weights": weights, "optimizer": optim, "state": state, "rng": rng}
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the loop state.
+
+    Every file is read and checked before anything is changed, so a corrupt checkpoint leaves
+    the model and optimizer as they were.
+    """
+    from ..errors import LmforgeError
+
+    ck = read_checkpoint(path)
+    weights = ck["weights"]
     params = dict(model.named_parameters())
     missing = [k for k in weights if k not in params]
     if missing:
-        from ..errors import LmforgeError
-
         raise LmforgeError(f"{path}: checkpoint does not match the model (unknown parameter {missing[0]})")
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(ck["optimizer"])
+    state = ck["state"]
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"], load_file(str(path / "rng.safetensors")))
+    _set_rng_state(state["rng"], ck["rng"])
     return state["loop"] | {"step": state["step"]}
+
+
+def resume_from(ckpt_root: Path, model: nn.Module, optimizer, scheduler, log) -> dict | None:
+    """Load the newest readable checkpoint under ``ckpt_root``; None when there is none.
+
+    A corrupt or incomplete newest checkpoint is reported and the previous complete one used.
+    """
+    from ..errors import LmforgeError
+
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        log.warning("train.resume=true: no checkpoint in %s; starting from step 0", ckpt_root)
+        return None
+    errors = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)
+        except LmforgeError as err:
+            errors.append(str(err))
+            log.warning("train.resume=true: skipping %s", err)
+            continue
+        if errors:
+            log.warning("train.resume=true: resumed from the previous complete checkpoint %s (step %d)",
+                        path, state["step"])
+        else:
+            log.info("resumed from %s", path)
+        return state
+    raise LmforgeError(f"train.resume=true: no readable checkpoint in {ckpt_root} (newest: {errors[0]}); "
+                       f"remove {ckpt_root} to start from step 0, or set overwrite=true")

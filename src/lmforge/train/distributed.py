@@ -44,6 +44,24 @@ def all_sum(value: float, env: DistEnv, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_grads(params: list[torch.Tensor], env: DistEnv) -> None:
+    """Sum the gradients of ``params`` over ranks, in place, with one flat all-reduce.
+
+    A parameter without a gradient on this rank counts as zeros (every rank sends the same
+    layout), and gets the summed gradient. Nothing happens in a single process.
+    """
+    if not env.enabled or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])  # (sum numel,)
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

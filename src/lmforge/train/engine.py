@@ -3,17 +3,22 @@
 fit(task) -> AdamW with decoupled decay on matrices only, warmup + linear/cosine schedule,
 gradient accumulation weighted by loss units, clipping, autocast precision, evaluation every N
 steps and at the end, best tracking, atomic checkpoints with exact resume, NaN/inf guard,
-metrics.jsonl/TensorBoard/progress bar, and DDP under torchrun.
+metrics.jsonl/TensorBoard/progress bar, and data parallelism under torchrun.
+
+The engine owns distribution: tasks always see their plain model. Under torchrun each rank runs
+its shard of every micro-batch and the engine sums the gradients over ranks (one all-reduce per
+optimizer step, :func:`lmforge.train.distributed.all_reduce_grads`), which gives exactly the
+gradient of the global batch because each micro-batch's loss is weighted by its share of the
+global units.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,11 +28,14 @@ from ..config import RunConfig
 from ..data.batching import length_grouped_batches, random_batches
 from ..device import move
 from ..errors import LmforgeError, TrainingError
-from ..tasks.base import Task
+from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, truncate_metrics, write_json
 from . import checkpoint as ckpt
-from .distributed import DistEnv, all_sum, barrier, init_distributed, shard
+from .distributed import DistEnv, all_reduce_grads, all_sum, barrier, init_distributed, shard
 from .logging import RunLogger, progress
 from .optim import build_optimizer, lr_lambda
+
+if TYPE_CHECKING:  # the engine only calls the protocol; tasks sit above it
+    from ..tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,8 @@ def backward_window(task: Task, micro: list[dict], env: DistEnv, device: torch.d
     """Forward/backward over micro-batches so the summed gradient equals one big batch's.
 
     Each micro-batch's mean loss is weighted by ``units_i / units_total`` (units summed over
-    ranks), times ``world`` because DDP averages gradients over ranks.
+    ranks), so ``sum_i w_i grad(L_i)`` summed over ranks (:func:`all_reduce_grads`, done by the
+    caller) is the gradient of the global batch's mean loss.
     Returns (window loss, averaged metrics, local units).
     """
     units = [task.batch_units(m) for m in micro]
@@ -62,30 +71,16 @@ def backward_window(task: Task, micro: list[dict], env: DistEnv, device: torch.d
     if total <= 0:
         raise LmforgeError("a training batch has no trainable units (all targets masked?)")
     loss_val, metrics_acc = 0.0, {}
-    model = task.model
-    for i, (m, u) in enumerate(zip(micro, units)):
-        last = i == len(micro) - 1
-        sync = last or not env.enabled or not hasattr(model, "no_sync")
-        ctx = model.no_sync() if not sync else _null()
-        with ctx:
-            with placement.autocast():
-                loss, metrics = task.loss(m)
-            w = u / total * env.world
-            scaled = loss * w
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    for m, u in zip(micro, units):
+        with placement.autocast():
+            loss, metrics = task.loss(m)
+        scaled = loss * (u / total)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_val += float(loss.detach()) * u
         for k, v in metrics.items():
             metrics_acc[k] = metrics_acc.get(k, 0.0) + float(v) * u
     loss_global = all_sum(loss_val, env, device) / total
     return loss_global, {k: v / max(local, 1) for k, v in metrics_acc.items()}, local
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _better(value: float, best: float | None, greater: bool) -> bool:
@@ -117,21 +112,17 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total))
     scaler = placement.grad_scaler()
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / CHECKPOINTS
     state = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None}
+    if env.is_main:
+        clean_stale_tmp(ckpt_root)  # folders of a checkpoint write that was killed
 
     if tc.resume:
-        found = ckpt.list_checkpoints(ckpt_root)
-        if found:
-            state = ckpt.load_checkpoint(found[-1], model, optimizer, scheduler)
-            if env.is_main:
-                log.info("resumed from %s", found[-1])
-    logger = RunLogger(run_dir, enabled=env.is_main)
-    if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [device.index] if device.type == "cuda" else None
-        task.model = DDP(model, device_ids=ids)
+        state = ckpt.resume_from(ckpt_root, model, optimizer, scheduler, log if env.is_main else _quiet) or state
+        if env.is_main:  # each step is logged once: drop the records of steps the run does again
+            truncate_metrics(run_dir, state["step"])
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    logger = RunLogger(run_dir, enabled=env.is_main, purge_step=state["step"] + 1 if tc.resume else None)
 
     bar = progress(total, state["step"], tc.progress and env.is_main)
     eval_metrics: dict = {}
@@ -150,14 +141,14 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 window_tokens += int(all_sum(sum(task.batch_tokens(m) for m in micro), env, device))
                 model.train()
                 loss_val, metrics, _ = backward_window(task, micro, env, device, placement, scaler)
+                all_reduce_grads(trainable, env)
                 if not math.isfinite(loss_val):
                     where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
                     raise TrainingError(f"non-finite loss ({loss_val}) at step {step + 1}, run stopped{where}")
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if tc.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                   tc.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -187,7 +178,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                     window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
                     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
                 if (tc.eval_every and step % tc.eval_every == 0) or step == total:
-                    eval_metrics = _evaluate(task, model, env, logger, step, tc, state, run_dir)
+                    eval_metrics = _evaluate(task, env, logger, step, tc, state, run_dir)
                 if tc.save_every and step % tc.save_every == 0 and step < total:
                     if env.is_main:
                         last_good = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
@@ -196,11 +187,10 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
             if b >= len(batches):
                 state.update(epoch=state["epoch"] + 1, batch=0)
         if step == start_step:  # resumed at the end (killed after the last checkpoint): evaluate it again
-            eval_metrics = _evaluate(task, model, env, logger, step, tc, state, run_dir)
+            eval_metrics = _evaluate(task, env, logger, step, tc, state, run_dir)
     finally:
         bar.close()
         logger.close()
-        task.model = model
     if env.is_main:
         if tc.save_every:
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, _loop(state), tc.keep_last,
@@ -208,7 +198,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
         final = {"step": step} | eval_metrics
         if state["best"] is not None:
             final |= {"best_step": state["best_step"], f"best_{tc.best_metric}": state["best"]}
-        _write_json(run_dir / "eval.json", final)
+        write_json(run_dir / EVAL, final)
     barrier(env)
     return eval_metrics
 
@@ -217,9 +207,9 @@ def _loop(state: dict) -> dict:
     return {k: state[k] for k in ("epoch", "batch", "best", "best_step")}
 
 
-def _evaluate(task, model, env, logger, step, tc, state, run_dir) -> dict:
+def _evaluate(task, env, logger, step, tc, state, run_dir) -> dict:
     metrics: dict = {}
-    wrapped, task.model = task.model, model
+    model = task.model
     if env.is_main and task.eval_items:
         model.eval()
         with torch.no_grad():
@@ -231,12 +221,15 @@ def _evaluate(task, model, env, logger, step, tc, state, run_dir) -> dict:
         if key and key in flat and _better(flat[key], state["best"], tc.greater_is_better):
             state.update(best=flat[key], best_step=step)
             task.save(run_dir / "best")
-    task.model = wrapped
     barrier(env)
     return metrics
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float), encoding="utf-8")
-    os.replace(tmp, path)
+class _quiet:
+    """A logger for ranks other than 0."""
+
+    @staticmethod
+    def info(*a, **k): ...
+
+    @staticmethod
+    def warning(*a, **k): ...

@@ -22,7 +22,7 @@ def _clean(v):
 class RunLogger:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
@@ -30,7 +30,8 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: a resumed run drops TensorBoard events of the steps it does again
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except Exception:  # tensorboard not installed
                 self.tb = None
 

@@ -30,8 +30,8 @@ from ..data.readers import Table
 from ..data.schema import load_splits, require_columns, text_values
 from ..errors import LmforgeError
 from ..rundir import EVAL, write_json
-from ..tasks.base import register_task
-from ..tasks.embed import EmbedRun, EmbedTask
+from .base import register_task
+from .embed import EmbedRun, EmbedTask
 
 log = logging.getLogger("lmforge")
 
@@ -82,7 +82,7 @@ class RetrieverTask(EmbedTask):
 
     # ---- data: triplets with mined negatives -------------------------------------------------------
     def _tables(self) -> tuple[Table, Table | None]:
-        from .index import read_documents
+        from ..search.index import read_documents
 
         rc = self.rcfg
         self.docs = read_documents(rc.corpus, id_column=rc.id_column, text_column=rc.text_column)
@@ -138,12 +138,12 @@ class RetrieverTask(EmbedTask):
 
         ids = [d for d, _ in self.docs]
         if mode == "bm25":
-            from .bm25 import bm25_topk, build_bm25
+            from ..search.bm25 import bm25_topk, build_bm25
 
             _, rows = bm25_topk(build_bm25([t for _, t in self.docs]), queries, depth)
         else:
-            from .index import embed_texts
-            from .vectors import exact_topk
+            from ..search.index import embed_texts
+            from ..search.vectors import exact_topk
 
             bs = self._eval_bs()
             corpus = embed_texts(self.encoder, self.placement, [t for _, t in self.docs], bs)
@@ -152,8 +152,8 @@ class RetrieverTask(EmbedTask):
 
     # ---- index before / after ------------------------------------------------------------------
     def _index_report(self, folder: Path, encoder, model_ref: str) -> dict:
-        from .evaluate import evaluate_index
-        from .index import IndexSettings, SearchIndex, build_index
+        from ..search.evaluate import evaluate_index
+        from ..search.index import IndexSettings, SearchIndex, build_index
 
         rc = self.rcfg
         settings = IndexSettings(chunking=rc.chunking, size=rc.chunk_size, batch_size=self._eval_bs())

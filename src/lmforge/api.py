@@ -1,0 +1,197 @@
+"""The public Python API: what the CLI, ``compare``, the demo and the benchmarks call.
+
+    import lmforge
+
+    run = lmforge.train("recipes/demo_rt_lora.yaml", name="rt", train={"max_steps": 50})
+    run.metrics["accuracy"]                      # eval.json of the run
+    run.predict(["a gorgeous film"])             # [{"text", "label", "score", "probs"}]
+    run = lmforge.load("runs/rt", checkpoint="best")
+    run.evaluate("data/test.jsonl")              # metrics dict (also eval_<name>.json in the run)
+    vecs = lmforge.encode("minilm", ["a sentence", "another"])   # (2, 384) float32
+    lmforge.generate("smollm2", ["Say hi"], max_new_tokens=8)    # ["Hi!"]
+
+Overrides are keyword arguments: nested mappings (``train={"max_steps": 50}``) or dotted keys
+(``**{"train.max_steps": 50}``), as ``key=value`` on the command line.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import LmforgeError
+
+log = logging.getLogger("lmforge")
+
+
+def _override_items(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        return [kv for k, v in value.items() for kv in _override_items(f"{prefix}.{k}", v)]
+    return [(prefix, value)]
+
+
+def config(recipe: str | Path | dict | Any, **overrides):
+    """The typed run config of a recipe (a YAML path, a mapping or a RunConfig) with overrides."""
+    import copy
+
+    from .config import RunConfig, build_config, read_yaml
+
+    if isinstance(recipe, RunConfig):
+        raw, source = recipe.model_dump(mode="json"), "config"
+    elif isinstance(recipe, dict):
+        raw, source = copy.deepcopy(recipe), "config"
+    else:
+        raw, source = read_yaml(recipe), str(recipe)
+    for key, value in overrides.items():
+        for dotted, v in _override_items(key, value):
+            node = raw
+            parts = dotted.split(".")
+            for p in parts[:-1]:
+                nxt = node.setdefault(p, {})
+                if not isinstance(nxt, dict):
+                    raise LmforgeError(f"{source}: '{dotted}' goes inside '{p}', which is not a section")
+                node = nxt
+            node[parts[-1]] = v
+    return build_config(raw, source=source)
+
+
+@dataclass
+class Run:
+    """A run directory with its config, its final metrics and (loaded when needed) its task."""
+
+    run_dir: Path
+    config: Any
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str = "final"
+    _task: Any = None
+    train_seconds: float | None = None  # training only (no model loading or final evaluation)
+
+    @property
+    def task(self):
+        """The task of the run, ready to evaluate and predict (loaded on first use)."""
+        if self._task is None:
+            from .tasks import load_task
+
+            self._task = load_task(self.run_dir, self.checkpoint)
+        return self._task
+
+    def evaluate(self, data: str | Path, out: str | Path | None = None) -> dict:
+        """Metrics of the run on a data file (same columns as training); written to ``out``
+        (default ``eval_<file stem>.json`` in the run directory)."""
+        from .rundir import write_json
+
+        task = self.task
+        report = task.evaluate(task.read_eval_file(str(data)))
+        out = Path(out) if out else self.run_dir / f"eval_{Path(data).name.split('.')[0]}.json"
+        write_json(out, report)
+        return report
+
+    def predict(self, texts: str | Sequence[str]) -> list[dict]:
+        """One prediction per text (for classification: ``label``, ``score``, ``probs``)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise LmforgeError("no texts to predict")
+        return self.task.predict(texts)
+
+    def predict_file(self, path: str | Path, out: str | Path) -> int:
+        """Predict every record of a file into ``out`` (JSONL); returns the count."""
+        return self.task.predict_file(str(path), str(out))
+
+
+def train_config(cfg, *, eval_during_training: bool = True) -> Run:
+    """Train a typed config: check the run directory, build the task (its data and model
+    checked), create the run directory, train with the engine, save the artefact.
+
+    ``eval_during_training=False`` keeps the eval split out of training (no eval steps, no
+    best/): :attr:`Run.task` still has it as ``eval_items`` for the caller to evaluate.
+    """
+    from .rundir import check_run, prepare_run
+    from .tasks import build_task
+    from .train import fit
+
+    action = check_run(cfg)
+    task = build_task(cfg)  # reads and checks data and model before anything is written
+    run_dir = prepare_run(cfg, action)
+    log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
+    log.info(task.describe_model())
+    held = None
+    if not eval_during_training:
+        held, task.eval_items = list(task.eval_items), []
+    t0 = time.perf_counter()
+    metrics = task.train_direct(run_dir)
+    if metrics is None:
+        metrics = fit(task, cfg, run_dir)
+    seconds = time.perf_counter() - t0
+    if held is not None:
+        task.eval_items = held
+    if int(os.environ.get("RANK", "0")) == 0:
+        task.save(run_dir)
+    return Run(run_dir, cfg, dict(metrics or {}), "final", task, seconds)
+
+
+def train(recipe: str | Path | dict | Any, **overrides) -> Run:
+    """Train a recipe (YAML path, mapping or RunConfig) with overrides; returns the :class:`Run`."""
+    return train_config(config(recipe, **overrides))
+
+
+def load(run_dir: str | Path, checkpoint: str = "final") -> Run:
+    """A finished run (``checkpoint``: ``final`` or ``best``); its task loads on first use."""
+    import json
+
+    from .rundir import EVAL, open_run
+
+    opened = open_run(run_dir, checkpoint)
+    metrics = {}
+    if (opened.run_dir / EVAL).is_file():
+        try:
+            metrics = json.loads((opened.run_dir / EVAL).read_text(encoding="utf-8"))
+        except ValueError:
+            metrics = {}
+    return Run(opened.run_dir, opened.config, metrics, opened.checkpoint)
+
+
+def encode(model: str | Path, texts: str | Sequence[str], *, batch_size: int = 64, pooling: str | None = None,
+           normalize: bool | None = None, max_length: int | None = None, device: str = "auto",
+           precision: str = "auto"):
+    """Sentence embeddings ``(N, D)`` float32 of ``texts`` with a sentence encoder (an embed run
+    directory, a sentence-transformers/HF folder, a hub id or a packaged alias such as ``minilm``)."""
+    from .device import Placement
+    from .embeddings.files import load_encoder
+
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise LmforgeError("no texts to encode")
+    if batch_size <= 0:
+        raise LmforgeError(f"batch_size must be positive, got {batch_size}")
+    enc = load_encoder(str(model), pooling=pooling, normalize=normalize, max_length=max_length)
+    place = Placement.resolve(device, precision)
+    enc.to_inference(place)
+    return enc.encode(texts, batch_size=batch_size, placement=place)
+
+
+def generate(model: str | Path, prompts: str | Sequence[Any], *, adapter: str | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
+             batch_size: int = 8, chat: bool | None = None, device: str = "auto",
+             precision: str = "auto") -> list[str]:
+    """Completions of ``prompts`` (texts or chat message lists) by a causal LM (a model reference,
+    a run directory, or a base with ``adapter=``); greedy unless ``temperature > 0``."""
+    from .device import Placement
+    from .generation import GenerationConfig
+    from .generation import generate as _generate
+    from .merge import load_causal_lm, resolve_source
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, stop=list(stop), seed=seed,
+                           batch_size=batch_size)
+    placement = Placement.resolve(device, precision)
+    lm, tokenizer, _ = load_causal_lm(resolve_source(str(model), adapter), device=placement.device)
+    with placement.autocast():
+        return _generate(lm, tokenizer, prompts, cfg, chat=chat)
+
+
+__all__ = ["Run", "config", "encode", "generate", "load", "train", "train_config"]
