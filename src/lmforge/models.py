@@ -397,6 +397,35 @@ def check_model_folder(folder: Path) -> Path:
     return folder
 
 
+def check_architecture(folder: str | Path, kind: str) -> None:
+    """Refuse a model of the wrong kind for a command in one line: ``kind`` is ``"causal"``
+    (generate, chat, merge, perplexity) or ``"masked"`` (fill-mask). Folders with their own code
+    (``auto_map``) are left to their loader."""
+    from transformers.models.auto import modeling_auto as auto
+
+    cfg = read_model_config(folder)
+    if cfg.get("auto_map"):
+        return
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    model_type = cfg.get("model_type")
+    causal_arch = any("CausalLM" in a or "LMHead" in a for a in archs)
+    what = archs[0] if archs else model_type
+    if kind == "causal":
+        if model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal_arch):
+            raise LmforgeError(f"{folder}: {what} is not a causal (decoder) language model; generate, chat, merge "
+                               "and perplexity need one (fill-mask and embed take encoders)")
+    elif model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES or causal_arch:
+        raise LmforgeError(f"{folder}: {what} is not a masked-LM (encoder) model; fill-mask needs one "
+                           "(use generate for causal LMs)")
+
+
+def check_config_fits(cfg) -> None:
+    """Checks of a run config against its model that must pass before a run folder is created:
+    an explicitly set ``data.max_length`` within the model's learned positions."""
+    if "max_length" in cfg.data.model_fields_set:
+        check_max_length(resolve_model(cfg.model.name, cfg.model.revision), cfg.data.max_length)
+
+
 def check_max_length(folder: str | Path, max_length: int, key: str = "data.max_length") -> None:
     """Refuse a ``max_length`` beyond the positions of a model with learned position embeddings
     (BERT, RoBERTa, GPT-2 ...: longer rows would index past the table). Rotary models (no such

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import DataConfig
@@ -140,3 +141,23 @@ def label_ids(table: Table, column: str, names: list[str], *, split: str) -> lis
             hint = "unseen in train" if split == "eval" else "not in data.labels"
             raise LmforgeError(f"{table.where(i)}: unknown label {v!r} ({hint}; labels: {', '.join(names[:10])})")
     return out
+
+
+def read_labels(folder: str | Path) -> list[str]:
+    """The ``labels.json`` a classification/NER run saved: a JSON list of distinct label names.
+    Missing, malformed or of the wrong shape is one line naming the file."""
+    import json
+
+    from ..config import read_text_utf8
+
+    f = Path(folder) / "labels.json"
+    if not f.is_file():
+        raise LmforgeError(f"{f}: missing (did training finish?)")
+    try:
+        labels = json.loads(read_text_utf8(f, "labels file"))
+    except json.JSONDecodeError as exc:
+        raise LmforgeError(f"{f}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
+    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+            or len(set(labels)) != len(labels)):
+        raise LmforgeError(f"{f}: must be a JSON list of distinct label names")
+    return labels
