@@ -42,7 +42,7 @@ def test_config_show_applies_dotted_overrides(tmp_path, capsys):
     assert shown["classify"]["mode"] == "frozen" and shown["classify"]["unfreeze_last"] == 0
     assert shown["data"]["columns"] == {"text": "sentence"}
     assert shown["data"]["labels"] == ["neg", "pos"]
-    assert shown["lora"]["target_modules"] == "q_proj"
+    assert shown["adapter"]["target_modules"] == "q_proj"  # the deprecated lora: section is read as adapter:
     assert shown["model"]["revision"] is None
     assert not (tmp_path / "runs").exists()
 

@@ -12,6 +12,7 @@ A compare recipe names a shared base run config and the methods as overrides of 
     methods:                       # method name -> overrides (nested mappings or dotted keys)
       full: {classify: {method: finetune, mode: full}, train.max_steps: 200}
       setfit: {classify.method: setfit}
+      dora: {classify.mode: adapter, adapter: {kind: dora, r: 8}}   # adapter kinds compare the same way
 
 Every method trains into ``<output_dir>/<name>/<method>/`` (a normal run directory: ``lmforge eval``
 and ``predict`` work on it) and is then evaluated on the base's eval split. The training time
@@ -136,7 +137,48 @@ def examples_used(task, cfg) -> int:
 
 def describe(cfg) -> str:
     c = cfg.classify
-    return {"finetune": f"finetune/{c.mode}", "setfit": f"setfit/{c.setfit.head}"}.get(c.method, c.method)
+    mode = cfg.adapter.kind if c.mode in ("lora", "adapter") else c.mode  # adapter modes: the kind
+    return {"finetune": f"finetune/{mode}", "setfit": f"setfit/{c.setfit.head}"}.get(c.method, c.method)
+
+
+class _PeakRss:
+    """Peak resident memory (MB) of this process while the block runs, sampled every 20 ms."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        import os
+
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _saved_mb(run_dir: Path) -> float | None:
+    """Size of what the run saved for inference: ``adapter/`` (adapter kinds) else ``model/``."""
+    for sub in ("adapter", "model"):
+        folder = Path(run_dir) / sub
+        if folder.is_dir():
+            return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+    return None
 
 
 def run_method(cfg) -> dict:
@@ -144,7 +186,8 @@ def run_method(cfg) -> dict:
     from .api import train_config
     from .rundir import write_json
 
-    run = train_config(cfg, eval_during_training=False)  # the test split stays out of training
+    with _PeakRss() as rss:
+        run = train_config(cfg, eval_during_training=False)  # the test split stays out of training
     task, run_dir, train_s = run.task, run.run_dir, run.train_seconds
     report = task.evaluate(task.eval_items)
     report["train_seconds"] = train_s
@@ -155,9 +198,14 @@ def run_method(cfg) -> dict:
            "recall": {k: v["recall"] for k, v in report.get("per_class", {}).items()},
            "never_predicted": report.get("never_predicted", []), "train_seconds": train_s, "samples_per_s": report["samples_per_s"],
            "trainable_params": params.get("trainable"), "total_params": params.get("total"),
-           "train_examples": examples_used(task, cfg), "n_test": report["n"], "run_dir": str(run_dir)}
+           "train_examples": examples_used(task, cfg), "n_test": report["n"], "run_dir": str(run_dir),
+           "peak_rss_mb": rss.peak, "saved_mb": _saved_mb(run_dir)}
     write_json(run_dir / "compare_row.json", row)
     return row
+
+
+def _mb(x: float | None) -> str:
+    return "-" if x is None or x != x else (f"{x:.0f}" if x >= 10 else f"{x:.2f}")
 
 
 def _count(n: int | None) -> str:
@@ -172,7 +220,8 @@ def _count(n: int | None) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The comparison as a markdown table (one row per method, in run order)."""
     head = ("| method | kind | accuracy | macro-F1 | per-class recall | train time (s) | inference (samples/s) "
-            "| trainable params | train examples |\n|---|---|---:|---:|---|---:|---:|---:|---:|\n")
+            "| trainable params | train examples | peak RSS (MB) | saved (MB) |\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         share = (f" ({100 * r['trainable_params'] / r['total_params']:.3g}%)"
@@ -182,7 +231,8 @@ def markdown_table(rows: list[dict]) -> str:
             recall += f" (never predicted: {', '.join(r['never_predicted'])})"
         lines.append(f"| {r['method']} | {r['kind']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {recall} "
                      f"| {r['train_seconds']:.1f} | {r['samples_per_s']:.1f} "
-                     f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} |")
+                     f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} "
+                     f"| {_mb(r.get('peak_rss_mb'))} | {_mb(r.get('saved_mb'))} |")
     return head + "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,8 @@
 
 A recipe names its ``task``; each task registers a :class:`RunConfig` subclass that adds its
 own section (``classify:``, ``sft:`` ...). Shared sections: ``model``, ``data``, ``train``,
-``lora``. Unknown keys, wrong types, missing values and out-of-choice values raise
+``adapter`` (``kind`` + that kind's options; the old ``lora`` section is read as
+``adapter: {kind: lora}``). Unknown keys, wrong types, missing values and out-of-choice values raise
 :class:`~lmforge.errors.LmforgeError` naming the key and the file.
 """
 from __future__ import annotations
@@ -181,6 +182,45 @@ class LoraConfig(Section):
     modules_to_save: list[str] | None = None
 
 
+class AdapterConfig(Section):
+    """The adapter a task trains (``mode: lora``/``adapter``): ``kind`` plus that kind's options
+    (``lmforge.adapters.<kind>``'s spec fields). Options of another kind are an error."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, protected_namespaces=())
+    kind: str = Field("lora", description="lora | dora | ia3 | prompt | bottleneck")
+
+    @model_validator(mode="after")
+    def _kind_options(self):
+        from pydantic_core import PydanticCustomError
+
+        from .adapters.registry import validate_options
+
+        try:
+            typed = validate_options(self.kind, dict(self.model_extra or {}))
+        except LmforgeError as err:
+            raise PydanticCustomError("adapter", str(err).removeprefix("adapter.").replace("{", "(")
+                                      .replace("}", ")")) from None
+        self.__pydantic_extra__.update(typed)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The kind's options as given (unset ones take the kind's or the task's defaults)."""
+        return dict(self.model_extra or {})
+
+
+_LORA_NOTE: list[bool] = []
+
+
+def _lora_note() -> None:
+    if not _LORA_NOTE:
+        _LORA_NOTE.append(True)
+        import logging
+
+        logging.getLogger("lmforge").warning("the 'lora:' recipe section is deprecated; write "
+                                             "'adapter: {kind: lora, ...}' (read as that now)")
+
+
 class RunConfig(Section):
     """A run: task, model, data, training and adapter settings."""
 
@@ -192,7 +232,38 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    lora: LoraConfig | None = Field(None, exclude=True, description="deprecated: read as adapter: {kind: lora}")
+
+    @model_validator(mode="after")
+    def _legacy_lora(self):
+        """An old ``lora:`` section becomes ``adapter:`` options (its values win), with one note."""
+        if self.lora is not None:
+            _lora_note()
+            given = self.lora.model_dump(include=self.lora.model_fields_set)
+            merged = {"kind": self.adapter.kind, **self.adapter.options, **given}
+            try:
+                self.__dict__["adapter"] = AdapterConfig.model_validate(merged)
+            except ValidationError as err:
+                from pydantic_core import PydanticCustomError
+
+                raise PydanticCustomError("adapter", err.errors()[0]["msg"]) from None
+            self.__dict__["lora"] = None
+        return self
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_for_task(cls, v: AdapterConfig, info):
+        """A kind the task cannot use is refused (naming the tasks that can)."""
+        from pydantic_core import PydanticCustomError
+
+        from .adapters.registry import check_task
+
+        try:
+            check_task(v.kind, str(info.data.get("task")))
+        except LmforgeError as err:
+            raise PydanticCustomError("adapter", str(err).removeprefix("adapter.")) from None
+        return v
 
     @property
     def run_dir(self) -> Path:

@@ -15,9 +15,9 @@ def bert_config() -> BertConfig:
 
 
 def llama_config(**kw) -> LlamaConfig:
-    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                       max_position_embeddings=64, **kw)
+    return LlamaConfig(**(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                               max_position_embeddings=64) | kw))
 
 
 BUILDERS = {

@@ -96,8 +96,7 @@ class BottleneckKind(AdapterKind):
     label = "bottleneck"
     spec_cls = BottleneckSpec
     peft_type = "BOTTLENECK"
-    excluded_tasks = {"embed": "its output is a merged sentence-transformers folder and bottleneck "
-                               "adapters cannot be merged"}
+    excluded_tasks = {"embed": "embed saves merged weights", "mlm": "mlm saves merged weights"}
 
     def default_targets(self, model, task_defaults):
         return None  # placement decides

@@ -213,8 +213,7 @@ class PromptKind(AdapterKind):
     spec_cls = PromptSpec
     peft_type = "PROMPT_TUNING"
     required = ("num_virtual_tokens",)
-    excluded_tasks = {"embed": "its output is a merged sentence-transformers folder and a prompt "
-                               "cannot be merged into the weights"}
+    excluded_tasks = {"embed": "embed saves merged weights", "mlm": "mlm saves merged weights"}
 
     def apply(self, model, spec, skip, tokenizer=None) -> list[str]:
         backbone = _backbone(model)

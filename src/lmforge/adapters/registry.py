@@ -133,14 +133,15 @@ def check_task(kind: str, task: str) -> None:
     k = get_kind(kind)
     if task in k.excluded_tasks:
         can = [t for t in ADAPTER_TASKS if t not in k.excluded_tasks]
-        raise LmforgeError(f"adapter.kind: {kind} cannot be used by task {task} ({k.excluded_tasks[task]}); "
+        raise LmforgeError(f"adapter.kind: {kind} cannot be used by task {task} ({k.excluded_tasks[task]}, "
+                           f"{kind} adapters cannot be merged); "
                            f"tasks that can: {', '.join(can)}")
 
 
 def validate_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check ``adapter:`` options against the kind: another kind's option, an unknown key and a
     wrong type are one-line errors naming the key. Returns the options, typed."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
 
     k = get_kind(kind)
     own = set(k.options())
@@ -158,7 +159,8 @@ def validate_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
             typed[key] = None
             continue
         try:
-            typed[key] = TypeAdapter(_annotation(k.spec_cls, fields[key])).validate_python(value)
+            typed[key] = TypeAdapter(_annotation(k.spec_cls, fields[key]),
+                                     config=ConfigDict(allow_inf_nan=False)).validate_python(value)
         except ValidationError as err:
             e = err.errors()[0]
             raise LmforgeError(f"adapter.{key}: {e['msg']} (got {value!r})") from None

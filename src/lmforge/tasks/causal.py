@@ -26,7 +26,7 @@ from ..device import Placement
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task
-from .common import atomic_dir, lora_spec, open_run, pick_targets, write_json
+from .common import ADAPTER_MODES, add_adapter, atomic_dir, load_run_adapter, open_run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ HEADS = ["score"]
 class CausalSection(Section):
     """Options every causal-LM task shares."""
 
-    mode: Literal["full", "lora", "qlora"] = Field(
-        "lora", description="full fine-tuning, LoRA, or LoRA on a 4-bit NF4 base")
+    mode: Literal["full", "lora", "adapter", "qlora"] = Field(
+        "lora", description="full fine-tuning; lora/adapter: the adapter: section's kind; qlora: that on a 4-bit NF4 base")
     template: Literal["auto", "chat", "raw"] = Field(
         "auto", description="chat: the tokenizer's chat template; raw: texts as they are; auto: chat if it has one")
     prompt_style: Literal["auto", "plain", "hh"] = Field(
@@ -64,13 +64,13 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
 def output_projection(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's ``(weight (V, H), bias (V,) or None)``."""
-    from ..adapters.lora import LoraLinear
+    from ..adapters.base import AdapterLayer
 
     head = model.get_output_embeddings()
     if head is None:
         raise LmforgeError("the model has no LM head (get_output_embeddings() is None)")
-    if isinstance(head, LoraLinear):
-        raise LmforgeError("LoRA on the LM head is not supported; remove lm_head from lora.target_modules")
+    if isinstance(head, AdapterLayer):
+        raise LmforgeError("adapters on the LM head are not supported; remove lm_head from adapter.target_modules")
     return head.weight, getattr(head, "bias", None)
 
 
@@ -174,7 +174,7 @@ class CausalTask(Task):
     # ---- model -----------------------------------------------------------------------------
     @property
     def adapters(self) -> bool:
-        return self.opts.mode in ("lora", "qlora")
+        return self.opts.mode in ADAPTER_MODES
 
     def build_model(self, adapter_dir=None, full: bool = False) -> nn.Module:
         """Base model, quantised for qlora, with fresh LoRA (or the saved adapter) for adapter modes."""
@@ -189,16 +189,10 @@ class CausalTask(Task):
 
             quantize_model(model, block_size=self.opts.quant_block_size)
         if adapter_dir is not None:
-            from ..adapters.peft_io import load_adapter
-
-            load_adapter(model, adapter_dir)
+            load_run_adapter(model, self.cfg, adapter_dir)
         else:
-            from ..adapters.lora import apply_lora
-
-            targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
             heads = HEADS if self.reward_head else []
-            mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
-            apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+            add_adapter(model, self.cfg, LORA_DEFAULTS, heads, self.tokenizer)
         if self.placement.autocast_enabled and mc.frozen_in_compute_dtype:
             store_frozen(model, self.placement.dtype)
         return model
@@ -276,7 +270,7 @@ class CausalTask(Task):
         opened = open_run(run_dir, which)
         cfg, art = opened.config, opened.root
         opts = getattr(cfg, cls.section)
-        if opts.mode in ("lora", "qlora"):
+        if opts.mode in ADAPTER_MODES:
             if not (art / "adapter").is_dir():
                 raise LmforgeError(f"{art}: no adapter/ folder (was the run finished?)")
             task = cls(cfg, with_data=False, adapter_dir=art / "adapter")

@@ -19,8 +19,8 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import is_decoder_only, load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import (freeze_except, lora_spec, open_run, pick_targets, ready_for_inference, save_weights,
-                     write_json, write_jsonl)
+from .common import (ADAPTER_MODES, add_adapter, freeze_except, load_run_adapter, open_run, ready_for_inference,
+                     save_weights, write_json, write_jsonl)
 
 log = logging.getLogger("lmforge")
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
@@ -92,7 +92,8 @@ class ClassifyConfig(Section):
     """Which method classifies, and its options."""
 
     method: Literal["finetune", "embedding_lr", "zero_shot", "setfit", "prompt"] = "finetune"
-    mode: Literal["full", "frozen", "lora"] = Field("lora", description="finetune: which weights train")
+    mode: Literal["full", "frozen", "lora", "adapter"] = Field(
+        "lora", description="finetune: which weights train (lora/adapter: the adapter: section's kind)")
     unfreeze_last: int = Field(0, ge=0, description="frozen mode: also train the last N blocks")
     class_weights: Literal["none", "balanced", "sqrt_balanced"] | dict[str, float] = Field(
         "none", description="finetune: per-class loss weights: balanced (N / (C * n_c) from the training "
@@ -252,12 +253,8 @@ class ClassifyTask(Task):
         mode = self.cfg.classify.mode
         if mode == "frozen":
             freeze_except(model, self.heads, self.cfg.classify.unfreeze_last)
-        elif mode == "lora":
-            from ..adapters.lora import apply_lora
-
-            targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
-            mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else self.heads
-            apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+        elif mode in ADAPTER_MODES:
+            add_adapter(model, self.cfg, LORA_DEFAULTS, self.heads, self.tokenizer)
         return model
 
     def describe_model(self) -> str:
@@ -317,7 +314,7 @@ class ClassifyTask(Task):
 
     def save(self, out_dir: Path) -> None:
         """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
-        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.classify.mode == "lora",
+        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.classify.mode in ADAPTER_MODES,
                      base_name=str(self.cfg.model.name), task_type="SEQ_CLS")
         write_json(out_dir / "labels.json", self.labels)
 
@@ -328,14 +325,12 @@ class ClassifyTask(Task):
         opened = open_run(run_dir, which)
         cfg, art = opened.config, opened.root
         labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
-        if cfg.classify.mode != "lora":
+        if cfg.classify.mode not in ADAPTER_MODES:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
             cfg = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"mode": "full"})})
         task = cls(cfg, with_data=False, labels=labels, adapt=False)
-        if cfg.classify.mode == "lora":
-            from ..adapters.peft_io import load_adapter
-
-            load_adapter(task.model, art / "adapter")
+        if cfg.classify.mode in ADAPTER_MODES:
+            load_run_adapter(task.model, cfg, art / "adapter")
         ready_for_inference(task)
         return task
 

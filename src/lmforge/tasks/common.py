@@ -25,11 +25,32 @@ def pick_targets(model: nn.Module, wanted: list[str] | str | None, defaults: lis
     return chosen
 
 
+ADAPTER_MODES = ("lora", "adapter", "qlora")  # task modes that train the ``adapter:`` section's kind
+
+
 def lora_spec(lc: LoraConfig, targets, modules_to_save: list[str]):
     from ..adapters.lora import LoraSpec
 
     return LoraSpec(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=targets,
                     use_rslora=lc.use_rslora, modules_to_save=list(modules_to_save))
+
+
+def add_adapter(model: nn.Module, cfg: RunConfig, defaults: list[str], heads: list[str], tokenizer=None) -> list[str]:
+    """Apply ``cfg.adapter`` (kind + options) to ``model`` in place: unset targets take the task's
+    ``defaults`` present in the model (kinds with their own placement ignore them), unset
+    ``modules_to_save`` the task's ``heads``. Returns the adapted module names."""
+    from ..adapters.registry import apply_adapter, get_kind
+
+    spec = get_kind(cfg.adapter.kind).make_spec(cfg.adapter.options, default_targets=defaults,
+                                                modules_to_save=heads, model=model)
+    return apply_adapter(model, spec, tokenizer=tokenizer)
+
+
+def load_run_adapter(model: nn.Module, cfg: RunConfig, folder: Path):
+    """Load a run's ``adapter/`` folder, refusing one of another kind than ``cfg.adapter.kind``."""
+    from ..adapters.peft_io import load_adapter
+
+    return load_adapter(model, folder, kind=cfg.adapter.kind)
 
 
 def layer_stack(model: nn.Module) -> nn.ModuleList | None:

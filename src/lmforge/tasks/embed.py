@@ -43,7 +43,7 @@ from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, NLIAccura
 from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
 from .base import Task, register_task
-from .common import lora_spec, open_run, pick_targets
+from .common import ADAPTER_MODES, add_adapter, open_run
 
 LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
 IN_BATCH = ("simcse_unsup", "simcse_sup", "mnr")
@@ -62,7 +62,8 @@ class EmbedConfig(Section):
     dropout: float | None = Field(None, ge=0, lt=1, description="set the backbone's dropout (SimCSE needs > 0)")
     residual_dropout: float | None = Field(None, ge=0, lt=1, description="Llama-family decoders (attention "
                                            "dropout only): also drop embeddings and residual-branch outputs")
-    mode: Literal["full", "lora"] = "full"
+    mode: Literal["full", "lora", "adapter"] = Field("full", description="lora/adapter: the adapter: section's "
+                                                     "kind (a mergeable one), merged into the saved model")
     temperature: float = Field(0.05, gt=0, description="simcse_*: InfoNCE temperature")
     scale: float = Field(20.0, gt=0, description="mnr / cosent: similarity scale")
     symmetric: bool = Field(False, description="in-batch losses: add the positive -> anchor direction")
@@ -124,11 +125,8 @@ class EmbedTask(Task):
             from ..embeddings.tsdae import build_tied_decoder
 
             decoder = build_tied_decoder(self.encoder.backbone)
-        if ec.mode == "lora":
-            from ..adapters.lora import apply_lora
-
-            targets = pick_targets(self.encoder.backbone, cfg.lora.target_modules, LORA_DEFAULTS)
-            apply_lora(self.encoder.backbone, lora_spec(cfg.lora, targets, []))
+        if ec.mode in ADAPTER_MODES:
+            add_adapter(self.encoder.backbone, cfg, LORA_DEFAULTS, [], self.tokenizer)
         self.model = EmbedModel(self.encoder, head, decoder)
         if with_data:
             self.evaluators = self._evaluators(ev)
@@ -335,7 +333,7 @@ class EmbedTask(Task):
     # ---- artefacts -----------------------------------------------------------------------------
     def trained_encoder(self) -> SentenceEncoder:
         """The encoder with LoRA merged (a copy in LoRA mode), ready to save or use."""
-        if self.cfg.embed.mode != "lora":
+        if self.cfg.embed.mode not in ADAPTER_MODES:
             return self.encoder
         from ..adapters.lora import unwrap_lora
 

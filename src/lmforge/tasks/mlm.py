@@ -35,7 +35,7 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import atomic_dir, open_run, ready_for_inference
+from .common import ADAPTER_MODES, add_adapter, atomic_dir, open_run, ready_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class MlmConfig(Section):
     random_prob: float = Field(0.1, ge=0, le=1, description="selected tokens replaced by a random token")
     eval_mask_seed: int = Field(0, description="fixed masking of the held-out texts")
     eval_before: bool = Field(True, description="also score the held-out texts before training")
+    mode: Literal["full", "lora", "adapter"] = Field(
+        "full", description="lora/adapter: train the adapter: section's kind (a mergeable one), saved merged")
 
     @model_validator(mode="after")
     def _shares(self):
@@ -211,6 +213,8 @@ class MlmTask(Task):
             hf.config.tie_word_embeddings = True
             log.info("the checkpoint has no MLM head: a new one is initialised, tied to the input embeddings")
         self.carried = _carried_tensors(Path(self.folder), set(info["unexpected_keys"]), hf)
+        if self.cfg.mlm.mode in ADAPTER_MODES:
+            add_adapter(hf, self.cfg, ["query", "key", "value", "q_proj", "k_proj", "v_proj"], [], self.tokenizer)
         return model
 
     @property
@@ -252,8 +256,15 @@ class MlmTask(Task):
 
     def save(self, out_dir: Path) -> None:
         """Write ``model/``: a Hugging Face masked-LM folder with the tokenizer."""
+        hf = self.hf
+        if self.cfg.mlm.mode in ADAPTER_MODES:  # adapters merged: a plain masked-LM folder
+            import copy
+
+            from ..adapters.base import unwrap_adapters
+
+            hf = unwrap_adapters(copy.deepcopy(hf).cpu())
         with atomic_dir(out_dir / "model") as tmp:
-            self.hf.save_pretrained(tmp, safe_serialization=True)
+            hf.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             if self.carried and (tmp / "model.safetensors").is_file():
                 from safetensors.torch import load_file, save_file
@@ -270,7 +281,8 @@ class MlmTask(Task):
         cfg, art = opened.config, opened.root / "model"
         if not (art / "config.json").is_file():
             raise LmforgeError(f"{run_dir}: no trained model in the run (missing {art.name}/)")
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)})})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)}),
+                                     "mlm": cfg.mlm.model_copy(update={"mode": "full"})})  # saved merged
         task = cls(cfg, with_data=False)
         ready_for_inference(task)
         return task

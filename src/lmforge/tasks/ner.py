@@ -34,7 +34,8 @@ from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import load_tokenizer, resolve_model
 from .base import Task, register_task
-from .common import lora_spec, open_run, pick_targets, ready_for_inference, save_weights, write_json
+from .common import (ADAPTER_MODES, add_adapter, load_run_adapter, open_run, ready_for_inference, save_weights,
+                     write_json)
 
 LORA_DEFAULTS = ["query", "key", "value", "q_proj", "k_proj", "v_proj"]
 HEADS = ["classifier", "score"]
@@ -43,7 +44,7 @@ HEADS = ["classifier", "score"]
 class NerConfig(Section):
     """How the backbone is trained and how word tags meet sub-tokens."""
 
-    mode: Literal["full", "lora"] = "lora"
+    mode: Literal["full", "lora", "adapter"] = Field("lora", description="lora/adapter: the adapter: section's kind")
     label_all_subtokens: bool = Field(
         False, description="train the non-first sub-tokens of a word on its I- tag instead of ignoring them")
 
@@ -168,13 +169,9 @@ class NerTask(Task):
         model = AutoModelForTokenClassification.from_pretrained(
             self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
             attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
-        if adapt and self.cfg.ner.mode == "lora":
-            from ..adapters.lora import apply_lora
-
+        if adapt and self.cfg.ner.mode in ADAPTER_MODES:
             heads = [h for h in HEADS if any(n.rsplit(".", 1)[-1] == h for n, _ in model.named_modules())]
-            targets = pick_targets(model, self.cfg.lora.target_modules, LORA_DEFAULTS)
-            mts = self.cfg.lora.modules_to_save if self.cfg.lora.modules_to_save is not None else heads
-            apply_lora(model, lora_spec(self.cfg.lora, targets, mts))
+            add_adapter(model, self.cfg, LORA_DEFAULTS, heads, self.tokenizer)
         return model
 
     # ---- engine protocol ----------------------------------------------------------------
@@ -220,7 +217,7 @@ class NerTask(Task):
 
     def save(self, out_dir: Path) -> None:
         """Write ``adapter/`` (LoRA, PEFT format) or ``model/`` (HF folder) and ``labels.json``."""
-        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.ner.mode == "lora",
+        save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.ner.mode in ADAPTER_MODES,
                      base_name=str(self.cfg.model.name), task_type="TOKEN_CLS")
         write_json(out_dir / "labels.json", self.labels)
 
@@ -233,13 +230,11 @@ class NerTask(Task):
         if not (art / "labels.json").is_file():
             raise LmforgeError(f"{art}: no labels.json (the run did not finish)")
         labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
-        if cfg.ner.mode != "lora":
+        if cfg.ner.mode not in ADAPTER_MODES:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
         task = cls(cfg, with_data=False, labels=labels, adapt=False)
-        if cfg.ner.mode == "lora":
-            from ..adapters.peft_io import load_adapter
-
-            load_adapter(task.model, art / "adapter")
+        if cfg.ner.mode in ADAPTER_MODES:
+            load_run_adapter(task.model, cfg, art / "adapter")
         ready_for_inference(task)
         return task
 
