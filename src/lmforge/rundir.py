@@ -47,7 +47,7 @@ log = logging.getLogger("lmforge")
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is untouched. ``OSError`` (a
+    On an exception the temporary file is removed and ``path`` is untouched. ``OSError`` (exit 1: a
     read-only folder, a full disk) becomes one :class:`LmforgeError` line naming ``path``.
     """
     p = Path(path)
@@ -55,7 +55,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f"{TMP_PREFIX}{p.name}-")
     except OSError as exc:
-        raise LmforgeError(f"{p}: cannot write here ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{p}: cannot write here ({exc.strerror or exc})", exit_code=1) from None
     ok = False
     try:
         kw = {} if "b" in mode else {"encoding": encoding}
@@ -66,7 +66,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         os.replace(tmp, p)
         ok = True
     except OSError as exc:
-        raise LmforgeError(f"{p}: write failed ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{p}: write failed ({exc.strerror or exc})", exit_code=1) from None
     finally:
         if not ok:
             with contextlib.suppress(OSError):
@@ -127,7 +127,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TMP_PREFIX}{final.name}-"))
     except OSError as exc:
-        raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})", exit_code=1) from None
     try:
         yield tmp
     except BaseException:
@@ -143,7 +143,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
             os.replace(old, final)
-        raise LmforgeError(f"{final}: write failed ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{final}: write failed ({exc.strerror or exc})", exit_code=1) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -162,7 +162,7 @@ def staging_dir(final: str | Path) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as exc:
-        raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})", exit_code=1) from None
     return tmp
 
 
@@ -180,7 +180,7 @@ def commit_dir(tmp: str | Path, final: str | Path) -> Path:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
     except OSError as exc:
-        raise LmforgeError(f"{final}: write failed ({exc.strerror or exc})") from None
+        raise LmforgeError(f"{final}: write failed ({exc.strerror or exc})", exit_code=1) from None
     return final
 
 
