@@ -86,6 +86,8 @@ class TopicsConfig(Section):
     time_bins: int = Field(10, gt=0)
     stability_seeds: int = Field(3, ge=0, description="seeds for the ARI/NMI stability report (0/1: off)")
     pictures: bool = True
+    map_projection: Literal["auto", "umap", "pca"] = Field(
+        "auto", description="2-D projection of the documents map (auto: umap after umap reduction, else pca)")
 
 
 class TopicsRun(RunConfig):
@@ -93,18 +95,21 @@ class TopicsRun(RunConfig):
 
 
 def encoder_ref(ref: str) -> str:
-    """An ``embed`` run directory means its ``model/`` folder; anything else is a model reference."""
-    p = Path(ref)
-    if (p / "config.yaml").is_file():
-        if not (p / "model" / "modules.json").is_file():
+    """An ``embed`` run directory means its sentence-transformers ``model/``; anything else is a model reference."""
+    from ..rundir import is_run_dir, open_run
+
+    if is_run_dir(ref):
+        art = open_run(ref).artefact
+        if art is None or not (art / "modules.json").is_file():
             raise LmforgeError(f"{ref}: this run has no sentence-embedding model (no model/modules.json)")
-        return str(p / "model")
+        return str(art)
     return ref
 
 
 def _model_fingerprint(folder: Path) -> str:
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".json"))
-    return "|".join(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    from ..fingerprint import model_fingerprint
+
+    return model_fingerprint(folder)
 
 
 @register_task("topics", config=TopicsRun)
@@ -158,6 +163,9 @@ class TopicsTask(Task):
             raise LmforgeError(f"{dc.train}: only {distinct} distinct non-empty documents ({len(texts)} with duplicates); "
                                f"the topic pipeline needs at least {need} ({self._why_min()})")
         self.texts = texts
+        from ..topics.pipeline import vectorize
+
+        self.vectorized = vectorize(texts, self.tc.vectorizer.model_dump(mode="json"))  # no words: error now
         if "timestamp" in dc.columns:
             tcol = dc.columns["timestamp"]
             require_columns(table, [tcol])
@@ -183,11 +191,10 @@ class TopicsTask(Task):
     @property
     def encoder(self):
         if self._encoder is None:
-            from ..embeddings import SentenceEncoder
+            from ..embeddings.files import load_encoder
 
             e = self.tc.encoder
-            enc = SentenceEncoder.from_pretrained(encoder_ref(self.cfg.model.name), pooling=e.pooling,
-                                                  normalize=e.normalize, max_length=e.max_length)
+            enc = load_encoder(self.cfg.model.name, pooling=e.pooling, normalize=e.normalize, max_length=e.max_length)
             self._encoder = enc.to_inference(self.placement)
         return self._encoder
 
@@ -251,7 +258,7 @@ class TopicsTask(Task):
         emb = self.embed(self.texts)
         t_embed = time.perf_counter() - t0
         settings = self.settings() | {"dim": int(emb.shape[1])}
-        model, doc_term = P.fit(self.texts, emb, settings, self.cfg.seed)
+        model, doc_term = P.fit(self.texts, emb, settings, self.cfg.seed, vectorized=self.vectorized)
         runs = [model.assignments]
         first = {k: v for k, v in P.measure(model, doc_term).items() if k in ("n_topics", "outlier_rate", "npmi", "diversity")}
         a = model.assignments
@@ -285,8 +292,10 @@ class TopicsTask(Task):
 
         m = self.model
         if "map2d" not in m.arrays or len(m.arrays["map2d"]) != len(m.assignments):
+            how = self.tc.map_projection
+            how = ("umap" if self.tc.reduction.method == "umap" else "pca") if how == "auto" else how
             m.arrays["map2d"] = map_2d(m.arrays.get("reduced", m.arrays["doc_embeddings"]), self.cfg.seed,
-                                       self.tc.reduction.n_neighbors)
+                                       self.tc.reduction.n_neighbors, how)
         docs = [{"text": t} | ({"timestamp": str(self.timestamps[i])} if self.timestamps is not None else {})
                 for i, t in enumerate(self.texts)]
         m.save(run_dir / "topics", documents=docs)
@@ -356,6 +365,19 @@ class TopicsTask(Task):
         from ..data.schema import field_column, require_columns, text_values
         from ..rundir import write_jsonl
 
+        if str(path).endswith(".npy"):  # precomputed embeddings of the run's encoder
+            try:
+                emb = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise LmforgeError(f"{path}: unreadable .npy ({exc})") from None
+            if emb.ndim != 2:
+                raise LmforgeError(f"{path}: expected an (N, D) matrix of embeddings, got shape {emb.shape}")
+            try:
+                ids, sims, probs = self.model.predict(emb)
+            except LmforgeError as exc:
+                raise LmforgeError(f"{path}: {exc}") from None
+            return write_jsonl(out, ({"index": i, "topic": int(k), "probability": float(p), "similarity": float(s)}
+                                     for i, (k, s, p) in enumerate(zip(ids, sims, probs))))
         table = read_table(path)
         col = field_column(self.cfg.data, "text")
         col = col if table.records and col in table.records[0] else "text"
@@ -367,14 +389,14 @@ class TopicsTask(Task):
                                  for t, k, s, p in zip(texts, ids, sims, probs)))
 
 
-def map_2d(x: np.ndarray, seed: int, n_neighbors: int = 15) -> np.ndarray:
-    """A 2-D projection for the documents map: UMAP of the reduced space (PCA when too few points)."""
+def map_2d(x: np.ndarray, seed: int, n_neighbors: int = 15, how: str = "umap") -> np.ndarray:
+    """A 2-D projection for the documents map: UMAP of the reduced space (PCA when asked or too few points)."""
     from ..topics.cluster import reduce
 
     x = np.asarray(x, np.float32)
     if x.shape[1] == 2:
         return x
-    if len(x) > max(n_neighbors, 4) + 1:
+    if how == "umap" and len(x) > max(n_neighbors, 4) + 1:
         return reduce(x, "umap", n_components=2, n_neighbors=n_neighbors, min_dist=0.1, metric="euclidean", seed=seed)
     return reduce(x, "pca", n_components=2, seed=seed)
 

@@ -31,6 +31,8 @@ def npmi_coherence(topics: Sequence[Sequence[str]], documents: Sequence[Sequence
 
     A topic's coherence is the mean over its unordered word pairs (gensim averages ordered pairs,
     the same number since npmi is symmetric). Pairs with a word absent from the corpus are skipped.
+    Windows are counted exactly; gensim's incremental window clears a word leaving the window even
+    when it occurs again inside it, so the two agree on windows only when no word repeats within one.
 
     Args:
         topics: the top words of each topic.

@@ -72,7 +72,7 @@ class TopicModel:
         if emb.ndim != 2 or emb.shape[1] != dim:
             got = emb.shape[1] if emb.ndim == 2 else emb.shape
             raise LmforgeError(f"embedding dimension {got} does not match the topic model's {dim} "
-                               f"(was it made with another encoder? model: {self.settings.get('encoder', '?')})")
+                               f"(was it made with another encoder? model: {self.settings.get('encoder_ref', '?')})")
         rows = [r for r, t in enumerate(self.topic_ids) if t != -1]
         if not rows:
             raise LmforgeError("the topic model has no topics (every document is an outlier)")

@@ -132,10 +132,11 @@ def prediction_threshold(embeddings: np.ndarray, assignments: np.ndarray, model:
 
 
 def fit(texts: Sequence[str], embeddings: np.ndarray, settings: dict, seed: int, *,
-        word_embed: WordEmbedder | None = None, labeller: Labeller | None = None) -> tuple[TopicModel, sp.csr_matrix]:
+        word_embed: WordEmbedder | None = None, labeller: Labeller | None = None,
+        vectorized: tuple[sp.csr_matrix, list[str]] | None = None) -> tuple[TopicModel, sp.csr_matrix]:
     """Embeddings -> reduction -> clusters -> :func:`describe`. Returns the model (its ``arrays``
-    hold ``reduced``) and the ``(N, V)`` doc-term matrix."""
-    doc_term, vocab = vectorize(texts, settings["vectorizer"])
+    hold ``reduced``) and the ``(N, V)`` doc-term matrix (``vectorized``: :func:`vectorize`'s result, if done)."""
+    doc_term, vocab = vectorized or vectorize(texts, settings["vectorizer"])
     reduced = reduce_step(embeddings, settings, seed)
     a = cluster_step(reduced, settings, seed)
     model = describe(a, doc_term, vocab, embeddings, settings, texts=texts, word_embed=word_embed,

@@ -4,8 +4,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
-
 GROUPS = [
     "good great fine lovely superb nice".split(),
     "bad awful poor boring dull terrible".split(),
@@ -37,10 +35,3 @@ def recipe(tmp: Path, model: str, data: str, **topics) -> dict:
             "model": {"name": model, "precision": "fp32"},
             "data": {"train": data, "columns": {"text": "text", "timestamp": "date"}},
             "train": {"progress": False}, "topics": base}
-
-
-@pytest.fixture()
-def corpus_file(tmp_path) -> Path:
-    from tests.conftest import write_jsonl
-
-    return write_jsonl(tmp_path / "docs.jsonl", corpus())
