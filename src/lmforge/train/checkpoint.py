@@ -73,12 +73,26 @@ def save_checkpoint(ckpt_root: Path, step: int, model: nn.Module, optimizer, sch
     """
     final = Path(ckpt_root) / f"step-{step:08d}"
     tmp = staging_dir(final)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    meta, rng_tensors = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    write_json(tmp / "state.json", {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(),
-                                    "rng": meta}, indent=None)
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        meta, rng_tensors = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    except (OSError, RuntimeError) as exc:  # a full disk: torch.save and safetensors raise RuntimeError
+        from ..errors import TrainingError
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        kept = list_checkpoints(ckpt_root)
+        raise TrainingError(f"{final}: checkpoint write failed ({first}); run stopped, "
+                            f"{'last complete checkpoint ' + kept[-1].name + ' kept' if kept else 'no checkpoint kept'}"
+                            ) from None
+    try:
+        write_json(tmp / "state.json", {"step": step, "loop": loop_state, "scheduler": scheduler.state_dict(),
+                                        "rng": meta}, indent=None)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     commit_dir(tmp, final)
     prune(ckpt_root, keep, protect)
     return final
