@@ -132,3 +132,16 @@ def test_input_embeddings_as_word_table():
         wv.similar("zzzz")
     top = wv.similar("good", topn=3)
     assert len(top) == 3 and all(w in wv.index for w, _ in top) and "good" not in [w for w, _ in top]
+
+
+def test_cased_lookup_falls_back_and_excludes_every_case_form():
+    words = ["Paris", "paris", "France", "london", "x"]
+    vecs = np.array([[1, 0.1], [1, 0.12], [0.9, 0.3], [0.8, 0.5], [-1, 0]], dtype=float)
+    wv = wordvec.WordVectors(words, vecs)
+    assert "PARIS" in wv and "berlin" not in wv and "france" in wv and "London" in wv
+    assert wv.row("france") == 2 and wv.row("paris") == 1
+    near = [w for w, _ in wv.similar("paris", topn=4)]
+    assert "Paris" not in near and near[0] == "France"
+    res = wordvec.evaluate_analogies(wordvec.WordVectors(["a", "b", "c", "D"], np.eye(4) + [1, 1, 0, 1]),
+                                     [("k", "a", "b", "c", "d")])
+    assert res["questions"] == 1 and res["skipped"] == 0 and res["correct"] == 1  # "D" answers "d"

@@ -59,14 +59,24 @@ class WordVectors:
         self._unit = self.vectors / np.maximum(norms, 1e-12)  # (N, D)
 
     def __contains__(self, word: str) -> bool:
-        return self._key(word) in self.index or (self.compose is not None and self.compose(word) is not None)
+        return self.row(word) is not None or (self.compose is not None and self.compose(word) is not None)
 
     def _key(self, word: str) -> str:
         return word.lower() if self.lower else word
 
+    def row(self, word: str) -> int | None:
+        """The row of ``word``: as written (lower-cased for uncased tables), else its lower-cased or
+        capitalised form (``paris`` finds ``Paris`` in a cased vocabulary); None when absent."""
+        if self.lower:
+            return self.index.get(word.lower())
+        for form in (word, word.lower(), word.capitalize()):
+            if form in self.index:
+                return self.index[form]
+        return None
+
     def unit(self, word: str) -> np.ndarray:
         """``ê_w`` (D,); an out-of-vocabulary word is a one-line error."""
-        i = self.index.get(self._key(word))
+        i = self.row(word)
         if i is not None:
             return self._unit[i]
         v = self.compose(word) if self.compose is not None else None
@@ -80,7 +90,8 @@ class WordVectors:
         scores = self._unit @ q  # (N,)
         if self.candidates is not None:
             scores = np.where(self.candidates, scores, -np.inf)
-        skip = {self.index[k] for k in map(self._key, exclude) if k in self.index}
+        forms = {f for w in exclude for f in (self._key(w), w.lower(), w.capitalize(), w.upper())}
+        skip = {self.index[f] for f in forms if f in self.index}  # every case form of the query words
         order = np.argsort(-scores, kind="stable")
         out = []
         for i in order:
@@ -274,7 +285,7 @@ def evaluate_analogies(wv: WordVectors, rows: Sequence[tuple[str, str, str, str,
         hit = 0
         if all(w in wv for w in (a, b, c, d)):
             got = wv.analogy(a, b, c, topn=1)
-            hit = int(bool(got) and wv._key(got[0][0]) == wv._key(d))
+            hit = int(bool(got) and got[0][0].casefold() == d.casefold())
         else:
             skipped += 1
         correct += hit
