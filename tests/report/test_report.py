@@ -132,3 +132,8 @@ def test_train_writes_the_report(tmp_path, capsys, tiny_bert_dir):
     assert 'data-series="loss (raw)" data-points="6"' in page
     assert 'data-plot="eval:accuracy"' in page and 'data-plot="confusion"' in page
     assert math.isfinite(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"])
+    info = json.loads((tmp_path / "runs" / "rep" / "run_info.json").read_text())
+    assert info["train_size"] + info["eval_size"] == 96 and info["eval_size"] == 24
+    assert 0 < info["trainable_params"] <= info["total_params"] and info["peak_rss_mb"] > 50
+    assert len(info["environment_hash"]) == 12 and info["environment"]["torch"]
+    assert ">train size</td><td class=\"num\">72<" in page.replace("\n", "")

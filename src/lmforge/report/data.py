@@ -2,7 +2,7 @@
 
 Only data is read, never code: ``config.yaml`` through :mod:`lmforge.rundir` (YAML, safe loader),
 ``metrics.jsonl``, ``eval.json``, ``labels.json``, ``samples.jsonl``/``predictions*.jsonl`` and
-``env.json`` as JSON, pictures under ``topics/`` as bytes inlined in the page.
+``run_info.json`` as JSON, pictures under ``topics/`` as bytes inlined in the page.
 
 Conventions a task can use to put more on the page (all optional):
 
@@ -11,7 +11,8 @@ Conventions a task can use to put more on the page (all optional):
 - ``eval.json`` ``samples`` or ``samples.jsonl``: rows such as ``{"input", "before", "after", "gold"}``;
 - metrics named ``*kl*``, ``*entropy*``, ``reward*`` or ``rewards/*`` (preference and RL curves);
 - ``topics/*.svg|png`` pictures and ``topics/topics.json`` (``[{"topic", "size", "words"}]``);
-- ``env.json``: the environment the run was trained in (versions, device) and its hash.
+- ``run_info.json`` (written at the end of ``train``): environment (versions, device) and its hash,
+  data sizes, parameter counts, peak resident memory.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def load_run(path: str | Path) -> RunData:
         for p in sorted(run.glob("predictions*.jsonl")):
             data.samples = _read_jsonl(p, MAX_SAMPLES)[0]
             break
-    env = _read_json(run / "env.json", {})
+    env = _read_json(run / "run_info.json", {})
     data.env = env if isinstance(env, dict) else {}
     topics_dir = run / "topics"
     if topics_dir.is_dir():
@@ -302,22 +303,31 @@ def summary(run: RunData) -> dict[str, Any]:
     times = [t for t in (_num(r.get("time")) for r in run.train + run.eval) if t is not None]
     sps = [v for v in series(run.train, "samples_per_s")[1] if math.isfinite(v)]
     tps = [v for v in series(run.train, "tokens_per_s")[1] if math.isfinite(v)]
-    peak = [v for k in ("peak_rss_mb", "peak_memory_mb", "peak_mem_mb", "max_rss_mb")
-            for v in series(run.train, k)[1] + ([run.final[k]] if _num(run.final.get(k)) is not None else [])]
+    info = run.env
+    peak = [v for k in ("peak_rss_mb", "peak_memory_mb") for v in series(run.train, k)[1]]
+    if _num(info.get("peak_rss_mb")) is not None:
+        peak.append(float(info["peak_rss_mb"]))
     data = cfg.get("data", {}) if isinstance(cfg.get("data"), dict) else {}
+    trainable = info.get("trainable_params") or run.final.get("trainable_params")
+    if isinstance(trainable, int) and info.get("total_params"):
+        trainable = f"{trainable:,} of {info['total_params']:,} ({100 * trainable / info['total_params']:.2f}%)"
+    env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
     out = {
         "task": task, "model": model.get("name"), "adapter": adapter or None,
-        "trainable parameters": run.final.get("trainable_params") or run.env.get("trainable_params"),
+        "trainable parameters": trainable,
         "train data": data.get("train"), "eval data": data.get("eval"),
-        "train size": run.env.get("train_size") or run.final.get("train_size"),
-        "eval size": run.final.get("n") or run.final.get("n_sentences"),
+        "train size": info.get("train_size"),
+        "eval size": info.get("eval_size") or run.final.get("n") or run.final.get("n_sentences"),
         "steps": run.final.get("step") or (int(series(run.train, "step")[0][-1]) if run.train else None),
         "wall time": _duration(max(times) - min(times)) if len(times) > 1 else None,
         "samples/s (mean)": round(sum(sps) / len(sps), 2) if sps else None,
         "tokens/s (mean)": round(sum(tps) / len(tps), 1) if tps else None,
-        "peak memory (MB)": round(max(peak), 1) if peak else None,
+        "peak memory (MB, process RSS)": round(max(peak), 1) if peak else None,
+        "device": env.get("device"),
+        "versions": ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "lmforge") if env.get(k))
+                    or None,
         "config hash": config_hash(cfg) if cfg else None,
-        "environment hash": run.env.get("hash") or (config_hash(run.env) if run.env else "not recorded"),
+        "environment hash": info.get("environment_hash") or "not recorded",
     }
     return {k: v for k, v in out.items() if v not in (None, "", [])}
 
