@@ -31,7 +31,7 @@ def build_model(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
                       eos_token_id=1, pad_token_id=0, bos_token_id=None)
     return LlamaForCausalLM(cfg).eval()
 
