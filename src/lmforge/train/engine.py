@@ -207,6 +207,35 @@ def _loop(state: dict) -> dict:
     return {k: state[k] for k in ("epoch", "batch", "best", "best_step")}
 
 
+def check_best_metric(task: Task, cfg: RunConfig, probe_items: int = 8) -> None:
+    """Refuse an unknown ``train.best_metric`` before anything trains (or any run folder exists):
+    the task is evaluated once on a few eval items, with every random state put back afterwards
+    (training is unchanged), and the metric must be one of the numbers it reports."""
+    key = cfg.train.best_metric
+    if not key or type(task).train_direct.__qualname__ != "Task.train_direct":  # methods without the engine
+        return
+    if not task.eval_items:
+        raise LmforgeError(f"train.best_metric={key}: there is no eval data to track it on "
+                           "(set data.eval or data.eval_fraction > 0)")
+    saved_items, was_training = task.eval_items, task.model.training
+    py_state, np_state = random.getstate(), np.random.get_state()
+    task.model.to(task.placement.device)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            task.eval_items = list(saved_items[:probe_items])
+            task.model.eval()
+            metrics = task.evaluate()
+    finally:
+        task.eval_items = saved_items
+        task.model.train(was_training)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    names = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if key not in names:
+        raise LmforgeError(f"train.best_metric: {key!r:.60} is not an eval metric of task {cfg.task} "
+                           f"(choose from {', '.join(names)})")
+
+
 def _evaluate(task, env, logger, step, tc, state, run_dir) -> dict:
     metrics: dict = {}
     model = task.model
@@ -218,7 +247,9 @@ def _evaluate(task, env, logger, step, tc, state, run_dir) -> dict:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         logger.log({"step": step} | flat, split="eval")
         key = tc.best_metric
-        if key and key in flat and _better(flat[key], state["best"], tc.greater_is_better):
+        if key and key not in flat:
+            raise LmforgeError(f"train.best_metric: {key!r:.60} is not an eval metric (choose from {', '.join(sorted(flat))})")
+        if key and _better(flat[key], state["best"], tc.greater_is_better):
             state.update(best=flat[key], best_step=step)
             task.save(run_dir / "best")
     barrier(env)
