@@ -94,3 +94,16 @@ def test_split_zip_extraction_reports_progress(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert any(line.startswith("join parts") and "(100%)" in line for line in err)
     assert any(line.startswith("extract") and "(100%)" in line for line in err)
+
+
+def test_encoding_a_corpus_reports_progress_by_itself(tiny_bert_dir, capsys):
+    from lmforge.embeddings.encoder import AUTO_PROGRESS, SentenceEncoder
+
+    enc = SentenceEncoder.from_pretrained(tiny_bert_dir)
+    capsys.readouterr()  # transformers' own loading bar
+    enc.encode(["good movie"] * 10, precision="fp32")
+    assert capsys.readouterr().err == ""  # small calls stay quiet
+    enc.encode(["good movie", "the plot was dull"] * (AUTO_PROGRESS // 2), precision="fp32", batch_size=256)
+    err = capsys.readouterr().err.splitlines()
+    assert err and err[-1].startswith(f"encode {AUTO_PROGRESS}/{AUTO_PROGRESS} (100%)")
+    assert all("\r" not in line for line in err)

@@ -22,6 +22,7 @@ from ..device import Placement
 from ..errors import LmforgeError
 
 POOLING_MODES = ("mean", "cls", "max", "last")
+AUTO_PROGRESS = 2000  # texts from which encode() reports progress unless told otherwise
 
 
 def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
@@ -202,7 +203,7 @@ class SentenceEncoder(nn.Module):
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64, placement: Placement | None = None,
                device: str = "auto", precision: str = "auto", normalize: bool | None = None,
-               progress: bool = False) -> np.ndarray:
+               progress: bool | None = None) -> np.ndarray:
         """Embed ``texts`` in length-sorted batches; returns ``(N, D)`` float32 in input order.
 
         Args:
@@ -211,14 +212,15 @@ class SentenceEncoder(nn.Module):
             placement: where/how to compute; default ``Placement.resolve(device, precision)``
                 (bf16 autocast on CPUs with native bf16, fp32 otherwise).
             normalize: override the encoder's L2 normalisation.
-            progress: show a progress bar (sentences).
+            progress: show progress with an estimate (sentences); None: for corpora of
+                ``AUTO_PROGRESS`` texts or more (building an index, topics ...).
         """
         place = placement or Placement.resolve(device, precision)
         unit = self.normalize if normalize is None else normalize
         ids = self.tokenize(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = torch.empty(len(ids), self.dim, dtype=torch.float32)  # (N, D)
-        bar = _bar(len(ids), progress)
+        bar = _bar(len(ids), len(ids) >= AUTO_PROGRESS if progress is None else progress)
         was_training = self.training
         self.eval()
         first = next(self.parameters())
