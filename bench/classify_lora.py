@@ -36,12 +36,10 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 def run_lmforge(data: str, steps: int, warmup: int, precision: str, batch: int, max_len: int) -> dict:
     import torch  # noqa: F401
 
-    from lmforge.config import build_config
-    from lmforge.tasks.classify import ClassifyTask
-    from lmforge.train import fit
+    from lmforge.api import config, train_config
 
     out = tempfile.mkdtemp()
-    cfg = build_config({
+    cfg = config({
         "task": "classify", "name": "bench", "output_dir": out, "seed": 0,
         "model": {"name": "minilm", "precision": precision},
         "data": {"train": data, "eval_fraction": 0.0, "labels": ["rotten", "fresh"], "max_length": max_len},
@@ -49,7 +47,6 @@ def run_lmforge(data: str, steps: int, warmup: int, precision: str, batch: int, 
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": 5e-4, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0},
     })
-    task = ClassifyTask(cfg)
     marks = {}
 
     def on_step(step, rec):
@@ -57,7 +54,7 @@ def run_lmforge(data: str, steps: int, warmup: int, precision: str, batch: int, 
             marks["t0"] = time.perf_counter()
         marks["t1"] = time.perf_counter()
 
-    fit(task, cfg, Path(out) / "bench", on_step=on_step)
+    train_config(cfg, on_step=on_step)
     return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"])}
 
 

@@ -7,7 +7,7 @@ The layers (higher may import lower or the same layer, never higher)::
     3  tasks/                              one module per task, the task registry
     2  train/, eval/, embeddings/, generation, sampling, merge, topics/, search/, report/, inspection/,
        prompting/                          engines, evaluators and the applications' libraries
-    1  config, rundir, device, models, progress, data/, adapters/, losses/, quant/   building blocks
+    1  config, rundir, device, models, progress, fingerprint, data/, adapters/, losses/, quant/
     0  errors
 
 Every ``import`` counts, at module level or inside a function (lazy imports are still
@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "lmforge.errors": 0,
     "lmforge.config": 1, "lmforge.rundir": 1, "lmforge.device": 1, "lmforge.models": 1, "lmforge.data": 1,
     "lmforge.adapters": 1, "lmforge.losses": 1, "lmforge.quant": 1, "lmforge.progress": 1,
+    "lmforge.fingerprint": 1,
     "lmforge.train": 2, "lmforge.eval": 2, "lmforge.embeddings": 2, "lmforge.generation": 2,
     "lmforge.sampling": 2, "lmforge.merge": 2, "lmforge.topics": 2, "lmforge.search": 2, "lmforge.report": 2,
     "lmforge.inspection": 2, "lmforge.prompting": 2,

@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
 from conftest import sentiment_rows, write_jsonl, write_yaml
 
@@ -226,3 +227,21 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+
+
+def test_a_step_checkpoint_loads_as_a_run(tmp_path, tiny_bert_dir):
+    from safetensors.torch import load_file
+
+    import lmforge
+
+    assert main(["train", str(_recipe(tmp_path, tiny_bert_dir))]) == 0   # full fine-tune, checkpoints 2 and 4
+    run = tmp_path / "runs" / "r"
+    step2 = lmforge.load(run, checkpoint="step-2")
+    saved = load_file(str(run / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    params = dict(step2.task.model.named_parameters())
+    assert all(torch.equal(params[k].detach().float(), v.float()) for k, v in saved.items())
+    final = lmforge.load(run)
+    moved = [k for k, v in final.task.model.named_parameters() if not torch.equal(v.detach().float(), saved[k].float())]
+    assert moved                                          # steps 3-4 changed the weights
+    p2, pf = step2.predict(["good great"])[0], final.predict(["good great"])[0]
+    assert p2["probs"] != pf["probs"]

@@ -101,12 +101,13 @@ class Run:
         return self.task.predict_file(str(path), str(out))
 
 
-def train_config(cfg, *, eval_during_training: bool = True) -> Run:
+def train_config(cfg, *, eval_during_training: bool = True, on_step=None) -> Run:
     """Train a typed config: check the run directory, build the task (its data and model
     checked), create the run directory, train with the engine, save the artefact.
 
     ``eval_during_training=False`` keeps the eval split out of training (no eval steps, no
     best/): :attr:`Run.task` still has it as ``eval_items`` for the caller to evaluate.
+    ``on_step(step, record)`` is called after every optimizer step (benchmarks time with it).
     """
     from .rundir import check_run, prepare_run
     from .tasks import build_task
@@ -123,7 +124,7 @@ def train_config(cfg, *, eval_during_training: bool = True) -> Run:
     t0 = time.perf_counter()
     metrics = task.train_direct(run_dir)
     if metrics is None:
-        metrics = fit(task, cfg, run_dir)
+        metrics = fit(task, cfg, run_dir, on_step=on_step)
     seconds = time.perf_counter() - t0
     if held is not None:
         task.eval_items = held

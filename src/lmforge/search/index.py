@@ -74,9 +74,13 @@ class IndexSettings:
 
 def model_folder(ref: str) -> str:
     """An embed run directory means its ``model/`` folder; anything else is a model reference."""
+    from ..rundir import is_run_dir, open_run
+
     p = Path(ref).expanduser()
-    if (p / "config.yaml").is_file() and (p / "model" / "modules.json").is_file():
-        return str(p / "model")
+    if is_run_dir(p):
+        art = open_run(p).artefact
+        if art is not None and (art / "modules.json").is_file():
+            return str(art)
     return str(ref)
 
 

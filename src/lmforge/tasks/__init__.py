@@ -51,15 +51,52 @@ def task_class(name: str, cfg=None) -> type[Task]:
 
 def build_task(cfg, **kwargs) -> Task:
     """The task that trains ``cfg`` (its data and model read and checked)."""
-    return task_class(cfg.task, cfg)(cfg, **kwargs)
+    from ..models import check_config_fits
+
+    check_config_fits(cfg)  # e.g. data.max_length beyond the model's positions, before any run folder exists
+    task = task_class(cfg.task, cfg)(cfg, **kwargs)
+    from ..train.engine import check_best_metric
+
+    check_best_metric(task, cfg)  # an unknown train.best_metric, before any run folder exists
+    return task
 
 
 def load_task(run_dir, checkpoint: str = "final") -> Task:
-    """The task of a finished run (``checkpoint``: final or best), ready to evaluate/predict."""
-    from ..rundir import read_config
+    """The task of a finished run, ready to evaluate/predict.
 
-    cfg = read_config(run_dir)
-    return task_class(cfg.task, cfg).from_run(run_dir, checkpoint)
+    ``checkpoint``: ``final``, ``best``, or ``step-N`` (the final artefact with the trainable
+    weights saved at step N put in place: adapter matrices, heads, or every weight of a full
+    fine-tune).
+    """
+    from ..rundir import open_run
+
+    opened = open_run(run_dir, checkpoint)
+    cls = task_class(opened.config.task, opened.config)
+    if opened.kind != "checkpoint":
+        return cls.from_run(run_dir, opened.checkpoint)
+    task = cls.from_run(run_dir, "final")
+    _load_step_weights(task, opened.root)
+    return task
+
+
+def _load_step_weights(task: Task, folder) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from ..errors import LmforgeError
+
+    path = folder / "trainable.safetensors"
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:  # a truncated or garbled file
+        raise LmforgeError(f"{path}: unreadable checkpoint weights ({str(exc).splitlines()[0][:120]})") from None
+    params = dict(task.model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise LmforgeError(f"{path}: the checkpoint does not match the run's saved model (parameter {unknown[0]})")
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v.to(params[k].device, params[k].dtype))
 
 
 __all__ = ["TASKS", "TASK_MODULES", "Task", "build_task", "load_task", "register_task", "task_class",

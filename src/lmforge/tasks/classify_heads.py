@@ -7,7 +7,6 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LmforgeError
+from ..rundir import write_array, write_bytes, write_text
 from .base import Task
 
 #: Types a saved head may hold beyond those skops trusts by default, by exact name (never a module
@@ -147,8 +147,8 @@ class SklearnHead:
         else:
             import skops.io as sio
 
-            sio.dump(self.estimator, folder / "classifier.skops")
-        _write_text(folder / "head.json", json.dumps(meta))
+            write_bytes(folder / "classifier.skops", sio.dumps(self.estimator))
+        write_text(folder / "head.json", json.dumps(meta))
 
     @classmethod
     def load(cls, folder: Path, n_classes: int) -> "SklearnHead":
@@ -215,14 +215,10 @@ def _need_skops(name: str) -> None:
 
 # ---- embedding cache -----------------------------------------------------------------------------------
 def model_fingerprint(folder: Path) -> str:
-    """Identity of a model folder: its path and the size/mtime of its config and weight files."""
-    folder = Path(folder).resolve()
-    parts = [str(folder)]
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
-            st = p.stat()
-            parts.append(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+    """The model folder's content hash (:func:`lmforge.fingerprint.model_fingerprint`)."""
+    from ..fingerprint import model_fingerprint as content_fingerprint
+
+    return content_fingerprint(folder)
 
 
 def embedding_cache_path(folder: Path, texts: Sequence[str], settings: str) -> Path:
@@ -254,18 +250,8 @@ def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, p
         except (OSError, ValueError):
             pass  # unreadable: embed again and overwrite
     arr = encoder.encode(texts, batch_size=batch_size, placement=placement)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    write_array(path, arr)
     return arr
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---- sampling --------------------------------------------------------------------------------------------

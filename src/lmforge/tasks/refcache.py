@@ -5,8 +5,9 @@ never changes during training, so its log-probs can be computed once (one forwar
 the data, no gradients) and reused by every epoch and by later runs on the same data.
 
 The cache key is a SHA-256 over
-- the model: ``config.json`` and every byte of the weight files (a sample of the bytes could miss
-  a change confined to a few layers, e.g. a merged adapter, and silently reuse a stale reference);
+- the model: :func:`lmforge.fingerprint.model_fingerprint`, every byte of its config and weight
+  files (a sample of the bytes could miss a change confined to a few layers, e.g. a merged
+  adapter, and silently reuse a stale reference);
 - the tokenizer: its files in the folder (vocabulary, special tokens, chat template);
 - the data: every token id and target of every item, in order;
 - how the reference runs: quantisation (a 4-bit base gives other log-probs) and compute dtype.
@@ -25,45 +26,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..fingerprint import content_digest, model_fingerprint  # noqa: F401  (the package's one fingerprint)
 from ..models import cache_dir
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> SHA-256 of the content, per process
-
-
-def _content_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (~0.5 GB/s), remembered while the file's size and mtime are unchanged."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
 
 
 def _file_digest(path: Path, h) -> None:
     """Feed a file's name, size and content digest."""
-    h.update(f"{path.name}:{path.stat().st_size}:{_content_digest(path)}".encode())
-
-
-def model_fingerprint(folder: str | Path) -> str:
-    """Digest of a model folder's config and weights."""
-    folder = Path(folder)
-    h = hashlib.sha256()
-    cfg = folder / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES):
-            _file_digest(p, h)
-    return h.hexdigest()
+    h.update(f"{path.name}:{path.stat().st_size}:{content_digest(path)}".encode())
 
 
 def tokenizer_fingerprint(tokenizer, folder: str | Path | None = None) -> str:

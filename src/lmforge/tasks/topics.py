@@ -20,7 +20,7 @@ from ..config import RunConfig, Section
 from ..errors import LmforgeError
 from ..rundir import write_array, write_json
 from .base import Task, register_task
-from .common import read_run_config
+from .common import open_run
 
 
 class EncoderSettings(Section):
@@ -318,7 +318,7 @@ class TopicsTask(Task):
         from ..topics.model import TopicModel
 
         run_dir = Path(run_dir)
-        task = cls(read_run_config(run_dir), with_data=False)
+        task = cls(open_run(run_dir, which).config, with_data=False)
         task.model = TopicModel.load(run_dir / "topics")
         task.run_dir = run_dir
         task._docs_folder = run_dir / "topics"
