@@ -107,3 +107,21 @@ def test_encoding_a_corpus_reports_progress_by_itself(tiny_bert_dir, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err and err[-1].startswith(f"encode {AUTO_PROGRESS}/{AUTO_PROGRESS} (100%)")
     assert all("\r" not in line for line in err)
+
+
+def test_train_in_a_log_writes_one_line_per_logging_interval(tmp_path, capsys, tiny_bert_dir):
+    from lmforge.cli import main
+    from tests.conftest import sentiment_rows, write_jsonl, write_yaml
+
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(80, 1))
+    recipe = write_yaml(tmp_path / "r.yaml", {
+        "task": "classify", "name": "p", "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.2},
+        "classify": {"mode": "full"},
+        "train": {"max_steps": 6, "batch_size": 8, "log_every": 2, "eval_every": 100, "progress": True}})
+    assert main(["train", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("loss=" in line and "elapsed" in line for line in lines) and "\r" not in err
