@@ -73,3 +73,47 @@ def test_collate_tokens_masks_and_pads_per_key():
     assert set(lb) == {"input_ids", "attention_mask"}
     assert lb["input_ids"].tolist() == [[5, 6, 7], [2, 2, 8]]
     assert lb["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+# ---- gradient accumulation: one global batch per step, then micro-batches ---------------------------------------
+def _steps(micro: list[list[int]], accum: int) -> list[list[int]]:
+    return [sorted(i for m in micro[k:k + accum] for i in m) for k in range(0, len(micro), accum)]
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("n", [64, 61])
+def test_batch_4_times_2_trains_on_the_samples_of_batch_8_in_every_epoch(grouped, n):
+    import random as _random
+
+    from lmforge.data.batching import step_batches
+
+    lengths = [_random.Random(i).randint(3, 40) for i in range(n)] if grouped else None
+    for epoch in range(4):
+        a = step_batches(lengths, n, 4, grad_accum=2, seed=5, epoch=epoch)
+        b = step_batches(lengths, n, 8, grad_accum=1, seed=5, epoch=epoch)
+        c = step_batches(lengths, n, 2, grad_accum=4, seed=5, epoch=epoch)
+        assert _steps(a, 2) == _steps(b, 1) == _steps(c, 4)       # the same samples in every step
+        assert sorted(i for m in a for i in m) == list(range(n))  # each sample once per epoch
+        assert all(len(m) == 4 for m in a[:-1]) and all(len(m) == 2 for m in c[:-1])
+        if grouped:                                               # micro-batches of similar lengths
+            for m in a:
+                assert [lengths[i] for i in m] == sorted((lengths[i] for i in m), reverse=True)
+    assert _steps(step_batches(lengths, n, 4, grad_accum=2, seed=5, epoch=0), 2) != _steps(
+        step_batches(lengths, n, 4, grad_accum=2, seed=5, epoch=1), 2)  # epochs reshuffle
+
+
+def test_world_and_drop_last_keep_whole_micro_batches():
+    from lmforge.data.batching import step_batches
+
+    micro = step_batches(list(range(50)), 50, 3, grad_accum=2, world=2, seed=0, epoch=0, drop_last=True)
+    assert all(len(m) == 6 for m in micro) and len(micro) == 8     # 50 -> 48 used, 4 steps of 2 micro
+    one = step_batches(list(range(50)), 50, 12, grad_accum=1, world=1, seed=0, epoch=0)
+    assert _steps(micro, 2) == [s for s in _steps(one, 1) if len(s) == 12]
+
+
+def test_old_and_new_agree_without_accumulation():
+    from lmforge.data.batching import length_grouped_batches, random_batches, step_batches
+
+    lengths = [(i * 37) % 23 for i in range(72)]  # whole batches: the same order as before
+    assert step_batches(lengths, 72, 8, seed=3, epoch=2) == length_grouped_batches(lengths, 8, seed=3, epoch=2)
+    assert step_batches(None, 70, 8, seed=3, epoch=2) == random_batches(70, 8, seed=3, epoch=2)

@@ -44,6 +44,41 @@ def random_batches(n: int, batch_size: int, *, seed: int, epoch: int, drop_last:
     return batches
 
 
+def step_batches(lengths: Sequence[int] | None, n: int, batch_size: int, *, grad_accum: int = 1, world: int = 1,
+                 seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """Micro-batches of one epoch; each run of ``grad_accum`` consecutive ones is one optimizer step.
+
+    Every step's samples are drawn first as one global batch of ``G = batch_size * grad_accum *
+    world`` indices (length-grouped when ``lengths`` is given, else plain shuffled), then cut into
+    micro-batches of ``batch_size * world`` (the global batch is length-sorted when grouped, so the
+    micro-batches pad little). So ``batch_size=4, grad_accum=2`` trains each step on exactly the
+    samples of ``batch_size=8, grad_accum=1``, in every epoch. Only the epoch's last global batch
+    can be smaller (then it has fewer micro-batches); ``drop_last`` (distributed runs) trims it to
+    whole micro-batches.
+
+    Returns:
+        micro-batches of indices into the ``n`` items; ``len(result[k*grad_accum:(k+1)*grad_accum])``
+        micro-batches make step ``k``.
+    """
+    g = batch_size * grad_accum * world
+    if lengths is not None:
+        globals_ = length_grouped_batches(lengths, g, seed=seed, epoch=epoch)
+    else:
+        globals_ = random_batches(n, g, seed=seed, epoch=epoch)
+    # the short remainder goes last: every other step has grad_accum micro-batches, and the step
+    # order does not depend on how a global batch is split
+    globals_ = [b for b in globals_ if len(b) == g] + [b for b in globals_ if len(b) != g]
+    micro = batch_size * world
+    out: list[list[int]] = []
+    for gb in globals_:
+        if drop_last and len(gb) % micro:
+            gb = gb[: len(gb) - len(gb) % micro]
+        if lengths is not None:
+            gb = sorted(gb, key=lambda i: -lengths[i])
+        out.extend(gb[i:i + micro] for i in range(0, len(gb), micro))
+    return out
+
+
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_value: int, *, left: bool = False) -> torch.Tensor:
     """Pad int lists to the longest one.  Returns (B, T) int64."""
     width = max(len(s) for s in seqs)

@@ -25,7 +25,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import RunConfig
-from ..data.batching import length_grouped_batches, random_batches
+from ..data.batching import step_batches
 from ..device import move
 from ..errors import LmforgeError, TrainingError
 from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, truncate_metrics, write_json
@@ -47,13 +47,12 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_batches(task: Task, cfg: RunConfig, epoch: int, world: int) -> list[list[int]]:
-    """Global batches (indices into task.train_items) of one epoch."""
-    global_bs = cfg.train.batch_size * world
-    n = len(task.train_items)
-    if cfg.train.group_by_length:
-        lengths = [task.item_length(it) for it in task.train_items]
-        return length_grouped_batches(lengths, global_bs, seed=cfg.seed, epoch=epoch, drop_last=world > 1)
-    return random_batches(n, global_bs, seed=cfg.seed, epoch=epoch, drop_last=world > 1)
+    """Micro-batches (indices into task.train_items, ``batch_size * world`` each) of one epoch;
+    each ``grad_accum`` consecutive ones are one step's global batch (:func:`step_batches`)."""
+    tc = cfg.train
+    lengths = [task.item_length(it) for it in task.train_items] if tc.group_by_length else None
+    return step_batches(lengths, len(task.train_items), tc.batch_size, grad_accum=tc.grad_accum, world=world,
+                        seed=cfg.seed, epoch=epoch, drop_last=world > 1)
 
 
 def backward_window(task: Task, micro: list[dict], env: DistEnv, device: torch.device,
