@@ -157,6 +157,12 @@ def test_bad_requests_are_openai_errors(client, server):
         client.chat.completions.create(model="bert", messages=MSG)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="llm", messages=MSG, max_tokens=MAX_TOKENS + 1)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="llm", messages=MSG, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.chat.completions.create(model="llm", messages=MSG, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="n: only n=1"):
+        client.chat.completions.create(model="llm", messages=MSG, n=2)
     status, text = http_call(server.url + "/v1/chat/completions", b"{not json")
     assert status == 400 and json.loads(text)["error"]["type"] == "invalid_request_error"
     assert "Traceback" not in text

@@ -2,9 +2,9 @@
 
 - ``GET /v1/models``: the base, each adapter and each encoder as a model id.
 - ``POST /v1/chat/completions``: the tokenizer's chat template; ``temperature``, ``top_p``,
-  ``top_k``, ``seed``, ``stop``, ``max_tokens``/``max_completion_tokens``,
-  ``frequency_penalty`` is not supported, ``repetition_penalty`` and ``ignore_eos`` (vLLM's
-  extras) are; ``stream: true`` sends server-sent events: the role in the first delta, the same
+  ``top_k``, ``seed``, ``stop``, ``max_tokens``/``max_completion_tokens``, and vLLM's extras
+  ``repetition_penalty`` and ``ignore_eos``; options it cannot honour (``logprobs``, ``tools``,
+  ``n`` > 1, presence/frequency penalties ...) are a 400, never silently ignored; ``stream: true`` sends server-sent events: the role in the first delta, the same
   id on every chunk, ``finish_reason`` only on the last choice chunk, then (with
   ``stream_options.include_usage``) a chunk with empty ``choices`` and the exact token usage.
 - ``POST /v1/completions``: the same for a raw prompt.
@@ -146,6 +146,14 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
     def _prepare(body: _Sampling, prompt_ids: list[int], served) -> GenRequest:
         if body.n != 1:
             raise ApiError(400, "n: only n=1 is supported", "n")
+        extra = body.model_extra or {}
+        for key in ("logprobs", "top_logprobs", "tools", "functions", "response_format", "logit_bias"):
+            if extra.get(key) not in (None, False, [], {}) and not (key == "response_format" and
+                                                                   extra[key] == {"type": "text"}):
+                raise ApiError(400, f"{key}: not supported by this server", key)
+        for key in ("presence_penalty", "frequency_penalty"):
+            if extra.get(key) not in (None, 0, 0.0):
+                raise ApiError(400, f"{key}: not supported (use repetition_penalty)", key)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop: up to 4 non-empty strings", "stop")
