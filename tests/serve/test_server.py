@@ -259,3 +259,18 @@ def test_load_full(server):
     stats = run_load(server.url, clients=32, requests=200)
     print("load:", json.dumps(stats))
     assert stats["failed"] == 0 and stats["ok"] == 200
+
+
+def test_adapters_share_the_base_tensors(models):
+    from lmforge.serve import ServeOptions, load_registry
+
+    reg = load_registry(ServeOptions(model=str(models["llm"]), adapters=[str(models["alpha"]), str(models["beta"])],
+                                     precision="fp32"))
+    base, alpha, beta = (reg.generators[k].model for k in ("llm", "alpha", "beta"))
+    ptr = base.get_input_embeddings().weight.data_ptr()
+    assert alpha.get_input_embeddings().weight.data_ptr() == ptr == beta.get_input_embeddings().weight.data_ptr()
+    q = [m.model.layers[0].self_attn.q_proj for m in (base, alpha, beta)]
+    assert type(q[0]).__name__ == "Linear" and type(q[1]).__name__ != "Linear"  # only the copies are wrapped
+    base_ids = {p.data_ptr() for p in base.parameters()}
+    extra = [p for p in alpha.parameters() if p.data_ptr() not in base_ids]
+    assert extra and all("lora" in n for n, p in alpha.named_parameters() if p.data_ptr() not in base_ids)
