@@ -3,7 +3,7 @@
 ``chunking`` (documents -> chunks with offsets), ``vectors`` (dense storage and exact top-k),
 ``bm25`` (bm25s), ``fusion`` (reciprocal rank fusion), ``index`` (the index folder), ``query``
 (dense / bm25 / hybrid search, reranking), ``evaluate`` (retrieval metrics per mode), ``rag``
-(prompts with numbered passages, citations), ``finetune`` (the retriever recipe).
+(prompts with numbered passages, citations); the retriever recipe is ``lmforge.tasks.retriever``.
 """
 from .chunking import Chunk, chunk_document, chunk_documents
 from .fusion import reciprocal_rank_fusion
