@@ -5,7 +5,7 @@ The layers (higher may import lower or the same layer, never higher)::
     5  cli, __main__, commands/            parse arguments, call the API, print
     4  lmforge (package), api, compare, demo, serve/   the public Python API and what is built on it
     3  tasks/                              one module per task, the task registry
-    2  train/, eval/, embeddings/, generation, sampling, merge, topics/, search/, report/, inspection/,
+    2  train/, eval/, embeddings/, generation, sampling, causal_lm, merge, topics/, search/, report/, inspection/,
        prompting/                          engines, evaluators and the applications' libraries
     1  config, rundir, device, models, progress, fingerprint, data/, adapters/, losses/, quant/
     0  errors
@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "lmforge.adapters": 1, "lmforge.losses": 1, "lmforge.quant": 1, "lmforge.progress": 1,
     "lmforge.fingerprint": 1,
     "lmforge.train": 2, "lmforge.eval": 2, "lmforge.embeddings": 2, "lmforge.generation": 2,
-    "lmforge.sampling": 2, "lmforge.merge": 2, "lmforge.topics": 2, "lmforge.search": 2, "lmforge.report": 2,
+    "lmforge.sampling": 2, "lmforge.merge": 2, "lmforge.causal_lm": 2, "lmforge.topics": 2, "lmforge.search": 2, "lmforge.report": 2,
     "lmforge.inspection": 2, "lmforge.prompting": 2,
     "lmforge.tasks": 3,
     "lmforge": 4, "lmforge.api": 4, "lmforge.compare": 4, "lmforge.demo": 4, "lmforge.serve": 4,

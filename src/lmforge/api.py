@@ -183,7 +183,7 @@ def generate(model: str | Path, prompts: str | Sequence[Any], *, adapter: str | 
     from .device import Placement
     from .generation import GenerationConfig
     from .generation import generate as _generate
-    from .merge import load_causal_lm, resolve_source
+    from .causal_lm import load_causal_lm, resolve_source
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -128,7 +128,7 @@ def examples_used(task, cfg) -> int:
             return min(n, tc.max_steps * tc.batch_size * tc.grad_accum)
         return n
     if method == "setfit" or (method == "embedding_lr" and cfg.classify.embedding_lr.per_class):
-        return int(getattr(task, "sample_size", 0))
+        return int(task.sample_size)
     if method == "zero_shot":
         shots = cfg.classify.zero_shot.shots
         return sum(min(shots, sum(it["label"] == c for it in task.train_items)) for c in range(len(task.labels)))

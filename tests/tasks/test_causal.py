@@ -112,22 +112,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_path_captures_the_same_hidden_states(tmp_path, tiny_llama_dir):
+def test_under_a_process_group_the_task_keeps_its_plain_model(tmp_path, tiny_llama_dir):
+    """The engine owns distribution (it sums gradients itself): the task's forward and loss run on
+    the plain model, and the engine's all-reduce over one rank leaves every gradient as it was."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lmforge.train.distributed import DistEnv, all_reduce_grads
 
     task = make_task(tmp_path, tiny_llama_dir, sft={"mode": "lora"})
     batch = task.collate(task.train_items[:3])
-    ref = decoder_hidden(task.model, batch["input_ids"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        task.model = DDP(task.model)
-        hidden = decoder_hidden(task.model, batch["input_ids"])
-        torch.testing.assert_close(hidden, ref)
         loss, _ = task.loss(batch)
         loss.backward()
-        grads = [p.grad for p in task.model.parameters() if p.requires_grad]
-        assert grads and all(g is not None for g in grads)
+        params = [p for p in task.model.parameters() if p.requires_grad]
+        before = [p.grad.clone() for p in params]
+        all_reduce_grads(params, DistEnv(rank=0, world=2))  # the all-reduce path, on a one-rank group
+        assert before and all(torch.equal(a, p.grad) for a, p in zip(before, params))
+        assert not hasattr(task.model, "module")
     finally:
         dist.destroy_process_group()
 

@@ -49,7 +49,7 @@ def _generation_config(args):
 def _load(args):
     """(model, tokenizer, placement) for ``args.model`` / ``args.adapter``."""
     from ..device import Placement
-    from ..merge import load_causal_lm, resolve_source
+    from ..causal_lm import load_causal_lm, resolve_source
 
     placement = Placement.resolve(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
     src = resolve_source(args.model, getattr(args, "adapter", None))

@@ -21,7 +21,7 @@ def _add_model(p, positional: bool = False) -> None:
 
 def _load(args):
     from ..device import Placement
-    from ..merge import load_causal_lm, resolve_source
+    from ..causal_lm import load_causal_lm, resolve_source
 
     placement = Placement.resolve(args.device, args.precision)
     model, tokenizer, _ = load_causal_lm(resolve_source(args.model, args.adapter), device=placement.device)

@@ -116,24 +116,12 @@ def packing_supported(model: nn.Module, placement: Placement) -> bool:
 def load_base(folder: Path, tokenizer, *, reward: bool = False, trust_remote_code: bool = False,
               attn_implementation: str | None = None) -> nn.Module:
     """The plain Hugging Face model (fp32) from a resolved folder, with the given attention
-    kernel (``Placement.attn_implementation``; None: transformers' default)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    kernel (``Placement.attn_implementation``; None: transformers' default), through the
+    package's one causal-LM loader (:func:`lmforge.causal_lm.load_pretrained`)."""
+    from ..causal_lm import load_pretrained
 
-    hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if reward:
-        hf_cfg.num_labels = 1
-        hf_cfg.id2label, hf_cfg.label2id = {0: "reward"}, {"reward": 0}
-        hf_cfg.pad_token_id = tokenizer.pad_token_id
-        cls = AutoModelForSequenceClassification
-    else:
-        cls = AutoModelForCausalLM
-    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        return cls.from_pretrained(folder, config=hf_cfg, trust_remote_code=trust_remote_code, dtype=torch.float32,
-                                   **attn)
-    except ValueError as exc:
-        raise LmforgeError(f"{folder}: cannot load as a {'reward' if reward else 'causal LM'} model "
-                           f"({str(exc).splitlines()[0]})") from None
+    return load_pretrained(folder, tokenizer=tokenizer, reward=reward, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation)
 
 
 class CausalTask(Task):

@@ -37,6 +37,7 @@ from .common import open_run, write_json
 class TextMethod(ClassifyTask):
     """Shared by the methods: items keep their text; subclasses turn texts into class probabilities."""
 
+    sample_size = 0  # training examples the method learnt from, when it samples them (setfit, per_class)
     method = ""
 
     def __init__(self, cfg, *, with_data: bool = True, labels: list[str] | None = None, adapt: bool = True):

@@ -22,7 +22,7 @@ class PromptTask(TextMethod):
     method = "prompt"
 
     def _build_model(self, adapt: bool = True):
-        from ..merge import Source, load_causal_lm
+        from ..causal_lm import Source, load_causal_lm
 
         model, self.tokenizer, _ = load_causal_lm(Source(base=str(self.folder)), dtype=torch.float32,
                                                   device=self.placement.device,

@@ -233,7 +233,7 @@ class TopicsTask(Task):
         import torch
 
         from ..generation import GenerationConfig, generate
-        from ..merge import load_causal_lm, resolve_source
+        from ..causal_lm import load_causal_lm, resolve_source
 
         lc = self.tc.labels
         lm, tok, _ = load_causal_lm(resolve_source(lc.model), device=self.placement.device)
