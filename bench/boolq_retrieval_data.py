@@ -2,7 +2,8 @@
 
     python bench/boolq_retrieval_data.py --out runs/boolq_data
 
-writes ``passages.jsonl`` (id, text: every distinct dev and test passage), ``train_pairs.jsonl``
+writes ``passages.jsonl`` (id, text: every distinct dev and test passage; the dev ones first, so
+their ids match ``bench/rag_boolq.py``'s index), ``test_passages.jsonl`` (the test split's), ``train_pairs.jsonl``
 (query, doc_id: the test split's questions), ``dev_pairs.jsonl``, ``dev_queries.jsonl`` (id, query)
 and ``dev_qrels.txt`` (TREC qrels: each dev question's own passage) for
 ``recipes/retriever_boolq_minilm.yaml`` and ``lmforge eval INDEX --task retrieval``.
@@ -28,6 +29,8 @@ def main() -> None:
     passages = list(dict.fromkeys(r["passage"] for s in ("dev", "test") for r in splits[s]))
     pid = {t: f"p{i}" for i, t in enumerate(passages)}
     write_jsonl(out / "passages.jsonl", [{"id": pid[t], "text": t} for t in passages])
+    test_passages = list(dict.fromkeys(r["passage"] for r in splits["test"]))
+    write_jsonl(out / "test_passages.jsonl", [{"id": pid[t], "text": t} for t in test_passages])
     write_jsonl(out / "train_pairs.jsonl", [{"query": r["question"], "doc_id": pid[r["passage"]]}
                                             for r in splits["test"]])
     dev = splits["dev"]
