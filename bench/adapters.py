@@ -1,0 +1,189 @@
+"""Every adapter kind: lmforge vs the same kind in peft + transformers Trainer, side by side.
+
+Same packaged MiniLM, same SST-2 sentences, same batch, max length, steps, learning rate and
+targets; length grouping on neither side (random order on both). Each trial runs in a fresh
+process; trials alternate. Per kind it prints one JSON line: samples/s and peak RSS of
+lmforge at its default (``precision: auto``: bf16 autocast on this CPU) and of the peer at its
+default (fp32) and at its best realistic setting (``bf16=True``), ``ratio_default`` and
+``ratio_best``, and a quality figure for both (accuracy on 256 SST-2 dev sentences after the
+timed steps). Bottleneck adapters have no peft peer (lmforge only). A last line gives DoRA's
+step time against LoRA's in lmforge (same runs).
+
+    .venv/bin/python bench/adapters.py [--kinds lora,dora,ia3,prompt,bottleneck] [--steps 20] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, emit, median, set_threads  # noqa: E402
+
+SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
+IA3_TARGETS = r".*\.(key|value)|.*layer\.\d+\.output\.dense"
+IA3_FF = r".*layer\.\d+\.output\.dense"
+# kind -> (lmforge adapter section, learning rate)
+KINDS = {
+    "lora": ({"kind": "lora", "r": 8, "alpha": 16, "target_modules": ["query", "key", "value"]}, 5e-4),
+    "dora": ({"kind": "dora", "r": 8, "alpha": 16, "target_modules": ["query", "key", "value"]}, 5e-4),
+    "ia3": ({"kind": "ia3", "target_modules": IA3_TARGETS, "feedforward_modules": IA3_FF}, 3e-3),
+    "prompt": ({"kind": "prompt", "num_virtual_tokens": 20, "init": "vocab"}, 3e-2),
+    "bottleneck": ({"kind": "bottleneck", "placement": "pfeiffer", "reduction_factor": 16}, 1e-3),
+}
+
+
+def _rows(path: Path, n: int, seed: int = 0) -> list[dict]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch: int, max_len: int,
+                precision: str = "auto", threads: int | None = None) -> dict:
+    set_threads(threads)
+    from lmforge.config import build_config
+    from lmforge.tasks.classify import ClassifyTask
+    from lmforge.train import fit
+
+    section, lr = KINDS[kind]
+    out = tempfile.mkdtemp()
+    cfg = build_config({
+        "task": "classify", "name": "bench", "output_dir": out, "seed": 0,
+        "model": {"name": "minilm", "precision": precision},
+        "data": {"train": train, "eval": dev, "columns": {"text": "sentence"}, "labels": ["0", "1"],
+                 "max_length": max_len},
+        "classify": {"mode": "adapter"}, "adapter": section,
+        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
+                  "log_every": 10_000, "max_grad_norm": 1.0, "group_by_length": False},
+    })
+    task = ClassifyTask(cfg)
+    dev_items, task.eval_items = task.eval_items, []
+    marks = {}
+
+    def on_step(step, rec):
+        if step == warmup:
+            marks["t0"] = time.perf_counter()
+        marks["t1"] = time.perf_counter()
+
+    fit(task, cfg, Path(out) / "bench", on_step=on_step)
+    probs = task.predict_items(dev_items)
+    acc = float((probs.argmax(-1) == __import__("torch").tensor([it["label"] for it in dev_items])).float().mean())
+    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"]),
+            "step_ms": 1000 * (marks["t1"] - marks["t0"]) / steps, "accuracy": acc}
+
+
+def _peft_config(kind: str):
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    section = KINDS[kind][0]
+    if kind in ("lora", "dora"):
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=section["r"], lora_alpha=section["alpha"], lora_dropout=0.0,
+                          target_modules=section["target_modules"], use_dora=kind == "dora")
+    if kind == "ia3":
+        return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=IA3_TARGETS, feedforward_modules=IA3_FF)
+    return PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=section["num_virtual_tokens"],
+                              prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+
+
+def run_peer(kind: str, train: str, dev: str, steps: int, warmup: int, batch: int, max_len: int,
+             bf16: bool, threads: int | None = None) -> dict:
+    import torch
+
+    set_threads(threads)
+    from peft import get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from lmforge.models import resolve_model
+
+    hf_logging.set_verbosity_error()
+    folder = resolve_model("minilm")
+    tok = AutoTokenizer.from_pretrained(folder)
+
+    def encode(path):
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        enc = tok([r["sentence"] for r in rows], truncation=True, max_length=max_len)
+        return [{"input_ids": i, "attention_mask": m, "labels": int(r["label"])}
+                for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
+
+    ds, dev_ds = encode(train), encode(dev)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    model = get_peft_model(model, _peft_config(kind))
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                marks["t0"] = time.perf_counter()
+            marks["t1"] = time.perf_counter()
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                             per_device_eval_batch_size=64, max_steps=steps + warmup, learning_rate=KINDS[kind][1],
+                             weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0,
+                             logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
+                             bf16=bf16, dataloader_num_workers=0, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok),
+                      callbacks=[Clock()])
+    trainer.train()
+    pred = trainer.predict(dev_ds)
+    acc = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"]),
+            "step_ms": 1000 * (marks["t1"] - marks["t0"]) / steps, "accuracy": acc}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--dev", type=int, default=256, help="dev sentences for the quality figure")
+    ap.add_argument("--data", default=str(SST2), help="folder with SST-2 train.jsonl and dev.jsonl")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in every trial (both sides)")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tmp = Path(tempfile.mkdtemp())
+    for split, n in (("train", (args.steps + args.warmup) * args.batch), ("dev", args.dev)):
+        with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+            for r in _rows(Path(args.data) / f"{split}.jsonl", n):
+                fh.write(json.dumps(r) + "\n")
+    common = {"train": str(tmp / "train.jsonl"), "dev": str(tmp / "dev.jsonl"), "steps": args.steps,
+              "warmup": args.warmup, "batch": args.batch, "max_len": args.max_length, "threads": args.threads}
+    step_ms = {}
+    for kind in args.kinds.split(","):
+        trials = {"lmforge": (run_lmforge, common | {"kind": kind})}
+        if kind != "bottleneck":
+            trials |= {"peer_fp32": (run_peer, common | {"kind": kind, "bf16": False}),
+                       "peer_bf16": (run_peer, common | {"kind": kind, "bf16": True})}
+        res = alternate(trials, reps=args.reps)
+        fig = {k: {m: round(median(v, m), 4 if m == "accuracy" else 2) for m in
+                   ("samples_per_s", "peak_rss_mb", "accuracy", "step_ms")} for k, v in res.items()}
+        step_ms[kind] = fig["lmforge"]["step_ms"]
+        rec = {"bench": "adapters", "kind": kind, "model": "all-MiniLM-L6-v2", "data": "sst2", "batch": args.batch,
+               "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "group_by_length": False,
+               "threads": args.threads,
+               "figures": fig}
+        if "peer_fp32" in fig:
+            best = max(("peer_fp32", "peer_bf16"), key=lambda k: fig[k]["samples_per_s"])
+            rec |= {"ratio_default": round(fig["lmforge"]["samples_per_s"] / fig["peer_fp32"]["samples_per_s"], 3),
+                    "ratio_best": round(fig["lmforge"]["samples_per_s"] / fig[best]["samples_per_s"], 3),
+                    "peer_best": best,
+                    "rss_ratio_best": round(fig["lmforge"]["peak_rss_mb"] / fig[best]["peak_rss_mb"], 3)}
+        emit(rec)
+    if "lora" in step_ms and "dora" in step_ms:
+        emit({"bench": "adapters", "dora_vs_lora_step_time": round(step_ms["dora"] / step_ms["lora"], 3),
+              "lora_step_ms": step_ms["lora"], "dora_step_ms": step_ms["dora"]})
+
+
+if __name__ == "__main__":
+    main()
