@@ -299,7 +299,8 @@ def summary(run: RunData) -> dict[str, Any]:
     model = cfg.get("model", {}) if isinstance(cfg.get("model"), dict) else {}
     lora = cfg.get("lora", {}) if isinstance(cfg.get("lora"), dict) else {}
     mode = section.get("mode") or ("lora" if lora else None)
-    adapter = f"{mode}" + (f" r={lora.get('r')} alpha={lora.get('alpha')}" if mode in ("lora", "qlora") and lora else "")
+    adapter = (f"{mode}" + (f" r={lora.get('r')} alpha={lora.get('alpha')}" if mode in ("lora", "qlora") and lora
+                             else "")) if mode else None
     times = [t for t in (_num(r.get("time")) for r in run.train + run.eval) if t is not None]
     sps = [v for v in series(run.train, "samples_per_s")[1] if math.isfinite(v)]
     tps = [v for v in series(run.train, "tokens_per_s")[1] if math.isfinite(v)]
@@ -308,9 +309,11 @@ def summary(run: RunData) -> dict[str, Any]:
     if _num(info.get("peak_rss_mb")) is not None:
         peak.append(float(info["peak_rss_mb"]))
     data = cfg.get("data", {}) if isinstance(cfg.get("data"), dict) else {}
-    trainable = info.get("trainable_params") or run.final.get("trainable_params")
-    if isinstance(trainable, int) and info.get("total_params"):
-        trainable = f"{trainable:,} of {info['total_params']:,} ({100 * trainable / info['total_params']:.2f}%)"
+    trainable, total = info.get("trainable_params"), info.get("total_params")
+    if trainable is None and isinstance(run.final.get("trainable_params"), dict):  # classify's eval.json
+        trainable, total = run.final["trainable_params"].get("trainable"), run.final["trainable_params"].get("total")
+    if isinstance(trainable, int) and isinstance(total, int) and total:
+        trainable = f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
     env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
     out = {
         "task": task, "model": model.get("name"), "adapter": adapter or None,

@@ -89,10 +89,11 @@ def _curves(runs: Sequence[RunData], key: str, *, split: str, title: str, smooth
             out.append({"name": f"{label} (smoothed)", "x": xs, "y": ema(ys), "color": _color(i), "width": 2.4})
         else:
             out.append({"name": label, "x": xs, "y": ys, "color": _color(i), "dots": split == "eval"})
-        if mark_best:
+        if mark_best and len(xs) > 1:  # one eval has no "best" to point at
             b = best_index(ys, greater_is_better(key))
             if b is not None:
-                markers.append({"x": xs[b], "y": ys[b], "label": f"best {fmt(ys[b])} @ {xs[b]:.0f}"})
+                markers.append({"x": xs[b], "y": ys[b], "label": f"{label}: best {fmt(ys[b])} @ {xs[b]:.0f}"
+                                if multi else f"best {fmt(ys[b])} @ {xs[b]:.0f}", "show_label": not multi})
     if not out:
         return None
     return line_chart(out, title=title, ylabel=key, markers=markers, log_y=log_y, name=f"{split}:{key}")

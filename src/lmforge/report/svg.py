@@ -27,7 +27,17 @@ def fmt(v: float) -> str:
     a = abs(v)
     if a >= 1e6 or a < 1e-4:
         return f"{v:.2g}"
+    if a >= 1e3:
+        return f"{v:.0f}"
     return f"{v:.3g}"
+
+
+def tick_label(v: float, step: float) -> str:
+    """A tick value with as many decimals as the tick step needs (0.5 steps: ``159.5``)."""
+    if step <= 0 or not math.isfinite(step) or abs(v) >= 1e6 or (v != 0 and abs(v) < 1e-4):
+        return fmt(v)
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{v:.{min(decimals, 6)}f}"
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -78,13 +88,16 @@ class _Axes:
         w, h = self.w, self.h
         out = [f'<text class="title" x="{w / 2:.0f}" y="18" text-anchor="middle">{esc(title)}</text>',
                f'<rect class="frame" x="{PAD_L}" y="{PAD_T}" width="{w - PAD_L - PAD_R}" height="{h - PAD_T - PAD_B}"/>']
-        for t in nice_ticks(self.x0, self.x1, 6):
+        xt = nice_ticks(self.x0, self.x1, 6)
+        for t in xt:
             x = self.px(t)
+            label = tick_label(t, xt[1] - xt[0] if len(xt) > 1 else 0)
             out.append(f'<line class="grid" x1="{x:.1f}" y1="{PAD_T}" x2="{x:.1f}" y2="{h - PAD_B}"/>'
-                       f'<text class="tick" x="{x:.1f}" y="{h - PAD_B + 14}" text-anchor="middle">{fmt(t)}</text>')
-        for t in nice_ticks(self.y0, self.y1, 5):
+                       f'<text class="tick" x="{x:.1f}" y="{h - PAD_B + 14}" text-anchor="middle">{label}</text>')
+        yt = nice_ticks(self.y0, self.y1, 5)
+        for t in yt:
             y = h - PAD_B - (t - self.y0) / (self.y1 - self.y0) * (h - PAD_T - PAD_B)
-            label = fmt(10 ** t) if self.log_y else fmt(t)
+            label = fmt(10 ** t) if self.log_y else tick_label(t, yt[1] - yt[0] if len(yt) > 1 else 0)
             out.append(f'<line class="grid" x1="{PAD_L}" y1="{y:.1f}" x2="{w - PAD_R}" y2="{y:.1f}"/>'
                        f'<text class="tick" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
         out.append(f'<text class="label" x="{(PAD_L + w - PAD_R) / 2:.0f}" y="{h - 6}" text-anchor="middle">{esc(xlabel)}</text>')
@@ -139,9 +152,10 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str = "step", ylab
             x, y = ax.px(m["x"]), ax.py(m["y"])
             anchor = "end" if x > W - 110 else ("start" if x < PAD_L + 60 else "middle")
             ty = y - 10 if y > PAD_T + 16 else y + 18
+            text = (f'<text class="mark" x="{x:.1f}" y="{ty:.1f}" text-anchor="{anchor}">{esc(m["label"])}</text>'
+                    if m.get("show_label", True) else "")
             out.append(f'<g class="marker" data-x="{m["x"]}"><circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" '
-                       f'stroke="#000" stroke-width="1.5"/><text class="mark" x="{x:.1f}" y="{ty:.1f}" '
-                       f'text-anchor="{anchor}">{esc(m.get("label", ""))}</text></g>')
+                       f'stroke="#000" stroke-width="1.5"><title>{esc(m.get("label", ""))}</title></circle>{text}</g>')
     col_w = (W - PAD_L) // 2
     for i, (label, color, op) in enumerate(legend):  # two columns under the plot
         x, y = PAD_L + col_w * (i % 2), H + 6 + 14 * (i // 2)
