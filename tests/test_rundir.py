@@ -171,6 +171,10 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_b
     assert "unreadable checkpoint" in msgs and "previous complete checkpoint" in msgs and "step 2" in msgs
     assert _steps(run) == [1, 2, 3, 4, 5, 6]                 # 3-4 done again, logged once
     assert json.loads((run / "eval.json").read_text())["step"] == 6
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(
+        str(run / "tensorboard"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]   # TensorBoard too
 
 
 def test_missing_optimizer_state_is_one_line(tmp_path, tiny_bert_dir, capsys):
