@@ -137,3 +137,33 @@ def test_train_writes_the_report(tmp_path, capsys, tiny_bert_dir):
     assert 0 < info["trainable_params"] <= info["total_params"] and info["peak_rss_mb"] > 50
     assert len(info["environment_hash"]) == 12 and info["environment"]["torch"]
     assert ">train size</td><td class=\"num\">72<" in page.replace("\n", "")
+
+
+def _png(width: int = 4, height: int = 3) -> bytes:
+    """A valid RGB PNG (white), built by hand."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\0" + b"\xff" * 3 * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_topic_pictures_and_table(tmp_path):
+    run = tmp_path / "topics-run"
+    (run / "topics").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: topics\nname: topics-run\nmodel:\n  name: minilm\n")
+    (run / "metrics.jsonl").write_text("")
+    (run / "topic_words.png").write_bytes(_png())
+    (run / "eval.json").write_text(json.dumps({"n_topics": 2, "npmi": 0.1, "pictures": ["topic_words.png"]}))
+    (run / "topics" / "topics.json").write_text(json.dumps({
+        "topic_ids": [-1, 0, 1], "sizes": {"-1": 3, "0": 10, "1": 25},
+        "words": {"0": [["pasta", 0.3], ["pizza", 0.2]], "1": [["goal", 0.4]]}, "labels": {"0": "0_pasta_pizza"}}))
+    page = write_report([run]).read_text()
+    assert page.count("data:image/png;base64,") == 1 and "topic_words.png" in page
+    assert re.search(r'data-plot="topics".*?data-points="3"', page)
+    assert page.index(">1<") < page.index(">0_pasta_pizza<")  # largest topic first
+    assert "pasta, pizza" in page

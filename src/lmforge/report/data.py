@@ -133,17 +133,34 @@ def load_run(path: str | Path) -> RunData:
             break
     env = _read_json(run / "run_info.json", {})
     data.env = env if isinstance(env, dict) else {}
+    pics = data.final.get("pictures")
+    names = [n for n in pics if isinstance(n, str)] if isinstance(pics, list) else []  # written by the task
     topics_dir = run / "topics"
+    candidates = [run / Path(n).name for n in names]
     if topics_dir.is_dir():
-        for p in sorted(topics_dir.iterdir()):
-            mime = {".svg": "image/svg+xml", ".png": "image/png"}.get(p.suffix.lower())
-            if mime and p.stat().st_size < 5 << 20:
-                data.pictures.append((p.name, mime, p.read_bytes()))
-        topics = _read_json(topics_dir / "topics.json", [])
-        if isinstance(topics, dict):
-            topics = topics.get("topics", [])
-        data.topics = [t for t in topics if isinstance(t, dict)] if isinstance(topics, list) else []
+        candidates += sorted(topics_dir.iterdir())
+    for p in candidates:
+        mime = {".svg": "image/svg+xml", ".png": "image/png"}.get(p.suffix.lower())
+        if mime and p.is_file() and p.stat().st_size < 5 << 20 and p.name not in {n for n, _, _ in data.pictures}:
+            data.pictures.append((p.name, mime, p.read_bytes()))
+    data.topics = _topic_rows(_read_json(topics_dir / "topics.json", []))
     return data
+
+
+def _topic_rows(meta) -> list[dict]:
+    """``[{"topic", "size", "words"}]`` from a topic model's ``topics.json`` (a list of rows, or
+    lmforge's ``{"topic_ids", "sizes", "words", "labels"}`` with string keys)."""
+    if isinstance(meta, list):
+        return [t for t in meta if isinstance(t, dict)]
+    if not isinstance(meta, dict) or not isinstance(meta.get("topic_ids"), list):
+        return []
+    sizes, words, labels = (meta.get(k) if isinstance(meta.get(k), dict) else {} for k in ("sizes", "words", "labels"))
+    rows = []
+    for t in meta["topic_ids"]:
+        ws = words.get(str(t), [])
+        rows.append({"topic": labels.get(str(t)) or ("outliers" if t == -1 else str(t)), "size": sizes.get(str(t), 0),
+                     "words": [w[0] if isinstance(w, list) else w for w in ws][:10]})
+    return sorted(rows, key=lambda r: -(r["size"] if isinstance(r["size"], (int, float)) else 0))
 
 
 # ---- pure analysis -----------------------------------------------------------------------------
