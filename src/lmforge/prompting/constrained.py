@@ -240,6 +240,9 @@ def _check_schema_keywords(node, where: str = "") -> None:
         elif k not in _ANNOTATIONS:
             raise LmforgeError(f"schema{where or '/'}: keyword '{k}' cannot be enforced by constrained decoding "
                                "(use enum, pattern, minLength/maxLength, minItems/maxItems)")
+    for lo, hi in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if isinstance(node.get(lo), int) and isinstance(node.get(hi), int) and node[lo] > node[hi]:
+            raise LmforgeError(f"schema{where or '/'}: {lo} {node[lo]} > {hi} {node[hi]}, so no value can satisfy it")
     if node.get("enum") == []:
         raise LmforgeError(f"schema{where or '/'}: 'enum' is empty, so no value can satisfy it")
     if node.get("additionalProperties") is False and isinstance(node.get("required"), list):
