@@ -14,4 +14,6 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.serve",
     "lmforge.commands.search",
     "lmforge.commands.inspect",
+    "lmforge.commands.topics",
+    "lmforge.commands.prompt",
 ]

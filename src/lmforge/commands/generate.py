@@ -126,8 +126,11 @@ def _fit_history(tokenizer, history: list[dict], limit: int | None) -> list[dict
 
 
 def cmd_chat(args) -> int:
-    from ..generation import generate
+    from ..generation import encode_prompts, generate
+    from ..prompting.memory import ChatMemory, parse_memory
 
+    memory_spec = getattr(args, "memory", None) or "full"
+    parse_memory(memory_spec)  # a bad --memory fails before the model loads
     cfg = _generation_config(args)
     model, tokenizer, placement = _load(args)
     if not getattr(tokenizer, "chat_template", None):
@@ -137,8 +140,19 @@ def cmd_chat(args) -> int:
     limit = max_pos - cfg.max_new_tokens if max_pos and max_pos > cfg.max_new_tokens else None
     interactive = sys.stdin.isatty()
     history: list[dict] = []
+    budget = min(b for b in (limit, getattr(args, "memory_budget", None)) if b) if (
+        limit or getattr(args, "memory_budget", None)) else None
+
+    def summarise(text: str) -> str:
+        from ..generation import GenerationConfig
+
+        with placement.autocast():
+            return generate(model, tokenizer, [text], GenerationConfig(max_new_tokens=96))[0]
+
+    memory = ChatMemory(memory_spec, lambda msgs: len(encode_prompts(tokenizer, [msgs], True)[0]), budget,
+                        summarise=summarise)
     if interactive:
-        print("chat: /reset clears the history, /exit quits", file=sys.stderr)
+        print("chat: /reset clears the history, /memory shows it, /exit quits", file=sys.stderr)
     while True:
         if interactive:
             sys.stderr.write("> ")
@@ -152,10 +166,14 @@ def cmd_chat(args) -> int:
         if text == "/exit":
             break
         if text == "/reset":
-            history = []
+            memory.reset()
             print("(history cleared)", flush=True)
             continue
-        history = _fit_history(tokenizer, history + [{"role": "user", "content": text}], limit)
+        if text == "/memory":
+            print(memory.show(), flush=True)
+            continue
+        memory.add("user", text)
+        history = memory.messages()
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
@@ -165,7 +183,7 @@ def cmd_chat(args) -> int:
             reply = generate(model, tokenizer, [history], cfg, stream=stream)[0]
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": reply.strip()})
+        memory.add("assistant", reply.strip())
     return 0
 
 
@@ -181,44 +199,18 @@ def cmd_merge(args) -> int:
 
 # ---- eval --task perplexity|generation ------------------------------------------------------------
 def run_eval_task(args) -> int:
-    """``lmforge eval MODEL --task perplexity|generation --data FILE [--out FILE]``.
+    """``lmforge eval MODEL --task perplexity|generation --data FILE [--out FILE]``
+    (:func:`lmforge.api.evaluate_model`); prints the report as one JSON line."""
+    from ..api import evaluate_model
 
-    Reads optional ``args.adapter``, ``args.batch_size``, ``args.max_new_tokens``, ``args.max_length``
-    (defaults otherwise); writes the report to ``--out`` (or ``RUN_DIR/eval_<task>_<data>.json`` when
-    MODEL is a run directory) and prints it as one JSON line.
-    """
-    from ..eval.generation import (generation_scores, perplexity_of_texts, read_generation_pairs,
-                                   read_perplexity_texts)
-    from ..generation import GenerationConfig, generate
-    from ..rundir import is_run_dir, write_json
-
-    task = args.task
-    if task not in EVAL_TASKS:
-        raise LmforgeError(f"eval --task must be one of {', '.join(EVAL_TASKS)}, got '{task}'")
-    model_ref = getattr(args, "model", None) or args.run_dir
-    args.model = model_ref
-    batch_size = getattr(args, "batch_size", None) or 8
-    if task == "perplexity":
-        texts = read_perplexity_texts(args.data)
-        model, tokenizer, placement = _load(args)
-        t0 = time.perf_counter()
-        report = perplexity_of_texts(model, tokenizer, texts, batch_size=batch_size,
-                                     max_length=getattr(args, "max_length", None), autocast=placement.autocast)
-    else:
-        prompts, refs = read_generation_pairs(args.data)
-        cfg = GenerationConfig(max_new_tokens=getattr(args, "max_new_tokens", None) or 128, batch_size=batch_size)
-        model, tokenizer, placement = _load(args)
-        t0 = time.perf_counter()
-        with placement.autocast():
-            predictions = generate(model, tokenizer, prompts, cfg)
-        report = generation_scores(predictions, refs)
-        report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
-    report = {"task": task, "data": args.data} | report | {"seconds": round(time.perf_counter() - t0, 3)}
-    out = getattr(args, "out", None)
-    if not out and is_run_dir(Path(model_ref)):
-        out = Path(model_ref) / f"eval_{task}_{Path(args.data).name.split('.')[0]}.json"
-    if out:
-        write_json(Path(out), report)
+    if args.task not in EVAL_TASKS:
+        raise LmforgeError(f"eval --task must be one of {', '.join(EVAL_TASKS)}, got '{args.task}'")
+    report = evaluate_model(getattr(args, "model", None) or args.run_dir, args.data, args.task,
+                            adapter=getattr(args, "adapter", None), out=getattr(args, "out", None),
+                            batch_size=getattr(args, "batch_size", None) or 8,
+                            max_new_tokens=getattr(args, "max_new_tokens", None) or 128,
+                            max_length=getattr(args, "max_length", None),
+                            device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"))
     print(json.dumps(report, ensure_ascii=False))
     return 0
 
@@ -235,6 +227,10 @@ def register(sub) -> None:
     c = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin; /reset, /exit)")
     _add_model_args(c)
     _add_decoding_args(c, temperature=0.7, top_p=0.9, max_new_tokens=256, batch=False)
+    c.add_argument("--memory", default="full", help="full | window:N (last N exchanges) | summary "
+                                                    "(older turns summarised by the model); /memory shows it")
+    c.add_argument("--memory-budget", type=int, default=None,
+                   help="prompt tokens at most (default: the model's context minus --max-new-tokens)")
     c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone HF folder")
