@@ -102,7 +102,7 @@ def test_dpo_family_losses_use_the_right_inputs(tmp_path, tiny_llama_dir):
         pc, pr, nc, nr = logps[:4], logps[4:], counts[:4], counts[4:]
         if loss == "orpo":
             or_l, *_ = orpo_loss(pc / nc, pr / nr, beta=0.3)
-            want = (-(pc / nc) + or_l).mean()
+            want = -pc.sum() / nc.sum() + or_l.mean()  # SFT term: token mean over the chosen replies
         else:
             lengths = {"chosen_lengths": nc, "rejected_lengths": nr} if loss == "ipo" else {}
             want = dpo_loss(pc, pr, ref[:4], ref[4:], beta=0.3, loss_type=loss, **extra, **lengths)[0].mean()
@@ -134,22 +134,34 @@ def test_full_finetuning_keeps_a_frozen_reference(tmp_path, tiny_llama_dir):
     assert (pol - after).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "orpo"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge"])
 def test_training_raises_heldout_accuracy_and_logs_every_step(tmp_path, tiny_llama_dir, loss):
     cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(80), pref={"loss": loss, "beta": 0.5},
                    train={"epochs": 4, "lr": 2e-2}, lora={"modules_to_save": ["norm"]})
+    _train_and_check(cfg, bar=0.85)
+
+
+def test_orpo_raises_heldout_accuracy_on_100_pairs(tmp_path, tiny_llama_dir):
+    """100 held-out pairs (300 trained on): measured 0.94 and 1.00 for seeds 0 and 1 (chance 0.5,
+    0.17-0.26 before training), so 0.85 is a real bar, not the last observed count."""
+    cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(400), pref={"loss": "orpo", "beta": 0.5},
+                   data={"eval_fraction": 0.25}, train={"epochs": 4, "lr": 2e-2}, lora={"modules_to_save": ["norm"]})
+    task, _ = _train_and_check(cfg, bar=0.85)
+    assert len(task.eval_items) == 100
+
+
+def _train_and_check(cfg, bar: float):
     task = PreferenceTask(cfg)
     before = task.evaluate()
     cfg.run_dir.mkdir(parents=True)
     after = fit(task, cfg, cfg.run_dir)
-    # 16 held-out pairs at lr 2e-2: the last pair or two flip with float rounding (fused vs foreach
-    # AdamW give 15/16 vs 14/16 for ORPO), so the bar is 14/16
-    assert after["accuracy"] >= 0.85 and after["accuracy"] > before["accuracy"]
+    assert after["accuracy"] >= bar and after["accuracy"] > before["accuracy"]
     assert after["mean_margin"] > before["mean_margin"]
     steps = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["split"] == "train"]
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
     assert all(set(KEYS) <= set(s) for s in steps)
+    return task, after
 
 
 def test_reference_cache_is_reused_and_keyed_by_data(tmp_path, tiny_llama_dir, monkeypatch):

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 
-__all__ = ["bradley_terry_loss", "dpo_loss", "orpo_loss", "preference_metrics"]
+__all__ = ["bradley_terry_loss", "dpo_loss", "orpo_loss", "orpo_nll", "preference_metrics"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -143,6 +143,27 @@ def orpo_loss(
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # (B,)
     or_losses = -beta * F.logsigmoid(log_odds)
     return or_losses, beta * chosen.detach(), beta * rejected.detach(), log_odds.detach()
+
+
+def orpo_nll(chosen_logps_sum: Tensor, chosen_counts: Tensor) -> Tensor:
+    """ORPO's SFT term ``L_SFT`` as TRL's ``ORPOTrainer`` computes it: the mean negative
+    log-likelihood over every scored token of the batch's chosen sequences (tokens pooled across
+    the batch, as ``nn.CrossEntropyLoss`` does), spread over the pairs:
+
+        nll_i = -S_i * B / N,   S_i = sum_t log P(y_i,t | ...),   N = sum_j n_j
+
+    so that ``mean_i(nll_i) = -(sum_i S_i) / N`` (the pooled token mean; a long chosen reply
+    weighs more than a short one, unlike a mean of per-sequence means).
+
+    Args:
+        chosen_logps_sum: ``(B,)`` summed log-probs of the scored tokens of each chosen sequence.
+        chosen_counts: ``(B,)`` number of scored tokens of each.
+
+    Returns:
+        ``(B,)`` per-pair NLL terms whose mean is the pooled token-mean NLL.
+    """
+    total = chosen_counts.sum().clamp(min=1).to(chosen_logps_sum.dtype)
+    return -chosen_logps_sum.float() * chosen_logps_sum.shape[0] / total
 
 
 def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | None = None) -> Tensor:

@@ -31,7 +31,7 @@ from ..data.schema import apply_where, field_column, load_splits, require_column
 from ..device import move
 from ..errors import LmforgeError
 from ..losses.lm import sequence_logps, token_logps
-from ..losses.preference import dpo_loss, orpo_loss
+from ..losses.preference import dpo_loss, orpo_loss, orpo_nll
 from ..models import resolve_model
 from . import refcache
 from .causal import CausalSection, CausalTask, load_base, output_projection
@@ -46,6 +46,9 @@ class PreferenceConfig(CausalSection):
     loss: Literal["sigmoid", "ipo", "hinge", "orpo"] = Field(
         "sigmoid", description="sigmoid: DPO (cDPO with label_smoothing > 0); ipo; hinge (SLiC); orpo")
     beta: float = Field(0.1, gt=0, description="DPO/IPO/hinge inverse temperature; ORPO's lambda")
+    orpo_nll: Literal["response", "prompt_and_response"] = Field(
+        "response", description="ORPO's SFT term: token-mean NLL (pooled over the batch, as TRL) of the chosen "
+                                "response (the paper), or of prompt and response (what TRL's ORPOTrainer scores)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability a label is flipped")
     max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
     precompute_ref: bool = Field(False, description="compute reference log-probs once and cache them on disk")
@@ -118,6 +121,27 @@ def pair_sequences(item: dict) -> list[dict]:
     p = item["prompt_ids"]
     return [{"input_ids": p + item[f"{s}_ids"], "targets": next_token_targets([IGNORE] * len(p) + item[f"{s}_labels"])}
             for s in ("chosen", "rejected")]
+
+
+def chosen_all_token_targets(batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets over whole chosen sequences (prompt and response) of a collated batch.
+
+    ``targets[r, t] = input_ids[r, t + 1]`` when positions ``t`` and ``t + 1`` belong to the same
+    chosen sequence (index ``< n``), else ``IGNORE``. Returns ``(targets, seq)``, both ``(R, T)``:
+    ``seq`` is each position's chosen-sequence index (-1 elsewhere).
+    """
+    ids = batch["input_ids"]  # (R, T)
+    if "sample_ids" in batch:  # packed rows
+        sid = batch["sample_ids"]  # (R, T)
+    else:  # one sequence per row, right-padded: rows 0..n-1 are the chosen ones
+        real = batch["attention_mask"].bool()  # (R, T)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+        sid = torch.where(real, rows, torch.full_like(rows, -1))
+    seq = torch.where((sid >= 0) & (sid < n), sid, torch.full_like(sid, -1))  # (R, T)
+    targets = torch.full_like(ids, IGNORE)
+    same = (seq[:, :-1] >= 0) & (seq[:, :-1] == seq[:, 1:])  # (R, T-1)
+    targets[:, :-1] = torch.where(same, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+    return targets, seq.clamp(min=0)
 
 
 @register_task("preference", config=PreferenceRun)
@@ -237,10 +261,11 @@ class PreferenceTask(CausalTask):
             it["ref_chosen"], it["ref_rejected"] = c, r
 
     # ---- loss --------------------------------------------------------------------------------
-    def sequence_logps(self, batch: dict, model=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed completion log-probs (2B,) and completion token counts (2B,) in one forward."""
+    def sequence_logps(self, batch: dict, model=None, hidden=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs (2B,) and completion token counts (2B,) in one forward
+        (``hidden``: the batch's final hidden states when already computed)."""
         model = self.model if model is None else model
-        hidden = self.hidden(batch, model)  # (R, T, H)
+        hidden = self.hidden(batch, model) if hidden is None else hidden  # (R, T, H)
         weight, bias = output_projection(model)
         targets = batch["targets"]  # (R, T)
         if "sample_ids" not in batch:  # one sequence per row
@@ -254,17 +279,32 @@ class PreferenceTask(CausalTask):
         counts = torch.zeros(n, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
         return logps, counts
 
+    def chosen_sequence_logps(self, batch: dict, hidden: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs (B,) and counts (B,) of every token of each chosen sequence after its
+        first (prompt and response: what TRL's ORPOTrainer puts in its NLL)."""
+        targets, seq = chosen_all_token_targets(batch, n)  # (R, T), (R, T)
+        weight, bias = output_projection(self.model)
+        per_token = token_logps(hidden, weight, targets, bias=bias, chunk_size=self.opts.chunk_size)  # (R, T)
+        scored = targets != IGNORE
+        sums = per_token.new_zeros(n).index_add(0, seq[scored], per_token[scored])  # (B,)
+        counts = torch.zeros(n, dtype=torch.long, device=seq.device).index_add(
+            0, seq[scored], torch.ones_like(seq[scored]))
+        return sums, counts
+
     def pair_losses(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses (B,) and per-pair statistics (rewards, log-probs)."""
         o = self.opts
-        logps, counts = self.sequence_logps(batch)  # (2B,), (2B,)
+        whole = o.loss == "orpo" and o.orpo_nll == "prompt_and_response"
+        hidden = self.hidden(batch) if whole else None  # (R, T, H), shared by both scorings
+        logps, counts = self.sequence_logps(batch, hidden=hidden)  # (2B,), (2B,)
         n = logps.shape[0] // 2
         pc, pr, nc, nr = logps[:n], logps[n:], counts[:n], counts[n:]
         stats = {"logps/chosen": pc.detach(), "logps/rejected": pr.detach(), "_n_chosen": nc, "_n_rejected": nr}
         if o.loss == "orpo":
             mc, mr = pc / nc.clamp(min=1), pr / nr.clamp(min=1)  # length-averaged log-probs (B,)
             or_losses, rc, rr, log_odds = orpo_loss(mc, mr, beta=o.beta)
-            nll = -mc  # the SFT term on the chosen completion
+            sft_sum, sft_n = self.chosen_sequence_logps(batch, hidden, n) if whole else (pc, nc)
+            nll = orpo_nll(sft_sum, sft_n)  # (B,) the SFT term, a token mean over the chosen tokens
             losses = nll + or_losses
             stats |= {"nll": nll.detach(), "log_odds_ratio": log_odds}
         else:
