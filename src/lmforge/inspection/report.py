@@ -20,13 +20,13 @@ VIEWS = ("next", "lens", "attention", "kv", "mask")
 def load(ref: str, adapter: str | None = None, device: str = "auto"):
     """``(model, tokenizer, kind)`` in fp32 eval mode; ``kind`` is ``"causal"`` or ``"encoder"``.
 
-    Causal LMs (and training runs / LoRA adapters of them) load through :func:`lmforge.merge.load_causal_lm`;
+    Causal LMs (and training runs / LoRA adapters of them) load through :func:`lmforge.causal_lm.load_causal_lm`;
     other models as a masked LM when their checkpoint has that class (else the bare encoder).
     """
     from transformers import AutoConfig
 
     from ..device import pick_device
-    from ..merge import load_causal_lm, resolve_source
+    from ..causal_lm import load_causal_lm, resolve_source
     from ..models import is_decoder_only, resolve_model
 
     dev = pick_device(device)
