@@ -195,4 +195,83 @@ def generate(model: str | Path, prompts: str | Sequence[Any], *, adapter: str | 
         return _generate(lm, tokenizer, prompts, cfg, chat=chat)
 
 
-__all__ = ["Run", "config", "encode", "generate", "load", "train", "train_config"]
+MODEL_EVAL_TASKS = ("perplexity", "generation", "sts", "retrieval")
+
+
+def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: str | None = None,
+                   out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+                   max_length: int | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """Evaluate a model reference or run directory on a data file, without a run's task.
+
+    ``task``: ``perplexity`` or ``generation`` (ROUGE/BLEU against references) for causal LMs
+    (``adapter=`` a LoRA folder on the base ``model``), ``sts`` or ``retrieval`` for sentence
+    encoders. The report is written to ``out`` (default: ``eval_<task>_<data>.json`` inside a run
+    directory; nothing for a bare model) and returned.
+    """
+    import time as _time
+
+    from .rundir import is_run_dir, write_json
+
+    if task not in MODEL_EVAL_TASKS:
+        raise LmforgeError(f"eval --task must be one of {', '.join(MODEL_EVAL_TASKS)}, got '{task}'")
+    t0 = _time.perf_counter()
+    if task in ("sts", "retrieval"):
+        report = _evaluate_encoder(str(model), str(data), task)
+    else:
+        report = _evaluate_causal(str(model), str(data), task, adapter=adapter, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, max_length=max_length, device=device,
+                                  precision=precision)
+        report = {"task": task, "data": str(data)} | report | {"seconds": round(_time.perf_counter() - t0, 3)}
+    if out is None and is_run_dir(model):
+        out = Path(model) / f"eval_{task}_{Path(data).name.split('.')[0]}.json"
+    if out:
+        write_json(Path(out), report)
+    return report
+
+
+def _evaluate_causal(model: str, data: str, task: str, *, adapter, batch_size, max_new_tokens, max_length,
+                     device, precision) -> dict:
+    from .causal_lm import load_causal_lm, resolve_source
+    from .device import Placement
+    from .eval.generation import (generation_scores, perplexity_of_texts, read_generation_pairs,
+                                  read_perplexity_texts)
+    from .generation import GenerationConfig
+    from .generation import generate as _generate
+
+    placement = Placement.resolve(device, precision)
+    if task == "perplexity":
+        texts = read_perplexity_texts(data)  # bad data fails before the model loads
+        lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
+        return perplexity_of_texts(lm, tokenizer, texts, batch_size=batch_size, max_length=max_length,
+                                   autocast=placement.autocast)
+    prompts, refs = read_generation_pairs(data)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
+    with placement.autocast():
+        predictions = _generate(lm, tokenizer, prompts, cfg)
+    report = generation_scores(predictions, refs)
+    report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
+    return report
+
+
+def _evaluate_encoder(model: str, data: str, task: str) -> dict:
+    from .device import Placement
+    from .embeddings.evaluators import retrieval_from_file, run_evaluators, sts_from_file
+    from .embeddings.files import load_encoder
+    from .rundir import is_run_dir, read_config
+
+    score_range = (0.0, 5.0)  # STS's, unless the run declared its own (embed.score_range)
+    if is_run_dir(model):
+        embed = getattr(read_config(model), "embed", None)
+        if embed is not None:
+            score_range = tuple(embed.score_range)
+    enc = load_encoder(model)
+    evaluator = sts_from_file(data, name="sts", score_range=score_range) if task == "sts" else \
+        retrieval_from_file(data, name="ir")
+    place = Placement.resolve()
+    report = run_evaluators([evaluator], enc.to_inference(place), placement=place)
+    return {"task": task, "data": data} | report
+
+
+__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "encode", "evaluate_model", "generate", "load", "train",
+           "train_config"]

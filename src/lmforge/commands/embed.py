@@ -37,40 +37,12 @@ def cmd_embed(args) -> int:
 def cmd_eval_embedding(args) -> int:
     """``lmforge eval RUN_DIR_OR_MODEL --task sts|retrieval --data FILE``: one JSON line, and a
     report file (``--out``, or ``eval_<task>_<data>.json`` inside a run directory)."""
-    from ..embeddings.evaluators import retrieval_from_file, run_evaluators, sts_from_file
-    from ..embeddings.files import load_encoder
-    from ..rundir import is_run_dir, write_json
+    from ..api import evaluate_model
 
-    enc = load_encoder(args.run_dir)
-    if args.task == "sts":
-        evaluator = sts_from_file(args.data, name="sts", score_range=_score_range(args.run_dir))
-    elif args.task == "retrieval":
-        evaluator = retrieval_from_file(args.data, name="ir")
-    else:
+    if args.task not in ("sts", "retrieval"):
         raise LmforgeError(f"unknown evaluation task '{args.task}' (use sts or retrieval)")
-    from ..device import Placement
-
-    place = Placement.resolve()
-    report = run_evaluators([evaluator], enc.to_inference(place), placement=place)
-    report = {"task": args.task, "data": args.data} | report
-    out = args.out
-    if out is None and is_run_dir(args.run_dir):
-        out = str(Path(args.run_dir) / f"eval_{args.task}_{Path(args.data).name.split('.')[0]}.json")
-    if out:
-        write_json(Path(out), report)
-    print(json.dumps(report))
+    print(json.dumps(evaluate_model(args.run_dir, args.data, args.task, out=args.out)))
     return 0
-
-
-def _score_range(ref: str) -> tuple[float, float]:
-    """The score range a run declared (``embed.score_range``), else STS's 0-5."""
-    from ..rundir import is_run_dir, read_config
-
-    if is_run_dir(ref):
-        embed = getattr(read_config(ref), "embed", None)
-        if embed is not None:
-            return tuple(embed.score_range)
-    return (0.0, 5.0)
 
 
 def register(sub) -> None:
