@@ -69,13 +69,20 @@ class DoraLinear(LoraLinear):
             return y
         g = self.lora_magnitude_vector / self.weight_norm()  # (out,)
         xa = self._lora_input(x)
-        lora = self.lora_B(self.lora_A(xa))  # (..., out)
+        a = self.lora_A(xa)  # (..., r)
         bias = getattr(self.base, "bias", None)
         if self.lora_dropout is None or not self.training:
-            w0x = y if bias is None else y - bias  # fast path: reuse the base output
-        else:
-            w0x = F.linear(xa.to(y.dtype), self._w0().to(y.dtype))  # second pass: W0 dropout(x)
-        out = y + ((g - 1) * w0x + g * self.scale * lora)  # (..., out)
+            # fast path: z = W0 x + s B A x from the base output, then y' = g * z + b
+            w0x = y if bias is None else y - bias  # (..., out)
+            if a.dtype == y.dtype:  # one GEMM adds s * a @ B.T
+                z = torch.addmm(w0x.reshape(-1, w0x.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.weight.T,
+                                alpha=self.scale).view(y.shape)
+            else:
+                z = w0x + (self.lora_B(a) * self.scale).to(y.dtype)
+            g = g.to(z.dtype)
+            return z * g if bias is None else torch.addcmul(bias.to(z.dtype), z, g)
+        w0x = F.linear(xa.to(y.dtype), self._w0().to(y.dtype))  # second pass: W0 dropout(x)
+        out = y + ((g - 1) * w0x + g * self.scale * self.lora_B(a))  # (..., out)
         return out.to(y.dtype)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
