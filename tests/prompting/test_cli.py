@@ -104,6 +104,8 @@ def test_chat_memory_window_and_show(model_dir):
     assert proc.returncode == 0, proc.stderr
     shown = proc.stdout.split("[memory window:1")[1]
     assert "third question" in shown and "second question" in shown and "first question" not in shown
-    proc = subprocess.run([sys.executable, "-m", "lmforge", "chat", str(model_dir), "--memory", "window:0"],
-                          input="", capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "window:N" in proc.stderr
+
+
+def test_chat_bad_memory_is_one_line(model_dir, capsys):
+    assert main(["chat", str(model_dir), "--memory", "window:0"]) == 2
+    _one_line_error(capsys, "window:N")

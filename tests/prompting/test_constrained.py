@@ -155,3 +155,62 @@ def test_unsatisfiable_schema_and_small_budget(tiny_lm, tiny_tok):
     c = Constraint.regex(r"abcdefghij")
     with pytest.raises(LmforgeError, match="too small"):
         c.bind(tiny_lm, tiny_tok, 1)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"enum": ["x", "yy"]}}, "required": ["a", "b"]},
+    {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+    {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}}, "required": ["s"]},
+])
+def test_allowed_sets_match_the_library_on_json(tiny_tok, schema):
+    """Where outlines-core's own Index is right (patterns ending in a closing bracket, so no
+    accepting state has exits), our automaton offers exactly the library's allowed tokens."""
+    from outlines_core import Index, Vocabulary
+
+    from lmforge.prompting.constrained import schema_regex
+
+    eos = tiny_tok.eos_token_id
+    pieces: dict[bytes, list[int]] = {}
+    for i, b in token_bytes(tiny_tok).items():
+        if i != eos:
+            pieces.setdefault(b, []).append(i)
+    pattern = schema_regex(schema)
+    lib = Index(pattern, Vocabulary(eos, pieces))
+    auto = automaton(pattern, tiny_tok, eos)
+    rng = random.Random(2)
+    for _ in range(5):
+        mine, theirs = auto.initial, lib.get_initial_state()
+        for _ in range(15):
+            ours = set(auto.options(mine)[0].tolist())
+            assert ours == set(lib.get_allowed_tokens(theirs))
+            choices = sorted(ours - {eos})
+            if not choices:
+                break
+            t = rng.choice(choices)
+            mine, theirs = auto.step(mine, t), lib.get_next_state(theirs, t)
+
+
+def test_library_bug_is_worked_around(tiny_tok):
+    """outlines-core drops '.' after '1' in ``1(\\.5)?``; our automaton keeps it."""
+    pieces = token_bytes(tiny_tok)
+    one = next(i for i, b in pieces.items() if b == b"1")
+    dot = next(i for i, b in pieces.items() if b == b".")
+    auto = automaton(r"1(\.5)?", tiny_tok, tiny_tok.eos_token_id)
+    after = set(auto.options(auto.step(auto.initial, one))[0].tolist())
+    assert {dot, tiny_tok.eos_token_id} <= after
+
+
+@pytest.mark.integration
+def test_smollm2_json_outputs_validate():
+    from lmforge.merge import Source, load_causal_lm
+
+    model, tok, _ = load_causal_lm(Source(base="smollm2"))
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer"},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+              "required": ["name", "age"]}
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0.9, seed=0, batch_size=3)
+    outs = generate_constrained(model, tok, ["A person as JSON.", "Alice, 31, as JSON.", "Bob as JSON."], cfg,
+                                Constraint.json_schema(schema))
+    for o in outs:
+        jsonschema.validate(json.loads(o), schema)

@@ -80,12 +80,14 @@ def parse_step(text: str, tools: Sequence[Tool]) -> Step:
     return Step("malformed", thought, error=f"unknown tool '{first}'")
 
 
-def action_regex(tools: Sequence[Tool], thought_chars: int = 160, input_chars: int = 80) -> str:
-    """The format of one step as a regex, for constrained decoding of actions."""
+def action_regex(tools: Sequence[Tool]) -> str:
+    """The format of one step as a regex, for constrained decoding of actions. Lengths are left
+    open (a bounded ``{1,160}`` would multiply the automaton's states); the decoding budget ends
+    each part in time."""
     names = "|".join(re.escape(t.name) for t in tools)
-    final = rf"Final Answer: [^\n]{{1,{input_chars}}}"
-    act = rf"Action: ({names})\[[^\]\n]{{1,{input_chars}}}\]" if tools else None
-    return rf"Thought: [^\n]{{1,{thought_chars}}}\n" + (f"({act}|{final})" if act else final)
+    final = r"Final Answer: [^\n]+"
+    act = rf"Action: ({names})\[[^\]\n]+\]" if tools else None
+    return r"Thought: [^\n]+\n" + (f"({act}|{final})" if act else final)
 
 
 def run_tool(step: Step, tools: Sequence[Tool]) -> str:
