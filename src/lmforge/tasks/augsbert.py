@@ -86,6 +86,8 @@ def sample_silver_pairs(emb, sentences: Sequence[str], gold: set[tuple[str, str]
 @register_task("augsbert", config=AugsbertRun)
 class AugsbertTask(EmbedTask):
     name = "augsbert"
+    silver: list[dict] | None = None  # the silver-labelled pairs (set while building the data)
+    cross_dir: Path | None = None  # the cross-encoder's run folder
 
     def _tables(self) -> tuple[Table, Table | None]:
         cfg, ac = self.cfg, self.cfg.augsbert
@@ -151,18 +153,14 @@ class AugsbertTask(EmbedTask):
         out_dir = Path(out_dir)
         if out_dir.resolve() != self.cfg.run_dir.resolve():  # best/ checkpoints: the bi-encoder only
             return
-        if getattr(self, "cross_dir", None) is not None and self.cross_dir.exists():
-            dest = out_dir / "cross_encoder"
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.move(str(self.cross_dir), dest)
-            self.cross_dir = dest
-        if getattr(self, "silver", None) is not None:
-            import json
+        if self.cross_dir is not None and self.cross_dir.exists():
+            from ..rundir import commit_dir
 
-            with open(out_dir / "silver.jsonl", "w", encoding="utf-8") as fh:
-                for r in self.silver:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self.cross_dir = commit_dir(self.cross_dir, out_dir / "cross_encoder")  # same folder: a rename
+        if self.silver is not None:
+            from ..rundir import write_jsonl
+
+            write_jsonl(out_dir / "silver.jsonl", self.silver)
 
     @classmethod
     def from_run(cls, run_dir, which: str = "final") -> "AugsbertTask":

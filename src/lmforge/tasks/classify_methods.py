@@ -240,9 +240,9 @@ class ZeroShotTask(EncoderMethod):
         return torch.softmax(cos / self.cfg.classify.zero_shot.temperature, dim=-1).numpy()
 
     def save_artefacts(self, out_dir: Path) -> None:
-        from safetensors.torch import save_file
+        from ..rundir import write_safetensors
 
-        save_file({"prototypes": self.prototypes.contiguous()}, str(out_dir / "prototypes.safetensors"))
+        write_safetensors(out_dir / "prototypes.safetensors", {"prototypes": self.prototypes})
 
     def load_artefacts(self, run_dir: Path) -> None:
         from safetensors.torch import load_file
