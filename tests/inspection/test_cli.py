@@ -123,6 +123,15 @@ def test_inspect_bad_input(tiny_llama_dir, tiny_bert_dir, capsys):
     _one_line_error(capsys, "temperature")
 
 
+def test_inspect_refuses_encoder_decoder(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+                               ).save_pretrained(tmp_path / "t5")
+    assert main(["inspect", str(tmp_path / "t5"), "hello"]) == 2
+    _one_line_error(capsys, "encoder-decoder", "tokenize")
+
+
 # ---- word2vec -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

@@ -34,6 +34,9 @@ def load(ref: str, adapter: str | None = None, device: str = "auto"):
     folder = resolve_model(src.base) if src.base else None
     if folder is not None and src.adapter is None:
         cfg = AutoConfig.from_pretrained(str(folder))
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise LmforgeError(f"{ref} is an encoder-decoder model ({type(cfg).__name__}): inspect reads decoder-only "
+                               "and encoder models; `lmforge tokenize` works for its tokenizer")
         if not is_decoder_only(cfg):
             return _load_encoder(folder, ref, dev) + ("encoder",)
     model, tokenizer, _ = load_causal_lm(src, device=dev)
