@@ -249,3 +249,33 @@ def test_a_step_checkpoint_loads_as_a_run(tmp_path, tiny_bert_dir):
     assert moved                                          # steps 3-4 changed the weights
     p2, pf = step2.predict(["good great"])[0], final.predict(["good great"])[0]
     assert p2["probs"] != pf["probs"]
+
+
+def test_a_run_stopped_by_nan_can_be_resumed_or_overwritten(tmp_path, tiny_bert_dir, monkeypatch, capsys):
+    from lmforge.tasks import TASKS
+    from lmforge.tasks.classify import ClassifyTask
+
+    class NanAt3(ClassifyTask):
+        calls = 0
+
+        def loss(self, batch):
+            loss, metrics = super().loss(batch)
+            type(self).calls += 1
+            return (loss * float("nan") if type(self).calls == 3 else loss), metrics
+
+    recipe = _recipe(tmp_path, tiny_bert_dir)
+    monkeypatch.setitem(TASKS, "classify", NanAt3)
+    assert main(["train", str(recipe)]) == 1
+    assert "non-finite loss" in _err(capsys)
+    run = tmp_path / "runs" / "r"
+    assert rundir.is_run_dir(run) and [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-00000002"]
+    monkeypatch.setitem(TASKS, "classify", ClassifyTask)           # the cause fixed (e.g. a lower lr)
+    assert main(["train", str(recipe), "train.resume=true"]) == 0  # continues from step 2
+    assert _steps(run) == [1, 2, 3, 4] and json.loads((run / "eval.json").read_text())["step"] == 4
+    NanAt3.calls = 0
+    monkeypatch.setitem(TASKS, "classify", NanAt3)
+    assert main(["train", str(recipe), "overwrite=true"]) == 1     # stopped again: the old run was replaced
+    capsys.readouterr()
+    monkeypatch.setitem(TASKS, "classify", ClassifyTask)
+    assert main(["train", str(recipe), "overwrite=true"]) == 0
+    assert _steps(run) == [1, 2, 3, 4]
