@@ -173,6 +173,29 @@ def encode(model: str | Path, texts: str | Sequence[str], *, batch_size: int = 6
     return enc.encode(texts, batch_size=batch_size, placement=place)
 
 
+def embed_file(model: str | Path, path: str | Path, out: str | Path, *, column: str = "text", batch_size: int = 64,
+               pooling: str | None = None, normalize: bool | None = None, max_length: int | None = None,
+               device: str = "auto", precision: str = "auto", progress: bool = False) -> dict:
+    """Embed every text of a file (.txt, one a line, or a table's ``column``) into ``out``
+    (``.npy`` matrix or ``.parquet`` with text + embedding); returns ``{texts, dim, out, precision,
+    sentences_per_s}`` (the rate counts encoding only)."""
+    from .device import Placement
+    from .embeddings.files import load_encoder, read_texts, write_vectors
+
+    if Path(out).suffix.lower() not in (".npy", ".parquet"):
+        raise LmforgeError(f"{out}: output must end in .npy or .parquet")
+    texts = read_texts(str(path), column)  # bad input fails before the model loads
+    enc = load_encoder(str(model), pooling=pooling, normalize=normalize, max_length=max_length)
+    place = Placement.resolve(device, precision)
+    enc.to_inference(place)
+    t0 = time.perf_counter()
+    vecs = enc.encode(texts, batch_size=batch_size, placement=place, progress=progress)
+    dt = time.perf_counter() - t0
+    write_vectors(str(out), texts, vecs)
+    return {"texts": len(texts), "dim": int(vecs.shape[1]), "out": str(out), "precision": place.name,
+            "sentences_per_s": round(len(texts) / max(dt, 1e-9), 1)}
+
+
 def generate(model: str | Path, prompts: str | Sequence[Any], *, adapter: str | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
@@ -273,5 +296,5 @@ def _evaluate_encoder(model: str, data: str, task: str) -> dict:
     return {"task": task, "data": data} | report
 
 
-__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "encode", "evaluate_model", "generate", "load", "train",
-           "train_config"]
+__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "embed_file", "encode", "evaluate_model", "generate", "load",
+           "train", "train_config"]

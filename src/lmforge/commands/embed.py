@@ -8,10 +8,7 @@ from ..errors import LmforgeError
 
 
 def cmd_embed(args) -> int:
-    import time
-
-    from ..device import Placement
-    from ..embeddings.files import load_encoder, read_texts, write_vectors
+    from ..api import embed_file
 
     if Path(args.out).suffix.lower() not in (".npy", ".parquet"):
         raise LmforgeError(f"{args.out}: output must end in .npy or .parquet")
@@ -21,16 +18,9 @@ def cmd_embed(args) -> int:
         raise LmforgeError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_length is not None and args.max_length <= 0:
         raise LmforgeError(f"--max-length must be positive, got {args.max_length}")
-    texts = read_texts(args.input, args.column)
-    enc = load_encoder(args.model, pooling=args.pooling, normalize=args.normalize, max_length=args.max_length)
-    place = Placement.resolve(args.device, args.precision)
-    enc.to_inference(place)
-    t0 = time.perf_counter()
-    vecs = enc.encode(texts, batch_size=args.batch_size, placement=place, progress=not args.no_progress)
-    dt = time.perf_counter() - t0
-    write_vectors(args.out, texts, vecs)
-    print(json.dumps({"texts": len(texts), "dim": int(vecs.shape[1]), "out": args.out,
-                      "precision": place.name, "sentences_per_s": round(len(texts) / max(dt, 1e-9), 1)}))
+    print(json.dumps(embed_file(args.model, args.input, args.out, column=args.column, batch_size=args.batch_size,
+                                pooling=args.pooling, normalize=args.normalize, max_length=args.max_length,
+                                device=args.device, precision=args.precision, progress=not args.no_progress)))
     return 0
 
 
