@@ -211,6 +211,26 @@ def test_disconnected_stream_frees_its_slot(server):
     assert h["active"] == 0 and h["cancelled"] == before + 1
 
 
+def test_disconnected_plain_request_frees_its_slot(server):
+    import http.client
+
+    before = server.health()["cancelled"]
+    body = {"model": "llm", "messages": MSG, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 10
+    while server.health()["active"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.sock.shutdown(2)  # the client gives up before the answer
+    conn.close()
+    while time.monotonic() < deadline:
+        h = server.health()
+        if h["active"] == 0 and h["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert h["active"] == 0 and h["cancelled"] == before + 1
+
+
 def run_load(url: str, clients: int, requests: int, max_tokens: int = 16) -> dict:
     """``requests`` chat requests from ``clients`` concurrent clients; throughput and latencies."""
     async def main():

@@ -43,4 +43,5 @@ def run_server(opts: ServeOptions) -> None:
         raise LmforgeError(f"--port {opts.port}: not a port number")
     app, _ = build(opts)
     print(f"lmforge serve: http://{opts.host}:{opts.port}/v1 serving {', '.join(app.state.model_ids)}", flush=True)
-    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)

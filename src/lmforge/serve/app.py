@@ -13,7 +13,7 @@
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for anything
 the client sent, never a stack trace. A streaming client that disconnects cancels its request;
-the batcher drops its row at the next step.
+the batcher drops its row at the next step (a non-streamed request is checked once a second).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LmforgeError
@@ -172,7 +173,7 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
         return GenRequest(model=body.model, prompt_ids=prompt_ids, max_tokens=want, cfg=cfg, emit=lambda e: None,
                           ignore_eos=body.ignore_eos)
 
-    async def _run(req: GenRequest, body: _Sampling, kind: str):
+    async def _run(req: GenRequest, body: _Sampling, kind: str, http: Request):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         req.emit = async_emitter(loop, queue)
@@ -181,9 +182,19 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
         batcher.submit(req)
         if not body.stream:
             text, finish, usage = [], None, None
+            checked = time.monotonic()
             try:
                 while True:
-                    ev = await queue.get()
+                    try:
+                        ev = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        ev = None
+                    if time.monotonic() - checked >= 1.0:
+                        checked = time.monotonic()
+                        if await http.is_disconnected():  # the client left: free the row, answer no one
+                            return JSONResponse({}, status_code=499)
+                    if ev is None:
+                        continue
                     if ev[0] == "delta":
                         text.append(ev[1])
                     elif ev[0] == "done":
@@ -239,7 +250,7 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, http: Request):
         served = _generator(body.model)
         messages = [_content(m, i) for i, m in enumerate(body.messages)]
         try:
@@ -251,10 +262,10 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
         ids = served.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "messages: the conversation encodes to no tokens", "messages")
-        return await _run(_prepare(body, list(ids), served), body, "chat")
+        return await _run(_prepare(body, list(ids), served), body, "chat", http)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http: Request):
         served = _generator(body.model)
         prompt = body.prompt
         if isinstance(prompt, list):
@@ -264,7 +275,7 @@ def create_app(reg: Registry, batcher: Batcher, max_tokens_cap: int = 512):
         if not prompt:
             raise ApiError(400, "prompt: empty", "prompt")
         ids = served.tokenizer(prompt)["input_ids"]
-        return await _run(_prepare(body, list(ids), served), body, "completion")
+        return await _run(_prepare(body, list(ids), served), body, "completion", http)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
