@@ -47,13 +47,11 @@ def _rows(path: Path, n: int, seed: int = 0) -> list[dict]:
 def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch: int, max_len: int,
                 precision: str = "auto", threads: int | None = None) -> dict:
     set_threads(threads)
-    from lmforge.config import build_config
-    from lmforge.tasks.classify import ClassifyTask
-    from lmforge.train import fit
+    from lmforge.api import config, train_config
 
     section, lr = KINDS[kind]
     out = tempfile.mkdtemp()
-    cfg = build_config({
+    cfg = config({
         "task": "classify", "name": "bench", "output_dir": out, "seed": 0,
         "model": {"name": "minilm", "precision": precision},
         "data": {"train": train, "eval": dev, "columns": {"text": "sentence"}, "labels": ["0", "1"],
@@ -62,8 +60,6 @@ def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch:
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0, "group_by_length": False},
     })
-    task = ClassifyTask(cfg)
-    dev_items, task.eval_items = task.eval_items, []
     marks = {}
 
     def on_step(step, rec):
@@ -71,7 +67,8 @@ def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch:
             marks["t0"] = time.perf_counter()
         marks["t1"] = time.perf_counter()
 
-    fit(task, cfg, Path(out) / "bench", on_step=on_step)
+    task = train_config(cfg, eval_during_training=False, on_step=on_step).task  # dev stays out of training
+    dev_items = task.eval_items
     probs = task.predict_items(dev_items)
     acc = float((probs.argmax(-1) == __import__("torch").tensor([it["label"] for it in dev_items])).float().mean())
     return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"]),
