@@ -364,6 +364,152 @@ CASES = [
 ]
 
 
+def _rows_text(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+GOOD = sentiment_rows(24, 3)
+
+
+def _generate(*extra: str):
+    return lambda w, t: ["generate", str(w.llama), "--prompt", "hi", "--max-new-tokens", "2", *extra]
+
+
+def _no_tokenizer(m: Path):
+    for f in m.glob("tokenizer*"):
+        f.unlink()
+    (m / "special_tokens_map.json").unlink(missing_ok=True)
+
+
+def _adapter_file(mutate):
+    def edit(r: Path):
+        mutate(r / "adapter")
+    return edit
+
+
+MORE_CASES = [
+    # recipes
+    Case("recipe_missing", lambda w, t: ["train", str(t / "nope.yaml")], 2, "recipe file not found"),
+    Case("recipe_is_a_folder", lambda w, t: ["train", str(t)], 2, "recipe"),
+    Case("recipe_empty", train_recipe_text(""), 2, "task"),
+    Case("recipe_is_a_list", train_recipe_text("- task: classify\n"), 2, "mapping"),
+    Case("recipe_unclosed_bracket", train_recipe_text("task: classify\nmodel: {name: [x\n"), 2, "malformed YAML"),
+    Case("recipe_tab_indent", train_recipe_text("task: classify\nmodel:\n\tname: x\n"), 2, "malformed YAML"),
+    Case("recipe_nested_too_deep", train_recipe_text("task: " + "[" * 5000 + "]" * 5000 + "\n"), 2, "YAML"),
+    Case("recipe_recursive_alias", train_recipe_text("a: &a [*a]\ntask: classify\n"), 2, "alias"),
+    Case("recipe_binary_garbage", train_recipe_text(bytes(range(256)) * 4), 2, "recipe.yaml"),
+    Case("unknown_top_key", train_override("optimiser=adam"), 2, "unknown key 'optimiser'"),
+    Case("section_not_a_mapping", train_override("train=3"), 2, "train"),
+    Case("batch_size_zero", train_override("train.batch_size=0"), 2, "train.batch_size"),
+    Case("batch_size_float", train_override("train.batch_size=2.5"), 2, "train.batch_size"),
+    Case("grad_accum_zero", train_override("train.grad_accum=0"), 2, "train.grad_accum"),
+    Case("eval_fraction_above_one", train_override("data.eval_fraction=1.5"), 2, "data.eval_fraction"),
+    Case("precision_unknown", train_override("model.precision=fp8"), 2, "model.precision"),
+    Case("lora_rank_zero", train_override("lora.r=0"), 2, "r"),
+    Case("name_backslash", train_override("name=a\\b"), 2, "name"),
+    Case("name_empty", train_override("name=''"), 2, "name"),
+    Case("task_unknown", train_override("task=summarise"), 2, "unknown task 'summarise'"),
+    Case("override_empty_key_part", train_override("train..lr=1"), 2, "empty key"),
+    Case("config_show_bad_override", lambda w, t: ["config", "show", w.recipe(t), "train.lr=abc"], 2, "train.lr=abc"),
+    Case("max_train_samples_zero", train_override("data.max_train_samples=0"), 2, "data.max_train_samples"),
+    # data files
+    Case("data_missing", train_override("data.train=/nonexistent/x.jsonl"), 2, "data file not found"),
+    Case("data_is_a_folder", lambda w, t: ["train", w.recipe(t, data={"train": str(t)})], 2, "folder"),
+    Case("data_unsupported_ext", train_data("d.xlsx", b"PK\x03\x04"), 2, "unsupported data format"),
+    Case("data_jsonl_gz", train_data("d.jsonl.gz", _gz(_rows_text(GOOD).encode())), 2, "compressed"),
+    Case("data_malformed_json_line", train_data("d.jsonl", _rows_text(GOOD[:3]) + "{oops\n"), 2, "line 4"),
+    Case("data_line_not_object", train_data("d.jsonl", _rows_text(GOOD[:3]) + "[1, 2]\n"), 2, "line 4"),
+    Case("data_empty", train_data("d.jsonl", ""), 2, "d.jsonl"),
+    Case("data_only_blank_lines", train_data("d.jsonl", "\n\n  \n"), 2, "d.jsonl"),
+    Case("data_missing_label_column", train_data("d.jsonl", _rows_text([{"text": "x"}] * 8)), 2, "label"),
+    Case("data_null_label", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": "x", "label": None}])), 2, "label"),
+    Case("data_text_is_a_number", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": 5, "label": "pos"}])),
+         2, "must be text"),
+    Case("data_text_empty", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": " ", "label": "pos"}])), 2, "empty"),
+    Case("data_json_not_a_list", train_data("d.json", '{"a": 1, "b": 2}'), 2, "list of objects"),
+    Case("data_csv_ragged", train_data("d.csv", "text,label\na,pos\nb,neg,extra,more\n"), 2, "d.csv"),
+    Case("data_csv_header_only", train_data("d.csv", "text,label\n"), 2, "d.csv"),
+    Case("data_csv_empty", train_data("d.csv", ""), 2, "d.csv"),
+    Case("data_parquet_garbage", train_data("d.parquet", b"PAR1 garbage"), 2, "Parquet"),
+    Case("data_tsv_not_utf8", train_data("d.tsv", b"text\tlabel\ngood \xff\tpos\n"), 2, "UTF-8"),
+    Case("data_json_not_utf8", train_data("d.json", b'[{"text": "\xff", "label": "pos"}]'), 2, "UTF-8"),
+    Case("data_eval_unknown_label", lambda w, t: ["train", w.recipe(t, data={"eval": _write(
+        t / "ev.jsonl", _rows_text([{"text": "good", "label": "meh"}]))})], 2, "unknown label"),
+    Case("data_labels_duplicate", train_override("data.labels=[pos, pos]"), 2, "duplicate"),
+    Case("data_where_filters_all", train_override("data.where={label: [nothing]}"), 2, "empty split"),
+    Case("data_columns_to_missing", train_override("data.columns={text: body}"), 2, "body"),
+    Case("data_too_few_to_split", train_data("d.jsonl", _rows_text(GOOD[:1])), 2, "d.jsonl"),
+    Case("data_hf_offline", train_override("data.train=hf:no_such_dataset_xyz@train"), 2, "hf:no_such_dataset_xyz"),
+    Case("data_pkg_missing", train_override("data.train=pkg://no_such_pkg_xyz/a.jsonl"), 2, "no_such_pkg_xyz"),
+    # models
+    Case("model_path_missing", train_override("model.name=/nonexistent/model"), 2, "not found"),
+    Case("model_hub_offline", train_override("model.name=someone/some-model"), 2, "someone/some-model"),
+    Case("model_folder_no_config", train_model(lambda m: (m / "config.json").unlink()), 2, "config.json"),
+    Case("model_no_tokenizer", train_model(_no_tokenizer), 2, "tokenizer"),
+    Case("model_tokenizer_garbage", train_model(lambda m: (m / "tokenizer.json").write_text("{garbage")), 2,
+         "tokenizer"),
+    Case("model_config_not_utf8", train_model(lambda m: (m / "config.json").write_bytes(b'{"a": "\xff"}')),
+         2, "UTF-8"),
+    Case("model_index_missing_shard", train_model(lambda m: (m / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))), 2, "shard"),
+    Case("model_two_ggufs", lambda w, t: ["train", w.recipe(t, model={"name": str(
+        (_write(t / "g" / "a.gguf", b"GGUF"), _write(t / "g" / "b.gguf", b"GGUF"), t / "g")[2])})],
+         2, "config.json"),
+    Case("gguf_truncated", lambda w, t: ["train", w.recipe(t, model={"name": _write(t / "m.gguf", b"GGUF\x03\x00")})],
+         2, "m.gguf"),
+    # commands and runs
+    Case("predict_input_missing", lambda w, t: ["predict", str(w.clf), "--input", str(t / "no.jsonl"),
+                                                "--out", str(t / "o.jsonl")], 2, "not found"),
+    Case("predict_input_no_text", lambda w, t: ["predict", str(w.clf), "--input", _write(
+        t / "i.jsonl", '{"body": "x"}\n'), "--out", str(t / "o.jsonl")], 2, "text"),
+    Case("predict_not_a_run", lambda w, t: ["predict", str(t), "--input", str(w.predict_in),
+                                            "--out", str(t / "o.jsonl")], 2, "run"),
+    Case("predict_run_missing_adapter", run_cmd("predict", "clf", lambda r: shutil.rmtree(r / "adapter")),
+         2, "adapter"),
+    Case("predict_adapter_truncated", run_cmd("predict", "clf", _adapter_file(_truncate("adapter_model.safetensors"))),
+         2, "adapter"),
+    Case("predict_adapter_config_malformed", run_cmd("predict", "clf", _adapter_file(
+        lambda a: (a / "adapter_config.json").write_text("{nope"))), 2, "adapter_config.json"),
+    Case("run_config_unknown_key", run_cmd("predict", "clf", lambda r: _edit_config(
+        r, lambda raw: raw.update(surprise=1))), 2, "surprise"),
+    Case("run_config_empty", run_cmd("predict", "clf", _put("config.yaml", "")), 2, "config.yaml"),
+    Case("eval_data_missing", lambda w, t: ["eval", str(w.clf), "--data", str(t / "no.jsonl")], 2, "not found"),
+    Case("eval_data_unknown_label", lambda w, t: ["eval", str(w.clf), "--data", _write(
+        t / "e.jsonl", '{"text": "x", "label": "meh"}\n')], 2, "unknown label"),
+    Case("generate_empty_prompt", lambda w, t: ["generate", str(w.llama), "--prompt", " "], 2, "empty"),
+    Case("generate_input_without_out", lambda w, t: ["generate", str(w.llama), "--input", str(w.predict_in)],
+         2, "--out"),
+    Case("generate_max_new_tokens_zero", _generate("--max-new-tokens", "0"), 2, "max"),
+    Case("generate_temperature_negative", _generate("--temperature", "-1"), 2, "temperature"),
+    Case("generate_top_p_above_one", _generate("--top-p", "2"), 2, "top"),
+    Case("generate_top_k_negative", _generate("--top-k", "-3"), 2, "top"),
+    Case("generate_batch_size_zero", lambda w, t: ["generate", str(w.llama), "--input", _write(
+        t / "p.jsonl", '{"prompt": "hi"}\n'), "--out", str(t / "g.jsonl"), "--batch-size", "0"], 2, "batch"),
+    Case("generate_repetition_penalty_zero", _generate("--repetition-penalty", "0"), 2, "repetition"),
+    Case("generate_input_no_prompt", lambda w, t: ["generate", str(w.llama), "--input", _write(
+        t / "p.jsonl", '{"text": "hi"}\n'), "--out", str(t / "g.jsonl")], 2, "prompt"),
+    Case("embed_out_bad_suffix", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts),
+                                               "--out", str(t / "v.csv")], 2, ".npy"),
+    Case("embed_column_missing", lambda w, t: ["embed", str(w.bert), "--input", str(w.predict_in),
+                                               "--out", str(t / "v.npy"), "--column", "body"], 2, "body"),
+    Case("embed_txt_empty_line", lambda w, t: ["embed", str(w.bert), "--input", _write(t / "x.txt", "a\n\nb\n"),
+                                               "--out", str(t / "v.npy")], 2, "line 2"),
+    Case("embed_max_length_beyond_positions", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts),
+                                                            "--out", str(t / "v.npy"), "--max-length", "100000"],
+         2, "max_length: 100000 is beyond"),
+    Case("fill_mask_no_mask", lambda w, t: ["fill-mask", str(w.bert), "no mask here"], 2, "mask"),
+    Case("fill_mask_top_k_zero", lambda w, t: ["fill-mask", str(w.bert), "a [MASK]", "--top-k", "0"], 2, "top-k"),
+    Case("merge_not_a_run", lambda w, t: ["merge", str(t), "--out", str(t / "m")], 2, str("adapter")),
+    Case("merge_out_not_empty", lambda w, t: ["merge", str(w.clf), "--out", str(w.root)], 2, "--out"),
+    Case("score_not_a_reward_run", lambda w, t: ["score", str(w.clf), "--input", str(w.predict_in)], 2, "reward"),
+    Case("compare_no_methods", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"output_dir": str(t / "runs"), "base": w.recipe_dict(t), "methods": {}}))], 2, "methods"),
+    Case("compare_method_name_dotdot", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"output_dir": str(t / "runs"), "base": w.recipe_dict(t), "methods": {"../x": {}}}))], 2, "../x"),
+]
+CASES += MORE_CASES
+
+
 # ---- running one case ----------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -384,13 +530,14 @@ def run_main(argv: list[str]) -> Outcome:
     return Outcome(code, err.getvalue())
 
 
-def leftovers(*roots: Path) -> list[str]:
+def leftovers(*roots: Path, before: set[Path] = frozenset()) -> list[str]:
+    """``.tmp`` leftovers anywhere, and 0-byte files the command wrote (not in ``before``)."""
     bad = []
     for root in roots:
         for p in root.rglob("*"):
             if ".tmp" in p.name:
                 bad.append(f"temporary leftover {p}")
-            elif p.is_file() and p.stat().st_size == 0 and p.suffix != ".lock":
+            elif p not in before and p.is_file() and p.stat().st_size == 0 and p.suffix != ".lock":
                 bad.append(f"0-byte file {p}")
     return bad
 
@@ -398,6 +545,7 @@ def leftovers(*roots: Path) -> list[str]:
 def judge(case: Case, world: World, t: Path) -> tuple[str, str]:
     """(verdict, detail): verdict is clear, traceback, accepted (wrongly) or unclear."""
     argv = case.make(world, t)
+    before = set(t.rglob("*"))
     res = run_main(argv)
     if res.tb is not None:
         return "traceback", res.tb.strip().splitlines()[-1]
@@ -421,7 +569,7 @@ def judge(case: Case, world: World, t: Path) -> tuple[str, str]:
             problems.append("a run directory was created")
     if case.check is not None and (msg := case.check(world, t)):
         problems.append(msg)
-    problems += leftovers(t)
+    problems += leftovers(t, before=before)
     return ("clear" if not problems else "unclear"), "; ".join(problems) or (lines[0] if lines else "")
 
 
@@ -474,6 +622,7 @@ STOPPED = [
 
 def judge_stopped(make, limit, world: World, t: Path) -> tuple[str, str]:
     argv = make(world, t)
+    before = set(t.rglob("*"))
     if limit is None:
         res = run_main(argv)
         if res.tb is not None:
@@ -492,7 +641,7 @@ def judge_stopped(make, limit, world: World, t: Path) -> tuple[str, str]:
         problems.append(f"exit {code} (want 1)")
     if len(lines) != 1:
         problems.append(f"{len(lines)} error lines")
-    problems += leftovers(t)
+    problems += leftovers(t, before=before)
     return ("clear" if not problems else "unclear"), "; ".join(problems) or lines[0]
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -209,7 +210,7 @@ def dequantise_gguf(gguf: Path) -> Path:
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, OSError, IndexError, TypeError, EOFError) as exc:  # corrupt/unsupported GGUF
+    except (ValueError, KeyError, OSError, IndexError, TypeError, EOFError, struct.error) as exc:  # corrupt GGUF
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise LmforgeError(f"{gguf}: cannot read this GGUF file ({first})") from None
     if hasattr(config, "quantization_config"):
@@ -423,11 +424,15 @@ def check_config_fits(cfg) -> None:
 
 
 def check_max_length(folder: str | Path, max_length: int, key: str = "data.max_length") -> None:
+    """Refuse a ``max_length`` beyond the positions of the model in ``folder`` (see :func:`check_positions`)."""
+    check_positions(read_model_config(folder), max_length, key, str(folder))
+
+
+def check_positions(cfg: dict, max_length: int, key: str, where: str) -> None:
     """Refuse a ``max_length`` beyond the positions of a model with learned position embeddings
     (BERT, RoBERTa, GPT-2 ...: longer rows would index past the table). Rotary models (no such
-    table) are not limited here."""
-    cfg = read_model_config(folder)
-    if any(k in cfg for k in ("rope_theta", "rope_scaling", "rope_parameters")):
+    table) are not limited here. ``cfg`` is the model's ``config.json`` as a dict."""
+    if any(cfg.get(k) for k in ("rope_theta", "rope_scaling", "rope_parameters")):
         return
     positions = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     if not isinstance(positions, int) or positions <= 0:
@@ -435,7 +440,7 @@ def check_max_length(folder: str | Path, max_length: int, key: str = "data.max_l
     if cfg.get("model_type") in OFFSET_POSITIONS:
         positions -= int(cfg.get("pad_token_id") or 0) + 1
     if max_length > positions:
-        raise LmforgeError(f"{key}: {max_length} is beyond the model's {positions} positions ({folder}); "
+        raise LmforgeError(f"{key}: {max_length} is beyond the model's {positions} positions ({where}); "
                            f"set {key}={positions} or less")
 
 
@@ -463,11 +468,25 @@ def _download(ref: str, revision: str | None) -> Path:
         ) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(folder: str | Path, trust_remote_code: bool = False):
-    """Load the tokenizer of a resolved folder; give decoders a pad token."""
+    """Load the tokenizer of a resolved folder; give decoders a pad token.
+
+    A folder without tokenizer files is refused (transformers would build an empty vocabulary
+    that maps every word to the unknown token), and unreadable files are one line."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    folder = Path(folder)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise LmforgeError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])} ...)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise LmforgeError(f"{folder}: cannot load the tokenizer ({first})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

@@ -72,5 +72,10 @@ def load_encoder(ref: str, *, pooling: str | None = None, normalize: bool | None
         ref = str(art)
     from ..config import remote_code_allowed
 
-    return SentenceEncoder.from_pretrained(ref, pooling=pooling, normalize=normalize, max_length=max_length,
-                                           trust_remote_code=remote_code_allowed(False))
+    enc = SentenceEncoder.from_pretrained(ref, pooling=pooling, normalize=normalize, max_length=max_length,
+                                          trust_remote_code=remote_code_allowed(False))
+    if max_length is not None:
+        from ..models import check_positions
+
+        check_positions(enc.backbone.config.to_dict(), max_length, "max_length", str(ref))
+    return enc
