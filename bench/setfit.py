@@ -53,11 +53,10 @@ def dev_rows(data: str, limit: int | None) -> tuple[list[str], list[int]]:
 def run_lmforge(train: str, data: str, iterations: int, precision: str, seed: int, limit: int | None) -> dict:
     import numpy as np
 
-    from lmforge.config import build_config
-    from lmforge.tasks.classify_methods import SetFitTask
+    from lmforge.api import config, train_config
 
     out = Path(tempfile.mkdtemp())
-    cfg = build_config({
+    cfg = config({
         "task": "classify", "name": "bench", "output_dir": str(out), "seed": seed,
         "model": {"name": "minilm", "precision": precision},
         "data": {"train": train, "eval_fraction": 0.0, "labels": ["0", "1"], "max_length": 256},
@@ -65,10 +64,8 @@ def run_lmforge(train: str, data: str, iterations: int, precision: str, seed: in
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "warmup_ratio": WARMUP, "weight_decay": DECAY,
                   "schedule": "linear", "max_grad_norm": 1.0, "progress": False, "log_every": 10_000},
     })
-    task = SetFitTask(cfg)
-    t0 = time.perf_counter()
-    task.train_direct(out / "bench")
-    train_s = time.perf_counter() - t0
+    run = train_config(cfg)
+    task, train_s = run.task, run.train_seconds  # training only, as before (no model loading)
     texts, gold = dev_rows(data, limit)
     t0 = time.perf_counter()
     pred = np.asarray(task.predict_texts(texts)).argmax(-1)

@@ -47,12 +47,10 @@ def write_pairs(src: str, n: int, out: Path) -> Path:
 
 
 def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) -> dict:
-    from lmforge.config import build_config
-    from lmforge.tasks.embed import EmbedTask
-    from lmforge.train import fit
+    from lmforge.api import config, train_config
 
     out = tempfile.mkdtemp()
-    cfg = build_config({
+    cfg = config({
         "task": "embed", "name": "bench", "output_dir": out, "seed": 0,
         "model": {"name": "minilm", "precision": precision},
         "data": {"train": data, "eval_fraction": 0.0, "max_length": 256},
@@ -60,7 +58,6 @@ def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) 
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": LR, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0, "warmup_ratio": 0.0, "schedule": "linear"},
     })
-    task = EmbedTask(cfg)
     marks = {}
 
     def on_step(step, rec):
@@ -68,7 +65,7 @@ def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) 
             marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
         marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
 
-    fit(task, cfg, Path(out) / "bench", on_step=on_step)
+    train_config(cfg, on_step=on_step)
     return _rates(marks, steps * batch)
 
 
