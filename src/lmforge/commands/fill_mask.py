@@ -69,6 +69,9 @@ def cmd_fill_mask(args) -> int:
         raise LmforgeError("--top-k must be positive")
     placement = Placement.resolve(args.device, args.precision)
     folder = _model_folder(args.model)
+    from ..models import check_architecture
+
+    check_architecture(folder, "masked")
     tokenizer = load_tokenizer(folder)
     model, info = AutoModelForMaskedLM.from_pretrained(str(folder), dtype=torch.float32, output_loading_info=True)
     if any(".decoder" in k or "predictions" in k or "lm_head" in k for k in info["missing_keys"]):

@@ -1,7 +1,6 @@
 """Sequence classification: encoder or decoder backbone, full / frozen / LoRA fine-tuning."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,7 +13,8 @@ from pydantic import Field, model_serializer
 from ..config import RunConfig, Section
 from ..data.batching import collate_tokens, length_grouped_batches
 from ..data.readers import Table, read_table
-from ..data.schema import apply_where, field_column, label_ids, label_names, load_splits, require_columns, text_values
+from ..data.schema import (apply_where, field_column, label_ids, label_names, load_splits, read_labels, require_columns,
+                           text_values)
 from ..device import Placement, move
 from ..errors import LmforgeError
 from ..models import is_decoder_only, load_tokenizer, resolve_model
@@ -324,7 +324,7 @@ class ClassifyTask(Task):
         run_dir = Path(run_dir)
         opened = open_run(run_dir, which)
         cfg, art = opened.config, opened.root
-        labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
+        labels = read_labels(art)
         if cfg.classify.mode not in ADAPTER_MODES:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
             cfg = cfg.model_copy(update={"classify": cfg.classify.model_copy(update={"mode": "full"})})
@@ -333,6 +333,11 @@ class ClassifyTask(Task):
             load_run_adapter(task.model, cfg, art / "adapter")
         ready_for_inference(task)
         return task
+
+    # ---- files for eval/predict ------------------------------------------------------------
+    def read_eval_file(self, path: str) -> list[dict]:
+        table = apply_where(read_table(path), self.cfg.data.where)
+        return self._items(table, "eval")
 
     def predict(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict]:
         """``{"text", "label", "score", "probs"}`` for each raw text (and its pair text)."""
@@ -348,11 +353,6 @@ class ClassifyTask(Task):
             rows.append({"text": t, "label": self.labels[k], "score": p[k],
                          "probs": {l: round(v, 6) for l, v in zip(self.labels, p)}})
         return rows
-
-    # ---- files for eval/predict ------------------------------------------------------------
-    def read_eval_file(self, path: str) -> list[dict]:
-        table = apply_where(read_table(path), self.cfg.data.where)
-        return self._items(table, "eval")
 
     def predict_file(self, path: str, out: str) -> int:
         table = read_table(path)

@@ -16,7 +16,6 @@ artefacts. Non-gradient methods train in :meth:`TextMethod.train_direct`.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.schema import label_ids, require_columns, text_values
+from ..data.schema import label_ids, read_labels, require_columns, text_values
 from ..errors import LmforgeError
 from .classify import ClassifyTask, classify_method
 from .classify_heads import (PairTask, SklearnHead, VectorHeadTask, cached_encode, sample_per_class,
@@ -37,8 +36,8 @@ from .common import open_run, write_json
 class TextMethod(ClassifyTask):
     """Shared by the methods: items keep their text; subclasses turn texts into class probabilities."""
 
-    sample_size = 0  # training examples the method learnt from, when it samples them (setfit, per_class)
     method = ""
+    sample_size = 0  # training examples the method learnt from, when it samples them (setfit, per_class)
 
     def __init__(self, cfg, *, with_data: bool = True, labels: list[str] | None = None, adapt: bool = True):
         self._fitting = with_data
@@ -123,10 +122,7 @@ class TextMethod(ClassifyTask):
     def from_run(cls, run_dir: str | Path, which: str = "final") -> "TextMethod":
         run_dir = Path(run_dir)
         cfg = cls.run_config(open_run(run_dir, which).config, run_dir)
-        lab = run_dir / "labels.json"
-        if not lab.is_file():
-            raise LmforgeError(f"{run_dir}: no labels.json (did training finish?)")
-        task = cls(cfg, with_data=False, labels=json.loads(lab.read_text(encoding="utf-8")))
+        task = cls(cfg, with_data=False, labels=read_labels(run_dir))
         task.load_artefacts(run_dir)
         task.trainable = task.count_parameters()
         return task

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -27,7 +26,7 @@ from pydantic import Field
 from ..config import RunConfig, Section
 from ..data.batching import collate_tokens, length_grouped_batches
 from ..data.readers import Table, read_table
-from ..data.schema import apply_where, field_column, load_splits, require_columns
+from ..data.schema import apply_where, field_column, load_splits, read_labels, require_columns
 from ..data.tokens import (IGNORE, align_labels, bio_label_list, check_tag, inside_of, merge_spans, split_words,
                            word_first_tokens, words_with_offsets)
 from ..device import Placement, move
@@ -227,9 +226,7 @@ class NerTask(Task):
         run_dir = Path(run_dir)
         opened = open_run(run_dir, which)
         cfg, art = opened.config, opened.root
-        if not (art / "labels.json").is_file():
-            raise LmforgeError(f"{art}: no labels.json (the run did not finish)")
-        labels = json.loads((art / "labels.json").read_text(encoding="utf-8"))
+        labels = read_labels(art)
         if cfg.ner.mode not in ADAPTER_MODES:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art / "model")})})
         task = cls(cfg, with_data=False, labels=labels, adapt=False)
