@@ -165,3 +165,17 @@ def test_bad_input_one_line(tiny_bert_dir, tmp_path, capsys, run):
     assert main(["predict", str(rd), "--input", str(tmp_path / "other.npy"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "dimension 16 does not match the topic model's 32" in _err(capsys)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_query_from_another_encoder_is_one_line(run, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from conftest import build_word_tokenizer
+
+    tok, vocab = build_word_tokenizer("bert")
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64, pad_token_id=0)).save_pretrained(tmp_path / "b16")
+    tok.save_pretrained(tmp_path / "b16")
+    rd, _ = run
+    assert main(["topics", "find", str(rd), "good film", "--encoder", str(tmp_path / "b16")]) == 2
+    assert "query embedding dimension 16 does not match the topic model's 32" in _err(capsys)
