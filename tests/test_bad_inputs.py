@@ -504,6 +504,13 @@ MORE_CASES = [
     Case("score_not_a_reward_run", lambda w, t: ["score", str(w.clf), "--input", str(w.predict_in)], 2, "reward"),
     Case("compare_no_methods", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
         {"output_dir": str(t / "runs"), "base": w.recipe_dict(t), "methods": {}}))], 2, "methods"),
+    Case("remote_code_model_without_flag_embed", lambda w, t: ["embed", str(_evil_model(w, t)), "--input",
+                                                               str(w.texts), "--out", str(t / "v.npy")],
+         2, "--trust-remote-code", no_marker),
+    Case("remote_code_model_without_flag_generate", lambda w, t: ["generate", str(_evil_model(w, t)), "--prompt", "hi"],
+         2, "--trust-remote-code", no_marker),
+    Case("remote_code_model_train_without_trust", lambda w, t: ["train", w.recipe(t, model={"name": str(
+        _evil_model(w, t))})], 2, "model.trust_remote_code", no_marker),
     Case("compare_method_name_dotdot", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
         {"output_dir": str(t / "runs"), "base": w.recipe_dict(t), "methods": {"../x": {}}}))], 2, "../x"),
 ]

@@ -116,3 +116,42 @@ def test_a_head_of_another_class_than_head_json_is_refused(tmp_path):
     (tmp_path / "h" / "head.json").write_text("{broken")
     with pytest.raises(LmforgeError, match="head.json: malformed head file"):
         SklearnHead.load(tmp_path / "h", 2)
+
+
+# ---- remote code runs only when the command line asks for it ------------------------------------------------
+def _remote_code_model(src: Path, dst: Path, marker: Path) -> Path:
+    import shutil
+
+    m = Path(shutil.copytree(src, dst))
+    cfg = json.loads((m / "config.json").read_text())
+    cfg |= {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}
+    (m / "config.json").write_text(json.dumps(cfg))
+    (m / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertConfig, BertModel\n"
+        "class EvilConfig(BertConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(BertModel):\n    config_class = EvilConfig\n")
+    return m
+
+
+def test_remote_code_runs_only_with_the_command_flag(tmp_path, tiny_bert_dir, capsys):
+    from lmforge.cli import main
+
+    marker = tmp_path / "ran"
+    m = _remote_code_model(tiny_bert_dir, tmp_path / "m", marker)
+    (tmp_path / "x.txt").write_text("good movie\nbad plot\n")
+    argv = ["embed", str(m), "--input", str(tmp_path / "x.txt"), "--out", str(tmp_path / "v.npy"), "--no-progress"]
+    assert main(argv) == 2
+    assert "pass --trust-remote-code" in capsys.readouterr().err and not marker.exists()
+    assert main(argv + ["--trust-remote-code"]) == 0                 # the user's explicit choice
+    assert marker.exists() and (tmp_path / "v.npy").is_file()
+
+
+def test_the_flag_is_offered_where_saved_runs_load_and_not_for_own_recipes():
+    from lmforge.cli import OWN_RECIPES, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():
+        has = any("--trust-remote-code" in a.option_strings for a in parser._actions)
+        assert has == (name not in OWN_RECIPES), name
+    assert {"eval", "predict", "merge", "generate", "embed", "chat", "fill-mask", "score"} <= set(sub.choices)

@@ -77,6 +77,12 @@ def loading_saved_runs(trust_remote_code: bool) -> Iterator[None]:
         _REMOTE_CODE_FLAG.reset(token)
 
 
+def remote_code_flag() -> bool | None:
+    """The command's ``--trust-remote-code`` while it loads saved runs or models; None outside
+    such a command (training a recipe, the Python API): then the config's own value applies."""
+    return _REMOTE_CODE_FLAG.get()
+
+
 REMOTE_CODE_REFUSAL = ("model.trust_remote_code=true is not obeyed from a run folder (it would run code shipped with "
                        "the model); pass --trust-remote-code to the command if you trust it")
 

@@ -373,7 +373,13 @@ def check_model_folder(folder: Path) -> Path:
     folder = Path(folder)
     cfg = read_model_config(folder)
     model_type = cfg.get("model_type")
-    if not cfg.get("auto_map"):
+    if cfg.get("auto_map"):
+        from .config import remote_code_flag
+
+        if remote_code_flag() is False:  # a command that loads saved runs/models, without the flag
+            raise LmforgeError(f"{folder}: the model ships its own Python code (auto_map in config.json); "
+                               "pass --trust-remote-code to the command if you trust it")
+    else:
         from transformers import CONFIG_MAPPING
 
         if not isinstance(model_type, str) or not model_type:
@@ -421,6 +427,15 @@ def check_config_fits(cfg) -> None:
     to the task's truncation: only test-size models have fewer positions)."""
     if cfg.data.max_length != type(cfg.data).model_fields["max_length"].default:
         check_max_length(resolve_model(cfg.model.name, cfg.model.revision), cfg.data.max_length)
+    if not cfg.model.trust_remote_code:
+        p = Path(os.path.expanduser(cfg.model.name))
+        try:
+            ships_code = (p / "config.json").is_file() and bool(read_model_config(p).get("auto_map"))
+        except (OSError, LmforgeError):
+            ships_code = False  # the task reports an unreadable folder itself
+        if ships_code:
+            raise LmforgeError(f"model.trust_remote_code: {p} ships its own Python code (auto_map in config.json); "
+                               "set model.trust_remote_code=true if you trust it")
 
 
 def check_max_length(folder: str | Path, max_length: int, key: str = "data.max_length") -> None:
