@@ -34,7 +34,8 @@ def test_tokenize_side_by_side(tiny_bert_dir, tiny_llama_dir, tmp_path, capsys):
     html = tmp_path / "tok.html"
     assert main(["tokenize", str(tiny_bert_dir), str(tiny_llama_dir), "the movie was zzz !", "--html", str(html)]) == 0
     out = capsys.readouterr().out
-    assert f"== {tiny_bert_dir}: 7 tokens" in out and f"== {tiny_llama_dir}:" in out and "unknown ['zzz']" in out
+    assert f"== {tiny_bert_dir.name}: 7 tokens" in out and f"== {tiny_llama_dir.name}:" in out
+    assert "unknown ['zzz']" in out
     p = _Tags()
     p.feed(html.read_text())
     assert p.tags.count("span") >= 7 + 5 and "table" in p.tags

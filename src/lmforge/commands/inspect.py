@@ -33,6 +33,12 @@ def _texts_of(path: str, column: str, limit: int | None) -> list[str]:
     return texts
 
 
+def _short(ref: str) -> str:
+    """A model's label in tables: an alias or hub id as given, a local path by its last part."""
+    p = Path(ref).expanduser()
+    return p.resolve().name if p.exists() else ref
+
+
 def cmd_tokenize(args) -> int:
     from ..inspection import render, tokens
     from ..models import load_tokenizer, resolve_model
@@ -47,7 +53,7 @@ def cmd_tokenize(args) -> int:
         text = refs.pop()
         if not text.strip():
             raise LmforgeError("the text is empty: give some text to tokenize")
-    tokenizers = [(r, load_tokenizer(resolve_model(r))) for r in refs]
+    tokenizers = [(_short(r), load_tokenizer(resolve_model(r))) for r in refs]
     costs = []
     if args.input is not None:
         texts = _texts_of(args.input, args.column, args.limit)
