@@ -48,6 +48,9 @@ class World:
         self.clf = self._train("clf", {})
         self.elr = self._train("elr", {"classify": {"method": "embedding_lr", "embedding_lr": {
             "classifier": "sklearn.tree.DecisionTreeClassifier", "kwargs": {"max_depth": 2}}}})
+        sft_data = write_jsonl(root / "sft.jsonl", [{"prompt": r["text"], "completion": r["label"]}
+                                                    for r in sentiment_rows(16, 2)])
+        self.sft = self._train("sft", {"task": "sft", "model": {"name": str(self.llama)}, "data": {"train": str(sft_data)}})
 
     def recipe_dict(self, out: Path, **top) -> dict:
         raw = {"task": "classify", "name": "r", "output_dir": str(out / "runs"),
@@ -328,6 +331,8 @@ CASES = [
          2, "folder"),
     Case("embed_out_is_a_folder", lambda w, t: ["embed", str(w.bert), "--input", str(w.texts),
                                                 "--out", str((t / "d.npy").mkdir() or t / "d.npy")], 2, "folder"),
+    Case("predict_on_an_sft_run", lambda w, t: ["predict", str(w.sft), "--input", str(w.predict_in),
+                                                "--out", str(t / "o.jsonl")], 2, "lmforge generate RUN_DIR"),
     Case("predict_on_a_task_without_prediction", run_cmd(
         "predict", "clf", lambda r: _edit_config(r, lambda raw: (raw.update(task="mlm"), raw.pop("classify")))),
          2, "predict"),

@@ -111,7 +111,9 @@ class Task:
         """Predict every record of ``path`` into ``out`` (JSONL); returns the count."""
         from ..errors import LmforgeError
 
-        raise LmforgeError(f"{self.name} runs do not predict files")
+        raise LmforgeError(f"{self.name} runs do not predict files; predict takes classify, ner and embed runs "
+                           "(causal LM runs: lmforge generate RUN_DIR --input FILE --out FILE; reward runs: "
+                           "lmforge score RUN_DIR --input FILE)")
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
         """Predictions for raw texts, one dict per text (label, score ...)."""
