@@ -701,3 +701,37 @@ if __name__ == "__main__":
     logging.disable(logging.WARNING)
     with tempfile.TemporaryDirectory() as d:
         print(json.dumps(tally(Path(d), sys.argv[1] if len(sys.argv) > 1 else None)))
+
+
+def test_a_full_disk_at_the_second_checkpoint_keeps_the_first(world, tmp_path, monkeypatch):
+    """The disk fills while step 4's checkpoint is written: one line, exit 1, step 2 intact and
+    loadable, no staging folder, no 0-byte file; resuming then continues from step 2."""
+    import errno
+
+    import torch
+
+    from lmforge.train import checkpoint as ckpt
+
+    recipe = world.recipe(tmp_path, train={"max_steps": 6, "save_every": 2})
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    before = set(tmp_path.rglob("*"))
+    res = run_main(["train", recipe])
+    assert res.tb is None, res.tb
+    lines = res.err.strip().splitlines()
+    assert res.code == 1 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    root = tmp_path / "runs" / "r" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000002"]
+    assert ckpt.read_checkpoint(root / "step-00000002")["state"]["step"] == 2
+    assert leftovers(tmp_path, before=before) == []
+    monkeypatch.setattr(torch, "save", real_save)
+    res = run_main(["train", recipe, "train.resume=true"])
+    assert res.code == 0, res.err
+    assert [p.name for p in ckpt.list_checkpoints(root)][-1] == "step-00000006"
