@@ -105,6 +105,19 @@ def test_inspect_encoder_mask_fills(tiny_bert_dir, tmp_path, capsys):
     assert res["views"] == ["mask", "attention"] and len(res["mask"]["fills"]) == 3  # embeddings + 2 layers
     assert all(len(f[0]) == 3 for f in res["mask"]["fills"])
     assert (tmp_path / "enc" / "attention_l1_h0.png").is_file()
+    # what the error for an encoder without [MASK] suggests works
+    assert main(["inspect", str(tiny_bert_dir), "the movie was good", "--views", "attention", "--head", "3",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["views"] == ["attention"] and res["attention"]["head"] == 3 and len(res["attention"]["weights"]) == 6
+
+
+def test_inspect_chat_template(tiny_llama_dir, capsys):
+    assert main(["inspect", str(tiny_llama_dir), "good movie", "--chat", "--views", "next", "--steps", "1",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    toks = res["tokens"]  # the rendered template: <|im_start|> user : good movie <|im_end|> <|im_start|> assistant :
+    assert toks.count(":") == 2 and toks[-1] == ":" and toks[toks.index(":") + 1:toks.index(":") + 3] == ["good", "movie"]
 
 
 def test_inspect_bad_input(tiny_llama_dir, tiny_bert_dir, capsys):
