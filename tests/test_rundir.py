@@ -183,9 +183,11 @@ def test_missing_optimizer_state_is_one_line(tmp_path, tiny_bert_dir, capsys):
     capsys.readouterr()
     run = tmp_path / "runs" / "r"
     (run / "checkpoints" / "step-00000004" / "optimizer.pt").unlink()
+    saved = (run / "config.yaml").read_bytes()                 # max_steps 4; the resume asks for 6
     assert main(["train", str(recipe), "train.resume=true"]) == 2
     err = _err(capsys)
     assert "train.resume=true" in err and "no optimizer state (optimizer.pt)" in err
+    assert (run / "config.yaml").read_bytes() == saved         # a failed resume never rewrites it
 
 
 # ---------------------------------------------------------------- stopped runs, temporary folders

@@ -109,7 +109,7 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None) -> Run
     best/): :attr:`Run.task` still has it as ``eval_items`` for the caller to evaluate.
     ``on_step(step, record)`` is called after every optimizer step (benchmarks time with it).
     """
-    from .rundir import check_run, prepare_run
+    from .rundir import check_run, prepare_run, save_config
     from .tasks import build_task
     from .train import fit
 
@@ -124,7 +124,9 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None) -> Run
     t0 = time.perf_counter()
     metrics = task.train_direct(run_dir)
     if metrics is None:
-        metrics = fit(task, cfg, run_dir, on_step=on_step)
+        metrics = fit(task, cfg, run_dir, on_step=on_step)  # a resumed run saves its config once resumed
+    elif action == "resume":
+        save_config(run_dir, cfg)
     seconds = time.perf_counter() - t0
     if held is not None:
         task.eval_items = held

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from .layout import (ADAPTER, BEST, CHECKPOINTS, CONFIG, EVAL, METRICS, MODEL, TENSORBOARD, TMP_PREFIX, OpenRun,
                      is_run_dir, open_run, read_config, task_section)
-from .runs import RESUMABLE_KEYS, RESUME_KEY, check_run, clean_stale_tmp_of, config_changes, prepare_run
+from .runs import (RESUMABLE_KEYS, RESUME_KEY, check_run, clean_stale_tmp_of, config_changes, prepare_run,
+                   save_config)
 from .writers import (atomic_dir, atomic_file, clean_stale_tmp, commit_dir, staging_dir, truncate_metrics,
                       write_array, write_bytes, write_json, write_jsonl, write_safetensors, write_text)
 
 __all__ = ["ADAPTER", "BEST", "CHECKPOINTS", "CONFIG", "EVAL", "METRICS", "MODEL", "RESUMABLE_KEYS", "RESUME_KEY",
            "TENSORBOARD", "TMP_PREFIX", "OpenRun", "atomic_dir", "atomic_file", "check_run", "clean_stale_tmp",
            "clean_stale_tmp_of", "commit_dir", "config_changes", "is_run_dir", "open_run", "prepare_run",
-           "read_config", "staging_dir", "task_section", "truncate_metrics", "write_array", "write_bytes",
+           "read_config", "save_config", "staging_dir", "task_section", "truncate_metrics", "write_array", "write_bytes",
            "write_json", "write_jsonl", "write_safetensors", "write_text"]

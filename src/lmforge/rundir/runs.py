@@ -106,8 +106,9 @@ def prepare_run(cfg, action: str | None = None) -> Path:
     - ``new``/``restart``/``overwrite``: the folder is built as ``.tmp-<name>-*`` holding
       ``config.yaml`` and then renamed over ``run_dir``; an old run is moved aside and removed
       only once the new one is in place.
-    - ``resume``: stale temporary files are removed and ``config.yaml`` is rewritten (the check
-      has passed, so only resumable keys differ).
+    - ``resume``: stale temporary files are removed; ``config.yaml`` is left as it is until the
+      resumed run has loaded its checkpoint (:func:`save_config`), so a failed resume never
+      rewrites it.
 
     Only rank 0 writes; other ranks get the path.
     """
@@ -120,7 +121,6 @@ def prepare_run(cfg, action: str | None = None) -> Path:
     if action == "resume":
         clean_stale_tmp(p)
         clean_stale_tmp(p / CHECKPOINTS)
-        write_text(p / CONFIG, dump_config(cfg))
         return p
     if action in ("overwrite", "restart"):
         log.warning("%s: replacing the %s run", p, "previous" if action == "overwrite" else "unfinished")
@@ -128,6 +128,15 @@ def prepare_run(cfg, action: str | None = None) -> Path:
     with atomic_dir(p) as tmp:
         write_text(tmp / CONFIG, dump_config(cfg))
     return p
+
+
+def save_config(run_dir: str | Path, cfg) -> None:
+    """(Re)write ``config.yaml`` of a run that has started cleanly (a resumed run: once its
+    checkpoint is loaded; only resumable keys can differ from the saved one). Rank 0 only."""
+    from ..config import dump_config
+
+    if _main_rank():
+        write_text(Path(run_dir) / CONFIG, dump_config(cfg))
 
 
 def clean_stale_tmp_of(path: str | Path) -> list[Path]:

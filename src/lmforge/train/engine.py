@@ -28,7 +28,7 @@ from ..config import RunConfig
 from ..data.batching import step_batches
 from ..device import move
 from ..errors import LmforgeError, TrainingError
-from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, truncate_metrics, write_json
+from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, save_config, truncate_metrics, write_json
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_reduce_grads, all_sum, barrier, init_distributed, shard
 from .logging import RunLogger, progress
@@ -120,6 +120,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
         state = ckpt.resume_from(ckpt_root, model, optimizer, scheduler, log if env.is_main else _quiet) or state
         if env.is_main:  # each step is logged once: drop the records of steps the run does again
             truncate_metrics(run_dir, state["step"])
+            save_config(run_dir, cfg)  # the resumed run has started cleanly: now its config is saved
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     logger = RunLogger(run_dir, enabled=env.is_main, purge_step=state["step"] + 1 if tc.resume else None)
 
