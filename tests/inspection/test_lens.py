@@ -109,7 +109,9 @@ def test_greedy_steps_match_transformers_generate(setup):
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3"])
 def test_attention_rows_sum_to_one_and_are_causal(setup, name):
     _, models, ids = setup
+    kernel = models[name].config._attn_implementation
     w = lens.attention(models[name], ids, layer=-1, head=1)  # (T, T)
+    assert models[name].config._attn_implementation == kernel  # restored
     T = ids.shape[1]
     assert w.shape == (T, T)
     torch.testing.assert_close(w.sum(-1), torch.ones(T))

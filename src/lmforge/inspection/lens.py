@@ -206,11 +206,18 @@ def greedy_steps(model: nn.Module, tokenizer, input_ids: Tensor, steps: int, k: 
 def attention(model: nn.Module, input_ids: Tensor, layer: int, head: int) -> Tensor:
     """Attention weights of one head: (T, T), row i = how query token i spreads over keys.
 
-    The model is switched to eager attention (the fused kernels return no weights).
+    The model runs with eager attention for this call (the fused kernels return no weights), then gets
+    its own kernel back.
     """
-    if hasattr(model, "set_attn_implementation"):
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = hasattr(model, "set_attn_implementation") and before not in (None, "eager")
+    if switch:
         model.set_attn_implementation("eager")
-    out = model(input_ids=input_ids, output_attentions=True, use_cache=False)
+    try:
+        out = model(input_ids=input_ids, output_attentions=True, use_cache=False)
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
     maps = getattr(out, "attentions", None)
     if not maps:
         raise LmforgeError(f"{type(model).__name__} returns no attention weights")

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import LmforgeError
 from . import lens as L
-from .render import img_tag, page, table
+from .render import HTML_BG, img_tag, page, table
 
 log = logging.getLogger("lmforge")
 
@@ -138,7 +138,10 @@ def inspect_model(model, tokenizer, kind: str, prompt: str, *, views: list[str],
 def inspect_page(result: dict, png: bytes | None) -> str:
     """The HTML page of an :func:`inspect_model` result."""
     esc = html.escape
-    parts = [f"<p>{result['kind']} model &middot; prompt tokens: <code>{esc(str(result['tokens']))}</code></p>"]
+    spans = "".join(f'<span class="tok" style="background:{HTML_BG[i % len(HTML_BG)]}" title="#{i}">{esc(t)}</span>'
+                    for i, t in enumerate(result["tokens"]))
+    parts = [f"<p>{result['kind']} model &middot; {len(result['tokens'])} prompt tokens:</p>"
+             f'<div class="spans">{spans}</div>']
     if "next" in result:
         nxt = result["next"]
         rows = [{"token": repr(a["token"]), "p (T=1)": a["prob"], f"token at T={nxt['temperature']}": repr(b["token"]),
