@@ -218,10 +218,12 @@ def _count(n: int | None) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a markdown table (one row per method, in run order)."""
+    """The comparison as a markdown table (one row per method, in run order); rows measured with
+    peak RSS and saved size add those two columns."""
+    mem = any("peak_rss_mb" in r for r in rows)
     head = ("| method | kind | accuracy | macro-F1 | per-class recall | train time (s) | inference (samples/s) "
-            "| trainable params | train examples | peak RSS (MB) | saved (MB) |\n"
-            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")
+            "| trainable params | train examples |" + (" peak RSS (MB) | saved (MB) |" if mem else "") + "\n"
+            "|---|---|---:|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if mem else "") + "\n")
     lines = []
     for r in rows:
         share = (f" ({100 * r['trainable_params'] / r['total_params']:.3g}%)"
@@ -231,8 +233,8 @@ def markdown_table(rows: list[dict]) -> str:
             recall += f" (never predicted: {', '.join(r['never_predicted'])})"
         lines.append(f"| {r['method']} | {r['kind']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {recall} "
                      f"| {r['train_seconds']:.1f} | {r['samples_per_s']:.1f} "
-                     f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} "
-                     f"| {_mb(r.get('peak_rss_mb'))} | {_mb(r.get('saved_mb'))} |")
+                     f"| {_count(r['trainable_params'])}{share} | {r['train_examples']:,} |"
+                     + (f" {_mb(r.get('peak_rss_mb'))} | {_mb(r.get('saved_mb'))} |" if mem else ""))
     return head + "\n".join(lines) + "\n"
 
 

@@ -121,3 +121,22 @@ def test_run_refuses_an_adapter_folder_of_another_kind(tmp_path, tiny_bert_dir):
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(LmforgeError, match="is a ia3 adapter, not lora"):
         api.load(run.run_dir).task.predict_items(run.task.eval_items)
+
+
+def test_compare_accepts_adapter_kinds(tmp_path, tiny_bert_dir):
+    from lmforge.compare import read_compare, run_compare
+    from conftest import write_yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40))
+    path = write_yaml(tmp_path / "c.yaml", {
+        "name": "kinds", "output_dir": str(tmp_path / "runs"),
+        "base": {"task": "classify", "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+                 "data": {"train": str(data), "eval_fraction": 0.25, "max_length": 32},
+                 "classify": {"mode": "adapter"}, "train": TRAIN},
+        "methods": {"ia3": {"adapter": {"kind": "ia3"}}, "prompt": {"adapter": {"kind": "prompt", "num_virtual_tokens": 2}},
+                    "lora_r2": {"adapter": {"kind": "lora", "r": 2}}}})
+    rows, md, _ = run_compare(read_compare(path), source=str(path))
+    assert [r["kind"] for r in rows] == ["finetune/ia3", "finetune/prompt", "finetune/lora"]
+    assert all(r["peak_rss_mb"] > 0 and 0 < r["saved_mb"] < 1 for r in rows)
+    assert rows[1]["trainable_params"] < rows[2]["trainable_params"]
+    assert "peak RSS (MB) | saved (MB)" in md.read_text()
