@@ -107,6 +107,9 @@ def test_every_recipe_names_a_registered_task():
     tasks = {yaml.safe_load(p.read_text()).get("task") for p in recipes}
     tasks.discard(None)                                  # compare recipes name their base's task
     assert tasks and tasks <= set(TASKS), sorted(tasks - set(TASKS))
+    from lmforge.tasks import TASK_MODULES
+
+    assert set(TASK_MODULES) <= set(TASKS), f"listed but not registered: {sorted(set(TASK_MODULES) - set(TASKS))}"
     for name, cls in TASKS.items():
         assert TASK_CONFIGS[name] is cls.config_class
         section = cls.config_class.model_fields.get(name)

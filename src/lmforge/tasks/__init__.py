@@ -26,12 +26,8 @@ TASK_MODULES = {
 
 
 def _register_all() -> None:
-    from ..config import TASK_CONFIGS
-
-    for name, mod in TASK_MODULES.items():
-        module = importlib.import_module(mod)
-        if name not in TASKS and hasattr(module, "TASK") and name in TASK_CONFIGS:  # the older two-part way
-            TASKS[name] = module.TASK
+    for mod in TASK_MODULES.values():
+        importlib.import_module(mod)  # each module's @register_task line registers it
 
 
 def task_names() -> list[str]:
