@@ -110,6 +110,7 @@ def test_every_recipe_names_a_registered_task():
     from lmforge.tasks import TASK_MODULES
 
     assert set(TASK_MODULES) <= set(TASKS), f"listed but not registered: {sorted(set(TASK_MODULES) - set(TASKS))}"
+    assert set(TASK_CONFIGS) == set(TASKS), f"config sections without a task: {sorted(set(TASK_CONFIGS) - set(TASKS))}"
     for name, cls in TASKS.items():
         assert TASK_CONFIGS[name] is cls.config_class
         section = cls.config_class.model_fields.get(name)
