@@ -104,10 +104,12 @@ def test_show_find_predict(run, capsys, tmp_path):
     assert ok and all(ok)
 
 
-def test_edits_outliers_reduce_merge(tiny_bert_dir, tmp_path, capsys):
+def test_edits_outliers_reduce_merge(tiny_bert_dir, tiny_llama_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "docs.jsonl", corpus())
+    labels = {"generate": True, "model": str(tiny_llama_dir), "max_new_tokens": 4}
     rec = recipe(tmp_path, str(tiny_bert_dir), str(data), **FAST | {"stability_seeds": 0, "pictures": False,
-                                                                  "clustering": {"min_cluster_size": 8, "min_samples": 20}})
+                                                                  "clustering": {"min_cluster_size": 8, "min_samples": 20},
+                                                                  "labels": labels})
     assert main(["train", str(write_yaml(tmp_path / "r.yaml", rec))]) == 0
     rd = tmp_path / "runs" / "topics_run"
     before = json.loads((rd / "eval.json").read_text())
@@ -121,6 +123,8 @@ def test_edits_outliers_reduce_merge(tiny_bert_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n_topics"] == 1
     ev = json.loads((rd / "eval.json").read_text())
     assert ev["edits"] == [{"outliers": 0.05}, {"reduce": 2}, {"merge": [[0, 1]]}]
+    meta = json.loads((rd / "topics" / "topics.json").read_text())
+    assert list(meta["labels"]) == ["0"] and meta["labels"]["0"].strip()  # a generated label, refreshed per edit
     assert main(["topics", "merge", str(rd), "0,9"]) == 2
     assert "unknown topic id" in _err(capsys)
 
