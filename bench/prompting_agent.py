@@ -29,9 +29,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--conditions", default="no_tools,calculator,calculator_constrained")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on an oversubscribed machine)")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="runs/bench/prompting_agent.jsonl")
     args = ap.parse_args()
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from lmforge.device import Placement
     from lmforge.merge import Source, load_causal_lm
     from lmforge.prompting.agent import run_agents
@@ -49,7 +55,8 @@ def main() -> None:
         t0 = time.perf_counter()
         with placement.autocast():
             runs = run_agents(model, tok, questions, tools, max_steps=args.max_steps,
-                              max_new_tokens=args.max_new_tokens, constrain=cond.endswith("constrained"))
+                              max_new_tokens=args.max_new_tokens, constrain=cond.endswith("constrained"),
+                              batch_size=args.batch_size)
         secs = round(time.perf_counter() - t0, 1)
         correct = [int(extract_answer(r["answer"] or "", "number") == g) for r, g in zip(runs, gold)]
         steps = sum(r["steps"] for r in runs)

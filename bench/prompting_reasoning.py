@@ -74,9 +74,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="direct,cot,sc")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on an oversubscribed machine)")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", default="runs/bench/prompting_reasoning.jsonl")
     args = ap.parse_args()
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from lmforge.device import Placement
     from lmforge.merge import Source, load_causal_lm
     from lmforge.prompting.reasoning import answer_questions, majority
@@ -91,7 +97,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with placement.autocast():
             out = answer_questions(model, tok, questions, method=method, k=args.k if method == "sc" else 1,
-                                   kind=kind, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=10)
+                                   kind=kind, max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
         secs = round(time.perf_counter() - t0, 1)
         correct = [int(a.answer == g) for a, g in zip(out, gold)]
         tokens = [a.tokens for a in out]

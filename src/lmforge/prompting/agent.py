@@ -104,7 +104,7 @@ def run_tool(step: Step, tools: Sequence[Tool]) -> str:
 
 def run_agents(model, tokenizer, questions: Sequence[str], tools: Sequence[Tool], *, max_steps: int = 5,
                max_new_tokens: int = 96, constrain: bool = False, temperature: float = 0.0,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, batch_size: int = 8) -> list[dict]:
     """Run one ReAct agent per question (batched per step).
 
     Returns:
@@ -133,7 +133,7 @@ def run_agents(model, tokenizer, questions: Sequence[str], tools: Sequence[Tool]
             break
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + step_no,
                                stop=[] if constrain else ["Observation:", "\nObservation"],
-                               batch_size=8)
+                               batch_size=batch_size)
         prompts = [heads[i] + pads[i] + ("" if constrain else "Thought:") for i in active]
         if constraint is not None:
             prompts = [heads[i] + pads[i] for i in active]
