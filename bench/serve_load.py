@@ -3,7 +3,7 @@
 Each trial starts a fresh server process, warms it up with one request, then C concurrent clients
 (the official openai async client) send N chat requests between them (greedy, ``max_tokens`` T)
 and the trial stops by itself. Trials alternate lmforge / peer default / peer best
-(``--continuous-batching``); the median of the repetitions is reported. Quality: the share of
+(``--continuous-batching`` with a paged KV cache sized for the load); the median of the repetitions is reported. Quality: the share of
 fixed prompts whose greedy answer equals transformers' own ``generate`` in fp32 on the same model.
 
     python bench/serve_load.py                       # smollm2, 32 clients, 200 requests, 3 reps
@@ -38,14 +38,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model: str, folder: Path, port: int, log: Path, max_tokens: int) -> subprocess.Popen:
+def start(kind: str, model: str, folder: Path, port: int, log: Path, max_tokens: int,
+          clients: int = 32) -> subprocess.Popen:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     if kind == "lmforge":
         cmd = [sys.executable, "-m", "lmforge", "serve", model, "--name", model, "--port", str(port), "--max-batch", "32",
                "--max-tokens", str(max(max_tokens, 64))]
     else:
         cmd = [str(Path(sys.executable).with_name("transformers")), "serve", str(folder), "--host", "127.0.0.1",
-               "--port", str(port)] + (["--continuous-batching"] if kind == "peer_best" else [])
+               "--port", str(port)]
+        if kind == "peer_best":
+            # paged KV cache sized for the load: its CPU default reserves ~12 GB and is OOM-killed here
+            blocks = 2 * -(-clients * (96 + max_tokens) // 32)
+            cmd += ["--continuous-batching", "--cb-block-size", "32", "--cb-num-blocks", str(blocks),
+                    "--cb-max-batch-tokens", "1024"]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -100,6 +106,7 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
+    await ac.close()
     lat.sort()
     return {"ok": len(lat), "failed": len(fails), "wall_s": round(wall, 2),
             "requests_per_s": round(len(lat) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
@@ -154,7 +161,7 @@ def main() -> None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             model = args.model if side == "lmforge" else str(folder)
-            proc = start(side, args.model, folder, port, logs / f"{side}-{rep}.log", args.max_tokens)
+            proc = start(side, args.model, folder, port, logs / f"{side}-{rep}.log", args.max_tokens, args.clients)
             try:
                 wait_up(proc, url)
                 got = answers(url, model, 24)  # also the warm-up
