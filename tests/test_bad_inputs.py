@@ -521,6 +521,75 @@ MORE_CASES = [
 ]
 CASES += MORE_CASES
 
+EVEN_MORE = [
+    Case("generate_out_is_a_folder", lambda w, t: ["generate", str(w.llama), "--input", _write(
+        t / "p.jsonl", '{"prompt": "hi"}\n'), "--out", str(t)], 2, "folder"),
+    Case("generate_input_not_utf8", lambda w, t: ["generate", str(w.llama), "--input", _write(
+        t / "p.jsonl", b'{"prompt": "\xff"}\n'), "--out", str(t / "g.jsonl")], 2, "UTF-8"),
+    Case("generate_input_missing", lambda w, t: ["generate", str(w.llama), "--input", str(t / "none.jsonl"),
+                                                 "--out", str(t / "g.jsonl")], 2, "not found"),
+    Case("generate_model_missing", lambda w, t: ["generate", str(t / "nope"), "--prompt", "hi"], 2, "not found"),
+    Case("generate_sft_run_out_readonly", lambda w, t: ["generate", str(w.sft), "--input", _write(
+        t / "p.jsonl", '{"prompt": "hi"}\n'), "--out", "/proc/lmforge-no-write/g.jsonl", "--max-new-tokens", "2"],
+         1, "cannot write"),
+    Case("eval_perplexity_data_missing", lambda w, t: ["eval", str(w.llama), "--task", "perplexity", "--data",
+                                                       str(t / "none.jsonl")], 2, "not found"),
+    Case("eval_perplexity_data_empty", lambda w, t: ["eval", str(w.llama), "--task", "perplexity", "--data",
+                                                     _write(t / "e.jsonl", "\n")], 2, "e.jsonl"),
+    Case("eval_perplexity_not_utf8", lambda w, t: ["eval", str(w.llama), "--task", "perplexity", "--data",
+                                                   _write(t / "e.txt", b"ok\n\xff\n")], 2, "UTF-8"),
+    Case("eval_perplexity_on_encoder", lambda w, t: ["eval", str(w.bert), "--task", "perplexity", "--data",
+                                                     str(w.texts)], 2, "causal"),
+    Case("eval_generation_no_reference", lambda w, t: ["eval", str(w.llama), "--task", "generation", "--data",
+                                                       _write(t / "e.jsonl", '{"prompt": "hi"}\n')], 2, "e.jsonl"),
+    Case("eval_sts_malformed", lambda w, t: ["eval", str(w.bert), "--task", "sts", "--data",
+                                             _write(t / "s.jsonl", '{"sentence1": "a"}\n')], 2, "s.jsonl"),
+    Case("eval_sts_score_not_a_number", lambda w, t: ["eval", str(w.bert), "--task", "sts", "--data", _write(
+        t / "s.jsonl", '{"sentence1": "a", "sentence2": "b", "score": "high"}\n' * 3)], 2, "score"),
+    Case("eval_retrieval_missing_file", lambda w, t: ["eval", str(w.bert), "--task", "retrieval", "--data",
+                                                      str(t / "none.jsonl")], 2, "not found"),
+    Case("eval_data_wrong_columns", lambda w, t: ["eval", str(w.clf), "--data", _write(
+        t / "e.jsonl", '{"body": "x", "y": "pos"}\n')], 2, "e.jsonl"),
+    Case("eval_out_readonly", lambda w, t: ["eval", str(w.clf), "--data", str(w.train), "--out",
+                                            "/proc/lmforge-no-write/e.json"], 1, "cannot write"),
+    Case("merge_out_readonly", lambda w, t: ["merge", str(w.sft), "--out", "/proc/lmforge-no-write/m"], 1,
+         "cannot write"),
+    Case("merge_out_is_a_file", lambda w, t: ["merge", str(w.sft), "--out", _write(t / "f.txt", "x")], 2, "--out"),
+    Case("score_run_missing", lambda w, t: ["score", str(t / "none"), "--input", str(w.predict_in)], 2, "none"),
+    Case("score_on_sft_run", lambda w, t: ["score", str(w.sft), "--input", str(w.predict_in)], 2, "reward"),
+    Case("fill_mask_run_without_model", lambda w, t: ["fill-mask", str(w.clf), "a [MASK]"], 2, "model"),
+    Case("compare_base_without_task", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"output_dir": str(t / "runs"), "base": {"model": {"name": "x"}}, "methods": {"a": {}}}))], 2, "task"),
+    Case("compare_method_changes_split", lambda w, t: ["compare", _write(t / "c.yaml", yaml.safe_dump(
+        {"output_dir": str(t / "runs"), "base": w.recipe_dict(t), "methods": {"a": {"data": {"eval_fraction": 0.5}}}
+         }))], 2, "eval_fraction"),
+    Case("compare_recipe_not_utf8", lambda w, t: ["compare", _write(t / "c.yaml", b"name: \xff\n")], 2, "UTF-8"),
+    Case("config_show_not_utf8", lambda w, t: ["config", "show", _write(t / "r.yaml", b"task: \xff\n")], 2, "UTF-8"),
+    Case("data_label_is_a_list", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": "x", "label": [1, 2]}])),
+         2, "label"),
+    Case("data_label_is_a_mapping", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": "x", "label": {"a": 1}}])),
+         2, "label"),
+    Case("data_one_label_only", train_data("d.jsonl", _rows_text([{"text": r["text"], "label": "pos"}
+                                                                  for r in GOOD])), 2, "label"),
+    Case("data_text_is_a_list", train_data("d.jsonl", _rows_text(GOOD[:8] + [{"text": ["a"], "label": "pos"}])),
+         2, "must be text"),
+    Case("data_columns_value_not_text", train_override("data.columns={text: [a, b]}"), 2, "data.columns"),
+    Case("data_where_not_a_list", train_override("data.where={label: pos}"), 2, "data.where"),
+    Case("seed_negative", train_override("seed=-1"), 2, "seed"),
+    Case("seed_huge", train_override("seed=100000000000000000000000"), 2, "seed"),
+    Case("lora_targets_missing", train_override("lora.target_modules=[no_such_layer]"), 2, "no_such_layer"),
+    Case("lora_targets_bad_regex", train_override("lora.target_modules='(unclosed'"), 2, "target_modules"),
+    Case("unfreeze_too_many", train_override("classify.mode=frozen", "classify.unfreeze_last=100"), 2,
+         "unfreeze_last"),
+    Case("attn_implementation_unknown", train_override("model.attn_implementation=flash"), 2,
+         "model.attn_implementation"),
+    Case("eval_batch_size_zero", train_override("train.eval_batch_size=0"), 2, "train.eval_batch_size"),
+    Case("warmup_ratio_one", train_override("train.warmup_ratio=1"), 2, "train.warmup_ratio"),
+    Case("best_metric_without_eval", train_override("train.best_metric=accuracy", "data.eval_fraction=0"),
+         2, "eval data"),
+]
+CASES += EVEN_MORE
+
 
 # ---- running one case ----------------------------------------------------------------------------------------
 @dataclass

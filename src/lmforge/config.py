@@ -201,6 +201,13 @@ class AdapterConfig(Section):
 
         from .adapters.registry import validate_options
 
+        targets = (self.model_extra or {}).get("target_modules")
+        if isinstance(targets, str):  # a regular expression over module names
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise PydanticCustomError("adapter", "target_modules: not a valid regular expression ("
+                                          + str(exc).replace("{", "(").replace("}", ")") + ")") from None
         try:
             typed = validate_options(self.kind, dict(self.model_extra or {}))
         except LmforgeError as err:
@@ -233,7 +240,7 @@ class RunConfig(Section):
     task: str
     name: PlainName = "run"
     output_dir: str = "runs"
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**63, description="a non-negative integer (torch takes 64-bit seeds)")
     overwrite: bool = Field(False, description="replace an existing run directory of the same name")
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

@@ -90,6 +90,8 @@ def cmd_generate(args) -> int:
         raise LmforgeError("give either --prompt TEXT or --input FILE --out FILE")
     if args.input is not None and not args.out:
         raise LmforgeError("--input needs --out FILE for the generations")
+    if args.out and Path(args.out).is_dir():
+        raise LmforgeError(f"--out {args.out}: is a folder, give a file name")
     if args.prompt is not None and args.out:
         raise LmforgeError("--out goes with --input; a single --prompt is printed to the terminal")
     if args.prompt is not None and not args.prompt.strip():

@@ -1,6 +1,7 @@
 """Checks that turn bad input into one clear line before any training starts."""
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -115,11 +116,20 @@ def label_names(train: Table, column: str, given: list[str] | None) -> list[str]
     if given:
         if len(set(given)) != len(given):
             raise LmforgeError("config: data.labels has duplicate names")
+        if len(given) < 2:
+            raise LmforgeError("config: data.labels needs at least two labels")
         return list(given)
+    for i, rec in enumerate(train.records):
+        v = rec.get(column)
+        if v is None:
+            raise LmforgeError(f"{train.where(i)}: '{column}' is missing a label")
+        if not isinstance(v, (str, int, float)) or isinstance(v, float) and not math.isfinite(v):
+            raise LmforgeError(f"{train.where(i)}: '{column}' must be a label name (text or a number), got "
+                               f"{type(v).__name__} {v!r:.40}")
     values = {rec.get(column) for rec in train.records}
-    if None in values:
-        i = next(i for i, r in enumerate(train.records) if r.get(column) is None)
-        raise LmforgeError(f"{train.where(i)}: '{column}' is missing a label")
+    if len({str(v) for v in values}) < 2:
+        raise LmforgeError(f"{train.source}: '{column}' has a single label ({next(iter(values))!r:.40}); "
+                           "classification needs at least two")
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values) or all(
             isinstance(v, str) and v.lstrip("-").isdigit() for v in values):
         return [str(v) for v in sorted(int(v) for v in values)]

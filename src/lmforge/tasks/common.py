@@ -75,6 +75,8 @@ def freeze_except(model: nn.Module, trainable_names: list[str], unfreeze_last: i
         stack = layer_stack(model)
         if stack is None:
             raise LmforgeError("could not find the model's layer list to unfreeze the last layers")
+        if unfreeze_last > len(stack):
+            raise LmforgeError(f"unfreeze_last={unfreeze_last}: the model has only {len(stack)} layers")
         for block in list(stack)[-unfreeze_last:]:
             for p in block.parameters():
                 p.requires_grad_(True)
