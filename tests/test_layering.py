@@ -3,7 +3,7 @@
 The layers (higher may import lower or the same layer, never higher)::
 
     5  cli, __main__, commands/            parse arguments, call the API, print
-    4  lmforge (package), api, compare, demo, serve/   the public Python API and what is built on it
+    4  lmforge (package), api, compare, demo, serve/, factuality/   the public Python API and what is built on it
     3  tasks/                              one module per task, the task registry
     2  train/, eval/, embeddings/, generation, sampling, causal_lm, merge, topics/, search/, report/, inspection/,
        prompting/                          engines, evaluators and the applications' libraries
@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "lmforge.inspection": 2, "lmforge.prompting": 2,
     "lmforge.tasks": 3,
     "lmforge": 4, "lmforge.api": 4, "lmforge.compare": 4, "lmforge.demo": 4, "lmforge.serve": 4,
+    "lmforge.factuality": 4,
     "lmforge.cli": 5, "lmforge.__main__": 5, "lmforge.commands": 5,
 }
 NAMES = {0: "errors", 1: "building blocks", 2: "engines/evaluators", 3: "tasks", 4: "api", 5: "commands"}
