@@ -138,16 +138,15 @@ class TokenAutomaton:
         # compiled with a sentinel character appended: the library's accepting state is only ever
         # after the sentinel, and our final states are those with a sentinel exit (which becomes
         # EOS). States that entered the sentinel's bytes cannot reach a final state: pruned below.
-        self.transitions: dict[int, dict[int, int]] = {}
+        self.transitions: dict[int, dict[int, int]] = index.get_transitions()
         self.finals: set[int] = set()
         accepting = set(index.get_final_states())
-        for state, edges in index.get_transitions().items():
-            if edges.get(sentinel_id) in accepting:
+        for state, edges in self.transitions.items():  # edited in place: millions of entries
+            if edges.pop(sentinel_id, None) in accepting:
                 self.finals.add(state)
-            kept = {t: n for t, n in edges.items() if t != sentinel_id and t != eos_id}
-            if state in self.finals:
-                kept[eos_id] = state
-            self.transitions[state] = kept
+                edges[eos_id] = state
+            else:
+                edges.pop(eos_id, None)
         self.distance = self._distances()
         if self.initial not in self.distance:
             raise LmforgeError("constraint: the pattern accepts no complete output with the model's tokens")
