@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from ..errors import LmforgeError
@@ -57,34 +56,9 @@ def _load(args):
     return model, tokenizer, placement
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    from ..rundir import write_jsonl
-
-    write_jsonl(path, rows)
-
-
-def _prompts_of(path: str) -> tuple[list[dict], list]:
-    from ..data.readers import read_table
-
-    table = read_table(path)
-    if not table.records:
-        raise LmforgeError(f"{path}: no prompts (empty file)")
-    prompts = []
-    for i, rec in enumerate(table.records):
-        if isinstance(rec.get("messages"), list) and rec["messages"]:
-            prompts.append(rec["messages"])
-        elif isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
-            prompts.append(rec["prompt"])
-        elif "prompt" in rec or "messages" in rec:
-            raise LmforgeError(f"{table.where(i)}: 'prompt' must be non-empty text ('messages' a non-empty list)")
-        else:
-            raise LmforgeError(f"{table.where(i)}: missing 'prompt' (or 'messages') field")
-    return table.records, prompts
-
-
 # ---- generate -------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from ..generation import generate
+    from ..api import generate, generate_file
 
     if (args.prompt is None) == (args.input is None):
         raise LmforgeError("give either --prompt TEXT or --input FILE --out FILE")
@@ -96,24 +70,21 @@ def cmd_generate(args) -> int:
         raise LmforgeError("--out goes with --input; a single --prompt is printed to the terminal")
     if args.prompt is not None and not args.prompt.strip():
         raise LmforgeError("the prompt is empty")
-    cfg = _generation_config(args)  # validate before loading the model
-    records, prompts = (None, [args.prompt]) if args.input is None else _prompts_of(args.input)
-    model, tokenizer, placement = _load(args)
-    chat = False if args.raw else None
-    t0 = time.perf_counter()
-    with placement.autocast():
-        if records is None:
-            def stream(piece: str) -> None:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+    decoding = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=list(args.stop),
+                    seed=args.seed, use_cache=not args.no_cache, batch_size=getattr(args, "batch_size", 8))
+    where = dict(adapter=args.adapter, chat=False if args.raw else None, device=args.device,
+                 precision=args.precision)
+    if args.input is not None:
+        print(json.dumps(generate_file(args.model, args.input, args.out, **where, **decoding)))
+        return 0
 
-            generate(model, tokenizer, prompts, cfg, chat=chat, stream=stream)
-            sys.stdout.write("\n")
-            return 0
-        texts = generate(model, tokenizer, prompts, cfg, chat=chat)
-    dt = time.perf_counter() - t0
-    _write_jsonl_atomic(Path(args.out), [r | {"generation": t} for r, t in zip(records, texts)])
-    print(json.dumps({"generations": len(texts), "out": args.out, "seconds": round(dt, 3)}))
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    generate(args.model, [args.prompt], **where, **decoding, stream=stream)
+    sys.stdout.write("\n")
     return 0
 
 
