@@ -255,6 +255,7 @@ class TopicsTask(Task):
         from ..topics.metrics import stability
 
         t0 = time.perf_counter()
+        labeller = self.labeller()  # load the label model first: a problem shows before the long part
         emb = self.embed(self.texts)
         t_embed = time.perf_counter() - t0
         settings = self.settings() | {"dim": int(emb.shape[1])}
@@ -273,7 +274,7 @@ class TopicsTask(Task):
             red = P.reduce_step(emb, settings, self.cfg.seed + s)
             runs.append(P.cluster_step(red, settings, self.cfg.seed + s))
         model = P.describe(a, doc_term, model.vocab, emb, settings, texts=self.texts, word_embed=self.word_embed,
-                           labeller=self.labeller(), arrays=model.arrays)
+                           labeller=labeller, arrays=model.arrays)
         model.arrays["doc_embeddings"] = np.asarray(emb, np.float32)
         self.model, self.doc_term = model, doc_term
         metrics = P.measure(model, doc_term, seed=self.cfg.seed) | {
