@@ -16,11 +16,10 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import traceback
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -271,7 +270,6 @@ class Case:
     code: int
     needle: str
     check: Callable[[World, Path], str | None] | None = None
-    subprocess_limits: dict = field(default_factory=dict)
 
 
 CASES = [
@@ -672,18 +670,24 @@ def test_the_world_holds_no_leftovers(world):
 
 
 # ---- a stopped run: read-only output and a full disk (exit 1) --------------------------------------------------
-FULL_DISK = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a write past the limit fails with EFBIG, as ENOSPC
-resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-from lmforge.cli import main
-sys.exit(main({argv!r}))
-"""
+@contextlib.contextmanager
+def full_disk(limit: int | None):
+    """Files of this process cannot grow past ``limit`` bytes while the block runs: a write past it
+    fails with EFBIG, as one on a full disk fails with ENOSPC (SIGXFSZ ignored; soft limit only)."""
+    if limit is None:
+        yield
+        return
+    import resource
+    import signal
 
-
-def _full_disk(argv: list[str], limit: int, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FULL_DISK.format(limit=limit, argv=argv)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300, env=os.environ | {"LMFORGE_NO_TQDM": "1"})
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 STOPPED = [
@@ -704,16 +708,11 @@ STOPPED = [
 def judge_stopped(make, limit, world: World, t: Path) -> tuple[str, str]:
     argv = make(world, t)
     before = set(t.rglob("*"))
-    if limit is None:
+    with full_disk(limit):
         res = run_main(argv)
-        if res.tb is not None:
-            return "traceback", res.tb.strip().splitlines()[-1]
-        code, err = res.code, res.err
-    else:
-        p = _full_disk(argv, limit, t)
-        code, err = p.returncode, p.stderr
-        if "Traceback (most recent call last)" in err:
-            return "traceback", err.strip().splitlines()[-1]
+    if res.tb is not None:
+        return "traceback", res.tb.strip().splitlines()[-1]
+    code, err = res.code, res.err
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("lmforge: error: ")]
     problems = []
     if code == 0:
