@@ -9,9 +9,13 @@ class LmforgeError(Exception):
     """
 
     exit_code: int = 2
+    max_length: int = 1000  # a message never repeats an unbounded input (callers cut values; this is the backstop)
 
     def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message)[: 4 * self.max_length].split())
+        if len(text) > self.max_length:
+            text = f"{text[: self.max_length]}... (message cut at {self.max_length} characters)"
+        super().__init__(text)
         if exit_code is not None:
             self.exit_code = exit_code
 

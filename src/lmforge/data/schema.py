@@ -149,7 +149,8 @@ def label_ids(table: Table, column: str, names: list[str], *, split: str) -> lis
             out.append(int(v))  # integer labels given with names: treat as indices
         else:
             hint = "unseen in train" if split == "eval" else "not in data.labels"
-            raise LmforgeError(f"{table.where(i)}: unknown label {v!r} ({hint}; labels: {', '.join(names[:10])})")
+            raise LmforgeError(f"{table.where(i)}: unknown label {v!r:.60} ({hint}; labels: "
+                               f"{', '.join(n[:40] for n in names[:10])})")
     return out
 
 
