@@ -16,4 +16,5 @@ COMMAND_MODULES: list[str] = [
     "lmforge.commands.inspect",
     "lmforge.commands.topics",
     "lmforge.commands.prompt",
+    "lmforge.commands.factuality",
 ]
