@@ -11,7 +11,8 @@ from lmforge.prompting.tools import CALCULATOR, Tool, ToolError, build_tools, ca
 @pytest.mark.parametrize("expr, value", [("2 + 3 * 4", "14"), ("(12 + 7) * 3", "57"), ("7 / 2", "3.5"),
                                          ("2 ** 10", "1024"), ("-3 + +5", "2"), ("1,200 + 5", "1205"),
                                          ("6 x 7", "42"), ("9 ÷ 3", "3"), ("2^3", "8"), ("17 // 5 + 17 % 5", "5"),
-                                         ("`4 * 2`", "8"), ("10 - 2.5 =", "7.5"), ("0.1 + 0.2", "0.3")])
+                                         ("`4 * 2`", "8"), ("10 - 2.5 =", "7.5"), ("0.1 + 0.2", "0.3"),
+                                         ("974 - 588 = 120", "386")])
 def test_calculator_values(expr, value):
     assert calculate(expr) == value
 

@@ -24,6 +24,8 @@ SYSTEM_TOOLS = ("Answer the user's question. You can use these tools:\n{tools}\n
                 "Thought: I know the answer\nFinal Answer: the answer")
 SYSTEM_NO_TOOLS = ("Answer the user's question. Use exactly this format:\n"
                    "Thought: your reasoning\nFinal Answer: the answer")
+DEMO_NO_TOOLS = ("Question: A box holds 12 eggs. How many eggs are in 4 boxes?\n"
+                 "Thought: 4 boxes of 12 eggs are 12 * 4 = 48 eggs.\nFinal Answer: 48")
 FORMAT_HINT = "Invalid format. Write 'Action: tool_name[input]' or 'Final Answer: the answer'."
 
 
@@ -116,6 +118,9 @@ def run_agents(model, tokenizer, questions: Sequence[str], tools: Sequence[Tool]
 
     listing = "\n".join(f"- {t.name}: {t.description}" for t in tools)
     system = SYSTEM_TOOLS.format(tools=listing) if tools else SYSTEM_NO_TOOLS
+    demo = next((t.demo for t in tools if t.demo), None) if tools else DEMO_NO_TOOLS
+    if demo:
+        system += f"\n\nExample:\n{demo}"
     heads = [render_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": q}])
              for q in questions]
     pads = [""] * len(questions)

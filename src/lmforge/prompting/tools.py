@@ -25,9 +25,13 @@ class ToolError(Exception):
 
 @dataclass
 class Tool:
+    """A tool: its name, a one-line description, ``run(text) -> str``, and optionally a worked
+    ReAct example (small models copy an example far better than a format with placeholders)."""
+
     name: str
     description: str
     run: Callable[[str], str]
+    demo: str | None = None
 
 
 # ---- calculator: an AST walk over arithmetic only -----------------------------------------------
@@ -67,6 +71,8 @@ def calculate(expression: str) -> str:
     text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
     text = text.replace("×", "*").replace("÷", "/").replace("^", "**")
     text = re.sub(r"(?<=[\d)\s])[xX](?=[\s\d(])", "*", text).rstrip("=").strip()
+    text = text.split("=")[0].strip()  # "974 - 588 = 386": the expression is left of the first '='
+
     if not text:
         raise ToolError("empty expression")
     if len(text) > _MAX_LEN:
@@ -81,7 +87,10 @@ def calculate(expression: str) -> str:
     return str(round(value, 10) if isinstance(value, float) else value)
 
 
-CALCULATOR = Tool("calculator", "evaluates arithmetic, e.g. calculator[(12 + 7) * 3]", calculate)
+CALCULATOR = Tool("calculator", "evaluates arithmetic, e.g. calculator[(12 + 7) * 3]", calculate,
+                  demo="Question: A box holds 12 eggs. How many eggs are in 4 boxes?\n"
+                       "Thought: I multiply 12 by 4.\nAction: calculator[12 * 4]\nObservation: 48\n"
+                       "Thought: I know the answer.\nFinal Answer: 48")
 
 
 # ---- search over an lmforge index -----------------------------------------------------------------
