@@ -49,12 +49,10 @@ BETA = 0.1
 def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute: bool, batch: int, max_len: int,
                 lr: float, threads: int | None) -> dict:
     set_threads(threads)
-    from lmforge.config import build_config
-    from lmforge.tasks.preference import PreferenceTask
-    from lmforge.train import fit
+    from lmforge.api import config, train_config
 
     out = tempfile.mkdtemp()
-    cfg = build_config({
+    cfg = config({
         "task": "preference", "name": "bench", "output_dir": out, "seed": 0,
         "model": {"name": "smollm2", "precision": precision},
         "data": {"train": pairs, "eval_fraction": 0.0, "max_length": max_len},
@@ -64,15 +62,17 @@ def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute:
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0},
     })
-    task = PreferenceTask(cfg)
     from lmforge.train import engine
 
-    n = len(task.train_items)  # the pairs in file order, as TRL's sequential sampler gives them
-    sequential = [list(range(i, i + batch)) for i in range(0, n - batch + 1, batch)]
-    engine.epoch_batches = lambda task, cfg, epoch, world: sequential
     win = Window(warmup, steps)
-    task.collate = win.wrap(task.collate)
-    fit(task, cfg, Path(out) / "bench", on_step=lambda step, rec: win.step(step))
+
+    def prepare(task):
+        n = len(task.train_items)  # the pairs in file order, as TRL's sequential sampler gives them
+        sequential = [list(range(i, i + batch)) for i in range(0, n - batch + 1, batch)]
+        engine.epoch_batches = lambda task, cfg, epoch, world: sequential
+        task.collate = win.wrap(task.collate)
+
+    train_config(cfg, prepare=prepare, on_step=lambda step, rec: win.step(step))
     return win.result()
 
 

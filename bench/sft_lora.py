@@ -77,12 +77,10 @@ class Window:
 def run_lmforge(docs: str, steps: int, warmup: int, precision: str, packing: bool, batch: int, max_len: int,
                 lr: float, threads: int | None) -> dict:
     set_threads(threads)
-    from lmforge.config import build_config
-    from lmforge.tasks.sft import SftTask
-    from lmforge.train import fit
+    from lmforge.api import config, train_config
 
     out = tempfile.mkdtemp()
-    cfg = build_config({
+    cfg = config({
         "task": "sft", "name": "bench", "output_dir": out, "seed": 0,
         "model": {"name": "smollm2", "precision": precision},
         "data": {"train": docs, "eval_fraction": 0.0, "columns": {"text": "document"}, "max_length": max_len},
@@ -91,10 +89,12 @@ def run_lmforge(docs: str, steps: int, warmup: int, precision: str, packing: boo
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0},
     })
-    task = SftTask(cfg)
     win = Window(warmup, steps)
-    task.collate = win.wrap(task.collate)
-    fit(task, cfg, Path(out) / "bench", on_step=lambda step, rec: win.step(step))
+
+    def prepare(task):
+        task.collate = win.wrap(task.collate)
+
+    train_config(cfg, prepare=prepare, on_step=lambda step, rec: win.step(step))
     return win.result()
 
 

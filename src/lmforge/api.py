@@ -101,13 +101,14 @@ class Run:
         return self.task.predict_file(str(path), str(out))
 
 
-def train_config(cfg, *, eval_during_training: bool = True, on_step=None) -> Run:
+def train_config(cfg, *, eval_during_training: bool = True, on_step=None, prepare=None) -> Run:
     """Train a typed config: check the run directory, build the task (its data and model
     checked), create the run directory, train with the engine, save the artefact.
 
     ``eval_during_training=False`` keeps the eval split out of training (no eval steps, no
     best/): :attr:`Run.task` still has it as ``eval_items`` for the caller to evaluate.
-    ``on_step(step, record)`` is called after every optimizer step (benchmarks time with it).
+    ``on_step(step, record)`` is called after every optimizer step (benchmarks time with it);
+    ``prepare(task)`` gets the built task before training (e.g. to instrument its ``collate``).
     """
     from .rundir import check_run, prepare_run, save_config
     from .tasks import build_task
@@ -115,6 +116,8 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None) -> Run
 
     action = check_run(cfg)
     task = build_task(cfg)  # reads and checks data and model before anything is written
+    if prepare is not None:
+        prepare(task)
     run_dir = prepare_run(cfg, action)
     log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
     log.info(task.describe_model())
