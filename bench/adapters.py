@@ -10,6 +10,7 @@ timed steps). Bottleneck adapters have no peft peer (lmforge only). A last line 
 step time against LoRA's in lmforge (same runs).
 
     .venv/bin/python bench/adapters.py [--kinds lora,dora,ia3,prompt,bottleneck] [--steps 20] [--reps 3]
+    .venv/bin/python bench/adapters.py --interleaved --steps 12     # one process, models stepping in turn
 """
 from __future__ import annotations
 
@@ -136,6 +137,68 @@ def run_peer(kind: str, train: str, dev: str, steps: int, warmup: int, batch: in
             "step_ms": 1000 * (marks["t1"] - marks["t0"]) / steps, "accuracy": acc}
 
 
+def _interleaved(kinds: list[str], data: str, steps: int, batch: int, max_len: int, threads: int | None) -> dict:
+    """One process, every model stepping in turn (round robin per step): the same load for all.
+
+    lmforge: its adapter kind, bf16 autocast, eager attention, frozen weights stored in bf16 (what
+    ``precision: auto`` picks here); peft: the same kind, fp32 (default) and bf16 autocast, SDPA.
+    Each step is forward + backward + fused AdamW. Returns median step ms per model.
+    """
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmforge.adapters import apply_adapter, get_kind
+    from lmforge.models import resolve_model
+    from lmforge.tasks.causal import store_frozen
+
+    set_threads(threads)
+    folder = resolve_model("minilm")
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = _rows(Path(data) / "train.jsonl", steps * batch + batch)
+    batches = []
+    for i in range(0, steps * batch, batch):
+        chunk = rows[i:i + batch]
+        enc = tok([r["sentence"] for r in chunk], truncation=True, max_length=max_len, padding=True,
+                  return_tensors="pt")
+        batches.append((enc["input_ids"], enc["attention_mask"], torch.tensor([int(r["label"]) for r in chunk])))
+    models = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        m = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, attn_implementation="eager")
+        section = dict(KINDS[kind][0])
+        spec = get_kind(section.pop("kind")).make_spec(section, modules_to_save=["classifier"], model=m)
+        apply_adapter(m, spec)
+        store_frozen(m, torch.bfloat16)
+        models[f"lmforge_{kind}"] = (m, True)
+        if kind == "bottleneck":
+            continue
+        for bf16 in (False, True):
+            torch.manual_seed(0)
+            p = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, attn_implementation="sdpa")
+            models[f"peft_{kind}_{'bf16' if bf16 else 'fp32'}"] = (get_peft_model(p, _peft_config(kind)), bf16)
+    opts = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4, fused=True)
+            for k, (m, _) in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step, (ids, mask, y) in enumerate(batches):
+        order = list(models) if step % 2 == 0 else list(reversed(models))
+        for k in order:
+            m, bf16 = models[k]
+            m.train()
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = m(input_ids=ids, attention_mask=mask).logits.float()
+            F.cross_entropy(logits, y).backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if step > 0:  # the first step warms up
+                times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -147,8 +210,26 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=256, help="dev sentences for the quality figure")
     ap.add_argument("--data", default=str(SST2), help="folder with SST-2 train.jsonl and dev.jsonl")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every trial (both sides)")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="also one process stepping every model in turn (same load for all; no engine)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.interleaved:
+        kinds = args.kinds.split(",")
+        ms = _interleaved(kinds, args.data, args.steps, args.batch, args.max_length, args.threads)
+        rec = {"bench": "adapters_interleaved", "batch": args.batch, "max_length": args.max_length,
+               "steps": args.steps, "threads": args.threads, "step_ms": {k: round(v, 1) for k, v in ms.items()}}
+        for kind in kinds:
+            if f"peft_{kind}_fp32" in ms:
+                ours = ms[f"lmforge_{kind}"]
+                rec[f"{kind}_speedup_default"] = round(ms[f"peft_{kind}_fp32"] / ours, 3)
+                rec[f"{kind}_speedup_best"] = round(min(ms[f"peft_{kind}_fp32"], ms[f"peft_{kind}_bf16"]) / ours, 3)
+        if "lmforge_dora" in ms and "lmforge_lora" in ms:
+            rec["dora_vs_lora_step_time"] = round(ms["lmforge_dora"] / ms["lmforge_lora"], 3)
+        if "peft_dora_fp32" in ms and "peft_lora_fp32" in ms:
+            rec["peft_dora_vs_lora_step_time"] = round(ms["peft_dora_fp32"] / ms["peft_lora_fp32"], 3)
+        emit(rec)
+        return
     tmp = Path(tempfile.mkdtemp())
     for split, n in (("train", (args.steps + args.warmup) * args.batch), ("dev", args.dev)):
         with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
