@@ -69,6 +69,8 @@ def check_run(cfg) -> str:
     """
     p = cfg.run_dir
     resume = cfg.train.resume
+    if not _main_rank():  # rank 0 owns the folder (others could see it half-replaced)
+        return "resume" if resume else "new"
     if p.exists() and not p.is_dir():
         raise LmforgeError(f"{p}: exists and is not a folder; choose another name= or output_dir=")
     empty = not p.exists() or not any(x for x in p.iterdir() if not x.name.startswith(TMP_PREFIX))
