@@ -155,3 +155,28 @@ def test_the_flag_is_offered_where_saved_runs_load_and_not_for_own_recipes():
         has = any("--trust-remote-code" in a.option_strings for a in parser._actions)
         assert has == (name not in OWN_RECIPES), name
     assert {"eval", "predict", "merge", "generate", "embed", "chat", "fill-mask", "score"} <= set(sub.choices)
+
+
+def test_the_python_api_treats_a_loaded_run_as_data(tmp_path, tiny_bert_dir):
+    import yaml
+    from conftest import sentiment_rows, write_jsonl, write_yaml
+
+    from lmforge import api
+    from lmforge.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(24))
+    recipe = write_yaml(tmp_path / "r.yaml", {
+        "task": "classify", "name": "r", "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.25},
+        "train": {"max_steps": 1, "batch_size": 8, "progress": False}})
+    assert main(["train", str(recipe)]) == 0
+    run = tmp_path / "runs" / "r"
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    raw["model"]["trust_remote_code"] = True                       # as a downloaded run might say
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(LmforgeError, match="trust_remote_code=true is not obeyed"):
+        api.load(run)
+    loaded = api.load(run, trust_remote_code=True)                 # the caller's explicit choice
+    assert loaded.config.model.trust_remote_code is True
+    assert loaded.task.cfg.model.trust_remote_code is True

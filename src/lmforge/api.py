@@ -68,6 +68,7 @@ class Run:
     checkpoint: str = "final"
     _task: Any = None
     train_seconds: float | None = None  # training only (no model loading or final evaluation)
+    trust_remote_code: bool | None = None  # a loaded run: its config.yaml never turns remote code on
 
     @property
     def task(self):
@@ -75,7 +76,13 @@ class Run:
         if self._task is None:
             from .tasks import load_task
 
-            self._task = load_task(self.run_dir, self.checkpoint)
+            if self.trust_remote_code is None:  # the run this process trained
+                self._task = load_task(self.run_dir, self.checkpoint)
+            else:
+                from .config import loading_saved_runs
+
+                with loading_saved_runs(self.trust_remote_code):
+                    self._task = load_task(self.run_dir, self.checkpoint)
         return self._task
 
     def evaluate(self, data: str | Path, out: str | Path | None = None) -> dict:
@@ -143,20 +150,26 @@ def train(recipe: str | Path | dict | Any, **overrides) -> Run:
     return train_config(config(recipe, **overrides))
 
 
-def load(run_dir: str | Path, checkpoint: str = "final") -> Run:
-    """A finished run (``checkpoint``: ``final`` or ``best``); its task loads on first use."""
+def load(run_dir: str | Path, checkpoint: str = "final", *, trust_remote_code: bool = False) -> Run:
+    """A finished run (``checkpoint``: ``final`` or ``best``); its task loads on first use.
+
+    A run folder is data: a ``model.trust_remote_code: true`` in its ``config.yaml`` is refused
+    unless ``trust_remote_code=True`` is passed here (or the CLI's ``--trust-remote-code``)."""
     import json
 
+    from .config import loading_saved_runs, remote_code_flag
     from .rundir import EVAL, open_run
 
-    opened = open_run(run_dir, checkpoint)
+    trust = bool(trust_remote_code or remote_code_flag())
+    with loading_saved_runs(trust):
+        opened = open_run(run_dir, checkpoint)
     metrics = {}
     if (opened.run_dir / EVAL).is_file():
         try:
             metrics = json.loads((opened.run_dir / EVAL).read_text(encoding="utf-8"))
         except ValueError:
             metrics = {}
-    return Run(opened.run_dir, opened.config, metrics, opened.checkpoint)
+    return Run(opened.run_dir, opened.config, metrics, opened.checkpoint, trust_remote_code=trust)
 
 
 def encode(model: str | Path, texts: str | Sequence[str], *, batch_size: int = 64, pooling: str | None = None,
