@@ -281,3 +281,15 @@ def test_a_run_stopped_by_nan_can_be_resumed_or_overwritten(tmp_path, tiny_bert_
     monkeypatch.setitem(TASKS, "classify", ClassifyTask)
     assert main(["train", str(recipe), "overwrite=true"]) == 0
     assert _steps(run) == [1, 2, 3, 4]
+
+
+def test_resuming_a_run_whose_config_cannot_be_read_names_the_key(tmp_path, tiny_bert_dir, capsys):
+    recipe = _recipe(tmp_path, tiny_bert_dir)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("task: classify\nmodel: {name: x}\nbogus: 1\n")
+    (run / "eval.json").write_text("{}")
+    assert main(["train", str(recipe), "train.resume=true"]) == 2
+    err = _err(capsys)
+    assert err.count("train.resume=true") == 1 and "unknown key 'bogus'" in err
+    assert (run / "config.yaml").read_text().endswith("bogus: 1\n")

@@ -83,7 +83,10 @@ def check_run(cfg) -> str:
         raise LmforgeError(f"{p}: exists and is not an lmforge run (no {CONFIG} naming a task); {what} "
                            f"will not touch it; choose another name= or output_dir=")
     if resume:
-        saved = read_config(p)
+        try:
+            saved = read_config(p)
+        except LmforgeError as err:
+            raise LmforgeError(f"{RESUME_KEY}: the saved run cannot be read: {err}", exit_code=err.exit_code) from None
         changed = config_changes(saved, cfg)
         if changed:
             a, b = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
