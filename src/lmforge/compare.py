@@ -145,8 +145,16 @@ class _PeakRss:
     """Peak resident memory (MB) of this process while the block runs, sampled every 20 ms."""
 
     def __enter__(self):
+        import gc
         import threading
 
+        gc.collect()
+        try:  # hand memory freed by earlier methods back to the OS, so rows do not inherit it (glibc)
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         self.peak, self._stop = _rss_mb(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
