@@ -188,3 +188,31 @@ def test_nli_checker_trains_and_loads(tmp_path, capsys):
     (out / "checker.json").write_text('{"kind": "sts"}')
     _bad(capsys, ["factuality", "score", str(data), "--out", str(tmp_path / "o.jsonl"), "--method", "reference",
                   "--checker", str(out)], tmp_path / "o.jsonl", "")
+
+
+def test_embedding_checker(tmp_path):
+    from lmforge.factuality.checkers import EmbeddingChecker, load_checker
+
+    bert = make_tiny_bert(tmp_path / "bert")
+    chk = load_checker(f"embedding:{bert}", threshold=0.5)
+    assert isinstance(chk, EmbeddingChecker) and chk.threshold == 0.75
+    p = chk.support([("good movie", "good movie"), ("good movie", "awful plot w3 w9")])
+    assert p[0] == pytest.approx(1.0, abs=1e-5) and 0 <= p[1] <= 1
+
+
+def test_compare_command_by_hand(tmp_path, capsys):
+    refs = ["watermelon seeds pass through the digestive system"]
+    before = write_jsonl(tmp_path / "b.jsonl", [
+        {"id": "1", "answer": "Seeds grow in your stomach.", "references": refs},
+        {"id": "2", "answer": "", "references": refs}])
+    after = write_jsonl(tmp_path / "a.jsonl", [
+        {"id": "2", "answer": "Watermelon seeds pass through the digestive system.", "references": refs},
+        {"id": "1", "answer": "Seeds grow in your stomach.", "references": refs}])
+    assert main(["factuality", "compare", str(before), str(after), "--checker", "lexical", "--n-boot", "100"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    # question 1 unchanged (0 supported of 1); question 2: empty (0) -> fully supported (1)
+    assert rep["prompts"] == 2
+    assert rep["supported_fraction"]["before"] == 0.0 and rep["supported_fraction"]["after"] == 0.5
+    assert rep["any_unsupported"]["before"] == 0.5 and rep["any_unsupported"]["after"] == 0.5
+    _bad(capsys, ["factuality", "compare", str(before), str(tmp_path / "none.jsonl"), "--checker", "lexical"],
+         tmp_path / "never.json", "none.jsonl")

@@ -1,4 +1,4 @@
-"""``lmforge factuality sample|score|pairs|checker|run``: factuality tuning (Tian et al. 2023).
+"""``lmforge factuality sample|score|pairs|checker|compare|run``: factuality tuning (Tian et al. 2023).
 
 sample N answers per prompt -> score them (against references, or by self-consistency) ->
 preference pairs for the ``preference`` task; ``checker`` trains the NLI cross-encoder that
@@ -42,6 +42,14 @@ def cmd_checker(args) -> int:
                                        max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs,
                                        batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                                        seed=args.seed, device=args.device)))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..factuality.pipeline import compare_files
+
+    print(json.dumps(compare_files(args.before, args.after, checker=args.checker, threshold=args.threshold,
+                                   n_boot=args.n_boot, seed=args.seed, device=args.device), indent=2))
     return 0
 
 
@@ -106,6 +114,16 @@ def register(sub) -> None:
     k.add_argument("--seed", type=int, default=42)
     k.add_argument("--device", default="auto")
     k.set_defaults(func=cmd_checker)
+
+    m = fs.add_parser("compare", help="before/after support figures of two answer files, paired bootstrap 95%% CIs")
+    m.add_argument("before", help="JSONL: id, answer, references (e.g. greedy-base.jsonl of a run)")
+    m.add_argument("after")
+    m.add_argument("--checker", required=True)
+    m.add_argument("--threshold", type=float, default=None)
+    m.add_argument("--n-boot", type=int, default=2000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_compare)
 
     r = fs.add_parser("run", help="run a factuality recipe: split, sample, score, pairs, DPO, held-out report")
     r.add_argument("recipe")
