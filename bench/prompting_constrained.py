@@ -13,7 +13,6 @@ writes).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

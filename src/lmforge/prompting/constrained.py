@@ -16,7 +16,7 @@ import collections
 import json
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -293,7 +293,6 @@ class Constraint:
     kind: str
     pattern: str
     schema: dict | None = None
-    _check: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def choice(cls, options) -> "Constraint":
