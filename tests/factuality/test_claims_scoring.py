@@ -159,3 +159,22 @@ def test_paired_bootstrap_interval():
     assert r["change"] == 0.5 and r["low"] > 0.3 and r["high"] < 0.7
     same = paired_bootstrap(before, before)
     assert same["low"] == same["high"] == 0.0
+
+
+def test_recipe_checks():
+    from lmforge.factuality.experiment import load_recipe
+
+    base = {"experiment": "truthfulqa", "name": "x", "score": {"checker": "lexical"}}
+    cfg = load_recipe(base)
+    assert cfg["sample"]["n"] == 4 and cfg["variants"] == ["reference", "free"] and cfg["score"]["rule"] == "jaccard"
+    with pytest.raises(LmforgeError, match="unknown key"):
+        load_recipe(base | {"sampel": {}})
+    with pytest.raises(LmforgeError, match="score.checker is required"):
+        load_recipe({"experiment": "truthfulqa", "name": "x"})
+    with pytest.raises(LmforgeError, match="variants"):
+        load_recipe(base | {"variants": ["oracle"]})
+    with pytest.raises(LmforgeError, match="experiment must be"):
+        load_recipe({"name": "x"})
+    # reference-free with text rules needs no checker
+    assert load_recipe({"experiment": "truthfulqa", "name": "x", "variants": ["free"],
+                        "score": {"free_group": "rules"}})["score"]["checker"] is None
