@@ -35,10 +35,14 @@ def _run_requests(batcher, reqs, timeout=120):
                 done[id(r)].set()
         return emit
 
-    for i, r in enumerate(reqs):
+    for r in reqs:
         r.emit = emitter(r)
+    with batcher.cond:  # the first three are admitted together
+        for r in reqs[:3]:
+            batcher.submit(r)
+    for r in reqs[3:]:
+        time.sleep(0.005)  # the rest join a running batch (or the next one)
         batcher.submit(r)
-        time.sleep(0.01 * (i % 3))  # some join a running batch
     for r in reqs:
         assert done[id(r)].wait(timeout)
     return [out[id(r)] for r in reqs]

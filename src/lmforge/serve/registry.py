@@ -101,12 +101,9 @@ def _shared_copy(model):
 
 def load_registry(opts: ServeOptions) -> Registry:
     """Load the base (or encoder), each adapter and the optional embedding model."""
-    import torch
-
     from ..device import Placement
     from ..merge import load_causal_lm, resolve_source
 
-    torch.set_grad_enabled(False)
     placement = Placement.resolve(opts.device, opts.precision)
     reg = Registry(placement=placement)
 
