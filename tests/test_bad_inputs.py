@@ -588,6 +588,36 @@ EVEN_MORE = [
 ]
 CASES += EVEN_MORE
 
+OTHER_COMMANDS = [
+    Case("index_docs_missing", lambda w, t: ["index", "build", "--out", str(t / "ix"), "--docs", str(t / "none.jsonl"),
+                                             "--model", str(w.bert)], 2, "not found"),
+    Case("index_docs_not_utf8", lambda w, t: ["index", "build", "--out", str(t / "ix"), "--docs", _write(
+        t / "d.jsonl", b'{"text": "\xff"}\n'), "--model", str(w.bert)], 2, "UTF-8"),
+    Case("index_docs_no_text", lambda w, t: ["index", "build", "--out", str(t / "ix"), "--docs", _write(
+        t / "d.jsonl", '{"body": "x"}\n'), "--model", str(w.bert)], 2, "text"),
+    Case("index_chunk_size_zero", lambda w, t: ["index", "build", "--out", str(t / "ix"), "--docs", str(w.texts),
+                                                "--model", str(w.bert), "--chunk-size", "0"], 2, "chunk"),
+    Case("index_model_is_causal_garbage", lambda w, t: ["index", "build", "--out", str(t / "ix"), "--docs", str(w.texts),
+                                                        "--model", str(t / "nope")], 2, "not found"),
+    Case("search_index_missing", lambda w, t: ["search", str(t / "none"), "hello"], 2, "none"),
+    Case("search_index_not_an_index", lambda w, t: ["search", str(w.clf), "hello"], 2, "index"),
+    Case("search_k_zero", lambda w, t: ["search", str(t / "none"), "hello", "--k", "0"], 2, "k"),
+    Case("cluster_input_missing", lambda w, t: ["cluster", "--input", str(t / "none.jsonl"), "--out",
+                                                str(t / "c.jsonl"), "--model", str(w.bert)], 2, "not found"),
+    Case("cluster_input_not_utf8", lambda w, t: ["cluster", "--input", _write(t / "x.txt", b"a\n\xff\n"),
+                                                 "--out", str(t / "c.jsonl"), "--model", str(w.bert)], 2, "UTF-8"),
+    Case("cluster_batch_size_zero", lambda w, t: ["cluster", "--input", str(w.texts), "--out", str(t / "c.jsonl"),
+                                                  "--model", str(w.bert), "--batch-size", "0"], 2, "batch"),
+    Case("tokenize_model_missing", lambda w, t: ["tokenize", str(t / "nope"), "--input", str(w.texts)], 2,
+         "not found"),
+    Case("tokenize_no_tokenizer", lambda w, t: ["tokenize", str((lambda m: (_no_tokenizer(m), m)[1])(
+        w.model_copy(t))), "--input", str(w.texts)], 2, "tokenizer"),
+    Case("report_not_a_run", lambda w, t: ["report", str(t)], 2, "run"),
+    Case("report_out_is_a_folder", lambda w, t: ["report", str(w.clf), "--out", str(t)], 2, "folder"),
+    Case("report_metrics_garbage", run_cmd("report", "clf", _put("metrics.jsonl", "{oops\n\xff")), 0, ""),
+]
+CASES += OTHER_COMMANDS
+
 
 # ---- running one case ----------------------------------------------------------------------------------------
 @dataclass

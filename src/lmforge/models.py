@@ -274,7 +274,7 @@ def _resolve(ref: str, revision: str | None) -> Path:
     from .config import preview
 
     if not isinstance(ref, str) or not ref or len(ref) > 4096 or "\0" in ref:
-        raise LmforgeError(f"model {preview(ref)} not found (packaged aliases: {', '.join(PACKAGED)})")
+        raise LmforgeError(f"model {preview(ref, 240)} not found (packaged aliases: {', '.join(PACKAGED)})")
     if ref in PACKAGED:
         p = PACKAGED[ref].locate(ref)
         return dequantise_gguf(p) if p.suffix == ".gguf" else p
@@ -293,7 +293,7 @@ def _resolve(ref: str, revision: str | None) -> Path:
             return dequantise_gguf(ggufs[0])
         raise LmforgeError(f"{p}: not a Hugging Face model folder (no config.json)")
     if p.suffix == ".gguf" or ref.startswith((".", "/", "~")) or not _looks_like_hub_id(ref):
-        raise LmforgeError(f"model {preview(ref)} not found (packaged aliases: {', '.join(PACKAGED)})")
+        raise LmforgeError(f"model {preview(ref, 240)} not found (packaged aliases: {', '.join(PACKAGED)})")
     return _download(ref, revision)
 
 
@@ -462,7 +462,7 @@ def check_positions(cfg: dict, max_length: int, key: str, where: str) -> None:
 def _preview(ref: str) -> str:
     from .config import preview
 
-    return preview(ref)
+    return preview(ref, 240)
 
 
 def _download(ref: str, revision: str | None) -> Path:

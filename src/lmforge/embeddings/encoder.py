@@ -215,6 +215,8 @@ class SentenceEncoder(nn.Module):
             progress: show progress with an estimate (sentences); None: for corpora of
                 ``AUTO_PROGRESS`` texts or more (building an index, topics ...).
         """
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise LmforgeError(f"batch size must be a positive integer, got {batch_size!r:.20}")
         place = placement or Placement.resolve(device, precision)
         unit = self.normalize if normalize is None else normalize
         ids = self.tokenize(texts)
