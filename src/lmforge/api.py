@@ -142,6 +142,9 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None, prepar
         task.eval_items = held
     if int(os.environ.get("RANK", "0")) == 0:
         task.save(run_dir)
+        from .report import report_after_training
+
+        report_after_training(run_dir, task)  # runs/<name>/report.html (+ run_info.json)
     return Run(run_dir, cfg, dict(metrics or {}), "final", task, seconds)
 
 

@@ -45,9 +45,6 @@ def cmd_train(args) -> int:
 
     run = train_config(load_config(args.recipe, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:
-        from ..report import report_after_training
-
-        report_after_training(run.run_dir, run.task)  # runs/<name>/report.html
         summary = {k: v for k, v in run.metrics.items() if isinstance(v, (int, float))}
         print(json.dumps({"run_dir": str(run.run_dir)} | summary))
     return 0
