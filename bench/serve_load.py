@@ -114,22 +114,22 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
             "p95_ms": round(1000 * lat[int(0.95 * (len(lat) - 1))], 1) if lat else None, "errors": fails[:2]}
 
 
-def answers(url: str, model: str, n: int) -> list[str]:
+def answers(url: str, model: str, n: int, k: int = 4) -> list[str]:
     import openai
 
     c = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1800, max_retries=0)
     return [c.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=n,
-                                      temperature=0).choices[0].message.content for p in PROMPTS[:4]]
+                                      temperature=0).choices[0].message.content for p in PROMPTS[:k]]
 
 
-def reference(folder: Path, n: int) -> list[str]:
+def reference(folder: Path, n: int, k: int = 4) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = []
-    for p in PROMPTS[:4]:
+    for p in PROMPTS[:k]:
         ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
@@ -146,11 +146,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sides", default="lmforge,peer_default,peer_best")
+    ap.add_argument("--quality-prompts", type=int, default=4, help="greedy answers compared (0: warm-up only)")
     args = ap.parse_args()
     from lmforge.models import resolve_model
 
     folder = resolve_model(args.model)
-    ref = reference(folder, 24)
+    k = args.quality_prompts
+    ref = reference(folder, 24, k) if k else []
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "lmforge_serve_bench"
     logs.mkdir(exist_ok=True)
     sides = args.sides.split(",")
@@ -164,8 +166,9 @@ def main() -> None:
             proc = start(side, args.model, folder, port, logs / f"{side}-{rep}.log", args.max_tokens, args.clients)
             try:
                 wait_up(proc, url)
-                got = answers(url, model, 24)  # also the warm-up
-                quality[side] = sum(a == b for a, b in zip(got, ref)) / len(ref)
+                got = answers(url, model, 24 if k else 2, max(k, 1))  # also the warm-up
+                if k:
+                    quality[side] = sum(a == b for a, b in zip(got, ref)) / len(ref)
                 runs[side].append(asyncio.run(load(url, model, args.clients, args.requests, args.max_tokens)))
             except Exception as exc:
                 runs[side].append({"ok": 0, "failed": args.requests, "tokens_per_s": 0.0, "errors": [repr(exc)[:200]]})
