@@ -106,3 +106,16 @@ def test_agent_runs_with_tiny_model_and_records_transcript(tiny_lm, tiny_tok):
                        constrain=True, temperature=1.0)[0]
     assert tight["malformed"] == 0
     assert all(e["parsed"]["kind"] in ("action", "final") for e in tight["transcript"])
+
+
+def test_search_tool_over_an_lmforge_index(tiny_bert_dir, tmp_path):
+    from lmforge.search import IndexSettings, build_index
+
+    docs = [("d1", "the movie was great fun."), ("d2", "the plot was very dull."), ("d3", "an actor and a scene.")]
+    build_index(docs, str(tiny_bert_dir), tmp_path / "idx", IndexSettings(chunking="none"))
+    tool = build_tools(f"search:{tmp_path / 'idx'}")[0]
+    found = tool.run("dull plot")
+    assert tool.name == "search" and found.startswith("[1] ") and "dull" in found
+    from lmforge.prompting.agent import Step
+
+    assert run_tool(Step("action", tool="search", input=" "), [tool]) == "Error: empty query"
