@@ -45,7 +45,7 @@ def test_recipe_undefined_variable_is_one_line(tmp_path):
         else:
             with pytest.raises(LmforgeError, match=msg):
                 recipe_from_dict(bad)
-    with pytest.raises(LmforgeError, match="not valid YAML"):
+    with pytest.raises(LmforgeError, match="bad.yaml: line 1 malformed YAML"):
         load_recipe(_write(tmp_path / "bad.yaml", "instruction: [unclosed"))
 
 

@@ -105,17 +105,14 @@ class PromptRecipe(BaseModel):
 
 
 def load_recipe(path: str | Path) -> PromptRecipe:
-    """Read and check a recipe YAML file."""
-    import yaml
+    """Read and check a recipe YAML file (lmforge's YAML reader: non-UTF-8, duplicate keys and
+    alias bombs are one line)."""
+    from ..config import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise LmforgeError(f"{p}: recipe not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LmforgeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return recipe_from_dict(raw, str(p))
+    return recipe_from_dict(read_yaml(p), str(p))
 
 
 def recipe_from_dict(raw: Any, source: str = "recipe") -> PromptRecipe:
