@@ -216,3 +216,23 @@ def test_compare_command_by_hand(tmp_path, capsys):
     assert rep["any_unsupported"]["before"] == 0.5 and rep["any_unsupported"]["after"] == 0.5
     _bad(capsys, ["factuality", "compare", str(before), str(tmp_path / "none.jsonl"), "--checker", "lexical"],
          tmp_path / "never.json", "none.jsonl")
+
+
+def test_answer_logprob_equals_full_softmax_by_hand(tiny_llama_dir):
+    import torch
+
+    from lmforge.causal_lm import load_causal_lm, resolve_source
+    from lmforge.data.chat import Formatter
+    from lmforge.factuality.sampler import answer_logprobs
+
+    model, tok, _ = load_causal_lm(resolve_source(str(tiny_llama_dir)))
+    prompts, answers = ["is the movie good ?", "bad plot ?"], ["the movie is good .", "awful"]
+    got = answer_logprobs(model, tok, prompts, answers, batch_size=2)
+    fmt = Formatter.create(tok)
+    for (lp, n), p, a in zip(got, prompts, answers):
+        p_ids, c_ids, _ = fmt.encode_completion(p, a)
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]  # (T, V)
+        want = sum(float(logp[t - 1, ids[0, t]]) for t in range(len(p_ids), ids.shape[1]))
+        assert n == len(c_ids) and lp == pytest.approx(want, abs=1e-4)

@@ -24,33 +24,38 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[
     """``(sum log-prob, token count)`` of each ``answers[i]`` after ``prompts[i]``.
 
     Rows are encoded with :class:`lmforge.data.chat.Formatter` (chat template when the tokenizer
-    has one), right-padded, and scored in one forward per batch:
-    ``logp_i = sum_{t in answer} log_softmax(z_{t-1})[y_t]`` with logits ``z`` (B, T, V).
+    has one), right-padded, run through the decoder once per batch, and only the answer positions
+    go through the LM head (:func:`lmforge.losses.lm.token_logps`, chunked):
+    ``logp_i = sum_{t in answer} log softmax(W h_{t-1})[y_t]`` with hidden states ``h`` (B, T, H).
     """
-    from ..data.chat import Formatter
+    from ..data.chat import Formatter, next_token_targets
+    from ..losses.lm import token_logps
+    from ..tasks.causal import decoder_hidden, output_projection
 
     fmt = Formatter.create(tokenizer)
     rows = []
     for p, a in zip(prompts, answers):
         p_ids, c_ids, c_lab = fmt.encode_completion(p, a)
-        rows.append((p_ids + c_ids, [-100] * len(p_ids) + c_lab))
+        rows.append((p_ids + c_ids, next_token_targets([-100] * len(p_ids) + c_lab)))
     device = next(model.parameters()).device
+    weight, bias = output_projection(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[tuple[float, int]] = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
-        lab = torch.full((len(chunk), width), -100, dtype=torch.long)
+        tgt = torch.full((len(chunk), width), -100, dtype=torch.long)  # (B, T): token t+1 at position t
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (i, l) in enumerate(chunk):
-            ids[r, :len(i)], lab[r, :len(l)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(l), 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-        targets = lab[:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
-        keep = targets != -100
-        tok = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0] * keep  # (B, T-1)
-        out += [(float(v), int(n)) for v, n in zip(tok.sum(1).tolist(), keep.sum(1).tolist())]
+        for r, (i, t) in enumerate(chunk):
+            ids[r, :len(i)], tgt[r, :len(t)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(t), 1
+        hidden = decoder_hidden(model, ids.to(device), mask.to(device))  # (B, T, H)
+        tgt = tgt.to(device)
+        keep = tgt != -100  # (B, T)
+        lp = token_logps(hidden[keep], weight, tgt[keep], bias=bias)  # (N,) answer positions only
+        per_row = torch.zeros(len(chunk), dtype=lp.dtype, device=lp.device).index_add_(
+            0, keep.nonzero()[:, 0], lp)  # (B,)
+        out += [(float(v), int(n)) for v, n in zip(per_row.tolist(), keep.sum(1).tolist())]
     return out
 
 
