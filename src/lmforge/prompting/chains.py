@@ -109,15 +109,12 @@ class Chain:
 
 
 def load_chain(path: str | Path) -> Chain:
-    import yaml
+    from ..config import read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise LmforgeError(f"{p}: chain not found")
-    try:
-        raw: Any = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise LmforgeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw: Any = read_yaml(p)  # one line for non-UTF-8, malformed YAML, duplicate keys, alias bombs
     if not isinstance(raw, dict) or not isinstance(raw.get("steps"), list) or not raw["steps"]:
         raise LmforgeError(f"{p}: a chain is a mapping with a non-empty 'steps' list")
     extra = set(raw) - {"steps"}

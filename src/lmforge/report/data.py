@@ -96,13 +96,13 @@ def _config(run: Path) -> tuple[dict, str]:
         return read_config(run).model_dump(mode="json"), ""
     except (ImportError, LmforgeError) as exc:
         note = f"config not validated: {exc}" if not isinstance(exc, ImportError) else ""
-    import yaml
+    from ..config import read_yaml
 
-    try:
-        raw = yaml.safe_load((run / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+    try:  # lmforge's YAML reader: an alias bomb or duplicate keys are refused, not expanded
+        raw = read_yaml(run / CONFIG)
+    except (OSError, LmforgeError) as exc:
         return {}, f"{run / CONFIG}: unreadable ({str(exc).splitlines()[0]})"
-    return (raw if isinstance(raw, dict) else {}), note
+    return raw, note
 
 
 def load_run(path: str | Path) -> RunData:
