@@ -85,14 +85,35 @@ class Run:
                     self._task = load_task(self.run_dir, self.checkpoint)
         return self._task
 
-    def evaluate(self, data: str | Path, out: str | Path | None = None) -> dict:
-        """Metrics of the run on a data file (same columns as training); written to ``out``
-        (default ``eval_<file stem>.json`` in the run directory)."""
-        from .rundir import write_json
+    def evaluate(self, data: str | Path | None = None, out: str | Path | None = None, *,
+                 split: str | None = None) -> dict:
+        """Metrics of the run on a data file (same columns as training), or on the run's own
+        held-out ``split="test"`` (``data.test`` or the seeded ``data.test_fraction``, re-derived
+        from its config); written to ``out`` (default ``eval_<file stem>.json`` / ``eval_test.json``
+        in the run directory)."""
+        import tempfile
+
+        from .data.schema import load_test_split
+        from .rundir import write_json, write_jsonl
 
         task = self.task
-        report = task.evaluate(task.read_eval_file(str(data)))
-        out = Path(out) if out else self.run_dir / f"eval_{Path(data).name.split('.')[0]}.json"
+        if split is not None:
+            if split != "test":
+                raise LmforgeError(f"--split {split}: only the held-out 'test' split can be re-derived")
+            table = load_test_split(self.config.data, self.config.seed)
+            if table is None:
+                raise LmforgeError(f"{self.run_dir}: the run has no test split (set data.test or data.test_fraction)")
+            with tempfile.TemporaryDirectory() as tmp:  # the split's rows, read back as any eval file
+                write_jsonl(Path(tmp) / "test.jsonl", table.records)
+                report = task.evaluate(task.read_eval_file(str(Path(tmp) / "test.jsonl")))
+            name = "test"
+        elif data is None:
+            raise LmforgeError("evaluate needs a data file or split='test'")
+        else:
+            report = task.evaluate(task.read_eval_file(str(data)))
+            name = Path(data).name.split('.')[0]
+        report["checkpoint"] = self.checkpoint
+        out = Path(out) if out else self.run_dir / f"eval_{name}.json"
         write_json(out, report)
         return report
 
@@ -142,10 +163,29 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None, prepar
         task.eval_items = held
     if int(os.environ.get("RANK", "0")) == 0:
         task.save(run_dir)
+        _score_test_split(run_dir, cfg)
         from .report import report_after_training
 
         report_after_training(run_dir, task)  # runs/<name>/report.html (+ run_info.json)
     return Run(run_dir, cfg, dict(metrics or {}), "final", task, seconds)
+
+
+def _score_test_split(run_dir: Path, cfg) -> None:
+    """Score the held-out test split once, with the selected weights (``best/`` when a best
+    metric chose a step, else the final ones), into ``eval.json`` under ``test``."""
+    import json
+
+    from .rundir import BEST, EVAL, write_json
+
+    if not (cfg.data.test or cfg.data.test_fraction) or not (run_dir / EVAL).is_file():
+        return
+    which = "best" if (run_dir / BEST).is_dir() else "final"
+    report = load(run_dir, which).evaluate(split="test")
+    final = json.loads((run_dir / EVAL).read_text(encoding="utf-8"))
+    final["test"] = report
+    write_json(run_dir / EVAL, final)
+    log.info("held-out test (%s weights): %s", which,
+             ", ".join(f"{k} {v:.4f}" for k, v in report.items() if isinstance(v, float))[:300])
 
 
 def train(recipe: str | Path | dict | Any, **overrides) -> Run:

@@ -55,8 +55,8 @@ def cmd_eval(args) -> int:
         from .search import cmd_eval_index
 
         return cmd_eval_index(args)
-    if not args.data:
-        raise LmforgeError("eval needs --data FILE (or --queries and --qrels for a search index)")
+    if not args.data and not getattr(args, "split", None):
+        raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
     if getattr(args, "task", None) in ("perplexity", "generation"):  # causal LM evaluation
         from .generate import run_eval_task
 
@@ -68,7 +68,7 @@ def cmd_eval(args) -> int:
     from ..api import load
 
     _out_file(args.out)
-    report = load(args.run_dir).evaluate(args.data, args.out)
+    report = load(args.run_dir, args.checkpoint).evaluate(args.data, args.out, split=args.split)
     print(json.dumps(report))
     return 0
 
@@ -107,6 +107,9 @@ def register(sub) -> None:
     e.add_argument("--qrels", default=None, help="search index: judgements (TREC qrels or query_id/doc_id/score)")
     e.add_argument("--modes", default=None, help="search index: modes to evaluate (default dense,bm25,hybrid)")
     e.add_argument("--out", default=None)
+    e.add_argument("--checkpoint", default="final", help="a run's weights: final, best or step-N (a kept checkpoint)")
+    e.add_argument("--split", default=None, choices=["test"],
+                   help="score the run's own held-out test split (data.test / data.test_fraction) instead of --data")
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation"],
                    help="sts|retrieval (embeddings) or perplexity|generation (causal LMs); run_dir may then "
                         "also be a model folder or alias")
