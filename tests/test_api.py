@@ -115,3 +115,23 @@ def test_every_recipe_names_a_registered_task():
         assert TASK_CONFIGS[name] is cls.config_class
         section = cls.config_class.model_fields.get(name)
         assert section is not None or name in ("retriever",), f"task {name} has no '{name}:' section"
+
+
+def test_the_engine_logs_the_pre_clip_gradient_norm(tmp_path, toy):
+    import json
+    import math
+
+    xs = [i / 8 for i in range(16)]
+    write_jsonl(tmp_path / "xy.jsonl", [{"x": x, "y": 3 * x + 1} for x in xs])
+    run = lmforge.train({
+        "task": "toy", "output_dir": str(tmp_path / "runs"), "name": "g", "model": {"name": "none"},
+        "data": {"train": str(tmp_path / "xy.jsonl"), "eval_fraction": 0.0}, "toy": {"init": 0.5},
+        "train": {"max_steps": 1, "batch_size": 16, "lr": 0.1, "max_grad_norm": 0.01, "log_every": 1,
+                  "progress": False}})
+    rec = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in line][0]
+    # MSE of w x + b against 3 x + 1 at w = 0.5, b = 0: dL/dw = mean(2 r x), dL/db = mean(2 r), r = w x + b - y
+    r = [0.5 * x - (3 * x + 1) for x in xs]
+    gw = sum(2 * ri * x for ri, x in zip(r, xs)) / 16
+    gb = sum(2 * ri for ri in r) / 16
+    assert rec["grad_norm"] == pytest.approx(math.hypot(gw, gb), rel=1e-5)  # before clipping to 0.01

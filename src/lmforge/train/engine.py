@@ -147,8 +147,8 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                     raise TrainingError(f"non-finite loss ({loss_val}) at step {step + 1}, run stopped{where}")
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                if tc.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+                # the pre-clip global gradient norm, logged (max_norm=inf clips nothing: scale 1.0)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf")))
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -162,7 +162,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 state.update(step=step, batch=b)
                 acc_loss += loss_val
                 acc_n += 1
-                for k, v in metrics.items():
+                for k, v in (metrics | {"grad_norm": grad_norm}).items():
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + v
                 bar.update(1)
                 if on_step is not None:
