@@ -41,6 +41,9 @@ def test_line_chart_counts_points_and_breaks_at_nan():
     d = re.search(r'd="([^"]*)"', svg).group(1)
     assert 'data-points="3"' in svg and d.count("M") == 2 and d.count("L") == 1
     assert nice_ticks(0, 1, 5) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    # a span below float resolution at its magnitude (a flat gradient-norm curve) ends, with its two ends
+    assert nice_ticks(3.0, 3.0000000000000004) == [3.0, 3.0000000000000004]
+    assert nice_ticks(1e6, 1e6 + 1e-10) == [1e6, 1e6 + 1e-10]
 
 
 def test_warnings_spike_nan_early_peak_negative_kl(tmp_path):

@@ -50,10 +50,14 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     start = math.ceil(lo / step - 1e-9) * step
-    out, t = [], start
-    while t <= hi + step * 1e-9:
+    if not step > 0 or start + step == start:  # a span below float resolution at this magnitude
+        return [lo, hi]
+    out = []
+    for k in range(4 * max(n, 1) + 2):  # bounded: about n ticks, never an endless loop
+        t = start + k * step
+        if t > hi + step * 1e-9:
+            break
         out.append(round(t, 12))
-        t += step
     return out
 
 
