@@ -1,4 +1,4 @@
-"""Pure tensor losses: language modelling, preference optimisation, sentence embeddings."""
+"""Pure tensor losses: language modelling, preference optimisation, RL (PPO, RLOO, GRPO), sentence embeddings."""
 from lmforge.losses.contrastive import (
     alignment,
     cosent_loss,
@@ -11,22 +11,52 @@ from lmforge.losses.contrastive import (
 )
 from lmforge.losses.lm import chunked_cross_entropy, sequence_logps, shift_labels, token_logps
 from lmforge.losses.preference import bradley_terry_loss, dpo_loss, orpo_loss, preference_metrics
+from lmforge.losses.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_entropy,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    rloo_advantages,
+    token_entropy,
+    value_loss,
+)
 
 __all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
     "alignment",
     "bradley_terry_loss",
     "chunked_cross_entropy",
     "cosent_loss",
     "cosine_similarity_loss",
     "dpo_loss",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
     "info_nce",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "masked_entropy",
+    "masked_mean",
+    "masked_whiten",
     "multiple_negatives_ranking_loss",
     "orpo_loss",
+    "policy_loss",
     "preference_metrics",
+    "rloo_advantages",
     "sequence_logps",
     "shift_labels",
     "softmax_nli_logits",
     "softmax_nli_loss",
+    "token_entropy",
     "token_logps",
     "uniformity",
+    "value_loss",
 ]
