@@ -157,3 +157,16 @@ def test_memory_bad_specs_and_oversized_message():
     mem.add("user", "a very long message that cannot fit at all")
     with pytest.raises(LmforgeError, match="budget"):
         mem.messages()
+
+
+def test_similar_examples_are_the_nearest_by_the_encoder(tmp_path, tiny_bert_dir):
+    """An input equal to one example's text has that example as its nearest (cosine 1)."""
+    from lmforge.prompting.recipe import select_examples
+
+    rows = [{"text": t, "label": str(i)} for i, t in enumerate(
+        ["good great fine", "bad awful poor", "movie film plot", "actor story scene"])]
+    shots = _write(tmp_path / "shots.jsonl", "\n".join(json.dumps(r) for r in rows))
+    r = recipe_from_dict({"data": "{text}", "examples": {"file": str(shots), "k": 2, "select": "similar",
+                                                         "encoder": str(tiny_bert_dir), "output": "label"}})
+    picked = select_examples(r, [{"text": "bad awful poor"}, {"text": "actor story scene"}])
+    assert [p[-1]["label"] for p in picked] == ["1", "3"] and all(len(p) == 2 for p in picked)
