@@ -103,3 +103,14 @@ def test_retrieval_files(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"queries": ["q"], "corpus": ["d"], "relevant": {"0": ["7"]}}))
     with pytest.raises(LmforgeError, match="unknown document '7'"):
         retrieval_from_file(str(tmp_path / "bad.json"))
+
+
+def test_sts_evaluator_keeps_the_points_behind_the_correlation():
+    import numpy as np
+
+    from lmforge.embeddings.evaluators import STSEvaluator
+
+    emb = {"a": np.array([1.0, 0.0]), "b": np.array([1.0, 1.0]), "c": np.array([0.0, 1.0])}
+    out = STSEvaluator(["a", "a"], ["b", "c"], [0.9, 0.1]).compute(emb)
+    assert out["sts_scatter"]["gold"] == [0.9, 0.1]
+    assert out["sts_scatter"]["pred"] == [round(2 ** -0.5, 5), 0.0]  # cos(a, b), cos(a, c)

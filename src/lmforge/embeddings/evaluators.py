@@ -123,7 +123,11 @@ class STSEvaluator(Evaluator):
         pos = [i for i, s in enumerate(self.scores) if s > self.positive_above]
         uniq = _sample(sorted(set(self.s1) | set(self.s2)), UNIFORMITY_SAMPLE)
         au = alignment_uniformity(e1[pos] if pos else None, e2[pos] if pos else None, _stack(emb, uniq))
-        return {f"{self.name}_{k}": v for k, v in (rep | au).items()}
+        out = {f"{self.name}_{k}": v for k, v in (rep | au).items()}
+        # the points behind the correlation (the run report draws predicted vs gold); not a logged scalar
+        out[f"{self.name}_scatter"] = {"pred": [round(float(c), 5) for c in cosine_pairs(e1, e2)],
+                                       "gold": [round(s, 5) for s in self.scores]}
+        return out
 
 
 class AlignUniformEvaluator(Evaluator):
