@@ -293,3 +293,20 @@ def test_resuming_a_run_whose_config_cannot_be_read_names_the_key(tmp_path, tiny
     err = _err(capsys)
     assert err.count("train.resume=true") == 1 and "unknown key 'bogus'" in err
     assert (run / "config.yaml").read_text().endswith("bogus: 1\n")
+
+
+def test_written_files_and_folders_get_the_usual_modes(tmp_path):
+    import os
+    import stat
+
+    from lmforge.rundir import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            write_text(d / "b.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755       # not mkdtemp's 0700

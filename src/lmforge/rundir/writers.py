@@ -13,6 +13,13 @@ from ..errors import LmforgeError
 from .layout import METRICS, TMP_PREFIX
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
@@ -24,6 +31,7 @@ def atomic_file(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f"{TMP_PREFIX}{p.name}-")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     except OSError as exc:
         raise LmforgeError(f"{p}: cannot write here ({exc.strerror or exc})", exit_code=1) from None
     ok = False
@@ -96,6 +104,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TMP_PREFIX}{final.name}-"))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the usual mode
     except OSError as exc:
         raise LmforgeError(f"{final}: cannot write here ({exc.strerror or exc})", exit_code=1) from None
     try:
