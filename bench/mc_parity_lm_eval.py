@@ -13,10 +13,11 @@ from lmforge.models import resolve_model
 items = load_suite(suite)[0][:limit]
 import tempfile
 d = tempfile.mkdtemp(prefix="lmeval_task_")
-with open(f"{d}/{suite}.jsonl", "w") as fh:
-    for it in items:
-        fh.write(json.dumps({"ctx": it.context, "choices": [o[1:] for o in it.options], "label": it.answer}) + "\n")
-open(f"{d}/{suite}.yaml", "w").write(f"""task: lmforge_{suite}
+from pathlib import Path
+from lmforge.rundir import write_jsonl, write_text
+write_jsonl(Path(f"{d}/{suite}.jsonl"),
+            [{"ctx": it.context, "choices": [o[1:] for o in it.options], "label": it.answer} for it in items])
+write_text(Path(f"{d}/{suite}.yaml"), f"""task: lmforge_{suite}
 dataset_path: json
 dataset_kwargs:
   data_files:
