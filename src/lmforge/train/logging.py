@@ -19,6 +19,24 @@ def _clean(v):
     return v
 
 
+def _after_existing_event_files(folder: Path) -> None:
+    """Wait (at most about a second) until a new event file's name sorts after every existing one.
+
+    TensorBoard reads a folder's event files in name order, ``events.out.tfevents.<unix second>.
+    <host>.<pid>...``: a resumed run started within the same second as the last file could sort
+    before it (by pid), and its purge of the redone steps would then be read first and undone.
+    """
+    import time
+
+    newest = 0
+    for f in folder.glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3] if len(f.name.split(".")) > 3 else ""
+        if part.isdigit():
+            newest = max(newest, int(part))
+    while int(time.time()) <= newest and newest - time.time() < 2:
+        time.sleep(0.05)
+
+
 class RunLogger:
     """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
@@ -31,6 +49,8 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: a resumed run drops TensorBoard events of the steps it does again
+                if purge_step is not None:
+                    _after_existing_event_files(run_dir / "tensorboard")
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except Exception:  # tensorboard not installed
                 self.tb = None
