@@ -125,6 +125,27 @@ class Task:
         """One line about the trained parameters (logged when training starts)."""
         return self.describe()
 
+    # ---- on-policy tasks (rl): the engine trains in rollout phases -----------------------------
+    #: True for tasks that make their own training data with the current model (see :meth:`rollout`)
+    on_policy = False
+
+    def rollout_plan(self) -> tuple[int, int, int]:
+        """(samples per rollout, rollouts per epoch of prompts, optimisation epochs per rollout)."""
+        raise NotImplementedError
+
+    def rollout(self, phase: int) -> dict[str, Any]:
+        """Rollout ``phase`` (model in eval mode, no gradients): ``{"items": [...], "metrics": {...},
+        "samples": [...]}``; items are what :meth:`collate` takes, metrics are logged with every
+        step of the phase, samples (dicts) go to the run's ``samples/`` folder."""
+        raise NotImplementedError
+
+    def loop_state(self) -> dict[str, Any]:
+        """JSON state the task carries across steps (saved in checkpoints, e.g. a KL coefficient)."""
+        return {}
+
+    def load_loop_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`loop_state` on resume."""
+
     def train_direct(self, run_dir: Path) -> dict[str, Any] | None:
         """Methods that train without gradient steps (e.g. embeddings + logistic regression)
         override this and return their eval metrics; the default (None) means: use the engine."""

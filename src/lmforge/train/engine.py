@@ -5,6 +5,17 @@ gradient accumulation weighted by loss units, clipping, autocast precision, eval
 steps and at the end, best tracking, atomic checkpoints with exact resume, NaN/inf guard,
 metrics.jsonl/TensorBoard/progress bar, and data parallelism under torchrun.
 
+On-policy tasks (``task.on_policy``, e.g. ``rl``) train in phases: at the start of phase ``p``
+the task makes a rollout batch with the current policy in eval mode (``task.rollout(p)``:
+generate with a sampler seeded by ``(seed, p)``, score, compute advantages), then the engine
+runs ``opt_epochs`` passes of shuffled minibatches over it, each minibatch one optimizer step
+through the same window/accumulation/clipping/schedule path as every other task. Checkpoints
+are written only at phase boundaries (a ``save_every`` that falls inside a phase is honoured at
+its end), with the task's own state (``task.loop_state()``, e.g. an adaptive KL coefficient),
+so a killed run resumes with the same rollouts as an uninterrupted one. A task's loss may
+report the metric ``skip`` > 0 (a guard, e.g. an exploding probability ratio): the step's
+gradients are dropped and the optimizer does not move (the schedule still advances).
+
 The engine owns distribution: tasks always see their plain model. Under torchrun each rank runs
 its shard of every micro-batch and the engine sums the gradients over ranks (one all-reduce per
 optimizer step, :func:`lmforge.train.distributed.all_reduce_grads`), which gives exactly the
@@ -28,7 +39,7 @@ from ..config import RunConfig
 from ..data.batching import step_batches
 from ..device import move
 from ..errors import LmforgeError, TrainingError
-from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, save_config, truncate_metrics, write_json
+from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, save_config, truncate_metrics, write_json, write_jsonl
 from . import checkpoint as ckpt
 from .distributed import DistEnv, all_reduce_grads, all_sum, barrier, init_distributed, shard
 from .logging import RunLogger, progress
@@ -38,6 +49,7 @@ if TYPE_CHECKING:  # the engine only calls the protocol; tasks sit above it
     from ..tasks.base import Task
 
 log = logging.getLogger(__name__)
+SAMPLES = "samples"  # on-policy runs: each rollout's sample generations (samples/rollout-NNNNNN.jsonl)
 
 
 def seed_everything(seed: int) -> None:
@@ -53,6 +65,33 @@ def epoch_batches(task: Task, cfg: RunConfig, epoch: int, world: int) -> list[li
     lengths = [task.item_length(it) for it in task.train_items] if tc.group_by_length else None
     return step_batches(lengths, len(task.train_items), tc.batch_size, grad_accum=tc.grad_accum, world=world,
                         seed=cfg.seed, epoch=epoch, drop_last=world > 1)
+
+
+def rollout_batches(cfg: RunConfig, n: int, phase: int, opt_epochs: int, world: int) -> list[list[int]]:
+    """Micro-batches (indices into a rollout of ``n`` samples) of one on-policy phase:
+    ``opt_epochs`` seeded shuffles, each cut into whole steps of ``batch_size * grad_accum * world``
+    samples (``n`` is a multiple of that, checked by :func:`phase_plan`)."""
+    tc = cfg.train
+    out: list[list[int]] = []
+    for e in range(opt_epochs):
+        out += step_batches(None, n, tc.batch_size, grad_accum=tc.grad_accum, world=world, seed=cfg.seed,
+                            epoch=phase * opt_epochs + e)
+    return out
+
+
+def phase_plan(task: Task, cfg: RunConfig, world: int) -> tuple[int, int]:
+    """(optimizer steps per on-policy phase, phases in the run) from ``task.rollout_plan()``
+    (samples per rollout, rollouts per epoch of prompts, optimisation epochs per rollout).
+    ``train.max_steps`` is rounded up to whole phases (a phase's steps share one rollout)."""
+    tc = cfg.train
+    n, per_epoch, opt_epochs = task.rollout_plan()
+    g = tc.batch_size * tc.grad_accum * world
+    if n % g:
+        raise LmforgeError(f"train.batch_size: a rollout of {n} samples is not a whole number of minibatches of "
+                           f"batch_size x grad_accum{' x world' if world > 1 else ''} = {g}")
+    per_phase = opt_epochs * n // g
+    phases = math.ceil(tc.max_steps / per_phase) if tc.max_steps else math.ceil(tc.epochs * per_epoch)
+    return per_phase, max(1, phases)
 
 
 def backward_window(task: Task, micro: list[dict], env: DistEnv, device: torch.device,
@@ -102,11 +141,18 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     if not task.train_items:
         raise LmforgeError("the training split is empty")
 
-    n_batches = len(epoch_batches(task, cfg, 0, env.world))
-    if n_batches == 0:
-        raise LmforgeError(f"not enough training examples for one global batch of {tc.batch_size * env.world}")
-    steps_per_epoch = math.ceil(n_batches / tc.grad_accum)
-    total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    on_policy = bool(getattr(task, "on_policy", False))
+    if on_policy:
+        per_phase, phases = phase_plan(task, cfg, env.world)
+        total = per_phase * phases
+        if tc.max_steps and total != tc.max_steps:
+            log.info("train.max_steps=%d rounded up to %d: whole rollouts of %d steps", tc.max_steps, total, per_phase)
+    else:
+        n_batches = len(epoch_batches(task, cfg, 0, env.world))
+        if n_batches == 0:
+            raise LmforgeError(f"not enough training examples for one global batch of {tc.batch_size * env.world}")
+        steps_per_epoch = math.ceil(n_batches / tc.grad_accum)
+        total = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     warmup = int(tc.warmup_ratio * total)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = LambdaLR(optimizer, lr_lambda(tc.schedule, warmup, total))
@@ -118,6 +164,11 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
 
     if tc.resume:
         state = ckpt.resume_from(ckpt_root, model, optimizer, scheduler, log if env.is_main else _quiet) or state
+        if on_policy and state["batch"]:
+            raise LmforgeError(f"{ckpt_root}: checkpoint of step {state['step']} is inside a rollout phase; "
+                               "on-policy runs resume from phase boundaries (remove it to use the previous one)")
+        if "task" in state:
+            task.load_loop_state(state["task"])
         if env.is_main:  # each step is logged once: drop the records of steps the run does again
             truncate_metrics(run_dir, state["step"])
             save_config(run_dir, cfg)  # the resumed run has started cleanly: now its config is saved
@@ -130,13 +181,22 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
     step = start_step = state["step"]
+    save_due = False  # on-policy: a save_every step fell inside a phase; saved at its end
+    items, phase_metrics = task.train_items, {}
     try:
         while step < total:
-            batches = epoch_batches(task, cfg, state["epoch"], env.world)
+            if on_policy:
+                items, phase_metrics = _rollout(task, state["epoch"], env, run_dir, last_good)
+                batches = rollout_batches(cfg, len(items), state["epoch"], task.rollout_plan()[2], env.world)
+            else:
+                batches = epoch_batches(task, cfg, state["epoch"], env.world)
             b = state["batch"]
+            if b >= len(batches):  # an older checkpoint saved the end of an epoch as its last batch
+                state.update(epoch=state["epoch"] + 1, batch=0)
+                continue
             while b < len(batches) and step < total:
                 window = batches[b:b + tc.grad_accum]
-                micro = [move(task.collate([task.train_items[j] for j in shard(g, env)]), device) for g in window]
+                micro = [move(task.collate([items[j] for j in shard(g, env)]), device) for g in window]
                 window_samples += sum(len(g) for g in window)
                 window_tokens += int(all_sum(sum(task.batch_tokens(m) for m in micro), env, device))
                 model.train()
@@ -145,11 +205,16 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 if not math.isfinite(loss_val):
                     where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
                     raise TrainingError(f"non-finite loss ({loss_val}) at step {step + 1}, run stopped{where}")
+                skipped = "skip" in metrics and all_sum(metrics["skip"], env, device) > 0
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 # the pre-clip global gradient norm, logged (max_norm=inf clips nothing: scale 1.0)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf")))
-                if scaler is not None:
+                grad_norm = 0.0 if skipped else float(
+                    torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm or float("inf")))
+                if skipped:  # a task guard refused this minibatch: its gradients are dropped
+                    if scaler is not None:
+                        scaler.update()
+                elif scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
@@ -159,17 +224,20 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 b += len(window)
+                epoch_pos = round(state["epoch"] + b / len(batches), 4)
                 state.update(step=step, batch=b)
+                if b >= len(batches):  # the phase is over: the state points at the next one
+                    state.update(epoch=state["epoch"] + 1, batch=0)
                 acc_loss += loss_val
                 acc_n += 1
-                for k, v in (metrics | {"grad_norm": grad_norm}).items():
+                for k, v in (phase_metrics | metrics | {"grad_norm": grad_norm}).items():
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + v
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, {"loss": loss_val, "lr": lr, "samples": sum(len(g) for g in window)})
                 if step % tc.log_every == 0 or step == total:
                     dt = max(time.perf_counter() - window_t0, 1e-9)
-                    rec = {"step": step, "epoch": round(state["epoch"] + b / len(batches), 4),
+                    rec = {"step": step, "epoch": epoch_pos,
                            "loss": acc_loss / acc_n, "lr": lr,
                            "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt}
                     rec |= {k: v / acc_n for k, v in acc_metrics.items()}
@@ -179,13 +247,13 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
                 if (tc.eval_every and step % tc.eval_every == 0) or step == total:
                     eval_metrics = _evaluate(task, env, logger, step, tc, state, run_dir)
-                if tc.save_every and step % tc.save_every == 0 and step < total:
+                save_due = save_due or bool(tc.save_every and step % tc.save_every == 0)
+                if save_due and step < total and not (on_policy and state["batch"]):
+                    save_due = False
                     if env.is_main:
                         last_good = ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                                                         _loop(state), tc.keep_last, state["best_step"])
+                                                         _loop(state, task), tc.keep_last, state["best_step"])
                     barrier(env)
-            if b >= len(batches):
-                state.update(epoch=state["epoch"] + 1, batch=0)
         if step == start_step:  # resumed at the end (killed after the last checkpoint): evaluate it again
             eval_metrics = _evaluate(task, env, logger, step, tc, state, run_dir)
     finally:
@@ -193,7 +261,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
         logger.close()
     if env.is_main:
         if tc.save_every:
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, _loop(state), tc.keep_last,
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, _loop(state, task), tc.keep_last,
                                  state["best_step"])
         final = {"step": step} | eval_metrics
         if state["best"] is not None:
@@ -203,8 +271,30 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     return eval_metrics
 
 
-def _loop(state: dict) -> dict:
-    return {k: state[k] for k in ("epoch", "batch", "best", "best_step")}
+def _loop(state: dict, task: Task | None = None) -> dict:
+    out = {k: state[k] for k in ("epoch", "batch", "best", "best_step")}
+    task_state = task.loop_state() if task is not None and hasattr(task, "loop_state") else {}
+    return out | ({"task": task_state} if task_state else {})
+
+
+def _rollout(task: Task, phase: int, env: DistEnv, run_dir: Path, last_good: Path | None) -> tuple[list, dict]:
+    """One on-policy rollout with the model in eval mode and no gradients; its sample
+    generations go to ``samples/rollout-NNNNNN.jsonl``. Returns (items, metrics logged with
+    every step of the phase). A task that stops the run (e.g. on reward collapse) raises
+    TrainingError; the last good checkpoint is named."""
+    model = task.model
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = task.rollout(phase)
+    except TrainingError as err:
+        where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
+        raise TrainingError(f"{err}{where}") from None
+    finally:
+        model.train()
+    if env.is_main and out.get("samples"):
+        write_jsonl(run_dir / SAMPLES / f"rollout-{phase:06d}.jsonl", out["samples"])
+    return list(out["items"]), {k: float(v) for k, v in out.get("metrics", {}).items()}
 
 
 def check_best_metric(task: Task, cfg: RunConfig, probe_items: int = 8) -> None:
