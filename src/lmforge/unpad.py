@@ -1,0 +1,212 @@
+"""Unpadded (variable-length) encoder batches: no compute spent on padding tokens.
+
+A right-padded batch ``(B, T)`` with ``N = sum_b len_b`` real tokens is concatenated into one row
+``(1, N)`` (per-sequence ``position_ids`` restart at 0), so embeddings, every linear layer, layer
+norms and activations run on ``N`` tokens instead of ``B * T``. Attention stays per sequence:
+with ``cu = [0, len_0, len_0 + len_1, ...]`` (cumulative lengths, ``B + 1``) the query/key/value
+rows of sequence ``b`` are ``cu[b] .. cu[b+1]-1``; they are gathered into ``(B, H, L, d)`` with
+``L = max_b len_b`` and a key-padding mask, so sequence ``b`` attends to itself only
+
+    out_i = softmax(q_i K_b^T * scale + mask_b) V_b,      i in [cu[b], cu[b+1])
+
+(the block-diagonal attention of the concatenated row, without its ``N^2`` cost), then scattered
+back to ``(1, N, H, d)``. The backbone's ``last_hidden_state`` is re-padded to ``(B, T, D)``
+(zeros at padding) so heads, pooling and losses see the usual shapes; BERT's pooler is recomputed
+on the re-padded states.
+
+Only non-causal encoders (BERT family) are unpadded, and only batches that are right-padded,
+give no ``position_ids``/``inputs_embeds`` and ask for no attentions/hidden states; every other
+call takes the plain path unchanged. Works on any device (index ops only).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+_PREFIX = "lmforge_unpad_"
+_INNER = ("eager", "sdpa")
+
+
+def unpad_layout(attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Where the real tokens of a right-padded ``(B, T)`` mask sit in the concatenated row.
+
+    Returns:
+        ``flat_idx`` (N,) positions of real tokens in the flattened ``(B*T)`` batch;
+        ``position_ids`` (N,) index of each token inside its sequence;
+        ``cu_seq_lens`` (B+1,) int32 cumulative lengths; ``max_len`` (the longest sequence).
+    """
+    mask = attention_mask.bool()
+    lens = mask.sum(-1)  # (B,)
+    flat_idx = mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+    pos = (mask.long().cumsum(-1) - 1).reshape(-1)[flat_idx]  # (N,)
+    cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=mask.device)
+    cu[1:] = lens.cumsum(0)
+    return flat_idx, pos, cu, int(lens.max()) if lens.numel() else 0
+
+
+def _gather_index(cu: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+    """``(B, L)`` index into the ``N`` packed rows (row starts where ``t >= len_b``) and validity."""
+    starts = cu[:-1].long().unsqueeze(1)  # (B, 1)
+    t = torch.arange(max_len, device=cu.device).unsqueeze(0)  # (1, L)
+    valid = t < (cu[1:].long() - cu[:-1].long()).unsqueeze(1)  # (B, L)
+    return torch.where(valid, starts + t, starts), valid
+
+
+def varlen_attention(inner, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, cu: Tensor,
+                     max_len: int, **kwargs) -> Tensor:
+    """Attention of a packed row, sequence by sequence.
+
+    Args:
+        inner: transformers' attention function (eager or SDPA) run on the gathered batch.
+        query, key, value: ``(1, H, N, d)`` (``key``/``value`` may have fewer heads: GQA).
+        cu: ``(B+1,)`` cumulative sequence lengths; ``max_len``: the longest sequence.
+
+    Returns:
+        ``(1, N, H, d)`` attention output (the layout transformers' attention functions return).
+    """
+    idx, valid = _gather_index(cu, max_len)  # (B, L)
+
+    def gather(x: Tensor) -> Tensor:
+        return x[0][:, idx].transpose(0, 1)  # (H, N, d) -> (H, B, L, d) -> (B, H, L, d)
+
+    q, k, v = gather(query), gather(key), gather(value)
+    keep = valid[:, None, None, :]  # (B, 1, 1, L) keys of the same sequence
+    if inner is _eager():
+        dtype = torch.float32 if torch.is_autocast_enabled(query.device.type) else query.dtype
+        mask = torch.zeros(keep.shape, dtype=dtype, device=query.device).masked_fill(~keep, torch.finfo(dtype).min)
+    else:
+        mask = keep
+    out, _ = inner(module, q, k, v, mask, **kwargs)  # (B, L, H, d)
+    return out[valid].unsqueeze(0)  # (1, N, H, d)
+
+
+def _eager():
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def _inner_fn(name: str):
+    if name == "eager":
+        return _eager()
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _make_attention(inner_name: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        cu = kwargs.pop("cu_seq_lens_q", None)
+        max_len = kwargs.pop("max_length_q", None)
+        kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
+        inner = _inner_fn(inner_name)
+        if cu is None or attention_mask is not None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        return varlen_attention(inner, module, query, key, value, cu, int(max_len), **kwargs), None
+    return attention
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    for inner, mask_fn in (("eager", eager_mask), ("sdpa", sdpa_mask)):
+        AttentionInterface.register(_PREFIX + inner, _make_attention(inner))
+        AttentionMaskInterface.register(_PREFIX + inner, mask_fn)  # the plain path builds its usual mask
+    _REGISTERED = True
+
+
+def _is_causal(model: nn.Module) -> bool:
+    cfg = model.config
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False):
+        return True
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
+
+
+def can_unpad(model: nn.Module) -> bool:
+    """Whether :func:`enable_unpadding` applies: a non-causal transformers encoder whose attention
+    is eager or SDPA (or already unpadded)."""
+    base = getattr(model, "base_model", model)
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return impl is not None and (impl in _INNER or impl.startswith(_PREFIX)) and not _is_causal(base)
+
+
+def _arg(args, kwargs, i: int, name: str):
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _pre_hook(module, args, kwargs):
+    stack = module._lmforge_unpad_stack
+    ids, mask = _arg(args, kwargs, 0, "input_ids"), _arg(args, kwargs, 1, "attention_mask")
+    plain = (ids is None or mask is None or mask.dim() != 2 or len(args) > 2
+             or not str(module.config._attn_implementation).startswith(_PREFIX)
+             or any(kwargs.get(k) is not None for k in ("position_ids", "inputs_embeds", "encoder_hidden_states"))
+             or any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "use_cache"))
+             or kwargs.get("return_dict") is False or kwargs.get("cache") is not None
+             or bool(mask.all()) or bool((mask[:, 1:] > mask[:, :-1]).any()))  # no padding / not right-padded
+    if plain:
+        stack.append(None)
+        return None
+    flat_idx, pos, cu, max_len = unpad_layout(mask)
+    b, t = ids.shape
+    tt = _arg(args, kwargs, 2, "token_type_ids")
+    tt = tt.reshape(-1)[flat_idx] if tt is not None else torch.zeros_like(flat_idx)
+    new = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+    new.update(input_ids=ids.reshape(-1)[flat_idx].unsqueeze(0), attention_mask=None,
+               token_type_ids=tt.unsqueeze(0), position_ids=pos.unsqueeze(0),
+               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    stack.append((flat_idx, b, t))
+    return (), new
+
+
+def _post_hook(module, args, kwargs, output):
+    layout = module._lmforge_unpad_stack.pop()
+    if layout is None:
+        return None
+    flat_idx, b, t = layout
+    hidden = output.last_hidden_state[0]  # (N, D)
+    full = hidden.new_zeros(b * t, hidden.shape[-1]).index_copy(0, flat_idx, hidden).view(b, t, -1)  # (B, T, D)
+    output["last_hidden_state"] = full
+    pooler = getattr(module, "pooler", None)
+    if getattr(output, "pooler_output", None) is not None and pooler is not None:
+        output["pooler_output"] = pooler(full)
+    return output
+
+
+def enable_unpadding(model: nn.Module) -> bool:
+    """Run ``model``'s encoder on unpadded batches from now on (idempotent). Returns False (and
+    changes nothing) when the model cannot be unpadded (:func:`can_unpad`)."""
+    if not can_unpad(model):
+        return False
+    base = getattr(model, "base_model", model)
+    if getattr(base, "_lmforge_unpad_stack", None) is not None:
+        return True
+    _register()
+    impl = base.config._attn_implementation
+    base.config._attn_implementation = impl if impl.startswith(_PREFIX) else _PREFIX + impl
+    base._lmforge_unpad_stack = []
+    base._lmforge_unpad_hooks = (base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                                 base.register_forward_hook(_post_hook, with_kwargs=True))
+    return True
+
+
+def disable_unpadding(model: nn.Module) -> None:
+    """Undo :func:`enable_unpadding` (plain padded batches again)."""
+    base = getattr(model, "base_model", model)
+    hooks = getattr(base, "_lmforge_unpad_hooks", None)
+    if hooks is None:
+        return
+    for h in hooks:
+        h.remove()
+    base.config._attn_implementation = base.config._attn_implementation.removeprefix(_PREFIX)
+    del base._lmforge_unpad_hooks, base._lmforge_unpad_stack
+
+
+def is_unpadded(model: nn.Module) -> bool:
+    return getattr(getattr(model, "base_model", model), "_lmforge_unpad_hooks", None) is not None
