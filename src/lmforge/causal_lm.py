@@ -7,7 +7,10 @@ base (``mode: qlora``) is loaded on the same NF4 base it was trained on.
 
 :func:`load_pretrained` is the single ``from_pretrained`` call for causal LMs (and for reward
 models: the same decoder with a one-label sequence-classification head); the causal-LM tasks,
-``generate``, ``chat``, ``merge``, prompting and the API all load through it.
+``generate``, ``chat``, ``merge``, prompting and the API all load through it. Encoder-decoder
+models (T5, FLAN-T5, BART: ``is_encoder_decoder`` in the config) load through it too, as
+``AutoModelForSeq2SeqLM``; the paths that take them pass ``seq2seq_ok=True`` and the forward
+pieces they share (:func:`seq2seq_hidden`, :func:`seq2seq_head`, :func:`shift_right`) are here.
 """
 from __future__ import annotations
 
@@ -21,27 +24,110 @@ from .errors import LmforgeError
 from .rundir import is_run_dir, open_run
 
 
+def is_seq2seq(model) -> bool:
+    """True for an encoder-decoder model (T5, BART ...: ``config.is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def load_pretrained(folder: str | Path, *, tokenizer=None, reward: bool = False, trust_remote_code: bool = False,
                     attn_implementation: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The plain Hugging Face causal LM (or, ``reward=True``, a one-label sequence classifier on
     the same decoder, padded with ``tokenizer``'s pad token) from a resolved folder, with the
-    given attention kernel (None: transformers' default)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    given attention kernel (None: transformers' default). An encoder-decoder folder
+    (``is_encoder_decoder`` in its config: T5, FLAN-T5, BART ...) loads as ``AutoModelForSeq2SeqLM``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     what = "reward" if reward else "causal LM"
     try:
         hf_cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        seq2seq = bool(getattr(hf_cfg, "is_encoder_decoder", False))
+        if seq2seq and reward:
+            from .models import read_model_config, seq2seq_refusal
+
+            raise seq2seq_refusal(folder, read_model_config(folder), "task reward")
+        if seq2seq:
+            what = "seq2seq LM"
         if reward:
             hf_cfg.num_labels = 1
             hf_cfg.id2label, hf_cfg.label2id = {0: "reward"}, {"reward": 0}
             hf_cfg.pad_token_id = tokenizer.pad_token_id
-        cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+        cls = AutoModelForSequenceClassification if reward else AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
         return cls.from_pretrained(str(folder), config=hf_cfg, trust_remote_code=trust_remote_code, dtype=dtype,
                                    **attn)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise LmforgeError(f"{folder}: cannot load a {what} model ({first})") from None
+
+
+# ---- encoder-decoder forward pieces (sft, generation, merge) ---------------------------------------
+def decoder_start_id(model) -> int:
+    """The token the decoder starts from (T5: pad; BART: EOS), from the model's configs."""
+    for cfg in (getattr(model, "generation_config", None), model.config):
+        value = getattr(cfg, "decoder_start_token_id", None)
+        if isinstance(value, int):
+            return value
+    pad = getattr(model.config, "pad_token_id", None)
+    if isinstance(pad, int):
+        return pad
+    raise LmforgeError("the seq2seq model has no decoder_start_token_id (nor pad_token_id) in its config")
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: ``[start, y_0, ..., y_{T-2}]`` with ignored (-100)
+    positions fed as padding. (B, T) -> (B, T)."""
+    out = labels.new_full(labels.shape, pad_id)
+    out[:, 0] = start_id
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == -100, pad_id)
+
+
+def encode_source(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's final hidden states. (B, S) -> (B, S, H)."""
+    return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def seq2seq_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   decoder_input_ids: torch.Tensor, decoder_attention_mask: torch.Tensor | None = None,
+                   encoder_hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Final decoder hidden states, before the LM head (see :func:`seq2seq_head`).
+
+    Args:
+        input_ids, attention_mask: (B, S) source tokens and mask.
+        decoder_input_ids: (B, T) right-shifted targets (:func:`shift_right`).
+        decoder_attention_mask: (B, T) or None (causal mask only: right padding needs none).
+        encoder_hidden: (B, S, H) when the encoder already ran.
+
+    Returns:
+        (B, T, H) hidden states.
+    """
+    if encoder_hidden is None:
+        encoder_hidden = encode_source(model, input_ids, attention_mask)  # (B, S, H)
+    return model.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
+                               encoder_hidden_states=encoder_hidden, encoder_attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state  # (B, T, H)
+
+
+def seq2seq_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``(weight (V, H), bias (V,) or None, scale)`` with ``logits = scale * h @ W.T + b``.
+
+    T5-style models with tied embeddings scale the decoder output by ``d_model ** -0.5``
+    (``config.scale_decoder_outputs``); BART-style models add ``final_logits_bias`` (1, V).
+    """
+    from .adapters.base import AdapterLayer
+
+    head = model.get_output_embeddings()
+    if head is None or isinstance(head, AdapterLayer):
+        raise LmforgeError("the seq2seq model's LM head is missing or wrapped by an adapter "
+                           "(remove lm_head from adapter.target_modules)")
+    bias = getattr(head, "bias", None)
+    flb = getattr(model, "final_logits_bias", None)
+    if isinstance(flb, torch.Tensor):
+        bias = flb.reshape(-1) if bias is None else bias + flb.reshape(-1)
+    scale = 1.0
+    if getattr(model.config, "scale_decoder_outputs", False):
+        scale = float(model.config.d_model) ** -0.5
+    return head.weight, bias, scale
 
 
 @dataclass
@@ -123,10 +209,12 @@ def _tokenizer_folder(src: Source, base_folder: Path) -> Path:
 
 
 def load_causal_lm(src: Source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                   trust_remote_code: bool | None = None):
+                   trust_remote_code: bool | None = None, seq2seq_ok: bool = False, purpose: str | None = None):
     """Load base (+ NF4 quantisation when the run used a 4-bit base) + adapter, in eval mode.
 
     ``trust_remote_code`` None: the command's ``--trust-remote-code`` flag decides (off by default).
+    ``seq2seq_ok``: the caller also takes encoder-decoder models (generate, merge, generation
+    eval); otherwise one is refused in one line naming the model and ``purpose``.
 
     Returns:
         ``(model, tokenizer, folder)``: the model on ``device``, its tokenizer, the base folder.
@@ -138,7 +226,7 @@ def load_causal_lm(src: Source, *, dtype: torch.dtype = torch.float32, device: t
 
         trust_remote_code = remote_code_allowed(False)
     folder = resolve_model(src.base)
-    check_architecture(folder, "causal")
+    check_architecture(folder, "generative" if seq2seq_ok else "causal", purpose)
     model = load_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     if src.base_4bit:
         from .quant.nf4 import quantize_model

@@ -12,6 +12,12 @@ row, reusing the keys/values of the earlier positions (``DynamicCache``); withou
 sequence is recomputed each step (the same tokens, O(T) times more work). Prompts are batched
 with left padding: position ids count real tokens only, so a padded row decodes exactly as it
 would alone.
+
+Encoder-decoder models (T5, FLAN-T5, BART: ``config.is_encoder_decoder``) go through the same
+loop and the same processors: the encoder runs once over the (right-aligned) prompts, the decoder
+starts from ``decoder_start_token_id`` and, with the cache, feeds one token per step (self-attention
+keys/values grow, cross-attention keys/values are computed once: ``EncoderDecoderCache``).
+:func:`decode` and :func:`generate` take either kind; callers need not know which.
 """
 from __future__ import annotations
 
@@ -131,6 +137,76 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache" if _accepts(model, "cache") else "past_key_values": cache}
 
 
+class _CausalSteps:
+    """Next-token logits of a causal LM over a growing left-padded batch."""
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig):
+        self.model = model
+        self.mask = attention_mask.long()  # (B, T)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) real tokens count from 0
+        self.keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.use_cache = cfg.use_cache
+        self.cache = _new_cache(model) if cfg.use_cache else None
+        self.ids, self.step_ids, self.step_pos = input_ids, input_ids, self.positions
+        self.seen_source = (input_ids, self.mask)  # what the repetition penalty counts as already seen
+
+    def logits(self) -> Tensor:
+        return self.model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.step_pos,
+                          use_cache=self.use_cache, **cache_kwargs(self.model, self.cache),
+                          **self.keep_last).logits[:, -1, :].float()  # (B, V)
+
+    def advance(self, token: Tensor) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(token.shape[0], 1)], dim=1)  # (B, T + 1)
+        next_pos = self.step_pos[:, -1:] + 1  # (B, 1)
+        if self.cache is not None:
+            self.step_ids, self.step_pos = token[:, None], next_pos
+        else:
+            self.ids = torch.cat([self.ids, token[:, None]], dim=1)  # (B, T + 1)
+            self.positions = torch.cat([self.positions, next_pos], dim=1)
+            self.step_ids, self.step_pos = self.ids, self.positions
+
+
+class _Seq2SeqSteps:
+    """Next-token logits of an encoder-decoder model: the encoder runs once, the decoder grows."""
+
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig):
+        from .causal_lm import decoder_start_id
+
+        mask = attention_mask.long()
+        order = torch.sort(1 - mask, dim=1, stable=True).indices  # real tokens first: right padding
+        ids, mask = input_ids.gather(1, order), mask.gather(1, order)  # (B, S)
+        self.model, self.mask = model, mask
+        self.encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)  # last_hidden_state (B, S, H)
+        start = torch.full((ids.shape[0], 1), decoder_start_id(model), dtype=torch.long, device=ids.device)
+        self.dec = self.step = start  # (B, 1)
+        self.use_cache = cfg.use_cache
+        self.cache = _new_seq2seq_cache(model) if cfg.use_cache else None
+        self.seen_source = (start, torch.ones_like(start))  # as transformers: the decoder's own tokens
+
+    def logits(self) -> Tensor:
+        return self.model(encoder_outputs=self.encoded, attention_mask=self.mask, decoder_input_ids=self.step,
+                          use_cache=self.use_cache, **cache_kwargs(self.model, self.cache)
+                          ).logits[:, -1, :].float()  # (B, V)
+
+    def advance(self, token: Tensor) -> None:
+        self.dec = torch.cat([self.dec, token[:, None]], dim=1)  # (B, t + 1)
+        self.step = token[:, None] if self.cache is not None else self.dec
+
+
+def _new_seq2seq_cache(model):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    try:
+        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    except TypeError:  # older transformers
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+def is_seq2seq(model) -> bool:
+    """True for an encoder-decoder model (``config.is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 @torch.no_grad()
 def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig, *,
            eos_ids: Sequence[int] = (), pad_id: int = 0, generator: torch.Generator | None = None,
@@ -139,7 +215,8 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     """Generate up to ``cfg.max_new_tokens`` tokens for each left-padded row.
 
     Args:
-        model: a causal LM (``model(input_ids, attention_mask, position_ids, ...).logits``).
+        model: a causal LM (``model(input_ids, attention_mask, position_ids, ...).logits``) or an
+            encoder-decoder model (its encoder reads the prompts once; the decoder generates).
         input_ids: (B, T) prompts, left-padded.
         attention_mask: (B, T), 0 on the padding.
         cfg: decoding settings (``use_cache`` selects the KV-cache path).
@@ -159,23 +236,18 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
     device = input_ids.device
     batch = input_ids.shape[0]
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
-    mask = attention_mask.long()  # (B, T)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) real tokens count from 0
-    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache = _new_cache(model) if cfg.use_cache else None
+    steps = (_Seq2SeqSteps if is_seq2seq(model) else _CausalSteps)(model, input_ids, attention_mask, cfg)
     seen = None
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     out: list[list[int]] = [[] for _ in range(batch)]
-    ids, step_ids, step_pos = input_ids, input_ids, positions
     for _ in range(cfg.max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=cfg.use_cache,
-                       **cache_kwargs(model, cache), **keep_last).logits[:, -1, :].float()  # (B, V)
+        logits = steps.logits()  # (B, V)
         if logits_mask is not None:
             allowed = logits_mask(out, done)  # (B, V) bool or None
             if allowed is not None:
                 logits = mask_disallowed(logits, allowed)
         if cfg.repetition_penalty != 1.0 and seen is None:
-            seen = seen_tokens(input_ids, mask, logits.shape[-1])  # (B, V)
+            seen = seen_tokens(*steps.seen_source, logits.shape[-1])  # (B, V)
         token = next_tokens(process_logits(logits, seen, cfg), cfg, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         if seen is not None:
@@ -189,14 +261,7 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
                 done[row] = True
         if bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, T + 1)
-        next_pos = step_pos[:, -1:] + 1  # (B, 1)
-        if cache is not None:
-            step_ids, step_pos = token[:, None], next_pos
-        else:
-            ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T + 1)
-            positions = torch.cat([positions, next_pos], dim=1)
-            step_ids, step_pos = ids, positions
+        steps.advance(token)
     return out
 
 
@@ -334,6 +399,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seq2seq = is_seq2seq(model)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     results: list[str] = [""] * len(encoded)
     for start in range(0, len(order), cfg.batch_size):
@@ -341,11 +407,12 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
         width = len(encoded[rows[0]])
         step_cfg = cfg
         if max_pos:
-            if width >= max_pos:
+            if width > max_pos or (width == max_pos and not seq2seq):
                 raise LmforgeError(f"prompt {rows[0] + 1} has {width} tokens; the model takes at most {max_pos}")
-            if width + cfg.max_new_tokens > max_pos:
-                log.warning("generation capped at %d new tokens (model context %d)", max_pos - width, max_pos)
-                step_cfg = dataclasses.replace(cfg, max_new_tokens=max_pos - width)
+            room = max_pos - 1 if seq2seq else max_pos - width  # seq2seq: the decoder's own positions
+            if cfg.max_new_tokens > room:
+                log.warning("generation capped at %d new tokens (model context %d)", room, max_pos)
+                step_cfg = dataclasses.replace(cfg, max_new_tokens=room)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, T) left-padded
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):

@@ -399,10 +399,44 @@ def check_model_folder(folder: Path) -> Path:
     return folder
 
 
-def check_architecture(folder: str | Path, kind: str) -> None:
+def is_seq2seq_config(cfg: dict) -> bool:
+    """True for encoder-decoder (seq2seq) language models (T5, FLAN-T5, BART, mBART, Pegasus ...):
+    ``is_encoder_decoder`` in ``config.json`` (or, when it is unset, a model type transformers maps
+    to ``AutoModelForSeq2SeqLM``). ``cfg`` is the model's ``config.json`` as a dict."""
+    if "is_encoder_decoder" in cfg:
+        return bool(cfg["is_encoder_decoder"])
+    from transformers.models.auto import modeling_auto as auto
+
+    return cfg.get("model_type") in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def is_seq2seq_folder(folder: str | Path) -> bool:
+    """:func:`is_seq2seq_config` of a resolved model folder (False when it has no readable config)."""
+    try:
+        return is_seq2seq_config(read_model_config(folder))
+    except LmforgeError:
+        return False
+
+
+#: tasks and commands that take an encoder-decoder model; every other generative path is causal-only
+SEQ2SEQ_PATHS = "sft, generate, merge, eval --task generation, classify method text2text"
+#: tasks that train causal LMs only (their losses read next-token log-probs of one decoder)
+CAUSAL_ONLY_TASKS = ("preference", "reward", "rl")
+
+
+def seq2seq_refusal(where: str | Path, cfg: dict, purpose: str) -> LmforgeError:
+    """The one-line error for an encoder-decoder model given to a causal-only ``purpose``."""
+    archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
+    what = archs[0] if archs else cfg.get("model_type")
+    return LmforgeError(f"{where}: {what} is an encoder-decoder (seq2seq) model; {purpose} needs a causal "
+                        f"(decoder-only) LM (seq2seq models work with: {SEQ2SEQ_PATHS})")
+
+
+def check_architecture(folder: str | Path, kind: str, purpose: str | None = None) -> None:
     """Refuse a model of the wrong kind for a command in one line: ``kind`` is ``"causal"``
-    (generate, chat, merge, perplexity) or ``"masked"`` (fill-mask). Folders with their own code
-    (``auto_map``) are left to their loader."""
+    (chat, perplexity, ...: decoder-only), ``"generative"`` (generate, merge, generation eval:
+    causal or seq2seq) or ``"masked"`` (fill-mask). ``purpose`` names the command or task in the
+    message. Folders with their own code (``auto_map``) are left to their loader."""
     from transformers.models.auto import modeling_auto as auto
 
     cfg = read_model_config(folder)
@@ -412,7 +446,11 @@ def check_architecture(folder: str | Path, kind: str) -> None:
     model_type = cfg.get("model_type")
     causal_arch = any("CausalLM" in a or "LMHead" in a for a in archs)
     what = archs[0] if archs else model_type
-    if kind == "causal":
+    if kind in ("causal", "generative") and is_seq2seq_config(cfg):
+        if kind == "causal":
+            raise seq2seq_refusal(folder, cfg, purpose or "this command")
+        return
+    if kind in ("causal", "generative"):
         if model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal_arch):
             raise LmforgeError(f"{folder}: {what} is not a causal (decoder) language model; generate, chat, merge "
                                "and perplexity need one (fill-mask and embed take encoders)")
@@ -427,6 +465,15 @@ def check_config_fits(cfg) -> None:
     to the task's truncation: only test-size models have fewer positions)."""
     if cfg.data.max_length != type(cfg.data).model_fields["max_length"].default:
         check_max_length(resolve_model(cfg.model.name, cfg.model.revision), cfg.data.max_length)
+    if cfg.task in CAUSAL_ONLY_TASKS or (cfg.task == "classify" and getattr(
+            getattr(cfg, "classify", None), "method", None) == "prompt"):
+        try:
+            folder = resolve_model(cfg.model.name, cfg.model.revision)
+        except LmforgeError:
+            folder = None  # the task reports a model it cannot find, after checking its data
+        if folder is not None and is_seq2seq_folder(folder):
+            what = f"task {cfg.task}" + (" (classify.method prompt; use text2text)" if cfg.task == "classify" else "")
+            raise seq2seq_refusal(f"model.name: {cfg.model.name}", read_model_config(folder), what)
     if not cfg.model.trust_remote_code:
         p = Path(os.path.expanduser(cfg.model.name))
         try:
