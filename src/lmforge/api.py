@@ -86,35 +86,48 @@ class Run:
         return self._task
 
     def evaluate(self, data: str | Path | None = None, out: str | Path | None = None, *,
-                 split: str | None = None) -> dict:
+                 split: str | None = None, no_filter: bool = False) -> dict:
         """Metrics of the run on a data file (same columns as training), or on the run's own
         held-out ``split="test"`` (``data.test`` or the seeded ``data.test_fraction``, re-derived
         from its config); written to ``out`` (default ``eval_<file stem>.json`` / ``eval_test.json``
-        in the run directory)."""
+        in the run directory).
+
+        The run's ``data.where`` filter and ``data.columns`` mapping apply as in training; the
+        report says so (``data_filter``: rows read, kept, dropped; ``columns``), and
+        ``no_filter=True`` scores every row. Rows the task dropped or truncated while reading
+        (causal LMs) are in ``data_report``.
+        """
         import tempfile
 
-        from .data.schema import load_test_split
+        from .data.schema import eval_filtering, filter_summary, load_test_split
         from .rundir import write_json, write_jsonl
 
         task = self.task
-        if split is not None:
-            if split != "test":
-                raise LmforgeError(f"--split {split}: only the held-out 'test' split can be re-derived")
-            table = load_test_split(self.config.data, self.config.seed)
-            if table is None:
-                raise LmforgeError(f"{self.run_dir}: the run has no test split (set data.test or data.test_fraction)")
-            with tempfile.TemporaryDirectory() as tmp:  # the split's rows, read back as any eval file
-                write_jsonl(Path(tmp) / "test.jsonl", table.records)
-                report = task.evaluate(task.read_eval_file(str(Path(tmp) / "test.jsonl")))
-            name = "test"
-        elif data is None:
-            raise LmforgeError("evaluate needs a data file or split='test'")
-        else:
-            report = task.evaluate(task.read_eval_file(str(data)))
-            name = Path(data).name.split('.')[0]
+        dc = self.config.data
+        if no_filter and split is not None and dc.where and not dc.test:
+            raise LmforgeError("--no-filter with --split test: the test split is carved from the filtered training "
+                               "file (data.test_fraction); score a file with --data FILE --no-filter instead")
+        n_reports = len(getattr(task, "reports", None) or [])
+        with eval_filtering(enabled=not no_filter) as seen:
+            if split is not None:
+                if split != "test":
+                    raise LmforgeError(f"--split {split}: only the held-out 'test' split can be re-derived")
+                table = load_test_split(dc, self.config.seed)
+                if table is None:
+                    raise LmforgeError(f"{self.run_dir}: the run has no test split (set data.test or data.test_fraction)")
+                with tempfile.TemporaryDirectory() as tmp:  # the split's rows, read back as any eval file
+                    write_jsonl(Path(tmp) / "test.jsonl", table.records)
+                    items = task.read_eval_file(str(Path(tmp) / "test.jsonl"))
+                name = "test"
+            elif data is None:
+                raise LmforgeError("evaluate needs a data file or split='test'")
+            else:
+                items = task.read_eval_file(str(data))
+                name = Path(data).name.split('.')[0]
+        report = task.evaluate(items)
+        report |= _data_notes(dc, filter_summary(seen, dc.where), getattr(task, "reports", None) or [], n_reports)
         report["checkpoint"] = self.checkpoint
-        out = Path(out) if out else self.run_dir / f"eval_{name}.json"
-        write_json(out, report)
+        write_json(Path(out) if out else self.run_dir / f"eval_{name}.json", report)  # as eval_report_path
         return report
 
     def predict(self, texts: str | Sequence[str]) -> list[dict]:
@@ -186,6 +199,30 @@ def _score_test_split(run_dir: Path, cfg) -> None:
     write_json(run_dir / EVAL, final)
     log.info("held-out test (%s weights): %s", which,
              ", ".join(f"{k} {v:.4f}" for k, v in report.items() if isinstance(v, float))[:300])
+
+
+def _data_notes(dc, filtered: dict | None, reports: list, n_before: int) -> dict:
+    """What reading the eval data did, for the report and one log line each: the run's
+    ``data.where`` (rows kept/dropped, or not applied), its ``data.columns`` mapping, and rows the
+    task dropped or truncated (``reports[n_before:]``, :class:`lmforge.data.chat.DropReport`)."""
+    notes: dict = {}
+    if filtered is not None:
+        notes["data_filter"] = filtered
+        if filtered["applied"]:
+            log.info("eval: the run's data.where %s applied to %s: %d of %d rows kept, %d dropped (--no-filter "
+                     "scores every row)", filtered["where"], filtered["source"], filtered["kept"], filtered["rows"],
+                     filtered["dropped"])
+        else:
+            log.info("eval: the run's data.where %s not applied (--no-filter): all %d rows of %s scored",
+                     filtered["where"], filtered["rows"], filtered["source"])
+    if dc.columns:
+        notes["columns"] = dict(dc.columns)
+        log.info("eval: the run's column mapping applied: %s",
+                 ", ".join(f"{field} <- column '{col}'" for field, col in dc.columns.items()))
+    new = reports[n_before:]
+    if new:
+        notes["data_report"] = {r.split: r.as_dict() for r in new}
+    return notes
 
 
 def train(recipe: str | Path | dict | Any, **overrides) -> Run:
@@ -337,11 +374,26 @@ def generate_file(model: str | Path, path: str | Path, out: str | Path, *, adapt
 MODEL_EVAL_TASKS = ("perplexity", "generation", "sts", "retrieval", "mc")
 
 
+def eval_report_path(model: str | Path, data: str | Path | None, task: str | None = None, *,
+                     suite: str | None = None) -> Path | None:
+    """Where an evaluation writes its report when no ``out`` is given: inside a run directory
+    ``eval_<data stem>.json`` (the run's own task; ``data`` ``"test"`` for the held-out split) or
+    ``eval_<task>_<data stem>.json`` (``--task``; a suite's name when there is no file); None for
+    a model that is not a run directory."""
+    from .rundir import is_run_dir
+
+    if not is_run_dir(model):
+        return None
+    stem = Path(str(data)).name.split(".")[0] if data is not None else suite
+    return Path(model) / (f"eval_{task}_{stem}.json" if task else f"eval_{stem}.json")
+
+
 def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: str | None = None,
                    out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 128,
                    max_length: int | None = None, device: str = "auto", precision: str = "auto",
                    suite: str | None = None, num_fewshot: int = 0, limit: int | None = None, seed: int = 0,
-                   fewshot_data: str | Path | None = None) -> dict:
+                   fewshot_data: str | Path | None = None, columns: Sequence[str] | None = None,
+                   score_range: Sequence[float] | None = None) -> dict:
     """Evaluate a model reference or run directory on a data file, without a run's task.
 
     ``task="mc"``: multiple-choice log-likelihood scoring (acc, acc_norm, bootstrap stderr) of ``data``
@@ -349,8 +401,11 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
 
     ``task``: ``perplexity`` or ``generation`` (ROUGE/BLEU against references) for causal LMs
     (``adapter=`` a LoRA folder on the base ``model``), ``sts`` or ``retrieval`` for sentence
-    encoders. The report is written to ``out`` (default: ``eval_<task>_<data>.json`` inside a run
-    directory; nothing for a bare model) and returned.
+    encoders. ``sts`` reads ``columns`` (the two text columns and the score column, default
+    ``sentence1, sentence2, score`` or an embed run's ``data.columns``) with gold scores in
+    ``score_range`` (default: an embed run's ``embed.score_range``, else 0-5). The report is written
+    to ``out`` (default: ``eval_<task>_<data>.json`` inside a run directory; nothing for a bare
+    model; :func:`eval_report_path`) and returned.
     """
     import time as _time
 
@@ -358,6 +413,8 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
 
     if task not in MODEL_EVAL_TASKS:
         raise LmforgeError(f"eval --task must be one of {', '.join(MODEL_EVAL_TASKS)}, got '{task}'")
+    if (columns or score_range) and task != "sts":
+        raise LmforgeError(f"eval --columns/--score-range are for --task sts, not {task}")
     t0 = _time.perf_counter()
     if task == "mc":
         report = _evaluate_mc(str(model), data, suite, adapter=adapter, num_fewshot=num_fewshot, limit=limit,
@@ -365,14 +422,14 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
         report = report | {"seconds": round(_time.perf_counter() - t0, 3)}
         data = data or f"{report['suite']}.jsonl"
     elif task in ("sts", "retrieval"):
-        report = _evaluate_encoder(str(model), str(data), task)
+        report = _evaluate_encoder(str(model), str(data), task, columns=columns, score_range=score_range)
     else:
         report = _evaluate_causal(str(model), str(data), task, adapter=adapter, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, max_length=max_length, device=device,
                                   precision=precision)
         report = {"task": task, "data": str(data)} | report | {"seconds": round(_time.perf_counter() - t0, 3)}
-    if out is None and is_run_dir(model):
-        out = Path(model) / f"eval_{task}_{Path(data).name.split('.')[0]}.json"
+    if out is None:
+        out = eval_report_path(model, data, task)
     if out:
         write_json(Path(out), report)
     return report
@@ -431,24 +488,41 @@ def _evaluate_mc(model: str, data, suite, *, adapter, num_fewshot, limit, seed, 
             "skipped_rows": skipped} | report
 
 
-def _evaluate_encoder(model: str, data: str, task: str) -> dict:
+STS_COLUMNS = ("sentence1", "sentence2", "score")
+
+
+def _evaluate_encoder(model: str, data: str, task: str, *, columns: Sequence[str] | None = None,
+                      score_range: Sequence[float] | None = None) -> dict:
     from .device import Placement
     from .embeddings.evaluators import retrieval_from_file, run_evaluators, sts_from_file
     from .embeddings.files import load_encoder
     from .rundir import is_run_dir, read_config
 
-    score_range = (0.0, 5.0)  # STS's, unless the run declared its own (embed.score_range)
-    if is_run_dir(model):
-        embed = getattr(read_config(model), "embed", None)
+    run_range, run_cols = None, {}
+    if is_run_dir(model):  # an embed run's own score range and column mapping, unless given
+        cfg = read_config(model)
+        embed = getattr(cfg, "embed", None)
         if embed is not None:
-            score_range = tuple(embed.score_range)
+            run_range = tuple(embed.score_range)
+        run_cols = {k: v for k, v in cfg.data.columns.items() if k in STS_COLUMNS}
+    notes: dict = {}
+    if task == "sts":
+        if columns is not None and len(columns) != 3:
+            raise LmforgeError("--columns: give the two text columns and the score column, e.g. "
+                               "--columns sentence1,sentence2,score")
+        cols = dict(zip(STS_COLUMNS, columns)) if columns else {k: run_cols.get(k, k) for k in STS_COLUMNS}
+        rng = tuple(float(x) for x in score_range) if score_range else (run_range or (0.0, 5.0))
+        if len(rng) != 2:
+            raise LmforgeError("--score-range: give the lowest and the highest score, e.g. --score-range 1 5")
+        evaluator = sts_from_file(data, name="sts", score_range=rng, columns=cols)  # before the model loads
+        notes = {"columns": [cols[k] for k in STS_COLUMNS], "score_range": list(rng)}
+    else:
+        evaluator = retrieval_from_file(data, name="ir")
     enc = load_encoder(model)
-    evaluator = sts_from_file(data, name="sts", score_range=score_range) if task == "sts" else \
-        retrieval_from_file(data, name="ir")
     place = Placement.resolve()
     report = run_evaluators([evaluator], enc.to_inference(place), placement=place)
-    return {"task": task, "data": data} | report
+    return {"task": task, "data": data} | notes | report
 
 
-__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "embed_file", "encode", "evaluate_model", "generate",
+__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "embed_file", "encode", "eval_report_path", "evaluate_model", "generate",
            "generate_file", "load", "read_prompts", "train", "train_config"]

@@ -51,30 +51,51 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from ..api import eval_report_path
+
     if getattr(args, "qrels", None) or getattr(args, "queries", None):  # a search index (commands/search.py)
         from .search import cmd_eval_index
 
-        return cmd_eval_index(args)
-    if getattr(args, "task", None) == "mc":  # multiple-choice log-likelihood (commands/mc.py)
+        code = cmd_eval_index(args)
+        _say_written(args.out)
+        return code
+    task = getattr(args, "task", None)
+    if task != "mc" and not args.data and not getattr(args, "split", None):
+        raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
+    _out_file(args.out)
+    if args.out is None:  # the default report file, named here so the command can say where it went
+        data = "test" if getattr(args, "split", None) and not args.data else args.data
+        args.out = eval_report_path(args.run_dir, data, task, suite=getattr(args, "suite", None))
+        args.out = str(args.out) if args.out else None
+    if task == "mc":  # multiple-choice log-likelihood (commands/mc.py)
         from .mc import run_mc
 
-        return run_mc(args)
-    if not args.data and not getattr(args, "split", None):
-        raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
-    if getattr(args, "task", None) in ("perplexity", "generation"):  # causal LM evaluation
+        code = run_mc(args)
+    elif task in ("perplexity", "generation"):  # causal LM evaluation
         from .generate import run_eval_task
 
-        return run_eval_task(args)
-    if getattr(args, "task", None):  # embedding evaluation of a run or any model
+        code = run_eval_task(args)
+    elif task:  # embedding evaluation of a run or any model
         from .embed import cmd_eval_embedding
 
-        return cmd_eval_embedding(args)
-    from ..api import load
+        code = cmd_eval_embedding(args)
+    else:
+        from ..api import load
 
-    _out_file(args.out)
-    report = load(args.run_dir, args.checkpoint).evaluate(args.data, args.out, split=args.split)
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter")}))  # points: in the file
-    return 0
+        report = load(args.run_dir, args.checkpoint).evaluate(args.data, args.out, split=args.split,
+                                                              no_filter=args.no_filter)
+        print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter")}))  # points: in the file
+        code = 0
+    _say_written(args.out)
+    return code
+
+
+def _say_written(out: str | None) -> None:
+    """Tell (on stderr) where the evaluation report went."""
+    if out and Path(out).is_file():
+        print(f"lmforge: eval report written to {out}", file=sys.stderr)
+    else:
+        print("lmforge: eval report not written to a file (give --out FILE.json)", file=sys.stderr)
 
 
 def _out_file(out: str | None, flag: str = "--out") -> None:
@@ -92,21 +113,41 @@ def cmd_predict(args) -> int:
     return 0
 
 
+RECIPE_HELP = ("a YAML recipe (task, model, data, train sections; see recipes/) and key=value overrides; the "
+               "data files it names are JSONL/JSON/CSV/TSV/Parquet with the task's columns")
+EVAL_HELP = ("run folder (or with --task, a model): --data FILE with the columns the run trained on (its "
+             "data.columns mapping and data.where filter apply, and the output says so; --no-filter scores "
+             "every row) or --split test. --task sts: two text columns and a score column (default sentence1, "
+             "sentence2, score; --columns S1,S2,SCORE; --score-range LO HI, default 0 5); --task perplexity: "
+             "text; --task generation: prompt (or messages) + reference; --task retrieval: query + positive; "
+             "--task mc: question, options, answer (or --suite NAME)")
+
+
 def register(sub) -> None:
+    from .helptext import input_help
+
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="key=value (dotted keys for nested values)")
+    input_help(t, RECIPE_HELP, "lmforge train recipes/classify_lora_sst2.yaml train.max_steps=50")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", help="config tools")
     c.add_argument("action", choices=["show"])
     c.add_argument("recipe")
     c.add_argument("overrides", nargs="*")
+    input_help(c, RECIPE_HELP, "lmforge config show recipes/classify_lora_sst2.yaml train.lr=1e-4")
     c.set_defaults(func=cmd_config)
 
     e = sub.add_parser("eval", help="evaluate a run on a data file")
     e.add_argument("run_dir")
-    e.add_argument("--data", default=None)
+    e.add_argument("--data", default=None, help="data file (JSONL/CSV/TSV/Parquet)")
+    e.add_argument("--no-filter", action="store_true",
+                   help="score every row of --data (the run's data.where filter is not applied)")
+    e.add_argument("--columns", default=None, type=lambda v: [c.strip() for c in v.split(",")],
+                   help="sts: the two text columns and the score column, e.g. s1,s2,gold")
+    e.add_argument("--score-range", nargs=2, type=float, default=None, metavar=("LO", "HI"),
+                   help="sts: the gold scores' scale, e.g. 1 5 (default: an embed run's, else 0 5)")
     e.add_argument("--queries", default=None, help="search index: queries file (id, query)")
     e.add_argument("--qrels", default=None, help="search index: judgements (TREC qrels or query_id/doc_id/score)")
     e.add_argument("--modes", default=None, help="search index: modes to evaluate (default dense,bm25,hybrid)")
@@ -117,14 +158,18 @@ def register(sub) -> None:
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation", "mc"],
                    help="sts|retrieval (embeddings) or perplexity|generation|mc (causal LMs); run_dir may then "
                         "also be a model folder or alias")
-    from .mc import MC_HELP, add_mc_args
+    from .mc import add_mc_args
 
     add_mc_args(e)
-    e.epilog = MC_HELP
+    input_help(e, EVAL_HELP, '{"text": "a gorgeous film", "label": 1}',
+               more='sts: {"sentence1": "A man plays.", "sentence2": "A man is playing.", "score": 4.6}\n'
+                    'mc:  {"question": "2+2=", "options": ["3", "4"], "answer": 1}')
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="predict a file with a run")
     pr.add_argument("run_dir")
-    pr.add_argument("--input", required=True)
-    pr.add_argument("--out", required=True)
+    pr.add_argument("--input", required=True, help="JSONL/CSV/TSV/Parquet with the run's text column")
+    pr.add_argument("--out", required=True, help="JSONL of predictions (embed runs: FILE.npy or FILE.parquet)")
+    input_help(pr, "a classify, ner or embed run folder; --input with the text column the run trained on "
+                   "(ner: a text or a tokens list)", '{"text": "a gorgeous film"}')
     pr.set_defaults(func=cmd_predict)

@@ -31,7 +31,8 @@ def cmd_eval_embedding(args) -> int:
 
     if args.task not in ("sts", "retrieval"):
         raise LmforgeError(f"unknown evaluation task '{args.task}' (use sts or retrieval)")
-    report = evaluate_model(args.run_dir, args.data, args.task, out=args.out)
+    report = evaluate_model(args.run_dir, args.data, args.task, out=args.out, columns=getattr(args, "columns", None),
+                            score_range=getattr(args, "score_range", None))
     print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter")}))  # points: in the file
     return 0
 

@@ -1,10 +1,12 @@
 """Checks that turn bad input into one clear line before any training starts."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..config import DataConfig
 from ..errors import LmforgeError
@@ -40,15 +42,53 @@ def text_values(table: Table, column: str, *, allow_empty: bool = False) -> list
     return out
 
 
+#: inside :func:`eval_filtering`: ``{"enabled": bool, "tables": [{"source", "rows", "kept"}]}``
+_EVAL_FILTER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lmforge_eval_filter", default=None)
+
+
+@contextlib.contextmanager
+def eval_filtering(enabled: bool = True) -> Iterator[dict]:
+    """Evaluation of a saved run: every :func:`apply_where` inside is recorded (rows read and kept
+    per file, in the yielded ``{"enabled", "tables"}``), and ``enabled=False`` (``--no-filter``)
+    keeps every row instead of applying the run's ``data.where``."""
+    state: dict = {"enabled": enabled, "tables": []}
+    token = _EVAL_FILTER.set(state)
+    try:
+        yield state
+    finally:
+        _EVAL_FILTER.reset(token)
+
+
 def apply_where(table: Table, where: dict[str, list[Any]]) -> Table:
-    """Keep records whose column value is in the given list (``data.where``)."""
+    """Keep records whose column value is in the given list (``data.where``); inside
+    :func:`eval_filtering` the counts are recorded, and a filter that keeps nothing is one line."""
     if not where:
+        return table
+    state = _EVAL_FILTER.get()
+    if state is not None and not state["enabled"]:
+        state["tables"].append({"source": table.source, "rows": len(table), "kept": len(table)})
         return table
     keep = []
     for i, rec in enumerate(table.records):
         if all(rec.get(c) in set(_hashable(v) for v in vals) for c, vals in where.items()):
             keep.append(i)
+    if state is not None:
+        state["tables"].append({"source": table.source, "rows": len(table), "kept": len(keep)})
+        if table.records and not keep:
+            raise LmforgeError(f"{table.source}: the run's data.where {where} keeps none of its {len(table)} rows "
+                               "(--no-filter scores every row)")
     return table.subset(keep)
+
+
+def filter_summary(state: dict, where: dict[str, list[Any]]) -> dict | None:
+    """``{"where", "applied", "source", "rows", "kept", "dropped"}`` of the first file an
+    :func:`eval_filtering` block filtered (the file read; a carved test split is then drawn from
+    the kept rows and filtered again without loss), or None when no filter was met."""
+    if not state["tables"]:
+        return None
+    first = state["tables"][0]
+    return {"where": where, "applied": state["enabled"], "source": first["source"], "rows": first["rows"],
+            "kept": first["kept"], "dropped": first["rows"] - first["kept"]}
 
 
 def _hashable(v):
