@@ -23,9 +23,13 @@ def cmd_score(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     s = sub.add_parser("score", help="score prompt/response pairs with a trained reward model")
     s.add_argument("run_dir")
     s.add_argument("--input", required=True, help="JSONL/CSV/... with prompt and response (or completion) columns")
     s.add_argument("--out", default=None, help="write JSONL here instead of printing")
     s.add_argument("--best", action="store_true", help="use the best checkpoint's model")
+    input_help(s, "a reward run folder; --input JSONL/CSV/... with prompt and response (or completion) columns",
+                  '{"prompt": "How do I boil an egg?", "response": "Simmer it for 9 minutes."}')
     s.set_defaults(func=cmd_score)

@@ -17,6 +17,8 @@ def cmd_compare(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     c = sub.add_parser("compare", help="run several classification methods on one split and tabulate them")
     c.add_argument("recipe", help="compare recipe: a base config and the methods as overrides of it")
     c.add_argument("overrides", nargs="*", help="dotted key=value into the recipe (base.train.lr=1e-4); "
@@ -24,4 +26,7 @@ def register(sub) -> None:
     c.add_argument("--only", default=None, help="comma-separated method names to run")
     c.add_argument("--reuse", action="store_true",
                    help="keep a method's earlier result when its run config is unchanged")
+    input_help(c, "a compare recipe YAML: a base config and the methods as overrides of it (see "
+                  "recipes/compare_sst2.yaml)",
+                  "lmforge compare recipes/compare_sst2.yaml --only lora,setfit")
     c.set_defaults(func=cmd_compare)

@@ -115,12 +115,11 @@ def cmd_predict(args) -> int:
 
 RECIPE_HELP = ("a YAML recipe (task, model, data, train sections; see recipes/) and key=value overrides; the "
                "data files it names are JSONL/JSON/CSV/TSV/Parquet with the task's columns")
-EVAL_HELP = ("run folder (or with --task, a model): --data FILE with the columns the run trained on (its "
-             "data.columns mapping and data.where filter apply, and the output says so; --no-filter scores "
-             "every row) or --split test. --task sts: two text columns and a score column (default sentence1, "
-             "sentence2, score; --columns S1,S2,SCORE; --score-range LO HI, default 0 5); --task perplexity: "
-             "text; --task generation: prompt (or messages) + reference; --task retrieval: query + positive; "
-             "--task mc: question, options, answer (or --suite NAME)")
+EVAL_HELP = ("a run folder (with --task: also a model) and --data FILE with the columns the run trained on (its "
+             "data.columns and data.where apply, the output says so; --no-filter: every row) or --split test. "
+             "--task sts: two texts and a score (sentence1, sentence2, score; --columns, --score-range); "
+             "perplexity: text; generation: prompt + reference; retrieval: query + positive; mc: question, "
+             "options, answer")
 
 
 def register(sub) -> None:

@@ -38,6 +38,7 @@ def cmd_eval_embedding(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
     import argparse
 
     e = sub.add_parser("embed", help="embed texts with a sentence encoder (model or embed run)")
@@ -52,4 +53,6 @@ def register(sub) -> None:
     e.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction)
     e.add_argument("--max-length", type=int, default=None)
     e.add_argument("--no-progress", action="store_true")
+    input_help(e, "--input .txt (one text a line) or JSONL/CSV/TSV/Parquet with a text column (--column)",
+                  '{"text": "A man is playing a guitar."}')
     e.set_defaults(func=cmd_embed)

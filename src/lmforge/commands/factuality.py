@@ -61,6 +61,8 @@ def cmd_run(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     f = sub.add_parser("factuality", help="factuality tuning: sample answers, score them, build preference pairs")
     fs = f.add_subparsers(dest="factuality_action", required=True)
 
@@ -76,6 +78,8 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--device", default="auto")
+    input_help(s, "--prompts JSONL with prompt (or question), optional id and references",
+                  '{"id": "q1", "question": "Who wrote Hamlet?", "references": ["William Shakespeare"]}')
     s.set_defaults(func=cmd_sample)
 
     c = fs.add_parser("score", help="score sampled answers: reference-based support or reference-free consistency")
@@ -89,6 +93,8 @@ def register(sub) -> None:
     c.add_argument("--jaccard-min", type=float, default=0.5)
     c.add_argument("--threshold", type=float, default=None, help="support threshold (checker default)")
     c.add_argument("--device", default="auto")
+    input_help(c, "the JSONL `factuality sample` wrote (prompt, answer, references for --method reference)",
+                  "lmforge factuality score samples.jsonl --out scored.jsonl --method reference --checker runs/nli")
     c.set_defaults(func=cmd_score)
 
     p = fs.add_parser("pairs", help="(chosen, rejected) pairs whose scores differ by more than a margin")
@@ -98,6 +104,8 @@ def register(sub) -> None:
     p.add_argument("--sft-out", default=None, help="also write each prompt's best answer (prompt, completion)")
     p.add_argument("--max-pairs-per-prompt", type=int, default=None)
     p.add_argument("--exclude", default=None, help="prompt file (held-out questions) that must not appear")
+    input_help(p, "the JSONL `factuality score` wrote",
+                  "lmforge factuality pairs scored.jsonl --out pairs.jsonl")
     p.set_defaults(func=cmd_pairs)
 
     k = fs.add_parser("checker", help="train the NLI cross-encoder checker on SNLI-style pairs")
@@ -113,6 +121,8 @@ def register(sub) -> None:
     k.add_argument("--max-length", type=int, default=128)
     k.add_argument("--seed", type=int, default=42)
     k.add_argument("--device", default="auto")
+    input_help(k, "--train JSONL with premise, hypothesis, label (entailment/neutral/contradiction)",
+                  '{"premise": "A man plays a guitar.", "hypothesis": "A man plays music.", "label": "entailment"}')
     k.set_defaults(func=cmd_checker)
 
     m = fs.add_parser("compare", help="before/after support figures of two answer files, paired bootstrap 95%% CIs")
@@ -123,8 +133,12 @@ def register(sub) -> None:
     m.add_argument("--n-boot", type=int, default=2000)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default="auto")
+    input_help(m, "two answer JSONL files with id, answer, references (before and after)",
+                  '{"id": "q1", "answer": "Shakespeare wrote it.", "references": ["William Shakespeare"]}')
     m.set_defaults(func=cmd_compare)
 
     r = fs.add_parser("run", help="run a factuality recipe: split, sample, score, pairs, DPO, held-out report")
     r.add_argument("recipe")
+    input_help(r, "a factuality recipe YAML (recipes/factuality_*.yaml)",
+                  "lmforge factuality run recipes/factuality_truthfulqa_smollm2.yaml")
     r.set_defaults(func=cmd_run)

@@ -90,6 +90,8 @@ def cmd_fill_mask(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     p = sub.add_parser("fill-mask", help="top-k fills of [MASK] with a masked-LM run or model")
     p.add_argument("model", help="mlm run directory, model folder or packaged alias (minilm)")
     p.add_argument("text", help='text with [MASK] (or the tokenizer\'s own mask token), e.g. "What a horrible [MASK]!"')
@@ -97,4 +99,6 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the fills as JSON")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default="auto")
+    input_help(p, "a masked LM (mlm run, folder, alias) and a text holding the mask token",
+                  'lmforge fill-mask minilm "What a horrible [MASK]!"')
     p.set_defaults(func=cmd_fill_mask)

@@ -189,12 +189,17 @@ def run_eval_task(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     g = sub.add_parser("generate", help="generate text from a prompt or a JSONL file of prompts")
     _add_model_args(g)
     g.add_argument("--prompt", default=None, help="one prompt; the output is streamed to the terminal")
     g.add_argument("--input", default=None, help="JSONL/CSV/... with a 'prompt' (or 'messages') field")
     g.add_argument("--out", default=None, help="JSONL written with each record plus its 'generation'")
     _add_decoding_args(g, temperature=0.0, top_p=1.0, max_new_tokens=128)
+    input_help(g, "a causal LM (folder, alias, .gguf, run); --prompt TEXT or --input JSONL/CSV/... with a "
+                  "prompt (or messages) field",
+                  '{"prompt": "Write a haiku about rain."}')
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin; /reset, /exit)")
@@ -204,6 +209,8 @@ def register(sub) -> None:
                                                     "(older turns summarised by the model); /memory shows it")
     c.add_argument("--memory-budget", type=int, default=None,
                    help="prompt tokens at most (default: the model's context minus --max-new-tokens)")
+    input_help(c, "a causal LM; then one user message per line on stdin (/reset, /memory, /exit)",
+                  "lmforge chat smollm2 --temperature 0.7")
     c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone HF folder")
@@ -213,4 +220,7 @@ def register(sub) -> None:
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     m.add_argument("--base-4bit", action="store_true", help="the adapter was trained on an NF4 base")
     m.add_argument("--overwrite", action="store_true")
+    input_help(m, "a lora/qlora run folder or a PEFT adapter folder (its base from the run config or "
+                  "adapter_config.json)",
+                  "lmforge merge runs/sft-lora-smollm2-dialogsum --out merged/")
     m.set_defaults(func=cmd_merge)

@@ -235,6 +235,8 @@ def cmd_w2v_analogy(args) -> int:
 
 # ---- registration --------------------------------------------------------------------------------
 def register(sub) -> None:
+    from .helptext import input_help
+
     p = sub.add_parser("tokenize", help="tokenizers side by side on a text, or their cost over a file")
     p.add_argument("items", nargs="+", metavar="MODEL_OR_TEXT",
                    help='one or more models (aliases, folders, hub ids), then the text (unless --input)')
@@ -245,6 +247,8 @@ def register(sub) -> None:
     p.add_argument("--html", default=None, help="write the side-by-side page here")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-color", action="store_true")
+    input_help(p, "one or more models then a text, or --input .txt/JSONL/CSV with a text column (--column)",
+                  'lmforge tokenize minilm smollm2 "Tokenizers disagree."')
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("inspect", help="next-token probabilities, logit lens, attention, KV-cache timing")
@@ -262,6 +266,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="folder for inspect.html, inspect.json and the attention PNG")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="auto")
+    input_help(p, "a model (folder, alias, run, adapter) and a prompt (encoders: a text with the mask token)",
+                  'lmforge inspect smollm2 "The capital of France is" --views next,lens')
     p.set_defaults(func=cmd_inspect)
 
     w = sub.add_parser("word2vec", help="train word2vec (gensim) and query word vectors or a model's input embeddings")
@@ -280,6 +286,8 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=1, help="1 = reproducible")
     t.add_argument("--cased", action="store_true", help="keep case (default: lower-case)")
+    input_help(t, "text files: .txt (one sentence a line) or JSONL/CSV with a text column (--column)",
+                  '{"text": "the cat sat on the mat"}')
     t.set_defaults(func=cmd_w2v_train)
     for name, fn, helptext in (("similar", cmd_w2v_similar, "nearest neighbours of a word"),
                                ("analogy", cmd_w2v_analogy, "a : b :: c : ? (3CosAdd), or accuracy on --file")):
@@ -293,4 +301,8 @@ def register(sub) -> None:
         q.add_argument("--vs", action="append", default=[], help="also query this model or file (repeatable)")
         q.add_argument("--topn", type=int, default=10)
         q.add_argument("--json", action="store_true")
+        input_help(q, "a word2vec file (.bin/.txt/.vec) or a model reference, then "
+                      + ("a word" if name == "similar" else "a b c (or --file: TSV rows 'a b c d [category]')"),
+                      "lmforge word2vec " + ("similar vectors.bin king" if name == "similar"
+                                             else "analogy vectors.bin man king woman"))
         q.set_defaults(func=fn)

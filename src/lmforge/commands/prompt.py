@@ -97,12 +97,17 @@ def cmd_agent(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     p = sub.add_parser("prompt", help="run a prompt recipe (components, few-shot, constrained output) over a file")
     p.add_argument("recipe", help="prompt recipe YAML (see recipes/prompts/)")
     p.add_argument("--input", required=True, help="JSONL/CSV/... records whose fields fill the recipe")
     p.add_argument("--out", required=True, help="JSONL: each record plus its 'output' (and 'valid')")
     p.add_argument("--save-prompts", action="store_true", help="also write the rendered chat messages")
     _add_model(p)
+    input_help(p, "a prompt recipe YAML (recipes/prompts/) and --input JSONL/CSV/... whose fields fill its "
+                  "{placeholders}",
+                  '{"sentence": "a gorgeous, witty film"}')
     p.set_defaults(func=cmd_prompt)
 
     c = sub.add_parser("chain", help="run a YAML chain of prompts; every intermediate is saved")
@@ -110,6 +115,9 @@ def register(sub) -> None:
     c.add_argument("--input", required=True, help="JSONL/CSV/... records whose fields feed the first steps")
     c.add_argument("--out", required=True, help="output folder: steps/<name>.jsonl and chain.jsonl")
     _add_model(c)
+    input_help(c, "a chain YAML (recipes/prompts/story_chain.yaml) and --input JSONL/CSV/... whose fields feed"
+                  " the first steps",
+                  '{"idea": "a robot that wants to learn to paint"}')
     c.set_defaults(func=cmd_chain)
 
     a = sub.add_parser("agent", help="a ReAct agent: Thought / Action / Observation with tools")
@@ -123,4 +131,6 @@ def register(sub) -> None:
                    help="decode each step under the Thought/Action format (always parses)")
     a.add_argument("--transcript", default=None,
                    help="JSON file for the full transcript (default runs/agents/agent-TIME.json)")
+    input_help(a, "a causal LM and a question (tools from --tools)",
+                  'lmforge agent smollm2 "What is 17 * 23?" --tools calculator')
     a.set_defaults(func=cmd_agent)

@@ -175,6 +175,7 @@ def _add_search_args(p, *, k: int = 10, mode: str = "dense") -> None:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
     from .generate import _add_decoding_args
 
     ix = sub.add_parser("index", help="build a search index or add documents to one")
@@ -193,6 +194,9 @@ def register(sub) -> None:
     ix.add_argument("--faiss", action="store_true", help="also build a FAISS HNSW index (faiss-cpu)")
     ix.add_argument("--batch-size", type=int, default=64)
     ix.add_argument("--overwrite", action="store_true")
+    input_help(ix, "--docs JSONL/CSV/Parquet with a text column (--text-column) and an optional id column, or "
+                   ".txt",
+                   '{"id": "d1", "text": "The Eiffel Tower is in Paris."}')
     ix.set_defaults(func=cmd_index)
 
     s = sub.add_parser("search", help="search an index (dense, bm25 or hybrid; optional reranking)")
@@ -202,6 +206,9 @@ def register(sub) -> None:
     s.add_argument("--out", default=None, help="batch: write JSON lines here instead of stdout")
     s.add_argument("--model", default=None, help="query encoder (refused unless it matches the index's)")
     _add_search_args(s)
+    input_help(s, "an index folder and a query, or --queries JSONL/CSV with an id (qid/query_id/id) and a text"
+                  " (query/text/question) column",
+                  '{"qid": "q1", "query": "where is the Eiffel Tower?"}')
     s.set_defaults(func=cmd_search)
 
     r = sub.add_parser("rag", help="answer a question from retrieved passages, citing them")
@@ -217,5 +224,8 @@ def register(sub) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object (answer, citations, sources)")
     _add_search_args(r, k=3, mode="hybrid")
     _add_decoding_args(r, temperature=0.0, top_p=1.0, max_new_tokens=128, batch=False)
+    input_help(r, "an index folder and a question (optionally --template: a text file with {question} and "
+                  "{passages})",
+                  'lmforge rag runs/index "Where is the Eiffel Tower?" --json')
     r.set_defaults(func=cmd_rag)
 

@@ -23,6 +23,8 @@ def cmd_serve(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     p = sub.add_parser("serve", help="serve a model (and adapters) behind an OpenAI-compatible HTTP API")
     p.add_argument("model", help="causal LM or encoder: folder, alias (smollm2, minilm), .gguf, or run directory")
     p.add_argument("--adapter", action="append", default=[],
@@ -36,4 +38,7 @@ def register(sub) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
+    input_help(p, "a causal LM or encoder (folder, alias, .gguf, run); then OpenAI-style JSON requests over "
+                  "HTTP",
+                  '{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}')
     p.set_defaults(func=cmd_serve)

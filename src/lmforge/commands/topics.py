@@ -129,6 +129,8 @@ def cmd_cluster(args) -> int:
 
 
 def register(sub) -> None:
+    from .helptext import input_help
+
     t = sub.add_parser("topics", help="inspect and edit a topics run (show, find, reduce, merge, outliers)")
     ts = t.add_subparsers(dest="topics_action", required=True)
     s = ts.add_parser("show", help="table of topics: id, size, label, top words")
@@ -136,24 +138,34 @@ def register(sub) -> None:
     s.add_argument("--top", type=int, default=30, help="topics to list")
     s.add_argument("--docs", type=int, default=0, help="representative documents per topic")
     s.add_argument("--json", action="store_true", help="one JSON object per topic")
+    input_help(s, "a topics run folder",
+                  "lmforge topics show runs/topics-news --top 10")
     s.set_defaults(func=cmd_show)
     f = ts.add_parser("find", help="topics most similar to a query")
     f.add_argument("run_dir")
     f.add_argument("query")
     f.add_argument("-k", type=int, default=5)
     f.add_argument("--encoder", default=None, help="embed the query with another encoder (must match the dimension)")
+    input_help(f, "a topics run folder and a query text",
+                  'lmforge topics find runs/topics-news "football"')
     f.set_defaults(func=cmd_find)
     r = ts.add_parser("reduce", help="merge the most similar topics until N remain")
     r.add_argument("run_dir")
     r.add_argument("--n", type=int, required=True)
+    input_help(r, "a topics run folder",
+                  "lmforge topics reduce runs/topics-news --n 20")
     r.set_defaults(func=cmd_reduce)
     m = ts.add_parser("merge", help="merge groups of topics, e.g. 1,4 2,7,9")
     m.add_argument("run_dir")
     m.add_argument("groups", nargs="+")
+    input_help(m, "a topics run folder and groups of topic ids (comma-separated, space between groups)",
+                  "lmforge topics merge runs/topics-news 1,4 2,7,9")
     m.set_defaults(func=cmd_merge)
     o = ts.add_parser("outliers", help="reassign outliers to their nearest topic down to a target rate")
     o.add_argument("run_dir")
     o.add_argument("--target", type=float, required=True, help="wanted outlier rate, e.g. 0.05")
+    input_help(o, "a topics run folder",
+                  "lmforge topics outliers runs/topics-news --target 0.05")
     o.set_defaults(func=cmd_outliers)
 
     c = sub.add_parser("cluster", help="embed -> reduce -> cluster; one JSON line per document")
@@ -174,4 +186,7 @@ def register(sub) -> None:
     c.add_argument("--min-samples", type=int, default=None)
     c.add_argument("--n-clusters", type=int, default=20)
     c.add_argument("--seed", type=int, default=42)
+    input_help(c, "--input .txt (one text a line), JSONL/CSV with a text column (--column), or FILE.npy of "
+                  "embeddings (N, D)",
+                  '{"text": "Stocks rallied after the rate cut."}')
     c.set_defaults(func=cmd_cluster)
