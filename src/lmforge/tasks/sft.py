@@ -1,9 +1,15 @@
-"""Supervised fine-tuning of causal LMs on chats, prompt/completion pairs or plain text.
+"""Supervised fine-tuning of causal LMs on chats, prompt/completion pairs or plain text, and of
+encoder-decoder (seq2seq: T5, FLAN-T5, BART) models on prompt/completion pairs.
 
 The loss is the mean next-token cross-entropy over target tokens (assistant/completion tokens
 by default, every token with ``train_on: all``), computed chunk by chunk from the decoder's
 hidden states and the LM head weight (never the full ``(B, T, V)`` logits). The engine weighs
 micro-batches by their number of target tokens, so accumulation equals one big batch.
+
+Seq2seq models (detected from ``is_encoder_decoder`` in the model's config) read the prompt with
+the encoder and are trained on the completion with teacher forcing:
+``L = -(1/N) sum_t log p(y_t | y_<t, x)`` over the completion tokens ``y`` (EOS included), the
+decoder fed ``[start, y_0 .. y_{T-2}]``. Adapters are saved in PEFT's ``SEQ_2_SEQ_LM`` format.
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from ..data.schema import apply_where, field_column, load_splits
 from ..device import move
 from ..errors import LmforgeError
 from ..losses.lm import chunked_cross_entropy
-from .causal import CausalSection, CausalTask, output_projection
+from ..models import is_seq2seq_folder, resolve_model
+from .causal import CausalSection, CausalTask, output_projection, store_frozen
 from .base import register_task
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ class SftConfig(CausalSection):
     max_new_tokens: int = Field(64, gt=0, description="eval generation length")
     generation_batch_size: int = Field(16, gt=0)
     eval_base: bool = Field(False, description="also report the base model's eval metrics (adapters off), once")
+    max_target_length: int | None = Field(
+        None, gt=0, description="seq2seq models: completion tokens at most (default: data.max_length)")
 
 
 class SftRun(RunConfig):
@@ -57,6 +66,13 @@ class SftTask(CausalTask):
         if cfg.sft.eval_base and cfg.sft.mode == "full":
             raise LmforgeError("sft.eval_base needs mode lora or qlora (the base is the model with adapters off)")
         self._base_metrics: dict | None = None
+        model_dir = kw.get("model_dir")
+        self.seq2seq = is_seq2seq_folder(model_dir or resolve_model(cfg.model.name, cfg.model.revision))
+        if self.seq2seq:
+            self.peft_task_type = "SEQ_2_SEQ_LM"
+            if cfg.sft.packing:
+                raise LmforgeError("sft.packing: not available for seq2seq models (the encoder reads one prompt "
+                                   "per row); set sft.packing: false")
         super().__init__(cfg, **kw)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -79,6 +95,8 @@ class SftTask(CausalTask):
         """Tokenise, mask, truncate; count and drop samples with no target left."""
         if not table.records:
             raise LmforgeError(f"{table.source}: no examples (empty split)")
+        if self.seq2seq:
+            return self._encode_seq2seq(table, split, keep_prompt)
         dc = self.cfg.data
         fmt = self._format(table)
         col = {f: field_column(dc, f) for f in ("prompt", "completion", "messages", "text", "reference")}
@@ -132,6 +150,48 @@ class SftTask(CausalTask):
             raise LmforgeError(f"{table.source}: no {split} samples left after dropping ({'; '.join(rep.lines())})")
         return items
 
+    def _encode_seq2seq(self, table: Table, split: str, keep_prompt: bool) -> list[dict]:
+        """Seq2seq items ``{input_ids, labels}``: the prompt (with the tokenizer's special tokens,
+        e.g. T5's closing EOS) for the encoder, the completion (``text_target``, EOS last) as labels;
+        each side truncated to its length (``data.max_length``, ``sft.max_target_length``)."""
+        fmt = self._format(table)
+        if fmt != "prompt_completion":
+            raise LmforgeError(f"{table.source}: seq2seq sft trains on prompt + completion records (or "
+                               f"sft.prompt_template + a completion column), not {fmt}")
+        dc, tok = self.cfg.data, self.tokenizer
+        src_len, tgt_len = dc.max_length, self.opts.max_target_length or dc.max_length
+        col_p, col_c, col_r = (field_column(dc, f) for f in ("prompt", "completion", "reference"))
+        rep = DropReport(split, total=len(table))
+        items = []
+        for i, rec in enumerate(table.records):
+            where = table.where(i)
+            prompt = self.prompt_value(rec, col_p, where)
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise LmforgeError(f"{where}: the prompt must be non-empty text (seq2seq models take text prompts)")
+            if col_c not in rec:
+                raise LmforgeError(f"{where}: missing column '{col_c}'")
+            completion = completion_text(rec[col_c], col_c)
+            if not completion.strip():
+                rep.drop("empty completion", where)
+                continue
+            src = list(tok(prompt)["input_ids"])
+            tgt = list(tok(text_target=completion)["input_ids"])
+            if not tgt or tgt[-1] != self.fmt.eos_id:
+                tgt.append(self.fmt.eos_id)
+            if len(src) > src_len or len(tgt) > tgt_len:
+                rep.truncated += 1
+                src = src[:src_len - 1] + src[-1:] if len(src) > src_len else src  # keep the closing special
+                tgt = tgt[:tgt_len - 1] + [self.fmt.eos_id] if len(tgt) > tgt_len else tgt
+            item = {"input_ids": src, "labels": tgt}
+            if keep_prompt:
+                item["prompt"] = prompt
+                item["reference"] = rec.get(col_r, completion) if col_r != col_c else completion
+            items.append(item)
+        self.report(rep)
+        if not items:
+            raise LmforgeError(f"{table.source}: no {split} samples left after dropping ({'; '.join(rep.lines())})")
+        return items
+
     def load_data(self) -> None:
         train, ev = load_splits(self.cfg.data, self.cfg.seed)
         items = self._encode(train, "train")
@@ -147,15 +207,75 @@ class SftTask(CausalTask):
 
     # ---- engine protocol ------------------------------------------------------------------------
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.seq2seq:
+            from ..causal_lm import decoder_start_id
+
+            return collate_seq2seq(items, self.tokenizer.pad_token_id, decoder_start_id(self.model))
         return collate_causal(items, self.tokenizer.pad_token_id)
+
+    def item_length(self, item: dict) -> int:
+        return len(item["input_ids"]) + len(item.get("labels", ()))
 
     def batch_units(self, batch: dict) -> int:
         """Target tokens: the loss is a mean over them."""
         return int((batch["targets"] != IGNORE).sum())
 
+    def batch_tokens(self, batch: dict) -> int:
+        if self.seq2seq:  # source + target tokens
+            return int(batch["attention_mask"].sum()) + self.batch_units(batch)
+        return super().batch_tokens(batch)
+
+    def hidden(self, batch: dict, model=None) -> torch.Tensor:
+        """(B, T, H) final decoder hidden states; seq2seq: scaled as the LM head expects them."""
+        if not self.seq2seq:
+            return super().hidden(batch, model)
+        from ..causal_lm import seq2seq_head, seq2seq_hidden
+
+        model = self.model if model is None else model
+        h = seq2seq_hidden(model, batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+        scale = seq2seq_head(model)[2]
+        return h * scale if scale != 1.0 else h  # (B, T, H)
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight (V, H), bias or None)`` of the output projection."""
+        if self.seq2seq:
+            from ..causal_lm import seq2seq_head
+
+            return seq2seq_head(self.model)[:2]
+        return output_projection(self.model)
+
+    def build_model(self, adapter_dir=None, full: bool = False):
+        """Causal LMs: :meth:`CausalTask.build_model`. Seq2seq: the same steps with the seq2seq
+        adapter targets (every linear projection of T5 and BART blocks by default)."""
+        if not self.seq2seq:
+            return super().build_model(adapter_dir, full)
+        from .causal import load_base
+        from .common import add_adapter, load_run_adapter
+
+        mc = self.cfg.model
+        model = load_base(self.folder, self.tokenizer, trust_remote_code=mc.trust_remote_code,
+                          attn_implementation=self.placement.attn_implementation(mc.attn_implementation,
+                                                                                self.cfg.data.max_length))
+        if full or not self.adapters:
+            return model
+        if self.cfg.adapter.kind == "prompt":
+            raise LmforgeError("adapter.kind: prompt tuning is not available for seq2seq models in lmforge "
+                               "(use lora, dora, ia3 or bottleneck)")
+        if self.opts.mode == "qlora":
+            from ..quant.nf4 import quantize_model
+
+            quantize_model(model, block_size=self.opts.quant_block_size)
+        if adapter_dir is not None:
+            load_run_adapter(model, self.cfg, adapter_dir)
+        else:
+            add_adapter(model, self.cfg, SEQ2SEQ_TARGETS, [], self.tokenizer)
+        if self.placement.autocast_enabled and mc.frozen_in_compute_dtype:
+            store_frozen(model, self.placement.dtype)
+        return model
+
     def loss(self, batch):
         hidden = self.hidden(batch)  # (B, T, H)
-        weight, bias = output_projection(self.model)
+        weight, bias = self.head()
         loss = chunked_cross_entropy(hidden, weight, batch["targets"], bias=bias, reduction="mean",
                                      chunk_size=self.opts.chunk_size)
         return loss, {}
@@ -165,12 +285,12 @@ class SftTask(CausalTask):
     def _nll(self, items: Sequence[dict]) -> tuple[float, int]:
         """Summed NLL and number of target tokens over items (unpacked, length-sorted batches)."""
         bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
-        order = length_grouped_batches([len(it["input_ids"]) for it in items], bs, seed=0, epoch=0, shuffle=False)
+        order = length_grouped_batches([self.item_length(it) for it in items], bs, seed=0, epoch=0, shuffle=False)
         total, count = 0.0, 0
-        weight, bias = output_projection(self.model)
+        weight, bias = self.head()
+        keys = ("input_ids", "labels") if self.seq2seq else ("input_ids", "targets")
         for idx in order:
-            batch = move(self.collate([{k: items[i][k] for k in ("input_ids", "targets")} for i in idx]),
-                         self.placement.device)
+            batch = move(self.collate([{k: items[i][k] for k in keys} for i in idx]), self.placement.device)
             with self.placement.autocast():
                 hidden = self.hidden(batch)  # (B, T, H)
                 total += float(chunked_cross_entropy(hidden, weight, batch["targets"], bias=bias,
@@ -223,3 +343,27 @@ class SftTask(CausalTask):
             out |= self._base_metrics
         return out
 
+
+
+#: seq2seq adapter targets when adapter.target_modules is unset: T5 (q k v o, wi/wi_0/wi_1 wo) and BART
+#: (q_proj k_proj v_proj out_proj, fc1 fc2) attention and feed-forward projections
+SEQ2SEQ_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo",
+                   "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def collate_seq2seq(items: Sequence[dict], pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded encoder inputs and teacher-forcing decoder inputs.
+
+    Returns ``input_ids``/``attention_mask`` (B, S); with labels, ``targets`` (B, T; -100 on padding)
+    and ``decoder_input_ids`` (B, T) = ``[start, y_0 .. y_{T-2}]`` (padding fed as ``pad_id``).
+    """
+    from ..causal_lm import shift_right
+    from ..data.batching import pad_sequences
+
+    batch = {"input_ids": pad_sequences([it["input_ids"] for it in items], pad_id),  # (B, S)
+             "attention_mask": pad_sequences([[1] * len(it["input_ids"]) for it in items], 0)}
+    if "labels" in items[0]:
+        targets = pad_sequences([it["labels"] for it in items], IGNORE)  # (B, T)
+        batch["targets"] = targets
+        batch["decoder_input_ids"] = shift_right(targets, start_id, pad_id)  # (B, T)
+    return batch
