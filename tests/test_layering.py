@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "lmforge.fingerprint": 1, "lmforge.unpad": 1,
     "lmforge.train": 2, "lmforge.eval": 2, "lmforge.embeddings": 2, "lmforge.generation": 2,
     "lmforge.sampling": 2, "lmforge.merge": 2, "lmforge.causal_lm": 2, "lmforge.topics": 2, "lmforge.search": 2, "lmforge.report": 2,
-    "lmforge.inspection": 2, "lmforge.prompting": 2,
+    "lmforge.inspection": 2, "lmforge.prompting": 2, "lmforge.rl": 2,
     "lmforge.tasks": 3,
     "lmforge": 4, "lmforge.api": 4, "lmforge.compare": 4, "lmforge.demo": 4, "lmforge.serve": 4,
     "lmforge.factuality": 4,

@@ -16,6 +16,7 @@ TASK_MODULES = {
     "sft": "lmforge.tasks.sft",
     "preference": "lmforge.tasks.preference",
     "reward": "lmforge.tasks.reward",
+    "rl": "lmforge.tasks.rl",
     "embed": "lmforge.tasks.embed",
     "augsbert": "lmforge.tasks.augsbert",
     "mlm": "lmforge.tasks.mlm",
