@@ -104,6 +104,12 @@ class Placement:
             return "eager"
         return "sdpa"
 
+    def unpad(self, requested: str = "auto") -> bool:
+        """Whether encoder batches run unpadded (:mod:`lmforge.unpad`: linear layers on real tokens
+        only, attention per sequence). On with ``attn_implementation: auto`` on every device (index
+        ops only); an explicit ``eager``/``sdpa`` keeps transformers' plain padded path."""
+        return requested == "auto"
+
     def cast_frozen(self, model) -> int:
         """Store frozen floating-point parameters in the compute dtype (autocast runs would cast
         them every step anyway). Trainable parameters stay fp32 master weights.  Returns count."""

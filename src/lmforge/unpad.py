@@ -20,6 +20,8 @@ call takes the plain path unchanged. Works on any device (index ops only).
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import Tensor, nn
 
@@ -141,72 +143,74 @@ def _arg(args, kwargs, i: int, name: str):
     return args[i] if len(args) > i else kwargs.get(name)
 
 
-def _pre_hook(module, args, kwargs):
-    stack = module._lmforge_unpad_stack
+def _unpad_call(module, args, kwargs):
+    """The packed call's keyword arguments and the layout to re-pad with, or None (plain path)."""
+    impl = module.config._attn_implementation
+    if impl in _INNER:  # switched back with set_attn_implementation (e.g. eager for training): re-wrap
+        _register()
+        module.config._attn_implementation = _PREFIX + impl
     ids, mask = _arg(args, kwargs, 0, "input_ids"), _arg(args, kwargs, 1, "attention_mask")
-    plain = (ids is None or mask is None or mask.dim() != 2 or len(args) > 2
+    plain = (ids is None or mask is None or mask.dim() != 2 or len(args) > 3
              or not str(module.config._attn_implementation).startswith(_PREFIX)
              or any(kwargs.get(k) is not None for k in ("position_ids", "inputs_embeds", "encoder_hidden_states"))
              or any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "use_cache"))
              or kwargs.get("return_dict") is False or kwargs.get("cache") is not None
              or bool(mask.all()) or bool((mask[:, 1:] > mask[:, :-1]).any()))  # no padding / not right-padded
     if plain:
-        stack.append(None)
         return None
     flat_idx, pos, cu, max_len = unpad_layout(mask)
-    b, t = ids.shape
     tt = _arg(args, kwargs, 2, "token_type_ids")
     tt = tt.reshape(-1)[flat_idx] if tt is not None else torch.zeros_like(flat_idx)
     new = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
     new.update(input_ids=ids.reshape(-1)[flat_idx].unsqueeze(0), attention_mask=None,
                token_type_ids=tt.unsqueeze(0), position_ids=pos.unsqueeze(0),
                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-    stack.append((flat_idx, b, t))
-    return (), new
+    return new, (flat_idx, *ids.shape)
 
 
-def _post_hook(module, args, kwargs, output):
-    layout = module._lmforge_unpad_stack.pop()
-    if layout is None:
-        return None
-    flat_idx, b, t = layout
+def _unpadded_forward(self, *args, **kwargs):
+    """The backbone's forward on the packed row, its states re-padded to ``(B, T, D)``."""
+    call = _unpad_call(self, args, kwargs)
+    if call is None:
+        return type(self).forward(self, *args, **kwargs)
+    new, (flat_idx, b, t) = call
+    output = type(self).forward(self, **new)
     hidden = output.last_hidden_state[0]  # (N, D)
     full = hidden.new_zeros(b * t, hidden.shape[-1]).index_copy(0, flat_idx, hidden).view(b, t, -1)  # (B, T, D)
     output["last_hidden_state"] = full
-    pooler = getattr(module, "pooler", None)
+    pooler = getattr(self, "pooler", None)
     if getattr(output, "pooler_output", None) is not None and pooler is not None:
         output["pooler_output"] = pooler(full)
     return output
 
 
 def enable_unpadding(model: nn.Module) -> bool:
-    """Run ``model``'s encoder on unpadded batches from now on (idempotent). Returns False (and
+    """Run ``model``'s encoder on unpadded batches from now on (idempotent; the backbone's
+    ``forward`` is wrapped on the instance, no hooks, state dict unchanged). Returns False (and
     changes nothing) when the model cannot be unpadded (:func:`can_unpad`)."""
     if not can_unpad(model):
         return False
     base = getattr(model, "base_model", model)
-    if getattr(base, "_lmforge_unpad_stack", None) is not None:
+    if is_unpadded(base):
         return True
     _register()
     impl = base.config._attn_implementation
     base.config._attn_implementation = impl if impl.startswith(_PREFIX) else _PREFIX + impl
-    base._lmforge_unpad_stack = []
-    base._lmforge_unpad_hooks = (base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-                                 base.register_forward_hook(_post_hook, with_kwargs=True))
+    base.forward = types.MethodType(_unpadded_forward, base)
     return True
 
 
 def disable_unpadding(model: nn.Module) -> None:
-    """Undo :func:`enable_unpadding` (plain padded batches again)."""
+    """Undo :func:`enable_unpadding` (plain padded batches again). While enabled, a kernel switch
+    with ``set_attn_implementation("eager" | "sdpa")`` keeps the batches unpadded (that kernel runs
+    each sequence's attention)."""
     base = getattr(model, "base_model", model)
-    hooks = getattr(base, "_lmforge_unpad_hooks", None)
-    if hooks is None:
+    if not is_unpadded(base):
         return
-    for h in hooks:
-        h.remove()
+    del base.forward
     base.config._attn_implementation = base.config._attn_implementation.removeprefix(_PREFIX)
-    del base._lmforge_unpad_hooks, base._lmforge_unpad_stack
 
 
 def is_unpadded(model: nn.Module) -> bool:
-    return getattr(getattr(model, "base_model", model), "_lmforge_unpad_hooks", None) is not None
+    fwd = getattr(getattr(model, "base_model", model), "__dict__", {}).get("forward")
+    return getattr(fwd, "__func__", None) is _unpadded_forward

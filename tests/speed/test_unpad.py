@@ -114,3 +114,27 @@ def test_causal_models_are_not_unpadded():
     model = LlamaModel._from_config(cfg, attn_implementation="sdpa")
     assert not can_unpad(model) and not enable_unpadding(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_kernel_switch_keeps_unpadding():
+    """set_attn_implementation while unpadded (SetFit switches to eager for training) stays unpadded."""
+    model = _bert("sdpa", BertModel)
+    ids, mask, _ = _batch()
+    ref = model(ids, attention_mask=mask).last_hidden_state
+    enable_unpadding(model)
+    model.set_attn_implementation("eager")
+    out = model(ids, attention_mask=mask).last_hidden_state
+    assert model.config._attn_implementation == "lmforge_unpad_eager" and not out[mask == 0].any()
+    torch.testing.assert_close(out * mask[..., None], ref * mask[..., None], atol=1e-5, rtol=1e-5)
+
+
+def test_deepcopy_keeps_unpadding_on_the_copy():
+    import copy
+
+    model = _bert("sdpa")
+    enable_unpadding(model)
+    twin = copy.deepcopy(model)
+    assert is_unpadded(twin) and twin.bert.forward.__self__ is twin.bert
+    ids, mask, tt = _batch()
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits)

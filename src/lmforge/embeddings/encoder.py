@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..data.batching import pad_sequences
 from ..device import Placement
 from ..errors import LmforgeError
+from ..unpad import enable_unpadding
 
 POOLING_MODES = ("mean", "cls", "max", "last")
 AUTO_PROGRESS = 2000  # texts from which encode() reports progress unless told otherwise
@@ -103,10 +104,12 @@ class SentenceEncoder(nn.Module):
         pooling: ``mean``, ``cls``, ``max`` or ``last``.
         normalize: L2-normalise the output vectors.
         max_length: truncation length in tokens (sentence-transformers' ``max_seq_length``).
+        unpad: run encoder (non-causal) backbones on unpadded batches (:mod:`lmforge.unpad`; same
+            vectors, no compute on padding); decoders are left as they are.
     """
 
     def __init__(self, backbone: nn.Module, tokenizer, *, pooling: str = "mean", normalize: bool = False,
-                 max_length: int = 256):
+                 max_length: int = 256, unpad: bool = True):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise LmforgeError(f"pooling must be one of {', '.join(POOLING_MODES)}, got '{pooling}'")
@@ -117,6 +120,8 @@ class SentenceEncoder(nn.Module):
         self.max_length = int(max_length)
         if getattr(backbone.config, "use_cache", None):
             backbone.config.use_cache = False  # decoders: no KV cache while embedding
+        if unpad:
+            enable_unpadding(backbone)
 
     @property
     def dim(self) -> int:
@@ -128,7 +133,7 @@ class SentenceEncoder(nn.Module):
                         max_length: int | None = None, dropout: float | None = None,
                         residual_dropout: float | None = None, attn_implementation: str | None = None,
                         trust_remote_code: bool = False,
-                        revision: str | None = None) -> "SentenceEncoder":
+                        revision: str | None = None, unpad: bool = True) -> "SentenceEncoder":
         """Load a sentence-transformers folder or a plain Hugging Face model (alias, folder, hub id).
 
         Settings stored in a sentence-transformers folder (pooling, normalisation, max length) are
@@ -137,6 +142,7 @@ class SentenceEncoder(nn.Module):
         only); ``residual_dropout`` adds one on their embeddings and residual branches
         (:func:`add_residual_dropout`).
         ``attn_implementation``: transformers' attention kernel (default: transformers' choice).
+        ``unpad``: unpadded batches for encoder backbones (:mod:`lmforge.unpad`).
         """
         from transformers import AutoConfig, AutoModel
 
@@ -159,7 +165,7 @@ class SentenceEncoder(nn.Module):
         tokenizer = load_tokenizer(hf_dir, trust_remote_code)
         length = max_length or st.max_seq_length or _tokenizer_limit(tokenizer, config)
         return cls(backbone, tokenizer, pooling=pooling or st.pooling or "mean",
-                   normalize=st.normalize if normalize is None else normalize, max_length=length)
+                   normalize=st.normalize if normalize is None else normalize, max_length=length, unpad=unpad)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write a sentence-transformers folder (see :func:`lmforge.embeddings.st_io.save_st_folder`)."""

@@ -247,6 +247,10 @@ class ClassifyTask(Task):
         model = AutoModelForSequenceClassification.from_pretrained(
             self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
             attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
+        if self.placement.unpad(mc.attn_implementation):
+            from ..unpad import enable_unpadding
+
+            enable_unpadding(model)  # encoders: no compute on padding tokens (decoders unchanged)
         if not adapt:
             return model
         self.heads = [h for h in HEADS if any(n_.rsplit(".", 1)[-1] == h for n_, _ in model.named_modules())]
