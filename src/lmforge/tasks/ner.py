@@ -7,7 +7,9 @@
   ``ner.label_all_subtokens``, carry the ``I-`` tag. Special tokens are ignored.
 - Predictions are read at each word's first sub-token; evaluation is entity-level
   precision/recall/F1 per type and overall (seqeval via :func:`lmforge.eval.ner_report`).
-  Words cut off by ``data.max_length`` count as ``O``.
+  Words cut off by ``data.max_length`` count as ``O``. ``ner.decoding: bio`` decodes each sentence's
+  word tags jointly (:func:`bio_viterbi`): the most probable tag sequence that is valid BIO (an
+  ``I-T`` only after ``B-T`` or ``I-T``), instead of each word's most probable tag.
 - ``predict`` reads ``text`` (raw strings, split into words CoNLL-style with character offsets kept) or
   ``tokens`` (lists of words) and writes entity spans merged from the word tags.
 - Saved as ``adapter/`` (PEFT, ``TOKEN_CLS``) for LoRA or a Hugging Face folder ``model/``
@@ -46,6 +48,59 @@ class NerConfig(Section):
     mode: Literal["full", "lora", "adapter"] = Field("lora", description="lora/adapter: the adapter: section's kind")
     label_all_subtokens: bool = Field(
         False, description="train the non-first sub-tokens of a word on its I- tag instead of ignoring them")
+    decoding: Literal["argmax", "bio"] = Field(
+        "argmax", description="word tags: each word's most probable tag (argmax), or the most probable valid "
+                              "BIO sequence per sentence (bio: never an I-T without a B-T before it)")
+
+
+def bio_transitions(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tags may start a sentence and follow each other under BIO.
+
+    ``I-T`` may only follow ``B-T`` or ``I-T`` (and never start a sentence); ``O`` and ``B-*``
+    may follow anything.
+
+    Args:
+        labels: (C,) tag names.
+
+    Returns:
+        ``start`` (C,) bool and ``allowed`` (C, C) bool, ``allowed[i, j]``: tag ``j`` may follow tag ``i``.
+    """
+    parts = [check_tag(l) for l in labels]
+    start = torch.tensor([p != "I" for p, _ in parts])
+    allowed = torch.tensor([[pj != "I" or (pi in "BI" and ti == tj) for pj, tj in parts] for pi, ti in parts])
+    return start, allowed
+
+
+def bio_viterbi(logp: torch.Tensor, start: torch.Tensor, allowed: torch.Tensor) -> list[int]:
+    """The most probable tag sequence among the valid ones (Viterbi on independent word scores).
+
+    ``argmax_y sum_t logp[t, y_t]`` subject to ``start[y_0]`` and ``allowed[y_{t-1}, y_t]``:
+    ``delta_0 = logp_0 + log start``, ``delta_t[j] = logp_t[j] + max_i (delta_{t-1}[i] + log allowed[i, j])``,
+    then backtracking from ``argmax delta_{T-1}``.
+
+    Args:
+        logp: (T, C) per-word log-probabilities of each tag.
+        start: (C,) bool, tags that may open a sentence.
+        allowed: (C, C) bool transitions.
+
+    Returns:
+        T tag ids (empty for T = 0).
+    """
+    if logp.shape[0] == 0:
+        return []
+    neg = torch.tensor(float("-inf"), dtype=logp.dtype)
+    trans = torch.where(allowed, torch.zeros((), dtype=logp.dtype), neg)  # (C, C)
+    delta = logp[0] + torch.where(start, torch.zeros((), dtype=logp.dtype), neg)  # (C,)
+    back = []
+    for t in range(1, logp.shape[0]):
+        scores = delta[:, None] + trans  # (C_prev, C)
+        best, arg = scores.max(0)  # (C,), (C,)
+        back.append(arg)
+        delta = best + logp[t]
+    path = [int(delta.argmax())]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return path[::-1]
 
 
 class NerRun(RunConfig):
@@ -194,14 +249,33 @@ class NerTask(Task):
             batch = move(self.collate([{"input_ids": items[i]["input_ids"]} for i in idx]), self.placement.device)
             with self.placement.autocast():
                 logits = self.model(**batch).logits.float()  # (B, T, C)
-            prob, pred = torch.softmax(logits, -1).max(-1)  # (B, T), (B, T)
-            prob, pred = prob.cpu().tolist(), pred.cpu().tolist()
+            probs = torch.softmax(logits, -1).cpu()  # (B, T, C)
             for row, i in enumerate(idx):
-                first = items[i]["first"]
-                out[i] = ([self.labels[pred[row][t]] if t >= 0 else "O" for t in first],
-                          [prob[row][t] if t >= 0 else 0.0 for t in first])
+                out[i] = self._word_tags(probs[row], items[i]["first"])
         self.model.train(was_training)
         return out
+
+    def _word_tags(self, probs: torch.Tensor, first: Sequence[int]) -> tuple[list[str], list[float]]:
+        """Word tags and their probabilities from one sentence's (T, C) token probabilities, read at
+        each word's first sub-token (``first[w] < 0``: the word was cut off, tag ``O`` with 0.0)."""
+        kept = torch.tensor([t for t in first if t >= 0], dtype=torch.long)
+        word_p = probs[kept]  # (W_kept, C)
+        if self.cfg.ner.decoding == "bio":
+            if not hasattr(self, "_bio"):
+                self._bio = bio_transitions(self.labels)
+            ids = bio_viterbi(word_p.clamp_min(1e-12).log(), *self._bio)
+        else:
+            ids = word_p.argmax(-1).tolist()
+        tags, ps, k = [], [], 0
+        for t in first:
+            if t < 0:
+                tags.append("O")
+                ps.append(0.0)
+            else:
+                tags.append(self.labels[ids[k]])
+                ps.append(float(word_p[k, ids[k]]))
+                k += 1
+        return tags, ps
 
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
         from ..eval.metrics import ner_report
