@@ -6,6 +6,9 @@ The source (run directory or adapter folder, a 4-bit base when the run's typed c
 Merging computes ``W' = W0 + (alpha / r) B A`` per adapted layer (LoRA, Hu et al. 2021, Sec. 4.1).
 On a 4-bit base ``W0`` is first dequantised to fp32 (``W0 = dequant(NF4(W))``, the weight the
 adapter was trained against): the update is never merged into 4-bit codes.
+
+Encoder-decoder adapters (T5, BART: PEFT ``SEQ_2_SEQ_LM``) merge the same way into every adapted
+encoder and decoder projection; the written folder is a plain ``AutoModelForSeq2SeqLM`` folder.
 """
 from __future__ import annotations
 
@@ -25,16 +28,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @torch.no_grad()
 def _sample_logits(model, vocab_size: int, seed: int = 0) -> torch.Tensor:
-    """Logits of the model on fixed random token ids: (2, 16, V) fp32."""
+    """Logits of the model on fixed random token ids: (2, 16, V) fp32 (seq2seq: 16 source tokens
+    and 8 decoder tokens, (2, 8, V))."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (2, 16), generator=gen)  # (2, 16)
     device = next(model.parameters()).device
-    return model(input_ids=ids.to(device)).logits.float().cpu()
+    extra = {}
+    if getattr(model.config, "is_encoder_decoder", False):
+        extra["decoder_input_ids"] = torch.randint(0, vocab_size, (2, 8), generator=gen).to(device)  # (2, 8)
+    return model(input_ids=ids.to(device), **extra).logits.float().cpu()
 
 
 def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str = "fp32",
           base_4bit: bool | None = None, overwrite: bool = False) -> dict:
-    """Merge a LoRA adapter into its base and write a standalone Hugging Face folder.
+    """Merge a LoRA adapter into its base (causal or seq2seq) and write a standalone Hugging Face folder.
 
     Args:
         source: run directory or adapter folder.
@@ -62,7 +69,7 @@ def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str =
     if is_run_dir(path) and open_run(path).kind == "model":
         raise LmforgeError(f"{path}: nothing to merge, {path / 'model'} is already a standalone model folder")
     src = resolve_source(base or "", str(path), base_4bit=base_4bit)
-    model, tokenizer, _ = load_causal_lm(src, dtype=torch.float32)
+    model, tokenizer, _ = load_causal_lm(src, dtype=torch.float32, seq2seq_ok=True)
     vocab = model.get_input_embeddings().num_embeddings
     reference = _sample_logits(model, vocab)  # adapter outputs (on the 4-bit base when there is one)
     dequantized = dequantize_model(model, torch.float32) if src.base_4bit else 0

@@ -45,14 +45,15 @@ def _generation_config(args):
         use_cache=not args.no_cache, batch_size=getattr(args, "batch_size", 8))
 
 
-def _load(args):
-    """(model, tokenizer, placement) for ``args.model`` / ``args.adapter``."""
+def _load(args, purpose: str = "chat"):
+    """(model, tokenizer, placement) for ``args.model`` / ``args.adapter`` (a causal LM: ``purpose``
+    names the command when a seq2seq model is refused)."""
     from ..device import Placement
     from ..causal_lm import load_causal_lm, resolve_source
 
     placement = Placement.resolve(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
     src = resolve_source(args.model, getattr(args, "adapter", None))
-    model, tokenizer, _ = load_causal_lm(src, device=placement.device)
+    model, tokenizer, _ = load_causal_lm(src, device=placement.device, purpose=purpose)
     return model, tokenizer, placement
 
 
@@ -171,6 +172,36 @@ def cmd_merge(args) -> int:
 
 
 # ---- eval --task perplexity|generation ------------------------------------------------------------
+GENERATION_EVAL_HELP = ("generation: --data with a prompt (or messages) and a reference (reference/references/"
+                        "completion/summary/target); on an sft run (or --adapter RUN) the run's prompt template and "
+                        "column mapping apply to raw records (e.g. dialogue/summary) and decoding starts from its "
+                        "settings (greedy, sft.max_new_tokens), as training's ROUGE")
+
+
+def add_generation_eval_args(e) -> None:
+    """The ``--task generation`` flags of ``lmforge eval`` (``--adapter`` and ``--seed`` are shared
+    with ``--task mc``); unset flags keep the run's settings."""
+    g = e.add_argument_group("generation (--task generation)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated at most (default: an sft run's sft.max_new_tokens, else 128)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    g.add_argument("--top-k", type=int, default=None, help="0 = off")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per batch (default: an sft run's sft.generation_batch_size, else 8)")
+    g.add_argument("--prompt-template", default=None,
+                   help="build prompts from the record's columns, e.g. 'Summarize: {dialogue}' (default: the "
+                        "run's sft.prompt_template, else the 'prompt' field)")
+    g.add_argument("--reference", default=None, help="the reference column (default: the run's, else "
+                                                     "reference/references/completion/summary/target)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="perplexity/generation of a model (an sft run uses its own model.precision)")
+    g.add_argument("--device", default="auto")
+
+
 def run_eval_task(args) -> int:
     """``lmforge eval MODEL --task perplexity|generation --data FILE [--out FILE]``
     (:func:`lmforge.api.evaluate_model`); prints the report as one JSON line."""
@@ -178,12 +209,24 @@ def run_eval_task(args) -> int:
 
     if args.task not in EVAL_TASKS:
         raise LmforgeError(f"eval --task must be one of {', '.join(EVAL_TASKS)}, got '{args.task}'")
+    decoding = {"temperature": getattr(args, "temperature", None), "top_k": getattr(args, "top_k", None),
+                "top_p": getattr(args, "top_p", None), "repetition_penalty": getattr(args, "repetition_penalty", None),
+                "stop": getattr(args, "stop", None), "use_cache": False if getattr(args, "no_cache", False) else None}
+    if decoding["temperature"]:
+        decoding["seed"] = getattr(args, "seed", None)
+    extra = {}
+    if args.task == "generation":
+        extra = dict(decoding=decoding, prompt_template=getattr(args, "prompt_template", None),
+                     reference=getattr(args, "reference", None), checkpoint=getattr(args, "checkpoint", "final"))
+    elif any(v for v in decoding.values()) or getattr(args, "prompt_template", None):
+        raise LmforgeError("eval: decoding options and --prompt-template go with --task generation")
     report = evaluate_model(getattr(args, "model", None) or args.run_dir, args.data, args.task,
                             adapter=getattr(args, "adapter", None), out=getattr(args, "out", None),
-                            batch_size=getattr(args, "batch_size", None) or 8,
-                            max_new_tokens=getattr(args, "max_new_tokens", None) or 128,
+                            batch_size=getattr(args, "batch_size", None),
+                            max_new_tokens=getattr(args, "max_new_tokens", None),
                             max_length=getattr(args, "max_length", None),
-                            device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"))
+                            device=getattr(args, "device", "auto"), precision=getattr(args, "precision", "auto"),
+                            **extra)
     print(json.dumps(report, ensure_ascii=False))
     return 0
 
@@ -213,7 +256,7 @@ def register(sub) -> None:
                   "lmforge chat smollm2 --temperature 0.7")
     c.set_defaults(func=cmd_chat)
 
-    m = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone HF folder")
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base (causal or seq2seq): a standalone HF folder")
     m.add_argument("source", help="run directory or adapter folder")
     m.add_argument("--out", required=True)
     m.add_argument("--base", default=None, help="base model (default: from the run config or adapter)")

@@ -1,4 +1,5 @@
-"""Evaluating causal LMs: perplexity on texts, ROUGE/BLEU of generations against references.
+"""Evaluating generative models: perplexity of causal LMs on texts, ROUGE/BLEU of generations
+(causal or seq2seq models) against references.
 
 Perplexity (natural log): ``PPL = exp( (1/N) sum_t -log p(x_t | x_<t) )`` over every token that
 has a context (the first token of each window is not scored). Texts longer than ``max_length``
@@ -15,7 +16,8 @@ import torch
 
 from ..errors import LmforgeError
 
-__all__ = ["perplexity_of_texts", "generation_scores", "read_perplexity_texts", "read_generation_pairs"]
+__all__ = ["perplexity_of_texts", "generation_scores", "read_perplexity_texts", "read_generation_pairs",
+           "evaluate_generation"]
 
 
 def _windows(ids: list[int], max_length: int) -> list[list[int]]:
@@ -115,31 +117,87 @@ PROMPT_FIELDS = ("prompt", "messages")
 REFERENCE_FIELDS = ("reference", "references", "completion", "summary", "target")
 
 
-def read_generation_pairs(path: str) -> tuple[list, list]:
-    """Prompts (``prompt`` text or chat ``messages``) and references (``reference``/``references``/
-    ``completion``/``summary``/``target``: a text or a list of texts) of a data file."""
+def read_generation_pairs(path: str, *, prompt_template: str | None = None,
+                          reference: str | None = None) -> tuple[list, list]:
+    """Prompts and references of a data file.
+
+    The prompt is ``prompt_template`` formatted with the record's columns (e.g.
+    ``"Summarize:\n{dialogue}"``) when given, else its ``prompt`` text or chat ``messages``; the
+    reference is the ``reference`` column when given, else the first of ``reference``/``references``/
+    ``completion``/``summary``/``target`` (a text or a list of texts)."""
     from ..data.readers import read_table
 
     table = read_table(path)
     if not table.records:
         raise LmforgeError(f"{path}: no examples")
     prompts, refs = [], []
+    ref_fields = (reference,) if reference else REFERENCE_FIELDS
     for i, rec in enumerate(table.records):
-        p_key = next((k for k in PROMPT_FIELDS if k in rec), None)
-        r_key = next((k for k in REFERENCE_FIELDS if k in rec), None)
+        where = table.where(i)
+        r_key = next((k for k in ref_fields if k in rec), None)
+        if prompt_template is not None:
+            try:
+                prompt, p_key = prompt_template.format_map(rec), "prompt"
+            except KeyError as exc:
+                raise LmforgeError(f"{where}: --prompt-template needs column {exc.args[0]!r}") from None
+            except (ValueError, IndexError) as exc:
+                raise LmforgeError(f"--prompt-template is malformed ({exc})") from None
+        else:
+            p_key = next((k for k in PROMPT_FIELDS if k in rec), None)
+            prompt = rec.get(p_key) if p_key else None
         if p_key is None or r_key is None:
-            missing = "a 'prompt' or 'messages'" if p_key is None else "a reference (" + "/".join(REFERENCE_FIELDS) + ")"
-            raise LmforgeError(f"{table.where(i)}: missing {missing} field")
-        prompt, ref = rec[p_key], rec[r_key]
+            missing = "a 'prompt' or 'messages'" if p_key is None else "a reference (" + "/".join(ref_fields) + ")"
+            raise LmforgeError(f"{where}: missing {missing} field")
+        ref = rec[r_key]
         if p_key == "prompt" and (not isinstance(prompt, str) or not prompt.strip()):
-            raise LmforgeError(f"{table.where(i)}: 'prompt' must be non-empty text")
+            raise LmforgeError(f"{where}: 'prompt' must be non-empty text")
         if p_key == "messages" and (not isinstance(prompt, list) or not prompt):
-            raise LmforgeError(f"{table.where(i)}: 'messages' must be a non-empty list of role/content objects")
+            raise LmforgeError(f"{where}: 'messages' must be a non-empty list of role/content objects")
         if isinstance(ref, list):
             if not ref or not all(isinstance(r, str) for r in ref):
-                raise LmforgeError(f"{table.where(i)}: '{r_key}' must be a text or a non-empty list of texts")
+                raise LmforgeError(f"{where}: '{r_key}' must be a text or a non-empty list of texts")
         elif not isinstance(ref, str):
-            raise LmforgeError(f"{table.where(i)}: '{r_key}' must be text, got {type(ref).__name__}")
+            raise LmforgeError(f"{where}: '{r_key}' must be text, got {type(ref).__name__}")
         prompts.append(prompt)
         refs.append(ref)
     return prompts, refs
+
+
+def evaluate_generation(model: str, data: str, gcfg, *, adapter: str | None = None, prompt_template: str | None = None,
+                        reference: str | None = None, chat: bool | None = None, device: str = "auto",
+                        precision: str = "auto") -> dict:
+    """ROUGE/BLEU of a model's generations (causal LM or seq2seq: T5, BART ...) on a data file.
+
+    Args:
+        model: model reference, run directory or adapter folder (:func:`lmforge.causal_lm.resolve_source`).
+        data: records with a prompt (or ``prompt_template`` columns) and a reference (see
+            :func:`read_generation_pairs`).
+        gcfg: decoding settings (:class:`lmforge.generation.GenerationConfig`).
+        adapter: adapter folder or run on the base ``model``.
+        chat: apply the chat template to text prompts (None: when the tokenizer has one; seq2seq
+            models: never).
+
+    Returns:
+        ``{"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "n", "generation_seconds", "decoding",
+        "examples"}``.
+    """
+    import dataclasses
+    import time
+
+    from ..causal_lm import is_seq2seq, load_causal_lm, resolve_source
+    from ..device import Placement
+    from ..generation import generate
+
+    prompts, refs = read_generation_pairs(data, prompt_template=prompt_template, reference=reference)
+    placement = Placement.resolve(device, precision)  # bad data fails before the model loads
+    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device, seq2seq_ok=True)
+    if is_seq2seq(lm):
+        chat = False
+    t0 = time.perf_counter()
+    with placement.autocast():
+        predictions = generate(lm, tokenizer, prompts, gcfg, chat=chat)
+    seconds = time.perf_counter() - t0
+    report = generation_scores(predictions, refs)
+    examples = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
+    return report | {"generation_seconds": round(seconds, 3), "decoding": dataclasses.asdict(gcfg),
+                     "prompt_template": prompt_template, "examples": examples}
