@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import LmforgeError
+from .errors import LmforgeError, TrainingError
 
 log = logging.getLogger("lmforge")
 
@@ -163,24 +163,59 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None, prepar
     log.info("run %s: task %s on %s (%s)", run_dir, cfg.task, cfg.model.name, task.placement.describe())
     log.info(task.describe_model())
     held = None
+    main = int(os.environ.get("RANK", "0")) == 0
+    before = _sample_outputs(task) if main else None  # the untrained model's, for the report
     if not eval_during_training:
         held, task.eval_items = list(task.eval_items), []
     t0 = time.perf_counter()
-    metrics = task.train_direct(run_dir)
-    if metrics is None:
-        metrics = fit(task, cfg, run_dir, on_step=on_step)  # a resumed run saves its config once resumed
-    elif action == "resume":
-        save_config(run_dir, cfg)
+    try:
+        metrics = task.train_direct(run_dir)
+        if metrics is None:
+            metrics = fit(task, cfg, run_dir, on_step=on_step)  # a resumed run saves its config once resumed
+        elif action == "resume":
+            save_config(run_dir, cfg)
+    except TrainingError:  # stopped (non-finite loss): the report shows where and why
+        if int(os.environ.get("RANK", "0")) == 0:
+            from .report import report_after_training
+
+            report_after_training(run_dir, task)
+        raise
     seconds = time.perf_counter() - t0
     if held is not None:
         task.eval_items = held
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main:
         task.save(run_dir)
         _score_test_split(run_dir, cfg)
+        _add_data_report(run_dir, task)
+        if before is not None:
+            from .tasks.samples import before_after
+
+            task.sample_rows = before_after(before, _sample_outputs(task))
         from .report import report_after_training
 
         report_after_training(run_dir, task)  # runs/<name>/report.html (+ run_info.json)
     return Run(run_dir, cfg, dict(metrics or {}), "final", task, seconds)
+
+
+def _sample_outputs(task) -> list[dict] | None:
+    """The task's few report samples (``sample_outputs()``: causal-LM tasks), or None."""
+    fn = getattr(task, "sample_outputs", None)
+    return fn() if callable(fn) else None
+
+
+def _add_data_report(run_dir: Path, task) -> None:
+    """Rows the task dropped or truncated while reading its data (``task.reports``: causal-LM
+    tasks' :class:`~lmforge.data.chat.DropReport`) go into ``eval.json`` as ``data_report``."""
+    import json
+
+    from .rundir import EVAL, write_json
+
+    reports = [r for r in getattr(task, "reports", None) or [] if r.truncated or r.dropped]
+    if not reports or not (run_dir / EVAL).is_file():
+        return
+    final = json.loads((run_dir / EVAL).read_text(encoding="utf-8"))
+    final["data_report"] = {r.split: r.as_dict() for r in reports}
+    write_json(run_dir / EVAL, final)
 
 
 def _score_test_split(run_dir: Path, cfg) -> None:
@@ -473,7 +508,7 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
     decoding = {k: v for k, v in (decoding or {}).items() if v is not None}
     decoding |= {k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v is not None}
     run = _sft_run(model, adapter)
-    if run is not None and prompt_template is None and reference is None:
+    if run is not None and prompt_template is None and reference is None and _has_run_columns(run, data):
         task = load(run, checkpoint).task
         gcfg = task.generation_config(**decoding)  # checked before the data is read
         return {"run": str(run), "checkpoint": checkpoint} | task.generation_report(task.read_eval_file(data), gcfg)
@@ -483,6 +518,17 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
         raise LmforgeError(f"generation: {err}") from None
     return evaluate_generation(model, data, gcfg, adapter=adapter, prompt_template=prompt_template,
                                reference=reference, device=device, precision=precision)
+
+
+def _has_run_columns(run: Path, data: str) -> bool:
+    """Whether the records of ``data`` carry the run's completion column (its training format); files
+    of plain ``prompt`` + ``reference`` records are read as they are."""
+    from .data.readers import read_table
+    from .data.schema import field_column
+    from .rundir import read_config
+
+    table = read_table(data)
+    return bool(table.records) and field_column(read_config(run).data, "completion") in table.records[0]
 
 
 def _sft_run(model: str, adapter: str | None) -> Path | None:

@@ -96,8 +96,9 @@ def report_after_training(run_dir: str | Path, task=None) -> Path | None:
     try:
         run_dir = Path(run_dir)
         write_json(run_dir / RUN_INFO, run_info(task))
-        samples = getattr(task, "last_generations", None)
-        if isinstance(samples, list) and samples and not (run_dir / "samples.jsonl").exists():
+        # before/after rows of sample_outputs() (api.train_config), else the task's last eval generations
+        samples = getattr(task, "sample_rows", None) or getattr(task, "last_generations", None)
+        if isinstance(samples, list) and samples:
             write_jsonl(run_dir / "samples.jsonl", [s for s in samples[:12] if isinstance(s, dict)])
         return write_report([run_dir])
     except Exception as exc:  # the run itself is done and saved; say why the page is missing

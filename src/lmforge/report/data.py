@@ -45,6 +45,7 @@ class RunData:
     env: dict = field(default_factory=dict)
     pictures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (name, mime, bytes)
     topics: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)  # metrics.jsonl split "event": e.g. the engine's stop
     bad_lines: int = 0
 
 
@@ -118,6 +119,7 @@ def load_run(path: str | Path) -> RunData:
     rows, data.bad_lines = _read_jsonl(run / METRICS)
     data.train = [r for r in rows if r.get("split", "train") == "train"]
     data.eval = [r for r in rows if r.get("split") == "eval"]
+    data.events = [r for r in rows if r.get("split") == "event"]
     final = _read_json(run / EVAL, {})
     data.final = final if isinstance(final, dict) else {}
     labels = _read_json(run / "labels.json", [])
@@ -252,14 +254,17 @@ def warnings_for(run: RunData) -> list[str]:
     """Automatic warnings: NaN/inf stop, an unfinished run, loss spikes, an eval metric peaking
     early, negative KL, classes never predicted, cut metric lines."""
     out: list[str] = []
+    stop = stopped(run)
+    if stop:
+        out.append(stop + " (the last good checkpoint is kept)")
     steps, loss = series(run.train, "loss")
     bad = [(s, v) for s, v in zip(steps, loss) if not math.isfinite(v)]
-    if bad:
+    if bad and not stop:
         out.append(f"non-finite loss ({bad[0][1]}) at step {bad[0][0]:.0f}: the run stopped there")
     status = run.final.get("status") or run.final.get("error")
     if isinstance(status, str) and any(w in status.lower() for w in ("nan", "non-finite", "inf")):
         out.append(f"run stopped: {status}")
-    if not run.final and run.train:
+    if not run.final and run.train and not stop:
         out.append("no eval.json: the run did not finish (stopped, killed or still running)")
     spikes = loss_spikes(loss)
     if spikes:
@@ -290,6 +295,17 @@ def warnings_for(run: RunData) -> list[str]:
     if run.config_note:
         out.append(run.config_note)
     return out
+
+
+def stopped(run: RunData) -> str | None:
+    """``"stopped at step N: <reason>"`` when the engine recorded a stop (``{"split": "event",
+    "event": "stopped", "reason", "step"}`` in metrics.jsonl, e.g. a non-finite loss), else None."""
+    for ev in reversed(run.events):
+        if ev.get("event") == "stopped":
+            step = _num(ev.get("step"))
+            where = f" at step {step:.0f}" if step is not None and math.isfinite(step) else ""
+            return f"stopped{where}: {ev.get('reason') or 'unknown reason'}"
+    return None
 
 
 def flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -333,6 +349,7 @@ def summary(run: RunData) -> dict[str, Any]:
         trainable = f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
     env = info.get("environment") if isinstance(info.get("environment"), dict) else {}
     out = {
+        "status": stopped(run) or (None if run.final else "no eval.json (not finished)"),
         "task": task, "model": model.get("name"), "adapter": adapter or None,
         "trainable parameters": trainable,
         "train data": data.get("train"), "eval data": data.get("eval"),

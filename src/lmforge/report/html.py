@@ -209,7 +209,9 @@ def _samples(r: RunData, prefix: str) -> str:
               + "</pre>") if c in s else "" for c in cols] for s in r.samples]
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in rows)
-    return (f"<h2>Sample predictions{': ' + esc(r.name) if prefix else ''}</h2>"
+    title = ("Sample generations before and after training" if any("before" in s for s in r.samples)
+             else "Sample predictions")
+    return (f"<h2>{title}{': ' + esc(r.name) if prefix else ''}</h2>"
             f'<table class="samples"><tr>{head}</tr>{body}</table>')
 
 
@@ -265,7 +267,8 @@ def build_html(runs: Sequence[RunData]) -> str:
         parts.append(f"<details><summary>config: {esc(r.name)}</summary><pre>"
                      f"{esc(json.dumps(r.config, indent=2, default=str))}</pre></details>")
     raw = {r.name: {"path": str(r.path), "summary": summary(r), "warnings": warnings_for(r), "config": r.config,
-                    "train": r.train, "eval": r.eval, "final": r.final, "env": r.env} for r in runs}
+                    "train": r.train, "eval": r.eval, "events": r.events, "final": r.final, "env": r.env}
+           for r in runs}
     blob = json.dumps(_jsonable(raw), default=str).replace("</", "<\\/")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -54,6 +54,8 @@ class PreferenceConfig(CausalSection):
     precompute_ref: bool = Field(False, description="compute reference log-probs once and cache them on disk")
     packing: bool = Field(True, description="pack a batch's chosen and rejected sequences into shared rows "
                                             "(per-sequence position ids, no attention across them): no padding")
+    report_samples: int = Field(3, ge=0, description="greedy replies (64 tokens at most) to the first N eval prompts "
+                                                     "before and after training, shown in the run report (0: none)")
 
 
 class PreferenceRun(RunConfig):
@@ -106,6 +108,8 @@ def encode_pairs(task: CausalTask, table: Table, split: str, max_length: int, ma
             continue
         out.append({"prompt_ids": p_ids, "chosen_ids": c_ids, "chosen_labels": c_lab,
                     "rejected_ids": r_ids, "rejected_labels": r_lab, "index": i})
+        if split == "eval" and len(out) <= getattr(task.opts, "report_samples", 0):  # the report's samples
+            out[-1] |= {"prompt": task.fmt.generation_prompt(prompt), "reference": chosen}
     rep.truncated = cut_completions
     task.report(rep)
     if cut_prompts:
@@ -328,6 +332,19 @@ class PreferenceTask(CausalTask):
         return losses.mean(), metrics
 
     # ---- evaluation ----------------------------------------------------------------------------
+    def sample_outputs(self) -> list[dict]:
+        """``{"input", "output", "reference"}`` (reference: the chosen reply) greedy replies to the
+        first ``report_samples`` eval prompts (called before and after training: the report shows both)."""
+        from .samples import greedy_generations, prompt_text
+
+        gen = [it for it in self.eval_items if "prompt" in it][: self.opts.report_samples]
+        if not gen:
+            return []
+        preds = greedy_generations(self, [it["prompt"] for it in gen], max_new_tokens=64, batch_size=len(gen),
+                                   desc="samples")
+        return [{"input": prompt_text(it["prompt"]), "output": p, "reference": it["reference"]}
+                for p, it in zip(preds, gen)]
+
     def _eval_batches(self, items: Sequence[dict]) -> list[list[int]]:
         bs = self.cfg.train.eval_batch_size or self.cfg.train.batch_size
         return length_grouped_batches([self.item_length(it) for it in items], bs, seed=0, epoch=0, shuffle=False)

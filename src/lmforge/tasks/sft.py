@@ -48,6 +48,8 @@ class SftConfig(CausalSection):
     max_new_tokens: int = Field(64, gt=0, description="eval generation length")
     generation_batch_size: int = Field(16, gt=0)
     eval_base: bool = Field(False, description="also report the base model's eval metrics (adapters off), once")
+    report_samples: int = Field(3, ge=0, description="greedy generations for the first N eval prompts before and "
+                                                     "after training, shown in the run report (0: none)")
     max_target_length: int | None = Field(
         None, gt=0, description="seq2seq models: completion tokens at most (default: data.max_length)")
 
@@ -298,13 +300,27 @@ class SftTask(CausalTask):
             count += self.batch_units(batch)
         return total, count
 
-    def generate(self, prompts: list) -> list[str]:
-        """Greedy completions of prompts (as :meth:`Formatter.generation_prompt` gives them)."""
-        from ..generation import GenerationConfig, generate
+    def generate(self, prompts: list, desc: str = "generate (eval)", show: bool | None = None) -> list[str]:
+        """Greedy completions of prompts (as :meth:`Formatter.generation_prompt` gives them), with
+        progress (``show``; default: when there is more than one batch; see
+        :func:`lmforge.tasks.samples.greedy_generations`)."""
+        from .samples import greedy_generations
 
-        gcfg = GenerationConfig(max_new_tokens=self.opts.max_new_tokens, batch_size=self.opts.generation_batch_size)
-        with self.placement.autocast():
-            return generate(self.core, self.tokenizer, prompts, gcfg, chat=self.fmt.chat)
+        bs = self.opts.generation_batch_size
+        return greedy_generations(self, prompts, max_new_tokens=self.opts.max_new_tokens, batch_size=bs, desc=desc,
+                                  show=len(prompts) > bs if show is None else show)
+
+    def sample_outputs(self) -> list[dict]:
+        """``{"input", "output", "reference"}`` greedy generations for the first ``report_samples``
+        eval prompts (called before and after training: the run report shows both)."""
+        from .samples import prompt_text
+
+        gen = [it for it in self.eval_items if "prompt" in it][: self.opts.report_samples]
+        if not gen:
+            return []
+        preds = self.generate([it["prompt"] for it in gen], desc="samples", show=True)
+        return [{"input": prompt_text(it["prompt"]), "output": p, "reference": it.get("reference")}
+                for p, it in zip(preds, gen)]
 
     def generation_config(self, **decoding):
         """The decoding settings of eval-time generation: greedy, ``sft.max_new_tokens`` tokens,

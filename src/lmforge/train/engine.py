@@ -204,6 +204,9 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 all_reduce_grads(trainable, env)
                 if not math.isfinite(loss_val):
                     where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
+                    # the stop itself is a record (the run report shows "stopped at step N: non-finite loss")
+                    logger.log({"step": step + 1, "event": "stopped", "reason": "non-finite loss",
+                                "loss": str(loss_val)}, split="event")
                     raise TrainingError(f"non-finite loss ({loss_val}) at step {step + 1}, run stopped{where}")
                 skipped = "skip" in metrics and all_sum(metrics["skip"], env, device) > 0
                 if scaler is not None:

@@ -1,0 +1,70 @@
+"""Generation phases of causal-LM tasks, for people: greedy generations in batches with progress
+(:mod:`lmforge.progress`), and the few sample generations the run report shows before and after
+training (``api.train_config`` calls a task's ``sample_outputs()`` at both ends of training).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def greedy_generations(task, prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int, desc: str,
+                       show: bool = True) -> list[str]:
+    """Greedy completions of ``prompts`` (texts or chat messages, as the task's formatter gives
+    them) by ``task.core``, in batches of ``batch_size`` taken longest first exactly as
+    :func:`lmforge.generation.generate` batches them (so the texts are the same as one call), with
+    a progress bar on a terminal or a line per 30 s in a log (``show`` and ``train.progress``)."""
+    from ..generation import GenerationConfig, encode_prompts, generate
+    from ..progress import progress
+
+    if not prompts:
+        return []
+    gcfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    chat = task.fmt.chat
+    lengths = [len(ids) for ids in encode_prompts(task.tokenizer, prompts, chat)]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # generate()'s own (stable) order
+    out = [""] * len(prompts)
+    enabled = show and bool(getattr(task.cfg.train, "progress", True))
+    model = task.core
+    was_training = model.training
+    model.eval()
+    try:
+        with progress(len(prompts), enabled=enabled, desc=desc, unit="prompts") as bar, task.placement.autocast():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                texts = generate(model, task.tokenizer, [prompts[i] for i in rows], gcfg, chat=chat)
+                for i, text in zip(rows, texts):
+                    out[i] = text
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as a person reads it: the text (a single user turn's content), or ``role: content``
+    lines of chat messages."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) and prompt[0].get("role") == "user":
+        return str(prompt[0].get("content", ""))
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
+    return str(prompt)
+
+
+def before_after(before: Sequence[dict] | None, after: Sequence[dict] | None) -> list[dict]:
+    """Rows ``{"input", "before", "after", "reference"}`` of the report from two
+    ``sample_outputs()`` lists (``{"input", "output", "reference"}`` each, same inputs in order)."""
+    if not after:
+        return []
+    by_input = {b["input"]: b["output"] for b in before or []}
+    rows = []
+    for a in after:
+        row = {"input": a["input"]}
+        if a["input"] in by_input:
+            row["before"] = by_input[a["input"]]
+        row["after"] = a["output"]
+        if a.get("reference") is not None:
+            row["reference"] = a["reference"]
+        rows.append(row)
+    return rows
