@@ -22,3 +22,12 @@ def fraction_positive(text: str) -> float:
     """Share of the response's words that are positive adjectives (0 for an empty response)."""
     words = text.split()
     return sum(w in POSITIVE for w in words) / max(len(words), 1)
+
+
+CALLS = {"n": 0}
+
+
+def collapsing(text: str) -> float:
+    """fraction_positive + 1 for the first 16 calls (two rollouts of 8), then 0: a reward collapse."""
+    CALLS["n"] += 1
+    return fraction_positive(text) + 1.0 if CALLS["n"] <= 16 else 0.0
