@@ -86,12 +86,14 @@ class PromptConfig(Section):
     chat: bool = Field(True, description="render through the tokenizer's chat template when it has one")
     answer_prefix: str = Field("", description="text after the assistant turn opens, before the answer")
     batch_size: int = Field(16, gt=0, description="prompts per forward pass")
+    label_by: Literal["score", "generate"] = Field(
+        "score", description="text2text: label by scored label words, or by the generated answer")
 
 
 class ClassifyConfig(Section):
     """Which method classifies, and its options."""
 
-    method: Literal["finetune", "embedding_lr", "zero_shot", "setfit", "prompt"] = "finetune"
+    method: Literal["finetune", "embedding_lr", "zero_shot", "setfit", "prompt", "text2text"] = "finetune"
     mode: Literal["full", "frozen", "lora", "adapter"] = Field(
         "lora", description="finetune: which weights train (lora/adapter: the adapter: section's kind)")
     unfreeze_last: int = Field(0, ge=0, description="frozen mode: also train the last N blocks")
@@ -118,7 +120,7 @@ class ClassifyConfig(Section):
 
 METHOD_KEYS = {"finetune": {"mode", "unfreeze_last", "class_weights", "focal_gamma", "label_smoothing", "ordinal"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
                "zero_shot": {"method", "encoder", "zero_shot"}, "setfit": {"method", "encoder", "setfit"},
-               "prompt": {"method", "prompt"}}
+               "prompt": {"method", "prompt"}, "text2text": {"method", "prompt"}}
 
 
 class ClassifyRun(RunConfig):
@@ -369,7 +371,8 @@ class ClassifyTask(Task):
 
 #: classify.method -> the module defining (and registering) its class; loaded on first use
 METHOD_MODULES = {"embedding_lr": "lmforge.tasks.classify_methods", "zero_shot": "lmforge.tasks.classify_methods",
-                  "setfit": "lmforge.tasks.classify_methods", "prompt": "lmforge.tasks.classify_prompt"}
+                  "setfit": "lmforge.tasks.classify_methods", "prompt": "lmforge.tasks.classify_prompt",
+                  "text2text": "lmforge.tasks.classify_text2text"}
 CLASSIFY_METHODS: dict[str, type] = {"finetune": ClassifyTask}
 
 
