@@ -197,10 +197,37 @@ def train_config(cfg, *, eval_during_training: bool = True, on_step=None, prepar
     return Run(run_dir, cfg, dict(metrics or {}), "final", task, seconds)
 
 
-def _sample_outputs(task) -> list[dict] | None:
-    """The task's few report samples (``sample_outputs()``: causal-LM tasks), or None."""
+def _sample_outputs(task, n: int = 5) -> list[dict] | None:
+    """The few report samples ``{"input", "output", "reference"}`` of a task: its own
+    ``sample_outputs()`` (causal-LM tasks generate), else for classifiers the predicted label and
+    probability of the first ``n`` eval items (one cheap forward); None for other tasks."""
     fn = getattr(task, "sample_outputs", None)
-    return fn() if callable(fn) else None
+    if callable(fn):
+        return fn()
+    items = list(getattr(task, "eval_items", None) or [])[:n]
+    if not (items and hasattr(task, "prediction_rows") and hasattr(task, "predict_items")
+            and all("input_ids" in it for it in items)):
+        return None
+    import torch
+
+    model = task.model
+    was_training = model.training
+    try:
+        model.to(task.placement.device)
+        with torch.no_grad():
+            probs = task.predict_items(items)  # (n, C)
+    except Exception as exc:  # a report nicety never stops training
+        log.warning("sample predictions skipped: %s", exc)
+        return None
+    finally:
+        model.train(was_training)
+    rows = []
+    for it, p in zip(items, probs.tolist()):
+        k = max(range(len(p)), key=p.__getitem__)
+        rows.append({"input": task.tokenizer.decode(it["input_ids"], skip_special_tokens=True),
+                     "output": f"{task.labels[k]} ({p[k]:.2f})",
+                     "reference": task.labels[it["label"]] if isinstance(it.get("label"), int) else None})
+    return rows
 
 
 def _add_data_report(run_dir: Path, task) -> None:

@@ -124,3 +124,19 @@ def test_report_samples_zero_generates_nothing(tmp_path, tiny_llama_dir, n):
         "sft": {"mode": "lora", "report_samples": n}, "train": {"max_steps": 1, "batch_size": 8, "progress": False}})
     assert not (run.run_dir / "samples.jsonl").exists()
     assert "data_report" not in json.loads((run.run_dir / "eval.json").read_text())
+
+
+def test_classify_sample_predictions_before_after(tmp_path, tiny_bert_dir):
+    import lmforge
+
+    write_jsonl(tmp_path / "d.jsonl", sentiment_rows(40, seed=5))
+    run = lmforge.train({
+        "task": "classify", "name": "cls", "output_dir": str(tmp_path / "runs"), "seed": 0,
+        "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+        "data": {"train": str(tmp_path / "d.jsonl"), "eval_fraction": 0.25, "max_length": 32},
+        "classify": {"mode": "full"}, "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False}})
+    samples = [json.loads(x) for x in (run.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and all(set(s) == {"input", "before", "after", "reference"} for s in samples)
+    again = lmforge.load(run.run_dir).predict([s["input"] for s in samples])  # the saved model, reloaded
+    assert [s["after"] for s in samples] == [f"{p['label']} ({p['score']:.2f})" for p in again]
+    assert {s["reference"] for s in samples} <= {"neg", "pos"}
