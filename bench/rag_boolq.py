@@ -31,8 +31,21 @@ import sys
 import time
 from pathlib import Path
 
-TEMPLATE = ("Read the numbered passages and answer the question with Yes or No. Then cite the passage "
-            "that supports your answer, like [1].\n\n{passages}\n\nQuestion: {question}?")
+# Prompt templates (``--template``); the one reported is chosen on the validation questions
+# (``--split val``), never on the reported sample.
+TEMPLATES = {
+    # answer first, then the citation (the previous session's template)
+    "answer_then_cite": ("Read the numbered passages and answer the question with Yes or No. Then cite the passage "
+                         "that supports your answer, like [1].\n\n{passages}\n\nQuestion: {question}?"),
+    # the citation first, so it falls inside a short generation budget
+    "cite_then_answer": ("Read the numbered passages. Reply with the number of the passage that answers the "
+                         "question in square brackets, then Yes or No. Example: [2] Yes\n\n{passages}\n\n"
+                         "Question: {question}?"),
+    # the question before the passages, answer first
+    "question_first": ("Question: {question}?\n\nAnswer the question with Yes or No, using the numbered passages "
+                       "below, and cite the passage you used like [1].\n\n{passages}"),
+}
+TEMPLATE = TEMPLATES["answer_then_cite"]
 CLOSED = "Answer the question with Yes or No.\n\nQuestion: {question}?"
 PROMPTS = ("closed", "gold", "k1", "k3", "k5", "pos1", "pos3", "pos5")
 
@@ -85,14 +98,23 @@ def run(args) -> None:
     rows = boolq_rows()
     passages = list(dict.fromkeys(r["passage"] for r in rows))
     pid = {p: f"p{i}" for i, p in enumerate(passages)}
-    if not (out / "index" / "manifest.json").is_file():
+    if not args.index and not (out / "index" / "manifest.json").is_file():
         t0 = time.perf_counter()
         s = build_index([(pid[p], p) for p in passages], args.encoder, out / "index",
                         IndexSettings(chunking="sentences", size=2, batch_size=64))
         print(json.dumps(s | {"build_s": round(time.perf_counter() - t0, 1)}), file=sys.stderr, flush=True)
-    index = SearchIndex.load(out / "index")
-    sample = random.Random(args.seed).sample(range(len(rows)), args.n)
+    index = SearchIndex.load(Path(args.index) if args.index else out / "index")
+    perm = random.Random(args.seed).sample(range(len(rows)), len(rows))
+    # validation questions (for choosing the template and the generation budget) never overlap the
+    # reported sample
+    sample = perm[:args.val] if args.split == "val" else perm[args.val:args.val + args.n]
+    prompts = [p for p in args.prompts.split(",") if p]
+    bad = [p for p in prompts if p not in PROMPTS]
+    if bad:
+        raise SystemExit(f"--prompts: unknown {bad}; choose from {PROMPTS}")
+    template = TEMPLATES[args.template]
     model, tok, _ = load_causal_lm(resolve_source(args.model))
+    model.eval()
     place = Placement.resolve()
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch)
     results: list[dict] = []
@@ -103,6 +125,7 @@ def run(args) -> None:
     deadline = time.time() + 60 * args.minutes
     todo = [i for i in sample if i not in seen]
     opts = SearchOptions(mode="hybrid", k=5)
+    t_start = time.perf_counter()
     for g in range(0, len(todo), args.group):
         if time.time() > deadline:
             print(f"time limit: {len({r['i'] for r in results})} questions done", file=sys.stderr)
@@ -113,21 +136,28 @@ def run(args) -> None:
         per_q = [prompts_for(index, q, pid[rows[i]["passage"]], rows[i]["passage"], r)
                  for i, q, r in zip(group, qs, retrieved)]
         t0 = time.perf_counter()
-        with place.autocast():
-            for name in PROMPTS:
-                answers = answer_questions(model, tok, qs, [p[name] for p in per_q], cfg,
-                                           template=CLOSED if name == "closed" else TEMPLATE,
-                                           closed_book=name == "closed")
-                for i, a, ps in zip(group, answers, per_q):
-                    gold_doc = pid[rows[i]["passage"]]
-                    results.append({"i": i, "prompt": name, "answer": a.answer, "citations": a.citations,
-                                    "gold": str(rows[i]["answer"]) == "True", "pred": yes_no(a.answer),
-                                    "gold_at": [n for n, h in enumerate(ps[name], 1) if h["doc_id"] == gold_doc]})
+        # one generate call per template: every prompt of the group together, sorted by length
+        jobs = [(name, j) for name in prompts for j in range(len(group))]
+        answers: dict[tuple[str, int], object] = {}
+        with torch.inference_mode(), place.autocast():
+            for closed in (True, False):
+                sel = [(n, j) for n, j in jobs if (n == "closed") == closed]
+                if not sel:
+                    continue
+                got = answer_questions(model, tok, [qs[j] for _, j in sel], [per_q[j][n] for n, j in sel], cfg,
+                                       template=CLOSED if closed else template, closed_book=closed)
+                answers.update(zip(sel, got))
+        for name, j in jobs:
+            i, a, ps = group[j], answers[(name, j)], per_q[j]
+            gold_doc = pid[rows[i]["passage"]]
+            results.append({"i": i, "prompt": name, "answer": a.answer, "citations": a.citations,
+                            "gold": str(rows[i]["answer"]) == "True", "pred": yes_no(a.answer),
+                            "gold_at": [n for n, h in enumerate(ps[name], 1) if h["doc_id"] == gold_doc]})
         write_jsonl(done, results)
-        print(f"{len({r['i'] for r in results})}/{args.n} questions ({time.perf_counter() - t0:.0f}s for "
-              f"{len(group)})", file=sys.stderr, flush=True)
+        print(f"{len({r['i'] for r in results})}/{len(sample)} questions ({time.perf_counter() - t0:.0f}s for "
+              f"{len(group)}, {time.perf_counter() - t_start:.0f}s in all)", file=sys.stderr, flush=True)
     report = summarize(results)
-    report["settings"] = {k: v for k, v in vars(args).items()}
+    report["settings"] = {k: v for k, v in vars(args).items()} | {"template_text": template}
     write_json(out / "report.json", report)
     print(json.dumps(report))
 
@@ -169,6 +199,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--group", type=int, default=8, help="questions per group (all prompts per group)")
+    p.add_argument("--split", choices=("report", "val"), default="report",
+                   help="val: the --val validation questions (choose the template there); report: the next --n")
+    p.add_argument("--val", type=int, default=48, help="validation questions, never in the reported sample")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default="answer_then_cite")
+    p.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated subset of " + ",".join(PROMPTS))
+    p.add_argument("--index", default="", help="an existing index folder (default: OUT/index, built if missing)")
     p.add_argument("--minutes", type=float, default=60.0, help="stop starting new groups after this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/rag_boolq")

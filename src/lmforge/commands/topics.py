@@ -116,7 +116,8 @@ def cmd_cluster(args) -> int:
         enc = load_encoder(args.model).to_inference(place)
         emb = enc.encode(texts, batch_size=args.batch_size, placement=place)
     settings = {"reduction": {"method": args.reduction, "n_neighbors": args.n_neighbors,
-                              "n_components": args.n_components, "min_dist": args.min_dist, "metric": args.metric},
+                              "n_components": args.n_components, "min_dist": args.min_dist, "metric": args.metric,
+                              "deterministic": not args.fast},
                 "clustering": {"method": args.clustering, "min_cluster_size": args.min_cluster_size,
                                "min_samples": args.min_samples, "n_clusters": args.n_clusters}}
     labels = cluster_step(reduce_step(emb, settings, args.seed), settings, args.seed)
@@ -186,6 +187,8 @@ def register(sub) -> None:
     c.add_argument("--min-samples", type=int, default=None)
     c.add_argument("--n-clusters", type=int, default=20)
     c.add_argument("--seed", type=int, default=42)
+    c.add_argument("--fast", action="store_true",
+                   help="umap on every core without a seed (faster, not reproducible); default: seeded, bit for bit")
     input_help(c, "--input .txt (one text a line), JSONL/CSV with a text column (--column), or FILE.npy of "
                   "embeddings (N, D)",
                   '{"text": "Stocks rallied after the rate cut."}')

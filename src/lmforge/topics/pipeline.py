@@ -2,7 +2,7 @@
 
 ``settings`` is a plain dict (the task's validated ``topics`` section dumped to JSON)::
 
-    reduction:  {method: umap|pca|svd|none, n_neighbors, n_components, min_dist, metric}
+    reduction:  {method: umap|pca|svd|none, n_neighbors, n_components, min_dist, metric, deterministic}
     clustering: {method: hdbscan|kmeans, min_cluster_size, min_samples, n_clusters}
     vectorizer: {ngram_range: [1, 1], stop_words, min_df, max_df, max_features}
     top_n_words, keywords: {candidates, top_n, diversity}, representative_docs, predict_threshold
@@ -147,7 +147,7 @@ def fit(texts: Sequence[str], embeddings: np.ndarray, settings: dict, seed: int,
 def reduce_step(embeddings: np.ndarray, settings: dict, seed: int) -> np.ndarray:
     r = settings["reduction"]
     return reduce(embeddings, r["method"], n_components=r["n_components"], n_neighbors=r["n_neighbors"],
-                  min_dist=r["min_dist"], metric=r["metric"], seed=seed)
+                  min_dist=r["min_dist"], metric=r["metric"], seed=seed, deterministic=r.get("deterministic", True))
 
 
 def cluster_step(reduced: np.ndarray, settings: dict, seed: int) -> np.ndarray:
