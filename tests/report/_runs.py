@@ -9,7 +9,7 @@ from pathlib import Path
 
 def make_run(root: Path, name: str, *, steps: int = 60, eval_every: int = 10, lr: float = 1e-3, seed: int = 0,
              spike_at: int | None = None, nan_at: int | None = None, peak_early: bool = False,
-             kl: bool = False) -> Path:
+             kl: bool = False, stop_at: int | None = None) -> Path:
     rng = random.Random(seed)
     run = root / name
     run.mkdir(parents=True)
@@ -28,6 +28,10 @@ def make_run(root: Path, name: str, *, steps: int = 60, eval_every: int = 10, lr
         if nan_at is not None and s >= nan_at:
             rows.append({"split": "train", "time": 1000.0 + s, "step": s, "loss": "nan", "lr": lr})
             break
+        if stop_at == s:  # what the engine's NaN guard records before it raises
+            rows.append({"split": "event", "time": 1000.0 + s, "step": s, "event": "stopped",
+                         "reason": "non-finite loss", "loss": "nan"})
+            break
         rec = {"split": "train", "time": 1000.0 + s, "step": s, "epoch": s / steps, "loss": loss,
                "lr": lr * (1 - s / steps), "samples_per_s": 30 + rng.random(), "tokens_per_s": 900 + rng.random(),
                "grad_norm": 1.0 + rng.random()}
@@ -38,7 +42,13 @@ def make_run(root: Path, name: str, *, steps: int = 60, eval_every: int = 10, lr
             acc = (0.9 - 0.004 * s) if peak_early else (0.5 + s / (3 * steps))
             rows.append({"split": "eval", "time": 1000.5 + s, "step": s, "accuracy": acc, "loss": 1 / s})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    if nan_at is None:
+    if stop_at is not None:
+        (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            {"input": "Summarize: A: hi B: hello", "before": "Hello! How can I", "after": "A greets B.",
+             "reference": "A and B greet."},
+            {"input": "Summarize: A: bye", "before": "Goodbye", "after": "A leaves.", "reference": "A says bye."}]),
+            encoding="utf-8")
+    if nan_at is None and stop_at is None:
         (run / "eval.json").write_text(json.dumps({
             "step": steps, "accuracy": 0.75, "macro_f1": 0.74, "n": 20,
             "per_class": {"pos": {"precision": 0.8, "recall": 0.7, "f1": 0.75, "support": 10},

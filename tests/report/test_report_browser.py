@@ -107,3 +107,21 @@ def test_compare_page_in_chromium(browser, tmp_path):
     if os.environ.get("LMFORGE_SCREENSHOT_DIR"):
         shutil.copy(out, Path(os.environ["LMFORGE_SCREENSHOT_DIR"]) / "report_compare.html")
     page.close()
+
+
+def test_stopped_run_with_samples_in_chromium(browser, tmp_path):
+    run = make_run(tmp_path, "stopped-run", steps=80, eval_every=10, stop_at=37)
+    out = write_report([run])
+    page, console, requests = _open(browser, out)
+    assert console == [] and requests == [out.as_uri()]
+    assert _points(page)["train:loss|loss (raw)"] == [36, 36]  # the logged steps before the stop
+    warnings = page.locator("#warnings li").all_inner_texts()
+    assert warnings[0] == "stopped at step 37: non-finite loss (the last good checkpoint is kept)"
+    assert not any("did not finish" in w for w in warnings)
+    assert "stopped at step 37: non-finite loss" in page.locator("#summary + table").inner_text()
+    heads = page.locator("table.samples th").all_inner_texts()
+    assert heads == ["input", "before", "after", "reference"]
+    assert page.locator("table.samples tr").count() == 3
+    assert page.get_by_text("Sample generations before and after training").count() == 1
+    _shot(page, tmp_path, "report_stopped_samples.png")
+    page.close()
