@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "lmforge.inspection": 2, "lmforge.prompting": 2, "lmforge.rl": 2,
     "lmforge.tasks": 3,
     "lmforge": 4, "lmforge.api": 4, "lmforge.compare": 4, "lmforge.demo": 4, "lmforge.serve": 4,
-    "lmforge.factuality": 4,
+    "lmforge.factuality": 4, "lmforge.rl.detox": 4,
     "lmforge.cli": 5, "lmforge.__main__": 5, "lmforge.commands": 5,
 }
 NAMES = {0: "errors", 1: "building blocks", 2: "engines/evaluators", 3: "tasks", 4: "api", 5: "commands"}
