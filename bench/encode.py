@@ -1,16 +1,19 @@
 """Sentence encoding: lmforge vs sentence-transformers, side by side.
 
-Same packaged MiniLM (all-MiniLM-L6-v2), the same sentences (default: the first 5,000 distinct
-STS-B train sentences), the same batch size. Each trial runs in a fresh process (model load and
-a short warm-up are not timed); peers alternate; the medians of ``--reps`` repetitions are
-reported. sentence-transformers runs its default (fp32); lmforge its default (automatic
-precision: bf16 on CPUs with AMX / AVX512-BF16, weights stored in bf16 for inference). For
-reference sentence-transformers also runs with its weights cast to bf16. The vectors of the last
-repetition are compared with sentence-transformers' fp32 vectors (cosine per sentence). Throughput is given per
-wall-clock second and per CPU second of the process (the latter is steadier on a shared machine;
-run with OMP_NUM_THREADS=1 there). Prints one JSON line.
+Same packaged MiniLM (all-MiniLM-L6-v2), the same sentences (default: the first 2,000 distinct
+STS-B train sentences), the same batch size; both sides sort by length before batching (their
+defaults). Each trial runs in a fresh process (model load and a short warm-up are not timed);
+trials alternate; medians over ``--reps``.
 
-    .venv/bin/python bench/encode.py [--n 5000] [--batch-size 32] [--reps 3] [--data FILE]
+Trials (sentences/s; quality = cosine of each trial's vectors with sentence-transformers' fp32
+vectors, min and mean over the sentences):
+- ``st_default``: sentence-transformers' defaults (fp32 weights, SDPA);
+- ``st_bf16w_sdpa`` / ``st_bf16w_eager``: its best settings here (weights cast to bf16 with
+  ``model.bfloat16()``, SDPA or eager attention);
+- ``lmforge_default``: ``precision: auto`` (bf16 weights for inference here) with unpadded batches;
+- ``lmforge_padded``: the same on plain padded batches (the unpadding lever's share).
+
+    .venv/bin/python bench/encode.py [--n 2000] [--batch-size 32] [--reps 3] [--threads 1] [--profile]
 """
 from __future__ import annotations
 
@@ -18,11 +21,10 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median  # noqa: E402
+from _common import add_common_args, emit, figures, ratios, run_trials, set_threads, timed_call  # noqa: E402
 
 STSB = "../shared/data/stsb/train.jsonl"
 
@@ -47,47 +49,42 @@ def load_sentences(path: str, n: int) -> list[str]:
     return list(out)[:n]
 
 
-def run_st(sentences_file: str, batch: int, vectors_out: str, bf16: bool = False) -> dict:
+def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, bf16: bool = False,
+           attn: str = "sdpa") -> dict:
+    set_threads(threads)
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
     from lmforge.models import resolve_model
 
     texts = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
-    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu")
+    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
     if bf16:
         model = model.bfloat16()
     model.encode(texts[:64], batch_size=batch)  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    vecs = model.encode(texts, batch_size=batch, show_progress_bar=False)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    vecs, out = timed_call(lambda: model.encode(texts, batch_size=batch, show_progress_bar=False), profile,
+                           steps=-(-len(texts) // batch), unit="sentences", items=len(texts))
     np.save(vectors_out, np.asarray(vecs, dtype=np.float32))
-    return {"sentences_per_s": len(texts) / dt, "sentences_per_cpu_s": len(texts) / cpu, "seconds": dt}
+    return out
 
 
-def run_lmforge(sentences_file: str, batch: int, vectors_out: str, precision: str) -> dict:
+def run_lmforge(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, precision: str = "auto",
+                unpad: bool = True) -> dict:
+    set_threads(threads)
     import numpy as np
 
     from lmforge.device import Placement
     from lmforge.embeddings import SentenceEncoder
 
     texts = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
-    enc = SentenceEncoder.from_pretrained("minilm")
+    enc = SentenceEncoder.from_pretrained("minilm", unpad=unpad)
     place = Placement.resolve("cpu", precision)
     enc.to_inference(place)
     enc.encode(texts[:64], batch_size=batch, placement=place)  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    vecs = enc.encode(texts, batch_size=batch, placement=place)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    vecs, out = timed_call(lambda: enc.encode(texts, batch_size=batch, placement=place), profile,
+                           steps=-(-len(texts) // batch), unit="sentences", items=len(texts))
     np.save(vectors_out, vecs)
-    return {"sentences_per_s": len(texts) / dt, "sentences_per_cpu_s": len(texts) / cpu, "seconds": dt,
-            "precision": place.name}
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    return out | {"precision": place.name}
 
 
 def cosines(a_file: str, b_file: str):
@@ -100,43 +97,34 @@ def cosines(a_file: str, b_file: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--data", default=STSB)
-    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--precision", default="auto", help="lmforge precision (auto, fp32, bf16)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     sent_file = tmp / "sentences.json"
     sent_file.write_text(json.dumps(load_sentences(args.data, args.n)), encoding="utf-8")
-    st_vec, lm_vec, stb_vec = str(tmp / "st.npy"), str(tmp / "lmforge.npy"), str(tmp / "st_bf16.npy")
     common = {"sentences_file": str(sent_file), "batch": args.batch_size}
-    results = alternate({
-        "sentence_transformers": (run_st, common | {"vectors_out": st_vec}),
-        "lmforge": (run_lmforge, common | {"vectors_out": lm_vec, "precision": args.precision}),
-        "sentence_transformers_bf16": (run_st, common | {"vectors_out": stb_vec, "bf16": True}),
-    }, args.reps)
-    st, lm, stb = results["sentence_transformers"], results["lmforge"], results["sentence_transformers_bf16"]
-    cmin, cmean = cosines(st_vec, lm_vec)
-    bmin, _ = cosines(st_vec, stb_vec)
-    st_sps, lm_sps = median(st, "sentences_per_s"), median(lm, "sentences_per_s")
-    emit({
-        "bench": "encode", "model": "minilm (all-MiniLM-L6-v2)", "sentences": args.n, "batch_size": args.batch_size,
-        "reps": args.reps, "lmforge_precision": lm[-1]["precision"], "sentence_transformers_precision": "fp32",
-        "sentence_transformers_sentences_per_s": round(st_sps, 1), "lmforge_sentences_per_s": round(lm_sps, 1),
-        "ratio": round(lm_sps / st_sps, 3),
-        "sentence_transformers_sentences_per_cpu_s": round(median(st, "sentences_per_cpu_s"), 1),
-        "lmforge_sentences_per_cpu_s": round(median(lm, "sentences_per_cpu_s"), 1),
-        "ratio_cpu_time": round(median(lm, "sentences_per_cpu_s") / median(st, "sentences_per_cpu_s"), 3),
-        "threads": _threads(),
-        "cosine_min": round(cmin, 6), "cosine_mean": round(cmean, 6),
-        "sentence_transformers_bf16_weights_sentences_per_s": round(median(stb, "sentences_per_s"), 1),
-        "ratio_vs_bf16_weights": round(lm_sps / median(stb, "sentences_per_s"), 3),
-        "sentence_transformers_bf16_weights_cosine_min": round(bmin, 6),
-        "sentence_transformers_peak_rss_mb": round(median(st, "peak_rss_mb"), 1),
-        "lmforge_peak_rss_mb": round(median(lm, "peak_rss_mb"), 1),
-    })
+    trials = {
+        "st_default": (run_st, common),
+        "lmforge_default": (run_lmforge, common),
+        "st_bf16w_sdpa": (run_st, common | {"bf16": True}),
+        "lmforge_padded": (run_lmforge, common | {"unpad": False}),
+        "st_bf16w_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
+    }
+    trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
+    res = run_trials(trials, args)
+    fig = figures(res, "sentences_per_s")
+    ref = tmp / "st_default.npy"
+    for k in fig:
+        if ref.is_file():
+            fig[k]["cosine_min"], fig[k]["cosine_mean"] = (round(c, 6) for c in cosines(str(ref), str(tmp / f"{k}.npy")))
+    emit({"bench": "encode", "model": "minilm (all-MiniLM-L6-v2)", "sentences": args.n, "batch_size": args.batch_size,
+          "reps": args.reps, "threads": args.threads,
+          "quality": "cosine with sentence-transformers' fp32 vectors (min, mean)", "figures": fig,
+          **ratios(fig, "sentences_per_s", "lmforge", "st", "lmforge_default", "st_default")})
 
 
 if __name__ == "__main__":

@@ -2,14 +2,20 @@
 
 Same packaged MiniLM, the same (anchor, positive) pairs (default: SNLI-triplet sentence pairs
 from ``../shared/data/snli_triplets/dev.jsonl``), multiple-negatives ranking loss with scale 20,
-the same batch size, steps, learning rate, linear schedule and gradient clipping. Each trial runs
-in a fresh process; peers alternate; medians over ``--reps``. Warm-up steps are not timed.
-Figures: both in fp32, and each at its best setting (bf16 autocast on this CPU: the
-sentence-transformers trainer with ``bf16=True``, lmforge with automatic precision). Prints one
-JSON line with pairs/s (per wall-clock and per CPU second; the latter is steadier on a shared
-machine, run with OMP_NUM_THREADS=1 there), peak RSS and the ratios.
+the same batch size, steps, learning rate, linear schedule and gradient clipping (full
+fine-tuning, fp32 master weights on both sides). Each trial runs in a fresh process; trials
+alternate; medians over ``--reps``. Warm-up steps are not timed.
 
-    .venv/bin/python bench/train_mnr.py [--steps 30] [--warmup 3] [--batch 32] [--reps 3] [--data FILE]
+Trials (pairs/s; quality = Spearman of cosine vs gold on 300 STS-B dev pairs after training):
+- ``st_default``: the sentence-transformers trainer's defaults (fp32, SDPA);
+- ``st_bf16_sdpa`` / ``st_bf16_eager``: its best settings here (bf16 autocast, either kernel; it
+  has no length grouping for in-batch-negative losses);
+- ``lmforge_default``: ``precision: auto`` (bf16 autocast), length-grouped batches, unpadded batches;
+- ``lmforge_ungrouped``: random batches like the peer's (same in-batch negatives distribution),
+  unpadded: the like-for-like data comparison;
+- ``lmforge_padded``: random batches, plain padded (``attn_implementation: eager``).
+
+    .venv/bin/python bench/train_mnr.py [--steps 20] [--warmup 2] [--batch 32] [--reps 3] [--threads 1] [--profile]
 """
 from __future__ import annotations
 
@@ -18,11 +24,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median  # noqa: E402
+from _common import (Window, add_common_args, emit, figures, ratios, run_trials, set_threads,  # noqa: E402
+                     sts_spearman)
 
 TRIPLETS = "../shared/data/snli_triplets/dev.jsonl"
 LR = 2e-5
@@ -46,30 +52,34 @@ def write_pairs(src: str, n: int, out: Path) -> Path:
     return out
 
 
-def run_lmforge(data: str, steps: int, warmup: int, batch: int, precision: str) -> dict:
+def run_lmforge(data: str, steps: int, warmup: int, batch: int, threads, profile: bool, group: bool = True,
+                attn: str = "auto") -> dict:
+    set_threads(threads)
     from lmforge.api import config, train_config
 
-    out = tempfile.mkdtemp()
     cfg = config({
-        "task": "embed", "name": "bench", "output_dir": out, "seed": 0,
-        "model": {"name": "minilm", "precision": precision},
+        "task": "embed", "name": "bench", "output_dir": tempfile.mkdtemp(), "seed": 0,
+        "model": {"name": "minilm", "precision": "auto", "attn_implementation": attn},
         "data": {"train": data, "eval_fraction": 0.0, "max_length": 256},
         "embed": {"loss": "mnr", "scale": 20.0, "eval_before": False},
-        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": LR, "progress": False,
+        "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": LR, "progress": False, "group_by_length": group,
                   "log_every": 10_000, "max_grad_norm": 1.0, "warmup_ratio": 0.0, "schedule": "linear"},
     })
-    marks = {}
+    win = Window(warmup, steps, profile)
 
-    def on_step(step, rec):
-        if step == warmup:
-            marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
-        marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
+    def prepare(task):
+        task.collate = win.wrap(task.collate)
 
-    train_config(cfg, on_step=on_step)
-    return _rates(marks, steps * batch)
+    run = train_config(cfg, prepare=prepare, on_step=lambda step, rec: win.step(step))
+    out = win.result(steps * batch, "pairs")
+    enc = run.task.encoder
+    out["spearman"] = sts_spearman(lambda t: enc.encode(t, batch_size=64))
+    return out
 
 
-def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
+def run_st(data: str, steps: int, warmup: int, batch: int, threads, profile: bool, bf16: bool = False,
+           attn: str = "sdpa") -> dict:
+    set_threads(threads)
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
@@ -86,63 +96,54 @@ def run_st(data: str, steps: int, warmup: int, batch: int, bf16: bool) -> dict:
     hf_logging.set_verbosity_error()
     rows = [json.loads(line) for line in open(data, encoding="utf-8")]
     ds = Dataset.from_dict({"anchor": [r["anchor"] for r in rows], "positive": [r["positive"] for r in rows]})
-    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu")
-    marks = {}
+    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
+    win = Window(warmup, steps, profile)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                marks["t0"], marks["c0"] = time.perf_counter(), time.process_time()
-            marks["t1"], marks["c1"] = time.perf_counter(), time.process_time()
+            win.step(state.global_step)
 
     args = SentenceTransformerTrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + warmup,
         learning_rate=LR, weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0,
         logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, bf16=bf16,
         dataloader_num_workers=0, seed=0)
-    SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
-                               loss=MultipleNegativesRankingLoss(model, scale=20.0), callbacks=[Clock()]).train()
-    return _rates(marks, steps * batch)
-
-
-def _rates(marks: dict, pairs: int) -> dict:
-    return {"pairs_per_s": pairs / (marks["t1"] - marks["t0"]), "pairs_per_cpu_s": pairs / (marks["c1"] - marks["c0"])}
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
+                                         loss=MultipleNegativesRankingLoss(model, scale=20.0), callbacks=[Clock()])
+    trainer.train()
+    out = win.result(steps * batch, "pairs")
+    model.eval()
+    out["spearman"] = sts_spearman(lambda t: model.encode(t, batch_size=64))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap)
     ap.add_argument("--data", default=TRIPLETS)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = str(write_pairs(args.data, (args.steps + args.warmup) * args.batch,
                            Path(tempfile.mkdtemp(prefix="bench-mnr-")) / "pairs.jsonl"))
     common = {"data": data, "steps": args.steps, "warmup": args.warmup, "batch": args.batch}
-    res = alternate({
-        "st_fp32": (run_st, common | {"bf16": False}),
-        "lmforge_fp32": (run_lmforge, common | {"precision": "fp32"}),
-        "st_bf16": (run_st, common | {"bf16": True}),
-        "lmforge_auto": (run_lmforge, common | {"precision": "auto"}),
-    }, reps=args.reps)
-    fig = {k: {"pairs_per_s": round(median(v, "pairs_per_s"), 2),
-               "pairs_per_cpu_s": round(median(v, "pairs_per_cpu_s"), 2),
-               "peak_rss_mb": round(median(v, "peak_rss_mb"), 1)} for k, v in res.items()}
-    st_best = max(("st_fp32", "st_bf16"), key=lambda k: fig[k]["pairs_per_s"])
-    emit({
-        "bench": "train_mnr", "model": "minilm (all-MiniLM-L6-v2)", "data": Path(args.data).name,
-        "batch": args.batch, "steps": args.steps, "reps": args.reps, "figures": fig,
-        "ratio_default": round(fig["lmforge_auto"]["pairs_per_s"] / fig["st_fp32"]["pairs_per_s"], 3),
-        "ratio_fp32": round(fig["lmforge_fp32"]["pairs_per_s"] / fig["st_fp32"]["pairs_per_s"], 3),
-        "ratio_best": round(fig["lmforge_auto"]["pairs_per_s"] / fig[st_best]["pairs_per_s"], 3),
-        "ratio_default_cpu_time": round(fig["lmforge_auto"]["pairs_per_cpu_s"] / fig["st_fp32"]["pairs_per_cpu_s"], 3),
-        "ratio_best_cpu_time": round(fig["lmforge_auto"]["pairs_per_cpu_s"] / fig[st_best]["pairs_per_cpu_s"], 3),
-        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count(),
-        "rss_ratio_default": round(fig["lmforge_auto"]["peak_rss_mb"] / fig["st_fp32"]["peak_rss_mb"], 3),
-        "rss_ratio_best": round(fig["lmforge_auto"]["peak_rss_mb"] / fig[st_best]["peak_rss_mb"], 3),
-    })
+    res = run_trials({
+        "st_default": (run_st, common),
+        "lmforge_default": (run_lmforge, common),
+        "st_bf16_sdpa": (run_st, common | {"bf16": True}),
+        "lmforge_ungrouped": (run_lmforge, common | {"group": False}),
+        "st_bf16_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
+        "lmforge_padded": (run_lmforge, common | {"group": False, "attn": "eager"}),
+    }, args)
+    fig = figures(res, "pairs_per_s", ("spearman",))
+    rec = {"bench": "train_mnr", "model": "minilm (all-MiniLM-L6-v2)", "data": Path(args.data).name,
+           "batch": args.batch, "steps": args.steps, "reps": args.reps, "threads": args.threads,
+           "quality": "Spearman (cosine vs gold) on 300 STS-B dev pairs after training", "figures": fig,
+           **ratios(fig, "pairs_per_s", "lmforge", "st", "lmforge_default", "st_default")}
+    if "lmforge_ungrouped" in fig and "best_peer" in rec:  # same batch composition as the peer
+        rec["ratio_best_ungrouped"] = round(fig["lmforge_ungrouped"]["pairs_per_s"]
+                                            / fig[rec["best_peer"]]["pairs_per_s"], 3)
+    emit(rec)
 
 
 if __name__ == "__main__":
