@@ -419,9 +419,9 @@ def is_seq2seq_folder(folder: str | Path) -> bool:
 
 
 #: tasks and commands that take an encoder-decoder model; every other generative path is causal-only
-SEQ2SEQ_PATHS = "sft, generate, merge, eval --task generation, classify method text2text"
+SEQ2SEQ_PATHS = "sft, rl, generate, merge, eval --task generation, classify method text2text"
 #: tasks that train causal LMs only (their losses read next-token log-probs of one decoder)
-CAUSAL_ONLY_TASKS = ("preference", "reward", "rl")
+CAUSAL_ONLY_TASKS = ("preference", "reward")
 
 
 def seq2seq_refusal(where: str | Path, cfg: dict, purpose: str) -> LmforgeError:

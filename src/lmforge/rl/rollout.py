@@ -46,8 +46,12 @@ def sample_responses(model, prompts: Sequence[Sequence[int]], cfg: GenerationCon
     return out
 
 
-def collate_rollout(items: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
+def collate_rollout(items: Sequence[dict], pad_id: int, decoder_start: int | None = None) -> dict[str, Tensor]:
     """Rollout items -> training tensors.
+
+    With ``decoder_start`` (encoder-decoder policies) the prompt is the encoder input and the
+    response the decoder's: ``input_ids``/``attention_mask`` (B, S) are the right-padded prompts,
+    ``decoder_input_ids`` (B, L) = ``[start, r_0 .. r_{L-2}]`` and ``response_index[:, j] = j``.
 
     Items hold ``prompt_ids`` and ``response_ids`` (lists), optional per-token tensors
     (:data:`TOKEN_FIELDS`, each ``(L_i,)``), optional per-sequence ``advantage`` (float).
@@ -59,9 +63,12 @@ def collate_rollout(items: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
         padding; ``advantage`` (B,) when given per sequence.
     """
     lengths = [len(it["response_ids"]) for it in items]
-    width = max(len(it["prompt_ids"]) + n for it, n in zip(items, lengths))
     L = max(max(lengths), 1)
     B = len(items)
+    if decoder_start is not None:
+        batch = _collate_seq2seq(items, lengths, L, pad_id, decoder_start)
+        return _token_fields(batch, items, lengths, L)
+    width = max(len(it["prompt_ids"]) + n for it, n in zip(items, lengths))
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     index = torch.zeros((B, L), dtype=torch.long)
     resp = torch.full((B, L), pad_id, dtype=torch.long)
@@ -75,6 +82,29 @@ def collate_rollout(items: Sequence[dict], pad_id: int) -> dict[str, Tensor]:
             resp[r, :n] = torch.as_tensor(list(it["response_ids"]), dtype=torch.long)
             mask[r, :n] = 1.0
     batch = {"input_ids": input_ids, "response_index": index, "response_ids": resp, "response_mask": mask}
+    return _token_fields(batch, items, lengths, L)
+
+
+def _collate_seq2seq(items, lengths, L: int, pad_id: int, start: int) -> dict[str, Tensor]:
+    B, S = len(items), max(len(it["prompt_ids"]) for it in items)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, S), dtype=torch.long)
+    resp = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L))
+    for r, (it, n) in enumerate(zip(items, lengths)):
+        p = len(it["prompt_ids"])
+        input_ids[r, :p] = torch.as_tensor(list(it["prompt_ids"]), dtype=torch.long)
+        attention[r, :p] = 1
+        if n:
+            resp[r, :n] = torch.as_tensor(list(it["response_ids"]), dtype=torch.long)
+            mask[r, :n] = 1.0
+    dec = torch.cat([torch.full((B, 1), start, dtype=torch.long), resp[:, :-1]], dim=1)  # (B, L)
+    return {"input_ids": input_ids, "attention_mask": attention, "decoder_input_ids": dec,
+            "response_index": torch.arange(L).expand(B, L).contiguous(), "response_ids": resp, "response_mask": mask}
+
+
+def _token_fields(batch: dict, items, lengths, L: int) -> dict[str, Tensor]:
+    B = len(items)
     for f in TOKEN_FIELDS:
         if f in items[0]:
             t = torch.zeros((B, L))

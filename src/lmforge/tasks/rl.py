@@ -104,7 +104,12 @@ class RlTask(CausalTask):
     on_policy = True
 
     def __init__(self, cfg: RlRun, *, reward=None, **kw):
+        from ..models import is_seq2seq_folder, resolve_model
+
         self._reward, self._ref = reward, None
+        self.seq2seq = is_seq2seq_folder(kw.get("model_dir") or resolve_model(cfg.model.name, cfg.model.revision))
+        if self.seq2seq:  # an encoder-decoder policy: the prompt is the encoder's, the response the decoder's
+            self.peft_task_type = "SEQ_2_SEQ_LM"
         super().__init__(cfg, **kw)
         o = self.opts
         self.k = o.generations or (1 if o.algorithm == "ppo" else 4)
@@ -197,6 +202,30 @@ class RlTask(CausalTask):
         self._ref.to(self.placement.device)
         return contextlib.nullcontext(self._ref)
 
+    def build_model(self, adapter_dir=None, full: bool = False) -> nn.Module:
+        from .sft import SftTask
+
+        if self.seq2seq:  # the seq2seq building of sft: same modes, seq2seq adapter targets
+            return SftTask.build_model(self, adapter_dir, full)
+        return super().build_model(adapter_dir, full)
+
+    def hidden(self, batch: dict, model: nn.Module | None = None) -> torch.Tensor:
+        """(B, T, H) final (decoder) hidden states, scaled as the LM head expects them."""
+        if not self.seq2seq:
+            return super().hidden(batch, model)
+        from ..causal_lm import seq2seq_head, seq2seq_hidden
+
+        h = seq2seq_hidden(model, batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])
+        scale = seq2seq_head(model)[2]
+        return h * scale if scale != 1.0 else h
+
+    def head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.seq2seq:
+            from ..causal_lm import seq2seq_head
+
+            return seq2seq_head(model)[:2]
+        return output_projection(model)
+
     def values(self, h: torch.Tensor) -> torch.Tensor:
         """(B, L, H) hidden states -> (B, L) values, the head in fp32."""
         head = self.model.value_head
@@ -230,17 +259,16 @@ class RlTask(CausalTask):
     def _token_stats(self, items: list[dict], with_values: bool) -> None:
         """Attach ``old_logps``, ``ref_logps`` (and ``values``) per response token to each item."""
         bs = self.opts.generation_batch_size
-        pad = self.tokenizer.pad_token_id or 0
         for s in range(0, len(items), bs):
             chunk = items[s:s + bs]
-            batch = move(collate_rollout(chunk, pad), self.placement.device)
+            batch = move(self.collate(chunk), self.placement.device)
             with self.placement.autocast():
                 h = gather_response(self.hidden(batch, self.policy), batch["response_index"])  # (b, L, H)
-                logps, _ = response_logps(h, *output_projection(self.policy), batch["response_ids"])
+                logps, _ = response_logps(h, *self.head(self.policy), batch["response_ids"])
                 vals = self.values(h) if with_values else None
                 with self._reference() as ref:
                     h_ref = gather_response(self.hidden(batch, ref), batch["response_index"])
-                    ref_logps, _ = response_logps(h_ref, *output_projection(ref), batch["response_ids"])
+                    ref_logps, _ = response_logps(h_ref, *self.head(ref), batch["response_ids"])
             for r, it in enumerate(chunk):
                 n = len(it["response_ids"])
                 it["old_logps"], it["ref_logps"] = logps[r, :n].float().cpu(), ref_logps[r, :n].float().cpu()
@@ -328,20 +356,27 @@ class RlTask(CausalTask):
 
     # ---- the loss over a minibatch -------------------------------------------------------------------
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return collate_rollout(items, self.tokenizer.pad_token_id or 0)
+        start = None
+        if self.seq2seq:
+            from ..causal_lm import decoder_start_id
+
+            start = decoder_start_id(self.policy)
+        return collate_rollout(items, self.tokenizer.pad_token_id or 0, start)
 
     def batch_units(self, batch: dict) -> int:
         """Response tokens: the losses are token means over the minibatch."""
         return int(batch["response_mask"].sum())
 
     def batch_tokens(self, batch: dict) -> int:
+        if self.seq2seq:  # prompt (encoder) + response (decoder) tokens
+            return int(batch["attention_mask"].sum() + batch["response_mask"].sum())
         return int((batch["input_ids"] != (self.tokenizer.pad_token_id or 0)).sum())
 
     def loss(self, batch):
         o = self.opts
         mask = batch["response_mask"]  # (B, L)
         h = gather_response(self.hidden(batch, self.policy), batch["response_index"])  # (B, L, H)
-        logps, ent = response_logps(h, *output_projection(self.policy), batch["response_ids"],
+        logps, ent = response_logps(h, *self.head(self.policy), batch["response_ids"],
                                     with_entropy=True)  # (B, L), (B, L)
         ratio_mean = float(L.masked_mean(torch.exp((logps.detach() - batch["old_logps"]) * mask), mask))
         entropy = L.masked_mean(ent, mask)
