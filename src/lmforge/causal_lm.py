@@ -82,6 +82,14 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out.masked_fill(out == -100, pad_id)
 
 
+def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the front (right padding), keeping their order: encoders with
+    learned absolute positions (BART) read a left-padded row at shifted positions. (B, S) each."""
+    mask = attention_mask.long()
+    order = torch.sort(1 - mask, dim=1, stable=True).indices  # (B, S) real tokens first
+    return input_ids.gather(1, order), mask.gather(1, order)
+
+
 def encode_source(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The encoder's final hidden states. (B, S) -> (B, S, H)."""
     return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -128,6 +136,28 @@ def seq2seq_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, f
     if getattr(model.config, "scale_decoder_outputs", False):
         scale = float(model.config.d_model) ** -0.5
     return head.weight, bias, scale
+
+
+def seq2seq_response_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            response_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Decoder hidden states that predict each response token, scaled for the LM head: with
+    ``(W, b, _) = seq2seq_head(model)``, ``log_softmax(h @ W.T + b)[b, t, response_ids[b, t]]`` is
+    ``log p(r_t | r_<t, x)``. The seq2seq counterpart of a causal LM's hidden states at the
+    positions before each response token (RL rollouts, scoring).
+
+    Args:
+        input_ids, attention_mask: (B, S) prompts (any padding side: the mask says which are real).
+        response_ids: (B, L) right-padded responses (-100 or ``pad_id`` after each one's end).
+
+    Returns:
+        (B, L, H) hidden states.
+    """
+    input_ids, attention_mask = right_align(input_ids, attention_mask)
+    start = decoder_start_id(model)
+    dec_in = shift_right(response_ids.masked_fill(response_ids < 0, pad_id), start, pad_id)  # (B, L)
+    h = seq2seq_hidden(model, input_ids, attention_mask, dec_in)  # (B, L, H)
+    scale = seq2seq_head(model)[2]
+    return h * scale if scale != 1.0 else h
 
 
 @dataclass

@@ -170,11 +170,9 @@ class _Seq2SeqSteps:
     """Next-token logits of an encoder-decoder model: the encoder runs once, the decoder grows."""
 
     def __init__(self, model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConfig):
-        from .causal_lm import decoder_start_id
+        from .causal_lm import decoder_start_id, right_align
 
-        mask = attention_mask.long()
-        order = torch.sort(1 - mask, dim=1, stable=True).indices  # real tokens first: right padding
-        ids, mask = input_ids.gather(1, order), mask.gather(1, order)  # (B, S)
+        ids, mask = right_align(input_ids, attention_mask)  # (B, S): encoders read right-padded rows
         self.model, self.mask = model, mask
         self.encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)  # last_hidden_state (B, S, H)
         start = torch.full((ids.shape[0], 1), decoder_start_id(model), dtype=torch.long, device=ids.device)

@@ -121,3 +121,30 @@ def test_text_generation_with_stop_strings_and_padding_alone_equals_batched(tmp_
     if len(first) >= 2:
         cut = generate(model, tok, prompts[:1], GenerationConfig(max_new_tokens=6, stop=[first[1]]))[0]
         assert first[1] not in cut
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_response_hidden_and_head_give_the_models_token_log_probs(kind):
+    """What an RL task needs of a seq2seq policy: per-token log-probs of sampled responses."""
+    from lmforge.causal_lm import seq2seq_head, seq2seq_response_hidden
+
+    model = BUILD[kind]()
+    ids, mask = _batch(2)
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    out = decode(model, ids, mask, GenerationConfig(max_new_tokens=6, temperature=1.0, seed=0), eos_ids=[eos],
+                 pad_id=pad, generator=torch.Generator().manual_seed(0))
+    width = max(len(o) for o in out)
+    resp = torch.full((len(out), width), -100, dtype=torch.long)
+    for r, o in enumerate(out):
+        resp[r, :len(o)] = torch.tensor(o)
+    with torch.no_grad():
+        h = seq2seq_response_hidden(model, ids, mask, resp, pad)  # (B, L, H)
+        w, b, _ = seq2seq_head(model)
+        ours = torch.log_softmax(h @ w.T + (0 if b is None else b), -1)
+        order = torch.sort(1 - mask, dim=1, stable=True).indices
+        labels = resp.clone()
+        ref = model(input_ids=ids.gather(1, order), attention_mask=mask.gather(1, order), labels=labels).logits
+        ref = torch.log_softmax(ref, -1)
+    real = resp >= 0
+    pick = lambda z: z.gather(-1, resp.clamp_min(0)[..., None]).squeeze(-1)[real]  # noqa: E731
+    torch.testing.assert_close(pick(ours), pick(ref), atol=1e-5, rtol=1e-5)
