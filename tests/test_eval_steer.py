@@ -119,7 +119,8 @@ def test_eval_reports_the_runs_filter_and_mapping(filtered_run, capsys, caplog):
     assert rep["data_filter"] == {"where": {"domain": ["movies"]}, "applied": True, "source": str(d / "ev.jsonl"),
                                   "rows": 20, "kept": 12, "dropped": 8}
     assert rep["columns"] == {"text": "review", "label": "y"}
-    assert f"data.where {{'domain': ['movies']}} applied to {d / 'ev.jsonl'}: 12 of 20 rows kept, 8 dropped" in caplog.text
+    where = "{'domain': ['movies']}"
+    assert f"data.where {where} applied to {d / 'ev.jsonl'}: 12 of 20 rows kept, 8 dropped" in caplog.text
     assert "column mapping applied: text <- column 'review', label <- column 'y'" in caplog.text
     assert f"lmforge: eval report written to {run / 'eval_ev.json'}" in err
     assert json.loads((run / "eval_ev.json").read_text()) == rep
@@ -143,3 +144,20 @@ def test_filter_that_keeps_nothing_and_no_filter_on_a_carved_split(filtered_run,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 8
     assert main(["eval", str(run), "--split", "test", "--no-filter"]) == 2
     assert "carved from the filtered training file" in _err_line(capsys)
+
+
+def test_eval_reports_rows_cut_or_dropped_by_max_length(tmp_path, tiny_llama_dir, capsys):
+    import lmforge
+
+    rng = random.Random(2)
+    rows = [{"prompt": " ".join(rng.choices(WORDS, k=4)), "completion": " ".join(rng.choices(WORDS, k=n))}
+            for n in [3] * 16 + [200] * 4]  # the long ones lose part of their completion
+    write_jsonl(tmp_path / "train.jsonl", rows[:16])
+    write_jsonl(tmp_path / "ev.jsonl", rows)
+    run = lmforge.train({
+        "task": "sft", "name": "cut", "output_dir": str(tmp_path / "runs"),
+        "model": {"name": str(tiny_llama_dir), "precision": "fp32"},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval_fraction": 0.25, "max_length": 64},
+        "sft": {"mode": "full", "report_samples": 0}, "train": {"max_steps": 1, "batch_size": 4, "progress": False}})
+    rep, _ = _eval([str(run.run_dir), "--data", str(tmp_path / "ev.jsonl")], capsys)
+    assert rep["data_report"] == {"eval": {"total": 20, "truncated": 4, "dropped": {}}}

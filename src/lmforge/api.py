@@ -114,7 +114,8 @@ class Run:
                     raise LmforgeError(f"--split {split}: only the held-out 'test' split can be re-derived")
                 table = load_test_split(dc, self.config.seed)
                 if table is None:
-                    raise LmforgeError(f"{self.run_dir}: the run has no test split (set data.test or data.test_fraction)")
+                    raise LmforgeError(f"{self.run_dir}: the run has no test split "
+                                       "(set data.test or data.test_fraction)")
                 with tempfile.TemporaryDirectory() as tmp:  # the split's rows, read back as any eval file
                     write_jsonl(Path(tmp) / "test.jsonl", table.records)
                     items = task.read_eval_file(str(Path(tmp) / "test.jsonl"))
@@ -637,5 +638,5 @@ def _evaluate_encoder(model: str, data: str, task: str, *, columns: Sequence[str
     return {"task": task, "data": data} | notes | report
 
 
-__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "embed_file", "encode", "eval_report_path", "evaluate_model", "generate",
-           "generate_file", "load", "read_prompts", "train", "train_config"]
+__all__ = ["MODEL_EVAL_TASKS", "Run", "config", "embed_file", "encode", "eval_report_path", "evaluate_model",
+           "generate", "generate_file", "load", "read_prompts", "train", "train_config"]

@@ -45,7 +45,8 @@ def prompt_text(prompt: Any) -> str:
     lines of chat messages."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) and prompt[0].get("role") == "user":
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict) \
+            and prompt[0].get("role") == "user":
         return str(prompt[0].get("content", ""))
     if isinstance(prompt, list):
         return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt if isinstance(m, dict))
