@@ -110,6 +110,8 @@ def test_seq2seq_bad_inputs(tmp_path, tiny_t5_dir):
     with pytest.raises(LmforgeError, match="prompt tuning is not available for seq2seq"):
         SftTask(build_config(make_cfg(tmp_path, tiny_t5_dir, rows).model_dump(mode="json")
                              | {"adapter": {"kind": "prompt", "num_virtual_tokens": 2}}))
+    with pytest.raises(LmforgeError, match="qlora is not available for seq2seq"):
+        SftTask(make_cfg(tmp_path, tiny_t5_dir, rows, sft={"mode": "qlora"}))
     text_rows = [{"text": r["dialogue"]} for r in rows]
     with pytest.raises(LmforgeError, match="seq2seq sft trains on prompt \\+ completion"):
         SftTask(make_cfg(tmp_path, tiny_t5_dir, text_rows, sft={"prompt_template": None}, name="text"))

@@ -75,6 +75,9 @@ class SftTask(CausalTask):
             if cfg.sft.packing:
                 raise LmforgeError("sft.packing: not available for seq2seq models (the encoder reads one prompt "
                                    "per row); set sft.packing: false")
+            if cfg.sft.mode == "qlora":
+                raise LmforgeError("sft.mode: qlora is not available for seq2seq models (T5 blocks read their "
+                                   "projections' weight dtype, which a 4-bit layer does not have); use mode lora")
         super().__init__(cfg, **kw)
 
     # ---- data ---------------------------------------------------------------------------------
@@ -263,10 +266,6 @@ class SftTask(CausalTask):
         if self.cfg.adapter.kind == "prompt":
             raise LmforgeError("adapter.kind: prompt tuning is not available for seq2seq models in lmforge "
                                "(use lora, dora, ia3 or bottleneck)")
-        if self.opts.mode == "qlora":
-            from ..quant.nf4 import quantize_model
-
-            quantize_model(model, block_size=self.opts.quant_block_size)
         if adapter_dir is not None:
             load_run_adapter(model, self.cfg, adapter_dir)
         else:
