@@ -105,6 +105,9 @@ class ClassifyConfig(Section):
     ordinal: Literal["none", "regression", "cumulative"] = Field(
         "none", description="finetune: labels are ordered (data.labels order is the rank): regression on the "
                             "rank, or cumulative-link logits P(y > k); eval adds MAE and off-by-one accuracy")
+    decision_bias: Literal["none", "macro_f1"] = Field(
+        "none", description="finetune: fit per-class biases on the log-probabilities that maximise the validation "
+                            "split's macro-F1, saved with the weights (decision.json) and used by eval/predict")
     encoder: EncoderOptions = Field(default_factory=EncoderOptions)
     embedding_lr: EmbeddingLRConfig = Field(default_factory=EmbeddingLRConfig)
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
@@ -118,7 +121,8 @@ class ClassifyConfig(Section):
         return {k: v for k, v in handler(self).items() if k in METHOD_KEYS[self.method]}
 
 
-METHOD_KEYS = {"finetune": {"mode", "unfreeze_last", "class_weights", "focal_gamma", "label_smoothing", "ordinal"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
+METHOD_KEYS = {"finetune": {"mode", "unfreeze_last", "class_weights", "focal_gamma", "label_smoothing", "ordinal",
+                                "decision_bias"}, "embedding_lr": {"method", "encoder", "embedding_lr"},
                "zero_shot": {"method", "encoder", "zero_shot"}, "setfit": {"method", "encoder", "setfit"},
                "prompt": {"method", "prompt"}, "text2text": {"method", "prompt"}}
 
@@ -162,6 +166,10 @@ class ClassifyTask(Task):
             if not self.labels:
                 raise LmforgeError("classification labels are unknown (no labels.json in the run)")
         self.weight = self._class_weights() if with_data else None
+        self.bias: torch.Tensor | None = None  # decision biases of a loaded run (classify_decision)
+        if with_data and cfg.classify.decision_bias != "none" and not self.eval_items:
+            raise LmforgeError("config: classify.decision_bias is fitted on the validation split: set data.eval "
+                               "or data.eval_fraction")
         self.model = self._build_model(adapt)
         from ..adapters.lora import trainable_parameters
 
@@ -298,7 +306,9 @@ class ClassifyTask(Task):
             with self.placement.autocast():
                 logits = self.model(**batch).logits.float()
             out[idx] = self.outputs_to_probs(logits).cpu()
-        return out
+        from .classify_decision import apply_bias
+
+        return apply_bias(out, getattr(self, "bias", None))
 
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
         from ..eval.metrics import classification_report
@@ -323,6 +333,24 @@ class ClassifyTask(Task):
         save_weights(self.model, self.tokenizer, out_dir, lora=self.cfg.classify.mode in ADAPTER_MODES,
                      base_name=str(self.cfg.model.name), task_type="SEQ_CLS")
         write_json(out_dir / "labels.json", self.labels)
+        if self.cfg.classify.decision_bias != "none" and getattr(self, "eval_items", None):
+            self._fit_decision(out_dir)
+
+    def _fit_decision(self, out_dir: Path) -> None:
+        """Fit the decision biases of these weights on the validation split; write ``decision.json``."""
+        from .classify_decision import fit_decision_bias, macro_f1, write_decision
+
+        was_training = self.model.training
+        probs = self.predict_items(self.eval_items)  # (N, C), self.bias is None while training
+        self.model.train(was_training)
+        y = torch.tensor([it["label"] for it in self.eval_items])
+        logp = probs.clamp_min(1e-12).log()
+        bias = fit_decision_bias(logp, y)
+        before, after = (macro_f1(y, logp.argmax(-1), len(self.labels)),
+                         macro_f1(y, (logp + bias).argmax(-1), len(self.labels)))
+        write_decision(out_dir, bias, n=len(y), before=before, after=after)
+        log.info("classify: decision biases %s (validation macro-F1 %.4f -> %.4f)",
+                 [round(float(v), 2) for v in bias], before, after)
 
     # ---- loading a finished run --------------------------------------------------------
     @classmethod
@@ -337,6 +365,9 @@ class ClassifyTask(Task):
         task = cls(cfg, with_data=False, labels=labels, adapt=False)
         if cfg.classify.mode in ADAPTER_MODES:
             load_run_adapter(task.model, cfg, art / "adapter")
+        from .classify_decision import read_decision
+
+        task.bias = read_decision(art, len(labels))
         ready_for_inference(task)
         return task
 
