@@ -596,8 +596,11 @@ def _evaluate_mc(model: str, data, suite, *, adapter, num_fewshot, limit, seed, 
     placement = Placement.resolve(device, precision)
     lm, tokenizer, _ = load_causal_lm(resolve_source(model, adapter), device=placement.device,
                                       purpose="eval --task mc")
-    with placement.autocast():
-        report = score_items(lm, tokenizer, items, fewshot_pool=pool, num_fewshot=num_fewshot, seed=seed)
+    from .progress import progress
+
+    with placement.autocast(), progress(len(items), desc="mc questions", unit="questions") as bar:
+        report = score_items(lm, tokenizer, items, fewshot_pool=pool, num_fewshot=num_fewshot, seed=seed,
+                             progress=lambda done, total: bar.update(1))
     return {"task": "mc", "suite": suite, "data": source, "model": model, "seed": seed,
             "skipped_rows": skipped} | report
 
