@@ -82,6 +82,15 @@ def test_adapter_training_learns_and_saves_a_peft_seq2seq_folder(kind, adapter, 
     assert again.seq2seq
     items = task.eval_items
     assert abs(again.evaluate(items)["loss"] - task.evaluate(items)["loss"]) < 1e-5
+    # peft loads the run's adapter folder onto the base and gives the run's logits
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSeq2SeqLM
+
+    pm = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(folder), str(cfg.run_dir / "adapter"))
+    batch = task.collate(items[:3])
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    with torch.no_grad():
+        torch.testing.assert_close(pm.eval()(**kw).logits, again.model(**kw).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_full_fine_tuning_saves_a_model_folder_that_reloads(tmp_path, tiny_t5_dir):
