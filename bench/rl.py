@@ -1,0 +1,159 @@
+"""GRPO with LoRA: lmforge ``rl`` (algorithm grpo) vs TRL ``GRPOTrainer`` + peft, side by side.
+
+Same packaged SmolLM2-135M-Instruct, same prompts (the first 6 words of Yelp review sentences,
+``../shared/data/yelp_reviews/dev.jsonl``, raw text, no chat template), same reward function (the
+share of the completion's words in a small positive-word list, a plain Python function both sides
+call), LoRA r=16 alpha=32 dropout=0 on q/k/v/o/gate/up/down, 4 generations per prompt, 2 prompts
+per optimizer step (8 completions, one minibatch, one optimisation pass: TRL
+``per_device_train_batch_size=8, num_generations=4, num_iterations=1``; lmforge
+``rollout_prompts=2, generations=4, batch_size=8, ppo_epochs=1``), at most 16 new tokens sampled
+at temperature 1, clip 0.2, beta 0 on both (TRL's default; lmforge still computes the reference
+log-probs to log the KL), same AdamW learning rate, constant schedule, same number of steps.
+
+Each step generates a fresh rollout on both sides. Timed: the steps after the first (warm-up)
+step. Figures (medians over ``--reps``, each trial a fresh process, trials alternating):
+``prompts_per_s`` (prompts of the timed steps / seconds), ``completion_tokens_mean`` (a check
+that both generate similar lengths), ``peak_rss_mb``, and the quality figure ``reward_mean`` over
+the timed steps.
+
+Trials: ``trl_fp32`` (TRL's defaults on CPU), ``trl_bf16`` (``bf16=True``: its faster realistic
+setting), ``lmforge`` (defaults: ``auto`` precision = bf16 autocast with frozen weights in bf16).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py [--steps 6] [--reps 2] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, emit, median, set_threads  # noqa: E402
+
+YELP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "yelp_reviews" / "dev.jsonl"
+POSITIVE = {"good", "great", "nice", "love", "amazing", "best", "delicious", "friendly", "excellent", "happy",
+            "awesome", "perfect", "wonderful", "fantastic", "recommend"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+K, PROMPTS_PER_STEP, NEW_TOKENS, LR = 4, 2, 16, 1e-5
+
+
+def positive_share(text: str) -> float:
+    words = re.findall(r"[a-z']+", text.lower())
+    return sum(w in POSITIVE for w in words) / max(len(words), 1)
+
+
+def prompts(n: int = 64) -> list[str]:
+    import json
+
+    out = []
+    for line in YELP.read_text(encoding="utf-8").splitlines():
+        words = json.loads(line)["text"].split()
+        if len(words) >= 10:
+            out.append(" ".join(words[:6]))
+        if len(out) == n:
+            break
+    return out
+
+
+def run_lmforge(steps: int, threads: int | None) -> dict:
+    set_threads(threads)
+    import json
+
+    from lmforge.api import config
+    from lmforge.rl.rewards import FunctionReward
+    from lmforge.rundir import prepare_run, write_jsonl
+    from lmforge.tasks.rl import RlTask
+    from lmforge.train import fit
+
+    out = Path(tempfile.mkdtemp())
+    data = out / "prompts.jsonl"
+    write_jsonl(data, [{"prompt": p} for p in prompts()])
+    cfg = config({
+        "task": "rl", "name": "bench", "output_dir": str(out), "seed": 0,
+        "model": {"name": "smollm2"},
+        "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 64},
+        "rl": {"algorithm": "grpo", "reward": "bench.positive_share", "mode": "lora", "template": "raw",
+               "generations": K, "rollout_prompts": PROMPTS_PER_STEP, "ppo_epochs": 1, "max_new_tokens": NEW_TOKENS,
+               "temperature": 1.0, "kl_coef": 0.0, "clip_range": 0.2, "collapse_drop": None, "log_samples": 0},
+        "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS},
+        "train": {"max_steps": steps + 1, "batch_size": PROMPTS_PER_STEP * K, "lr": LR, "schedule": "constant",
+                  "weight_decay": 0.0, "max_grad_norm": 1.0, "progress": False, "log_every": 1}})
+    task = RlTask(cfg, reward=FunctionReward(positive_share, "bench.positive_share"))
+    run_dir = prepare_run(cfg)
+    marks = []
+    fit(task, cfg, run_dir, on_step=lambda step, rec: marks.append(time.perf_counter()))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["split"] == "train" and r["step"] > 1]
+    seconds = marks[-1] - marks[0]
+    return {"prompts_per_s": steps * PROMPTS_PER_STEP / seconds, "seconds": seconds,
+            "reward_mean": sum(r["reward_mean"] for r in timed) / len(timed),
+            "completion_tokens_mean": sum(r["response_length"] for r in timed) / len(timed)}
+
+
+def run_trl(steps: int, threads: int | None, bf16: bool) -> dict:
+    set_threads(threads)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lmforge.models import resolve_model
+
+    folder = str(resolve_model("smollm2"))
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+
+    def reward(completions, **kw):
+        return [positive_share(c) for c in completions]
+
+    marks = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS_PER_STEP * K,
+                      num_generations=K, gradient_accumulation_steps=1, num_iterations=1, max_steps=steps + 1,
+                      max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0, epsilon=0.2,
+                      learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                      use_cpu=True, bf16=bf16, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+                      disable_dropout=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, processing_class=tok,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts()]),
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                                 task_type="CAUSAL_LM"),
+                          callbacks=[Marks()])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h][1:]
+    seconds = marks[-1] - marks[0]
+    return {"prompts_per_s": steps * PROMPTS_PER_STEP / seconds, "seconds": seconds,
+            "reward_mean": sum(h["reward"] for h in logs) / len(logs),
+            "completion_tokens_mean": sum(h.get("completions/mean_length", 0.0) for h in logs) / len(logs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps (after one warm-up step)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    trials = {"trl_fp32": (run_trl, {"steps": a.steps, "threads": a.threads, "bf16": False}),
+              "trl_bf16": (run_trl, {"steps": a.steps, "threads": a.threads, "bf16": True}),
+              "lmforge": (run_lmforge, {"steps": a.steps, "threads": a.threads})}
+    res = alternate(trials, a.reps)
+    fig = {k: {m: median(v, m) for m in ("prompts_per_s", "peak_rss_mb", "reward_mean", "completion_tokens_mean")}
+           for k, v in res.items()}
+    best_trl = max(fig["trl_fp32"]["prompts_per_s"], fig["trl_bf16"]["prompts_per_s"])
+    emit({"bench": "rl_grpo_lora_smollm2", "steps": a.steps, "reps": a.reps, "prompts_per_step": PROMPTS_PER_STEP,
+          "generations": K, "max_new_tokens": NEW_TOKENS, "figures": fig,
+          "ratio_default": fig["lmforge"]["prompts_per_s"] / fig["trl_fp32"]["prompts_per_s"],
+          "ratio_best": fig["lmforge"]["prompts_per_s"] / best_trl,
+          "rss_ratio_best": fig["lmforge"]["peak_rss_mb"] / min(fig["trl_fp32"]["peak_rss_mb"],
+                                                                fig["trl_bf16"]["peak_rss_mb"])})
+
+
+if __name__ == "__main__":
+    main()
