@@ -53,10 +53,18 @@ def bart_model(vocab_size: int = 100, seed: int = 0, **kw):
     return model
 
 
+def flan_model(vocab_size: int = 100, seed: int = 0, **kw):
+    """T5 v1.1 / FLAN-T5 layout: gated-GELU feed-forward (wi_0, wi_1, wo), untied LM head (no output scaling)."""
+    return t5_model(vocab_size, seed, **({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False} | kw))
+
+
+BUILD = {"t5": t5_model, "flan": flan_model, "bart": bart_model}
+
+
 def make_folder(kind: str, path: Path, seed: int = 0) -> Path:
-    """A saved tiny ``kind`` ("t5" or "bart") model + tokenizer folder."""
-    tok, vocab = word_tokenizer(kind)
-    model = (t5_model if kind == "t5" else bart_model)(vocab_size=len(vocab), seed=seed)
+    """A saved tiny ``kind`` ("t5", "flan" or "bart") model + tokenizer folder."""
+    tok, vocab = word_tokenizer("bart" if kind == "bart" else "t5")
+    model = BUILD[kind](vocab_size=len(vocab), seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

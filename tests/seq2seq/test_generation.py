@@ -6,9 +6,7 @@ import torch
 
 from lmforge.generation import GenerationConfig, decode, generate
 
-from ._tiny import bart_model, make_folder, t5_model
-
-BUILD = {"t5": t5_model, "bart": bart_model}
+from ._tiny import BUILD, make_folder
 
 
 def _batch(seed: int = 3):
@@ -42,7 +40,7 @@ def _trim(rows, eos, pad):
     return out
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "flan", "bart"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_greedy_equals_transformers_generate(kind, use_cache):
     model = BUILD[kind]()
@@ -96,7 +94,7 @@ def test_cache_and_no_cache_sample_the_same(kind):
 
 
 def test_the_encoder_runs_once_with_the_cache(tmp_path):
-    model = t5_model()
+    model = BUILD["t5"]()
     calls = []
     model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
     ids, mask = _batch()
@@ -123,7 +121,7 @@ def test_text_generation_with_stop_strings_and_padding_alone_equals_batched(tmp_
         assert first[1] not in cut
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "flan", "bart"])
 def test_response_hidden_and_head_give_the_models_token_log_probs(kind):
     """What an RL task needs of a seq2seq policy: per-token log-probs of sampled responses."""
     from lmforge.causal_lm import seq2seq_head, seq2seq_response_hidden

@@ -1,5 +1,6 @@
 """PEFT's SEQ_2_SEQ_LM format for tiny T5 and BART, both ways: peft loads the adapters we save and we
-load the ones peft saves, with the same logits (< 1e-5), for LoRA, DoRA and IA3; bottleneck adapters
+load the ones peft saves, with the same logits (< 1e-5), for LoRA, DoRA and IA3 (T5, the FLAN-T5 layout: gated
+feed-forward and untied head, BART); bottleneck adapters
 (no peft kind) round-trip in the same layout. Merged LoRA equals the adapter's outputs."""
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def randomize(model, seed: int = 2) -> None:
         t.add_(torch.randn(t.shape, generator=g) * 0.2)
 
 
-CASES = [(k, m) for k in ("lora", "dora", "ia3") for m in ("t5", "bart")]
+CASES = [(k, m) for k in ("lora", "dora", "ia3") for m in ("t5", "bart")] + [("lora", "flan"), ("ia3", "flan")]
 
 
 @pytest.mark.parametrize("kind,mk", CASES, ids=lambda x: x)

@@ -46,14 +46,14 @@ def train(cfg):
     return task, before, after
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "flan", "bart"])
 def test_items_and_loss_equal_transformers_teacher_forcing(kind, tmp_path, request):
     folder = request.getfixturevalue(f"tiny_{kind}_dir")
     task = SftTask(make_cfg(tmp_path, folder, copy_rows(10), sft={"mode": "full"}))
     assert task.seq2seq and task.peft_task_type == "SEQ_2_SEQ_LM"
     it = task.train_items[0]
     tok = task.tokenizer
-    assert tok.convert_ids_to_tokens(it["input_ids"])[:2] == (["story", ":"] if kind == "t5" else ["<s>", "story"])
+    assert tok.convert_ids_to_tokens(it["input_ids"])[:2] == (["<s>", "story"] if kind == "bart" else ["story", ":"])
     assert it["labels"][-1] == tok.eos_token_id and it["input_ids"][-1] == tok.eos_token_id
     batch = task.collate(task.train_items[:4])
     assert task.batch_units(batch) == sum(len(i["labels"]) for i in task.train_items[:4])
