@@ -92,3 +92,8 @@ def test_reward_collapse_stops_the_run_keeping_the_last_good_checkpoint(tmp_path
     root = cfg.run_dir / "checkpoints"
     assert f"last good checkpoint: {root / 'step-00000003'}" in err[0]
     assert not (cfg.run_dir / "adapter").exists() and not (cfg.run_dir / "eval.json").exists()
+    import json
+
+    events = [r for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
+              if r["split"] == "event"]
+    assert events == [events[0]] and events[0]["reason"] == "reward collapse" and events[0]["step"] == 3

@@ -186,7 +186,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     try:
         while step < total:
             if on_policy:
-                items, phase_metrics = _rollout(task, state["epoch"], env, run_dir, last_good)
+                items, phase_metrics = _rollout(task, state["epoch"], env, run_dir, last_good, logger, step)
                 batches = rollout_batches(cfg, len(items), state["epoch"], task.rollout_plan()[2], env.world)
             else:
                 batches = epoch_batches(task, cfg, state["epoch"], env.world)
@@ -280,7 +280,8 @@ def _loop(state: dict, task: Task | None = None) -> dict:
     return out | ({"task": task_state} if task_state else {})
 
 
-def _rollout(task: Task, phase: int, env: DistEnv, run_dir: Path, last_good: Path | None) -> tuple[list, dict]:
+def _rollout(task: Task, phase: int, env: DistEnv, run_dir: Path, last_good: Path | None, logger: RunLogger,
+             step: int) -> tuple[list, dict]:
     """One on-policy rollout with the model in eval mode and no gradients; its sample
     generations go to ``samples/rollout-NNNNNN.jsonl``. Returns (items, metrics logged with
     every step of the phase). A task that stops the run (e.g. on reward collapse) raises
@@ -292,6 +293,7 @@ def _rollout(task: Task, phase: int, env: DistEnv, run_dir: Path, last_good: Pat
             out = task.rollout(phase)
     except TrainingError as err:
         where = f"; last good checkpoint: {last_good}" if last_good else "; no checkpoint was written"
+        logger.log({"step": step, "event": "stopped", "reason": str(err).split(":")[0]}, split="event")
         raise TrainingError(f"{err}{where}") from None
     finally:
         model.train()
