@@ -341,3 +341,21 @@ def sts_spearman(encode, path: str = "../shared/data/stsb/dev.jsonl", n: int = 3
     b = np.asarray(encode([r["sentence2"] for r in rows]), dtype=np.float32)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(spearmanr(cos, [r["score"] for r in rows]).statistic)
+
+
+def causal_heldout_loss(model, tokenizer, texts: list[str], max_len: int) -> float:
+    """Mean next-token cross-entropy (per token) of ``texts`` (EOS appended, truncated to
+    ``max_len``) under bf16 autocast, model in eval mode: the same held-out figure for every trial."""
+    import torch
+
+    model.eval()
+    dev = next(model.parameters()).device
+    total = count = 0.0
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        for t in texts:
+            ids = tokenizer(t + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"][:max_len]
+            x = torch.tensor([ids], device=dev)
+            logits = model(input_ids=x).logits.float()  # (1, T, V)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+            total, count = total + float(loss), count + len(ids) - 1
+    return total / max(count, 1)

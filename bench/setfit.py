@@ -6,14 +6,20 @@ of each kind: setfit's ``num_iterations`` draws that many, lmforge draws that ma
 1 epoch, batch 16, learning rate 2e-5, warm-up 10 %, weight decay 0.01, cosine-similarity loss,
 then scikit-learn's logistic regression head on the fine-tuned embeddings. Both are scored on all
 of SST-2 dev. Training time is the whole ``train`` call (pair building, contrastive stage, head);
-model loading and evaluation are not in it. Each trial runs in a fresh process; peers alternate.
-setfit runs at its default (fp32; its ``use_amp`` is fp16, not a CPU setting); lmforge at its
-default (bf16 autocast on CPUs with native bf16) and, for reference, in fp32.
+model loading and evaluation are not in it. Each trial runs in a fresh process; trials alternate.
 
-    .venv/bin/python bench/setfit.py [--reps 3] [--per-class 16] [--iterations 7] [--data ../shared/data/sst2]
+Trials (pairs/s = contrastive pairs / training seconds; quality = SST-2 dev accuracy):
+- ``setfit_default``: the library's defaults (fp32; its ``use_amp`` is fp16, not a CPU setting);
+- ``setfit_bf16``: its best setting here: ``trainer.train()`` under ``torch.autocast("cpu", bfloat16)``
+  (the library has no bf16 switch; autocast around its call is what a user can do);
+- ``lmforge_default``: ``precision: auto`` (bf16 autocast), unpadded batches;
+- ``lmforge_padded``: the same on plain padded batches (``attn_implementation: eager``).
+``ratio_default``/``ratio_best`` compare pairs/s (setfit time / lmforge time on the same pairs).
 
-Prints one JSON line: median training seconds, mean accuracy over the repetitions, inference
-samples/s, peak RSS, the speed-up (setfit time / lmforge time) and the accuracy difference.
+    .venv/bin/python bench/setfit.py [--reps 3] [--per-class 16] [--iterations 7] [--threads 1] [--profile]
+
+Prints one JSON line: median training seconds and pairs/s, mean accuracy over the repetitions,
+inference samples/s, peak RSS and the ratios.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit  # noqa: E402
+from _common import alternate, emit, figures, ratios, set_threads, timed_call  # noqa: E402
 
 SST2 = "../shared/data/sst2"
 LR, BATCH, WARMUP, DECAY = 2e-5, 16, 0.1, 0.01
@@ -50,7 +56,9 @@ def dev_rows(data: str, limit: int | None) -> tuple[list[str], list[int]]:
     return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
-def run_lmforge(train: str, data: str, iterations: int, precision: str, seed: int, limit: int | None) -> dict:
+def run_lmforge(train: str, data: str, iterations: int, seed: int, limit: int | None, threads, profile: bool,
+                attn: str = "auto") -> dict:
+    set_threads(threads)
     import numpy as np
 
     from lmforge.api import config, train_config
@@ -58,20 +66,24 @@ def run_lmforge(train: str, data: str, iterations: int, precision: str, seed: in
     out = Path(tempfile.mkdtemp())
     cfg = config({
         "task": "classify", "name": "bench", "output_dir": str(out), "seed": seed,
-        "model": {"name": "minilm", "precision": precision},
+        "model": {"name": "minilm", "precision": "auto", "attn_implementation": attn},
         "data": {"train": train, "eval_fraction": 0.0, "labels": ["0", "1"], "max_length": 256},
         "classify": {"method": "setfit", "setfit": {"per_class": 10**6, "num_iterations": iterations}},
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "warmup_ratio": WARMUP, "weight_decay": DECAY,
                   "schedule": "linear", "max_grad_norm": 1.0, "progress": False, "log_every": 10_000},
     })
-    run = train_config(cfg)
+    run, timing = timed_call(lambda: train_config(cfg), profile)  # the profile includes model loading
     task, train_s = run.task, run.train_seconds  # training only, as before (no model loading)
     texts, gold = dev_rows(data, limit)
     t0 = time.perf_counter()
     pred = np.asarray(task.predict_texts(texts)).argmax(-1)
     infer_s = time.perf_counter() - t0
-    return {"train_s": train_s, "accuracy": float((pred == np.array(gold)).mean()),
-            "infer_samples_per_s": len(texts) / infer_s, "pairs": task.pair_count}
+    res = {"train_s": train_s, "accuracy": float((pred == np.array(gold)).mean()),
+           "infer_samples_per_s": len(texts) / infer_s, "pairs": task.pair_count,
+           "pairs_per_s": task.pair_count / train_s}
+    if "profile" in timing:
+        res["profile"] = timing["profile"]
+    return res
 
 
 def _setfit_library():
@@ -86,8 +98,13 @@ def _setfit_library():
     return setfit
 
 
-def run_setfit(train: str, data: str, iterations: int, seed: int, limit: int | None) -> dict:
+def run_setfit(train: str, data: str, iterations: int, seed: int, limit: int | None, threads, profile: bool,
+               bf16: bool = False) -> dict:
+    set_threads(threads)
+    import contextlib
+
     import numpy as np
+    import torch
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
 
@@ -104,15 +121,24 @@ def run_setfit(train: str, data: str, iterations: int, seed: int, limit: int | N
                              l2_weight=DECAY, seed=seed, report_to="none", show_progress_bar=False,
                              logging_strategy="no", save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=ds)
-    t0 = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - t0
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def fit():
+        with cast:
+            trainer.train()
+
+    _, timing = timed_call(fit, profile)
+    train_s = timing["seconds"]
     texts, gold = dev_rows(data, limit)
     t0 = time.perf_counter()
     pred = np.asarray(model.predict(texts, batch_size=64, show_progress_bar=False))
     infer_s = time.perf_counter() - t0
-    return {"train_s": train_s, "accuracy": float((pred == np.array(gold)).mean()),
-            "infer_samples_per_s": len(texts) / infer_s, "pairs": 2 * iterations * len(rows)}
+    pairs = 2 * iterations * len(rows)
+    res = {"train_s": train_s, "accuracy": float((pred == np.array(gold)).mean()),
+           "infer_samples_per_s": len(texts) / infer_s, "pairs": pairs, "pairs_per_s": pairs / train_s}
+    if "profile" in timing:
+        res["profile"] = timing["profile"]
+    return res
 
 
 def main() -> None:
@@ -122,35 +148,41 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=7, help="pairs of each kind per example (<= 7 keeps "
                     "lmforge's distinct pairs equal to setfit's count at 16 per class)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N dev sentences")
+    ap.add_argument("--eval-limit", type=int, default=400, help="score only the first N dev sentences")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads per trial")
+    ap.add_argument("--only", default=None, help="comma-separated trial names to run (default: all)")
+    ap.add_argument("--profile", action="store_true", help="profile each trial's training call")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-setfit-"))
     res: dict[str, list[dict]] = {}
-    for rep in range(args.reps):  # a new sample per repetition, shared by the peers
+    for rep in range(args.reps):  # a new sample per repetition, shared by all trials
         train = str(sample(args.data, args.per_class, rep, tmp / f"train{rep}.jsonl"))
         common = {"train": train, "data": args.data, "iterations": args.iterations, "seed": rep,
-                  "limit": args.eval_limit}
-        trials = {"setfit": (run_setfit, common), "lmforge_auto": (run_lmforge, common | {"precision": "auto"}),
-                  "lmforge_fp32": (run_lmforge, common | {"precision": "fp32"})}
+                  "limit": args.eval_limit, "threads": args.threads, "profile": args.profile}
+        trials = {"setfit_default": (run_setfit, common), "lmforge_default": (run_lmforge, common),
+                  "setfit_bf16": (run_setfit, common | {"bf16": True}),
+                  "lmforge_padded": (run_lmforge, common | {"attn": "eager"})}
+        if args.only:
+            trials = {k: v for k, v in trials.items() if k in args.only.split(",")}
         if rep % 2:
             trials = dict(reversed(list(trials.items())))
         for name, runs in alternate(trials, reps=1).items():
             res.setdefault(name, []).extend(runs)
-    fig = {k: {"train_s": round(statistics.median(r["train_s"] for r in v), 2),
-               "accuracy": round(statistics.mean(r["accuracy"] for r in v), 4),
-               "accuracies": [round(r["accuracy"], 4) for r in v],
-               "infer_samples_per_s": round(statistics.median(r["infer_samples_per_s"] for r in v), 1),
-               "pairs": v[0]["pairs"], "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in v), 1)}
-           for k, v in res.items()}
+    fig = figures(res, "pairs_per_s")
+    for k, v in res.items():
+        fig[k].update(train_s=round(statistics.median(r["train_s"] for r in v), 2),
+                      accuracy=round(statistics.mean(r["accuracy"] for r in v), 4),
+                      accuracies=[round(r["accuracy"], 4) for r in v], pairs=v[0]["pairs"],
+                      infer_samples_per_s=round(statistics.median(r["infer_samples_per_s"] for r in v), 1))
+        if args.profile and fig[k].get("profile"):
+            print(f"profile {k}: {fig[k]['profile']}", file=sys.stderr, flush=True)
     emit({
         "bench": "setfit", "model": "minilm (all-MiniLM-L6-v2)", "data": "sst2", "per_class": args.per_class,
-        "iterations": args.iterations, "epochs": 1, "batch": BATCH, "reps": args.reps,
-        "threads": os.environ.get("OMP_NUM_THREADS", "default"), "figures": fig,
-        "speedup_default": round(fig["setfit"]["train_s"] / fig["lmforge_auto"]["train_s"], 3),
-        "speedup_fp32": round(fig["setfit"]["train_s"] / fig["lmforge_fp32"]["train_s"], 3),
-        "accuracy_diff_points": round(100 * (fig["lmforge_auto"]["accuracy"] - fig["setfit"]["accuracy"]), 2),
+        "iterations": args.iterations, "epochs": 1, "batch": BATCH, "reps": args.reps, "threads": args.threads,
+        "quality": f"SST-2 dev accuracy (first {args.eval_limit}), mean over reps", "figures": fig,
+        **ratios(fig, "pairs_per_s", "lmforge", "setfit", "lmforge_default", "setfit_default"),
     })
 
 
