@@ -12,13 +12,14 @@ import torch
 from lmforge.adapters import (BottleneckSpec, DoraSpec, Ia3Spec, LoraSpec, apply_adapter, load_adapter,
                               save_adapter, unwrap_lora)
 
-from ._tiny import bart_model, t5_model
+from ._tiny import BUILD
 
 peft = pytest.importorskip("peft")
 
-BUILD = {"t5": t5_model, "bart": bart_model}
-ATTN = {"t5": ["q", "k", "v", "o", "wi", "wo"], "bart": ["q_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-IA3 = {"t5": (["k", "v", "wo"], ["wo"]), "bart": (["k_proj", "v_proj", "fc2"], ["fc2"])}
+ATTN = {"t5": ["q", "k", "v", "o", "wi", "wo"], "flan": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+        "bart": ["q_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+IA3 = {"t5": (["k", "v", "wo"], ["wo"]), "flan": (["k", "v", "wo"], ["wo"]),
+       "bart": (["k_proj", "v_proj", "fc2"], ["fc2"])}
 
 
 def ours(kind: str, mk: str):
