@@ -260,10 +260,10 @@ def figures(res: dict[str, list[dict]], rate: str, quality: tuple[str, ...] = ()
     """Median rate, CPU-time rate, peak RSS and quality figures of every trial."""
     fig = {}
     for k, runs in res.items():
-        f = {rate: round(median(runs, rate), 2), "peak_rss_mb": round(median(runs, "peak_rss_mb"), 1)}
+        f = {rate: _sig(median(runs, rate)), "peak_rss_mb": round(median(runs, "peak_rss_mb"), 1)}
         cpu = rate.replace("_per_s", "_per_cpu_s")
         if all(cpu in r for r in runs):
-            f[cpu] = round(median(runs, cpu), 2)
+            f[cpu] = _sig(median(runs, cpu))
         for q in quality:
             vals = [r[q] for r in runs if r.get(q) is not None]
             if vals:
@@ -272,6 +272,10 @@ def figures(res: dict[str, list[dict]], rate: str, quality: tuple[str, ...] = ()
             f["profile"] = runs[-1]["profile"]
         fig[k] = f
     return fig
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
 
 
 def ratios(fig: dict, rate: str, ours: str, theirs: str, lm_default: str, peer_default: str) -> dict:

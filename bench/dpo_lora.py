@@ -20,12 +20,18 @@ rejected sequences), ``peak_rss_mb`` and ``mfu`` against the measured bf16 matmu
 FLOPs per step: the policy pass as in ``bench/sft_lora.py`` (``4 N s + 12 L d_attn s^2`` per
 sequence) plus, without precomputation, the reference forward (``2 N s + 4 L d_attn s^2``).
 
-Trials: ``trl_fp32``, ``trl_bf16`` (TRL defaults except gradient checkpointing off, its faster
-setting), ``lmforge_fp32`` and ``lmforge_best`` (lmforge defaults: chosen and rejected in one
-packed forward, chunked log-probs over completion tokens; ``auto`` precision = bf16 autocast,
-frozen weights in bf16, eager attention).
+Trials (quality = mean DPO loss over the timed steps: both sides train the same pairs in the same
+order, so the losses are comparable step for step):
+- ``trl_default``: TRL defaults (fp32, SDPA) except gradient checkpointing off (its default is on,
+  which is slower);
+- ``trl_bf16`` / ``trl_bf16w_eager``: TRL at its best here: bf16 autocast with SDPA, or the frozen
+  base in bf16 (LoRA fp32) with eager attention (padding-free needs flash attention in TRL's DPO);
+- ``lmforge_default``: lmforge's defaults (chosen and rejected in one packed forward, chunked
+  log-probs over completion tokens, ``auto`` precision = bf16 autocast, frozen weights in bf16).
+``ratio_default`` = lmforge_default / trl_default, ``ratio_best`` = fastest lmforge / fastest TRL
+trial, in pairs/s.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 2] [--threads 1]
+    .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 """
 from __future__ import annotations
 
@@ -39,15 +45,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, llama_matmul_params, matmul_peak_gflops, median, set_threads  # noqa: E402
-from sft_lora import LORA, TARGETS, Window  # noqa: E402
+from _common import (Window, add_common_args, batch_seq_lengths, emit, figures, llama_matmul_params,  # noqa: E402
+                     matmul_peak, ratios, run_trials, set_threads)
+from sft_lora import LORA, TARGETS, add_mfu  # noqa: E402
 
 HH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh_rlhf" / "helpful-base.jsonl"
 BETA = 0.1
 
 
-def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute: bool, batch: int, max_len: int,
-                lr: float, threads: int | None) -> dict:
+def run_lmforge(pairs: str, steps: int, warmup: int, precompute: bool, batch: int, max_len: int, lr: float,
+                threads, profile: bool, precision: str = "auto") -> dict:
     set_threads(threads)
     from lmforge.api import config, train_config
 
@@ -64,7 +71,8 @@ def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute:
     })
     from lmforge.train import engine
 
-    win = Window(warmup, steps)
+    win = Window(warmup, steps, profile, count=batch_seq_lengths)
+    losses = []
 
     def prepare(task):
         n = len(task.train_items)  # the pairs in file order, as TRL's sequential sampler gives them
@@ -72,12 +80,24 @@ def run_lmforge(pairs: str, steps: int, warmup: int, precision: str, precompute:
         engine.epoch_batches = lambda task, cfg, epoch, world: sequential
         task.collate = win.wrap(task.collate)
 
-    train_config(cfg, prepare=prepare, on_step=lambda step, rec: win.step(step))
-    return win.result()
+    def on_step(step, rec):
+        win.step(step)
+        if warmup < step <= warmup + steps:
+            losses.append(float(rec["loss"]))
+
+    train_config(cfg, prepare=prepare, on_step=on_step)
+    return _result(win, losses)
 
 
-def run_trl(pairs: str, steps: int, warmup: int, bf16: bool, precompute: bool, batch: int, max_len: int, lr: float,
-            threads: int | None) -> dict:
+def _result(win, losses: list[float]) -> dict:
+    out = win.result(unit="tokens")
+    out["pairs_per_s"] = out["sequences"] / 2 / out["seconds"]
+    out["train_loss"] = sum(losses) / len(losses) if losses else None
+    return out
+
+
+def run_trl(pairs: str, steps: int, warmup: int, precompute: bool, batch: int, max_len: int, lr: float, threads,
+            profile: bool, bf16: bool = False, bf16_weights: bool = False, attn: str = "sdpa") -> dict:
     set_threads(threads)
     import torch
     from datasets import Dataset
@@ -91,26 +111,32 @@ def run_trl(pairs: str, steps: int, warmup: int, bf16: bool, precompute: bool, b
     hf_logging.set_verbosity_error()
     folder = resolve_model("smollm2")
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16_weights else torch.float32,
+                                                 attn_implementation=attn)
     ds = Dataset.from_list([json.loads(line) for line in open(pairs, encoding="utf-8")])
-    win = Window(warmup, steps)
+    win = Window(warmup, steps, profile, count=batch_seq_lengths)
+    losses = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             win.step(state.global_step)
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and warmup < state.global_step <= warmup + steps:
+                losses.append(float(logs["loss"]))
+
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps + warmup,
                      learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                     max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
-                     use_cpu=True, bf16=bf16, gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
-                     max_length=max_len, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
+                     max_grad_norm=1.0, logging_strategy="steps", logging_steps=1, save_strategy="no", report_to=[],
+                     disable_tqdm=True, use_cpu=True, bf16=bf16 or bf16_weights, gradient_checkpointing=False,
+                     dataloader_num_workers=0, seed=0, max_length=max_len, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
                      train_sampling_strategy="sequential")
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Clock()],
                          peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
     trainer.data_collator = win.wrap(trainer.data_collator)
     trainer.train()
-    return win.result()
+    return _result(win, losses)
 
 
 def write_pairs(path: Path, max_len: int, seed: int = 0) -> int:
@@ -135,34 +161,14 @@ def write_pairs(path: Path, max_len: int, seed: int = 0) -> int:
     return len(rows)
 
 
-def summarise(res: dict, flops: dict, peak: float, precompute: bool) -> dict:
-    n, L, d = flops["n"], flops["layers"], flops["attn_dim"]
-    per_seq = (lambda s: 4.0 * n * s + 12.0 * L * d * s * s) if precompute else \
-        (lambda s: 6.0 * n * s + 16.0 * L * d * s * s)  # + the reference forward
-    fig = {}
-    for k, runs in res.items():
-        mfu = [sum(per_seq(s) for s in r["seq_lengths"]) / r["seconds"] / (peak * 1e9) for r in runs]
-        pps = [r["sequences"] / 2 / r["seconds"] for r in runs]
-        fig[k] = {"pairs_per_s": round(statistics.median(pps), 3),
-                  "tokens_per_s": round(median(runs, "tokens_per_s"), 1),
-                  "peak_rss_mb": round(median(runs, "peak_rss_mb"), 1),
-                  "mfu": round(statistics.median(mfu), 4),
-                  "tokens_per_seq": round(sum(r["tokens"] for r in runs) / sum(r["sequences"] for r in runs), 1)}
-    return fig
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2)
+    add_common_args(ap, steps=10, warmup=2, reps=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--precompute", action="store_true", help="precompute reference log-probs on both sides")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in every trial (default: torch's)")
     ap.add_argument("--peak-gflops", type=float, default=None, help="bf16 matmul peak; measured when not given")
-    ap.add_argument("--only", default=None, help="comma-separated trial names to run (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -171,36 +177,28 @@ def main() -> None:
     pairs = Path(tempfile.mkdtemp()) / "hh.jsonl"
     n_pairs = write_pairs(pairs, args.max_length)
     flops = llama_matmul_params(Path(resolve_model("smollm2")) / "config.json")
-    peak = args.peak_gflops or matmul_peak_gflops(args.threads)
-    print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; {n_pairs} pairs", file=sys.stderr, flush=True)
+    peak = {"gflops": args.peak_gflops} if args.peak_gflops else matmul_peak(args.threads)
     common = {"pairs": str(pairs), "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-              "max_len": args.max_length, "lr": args.lr, "threads": args.threads, "precompute": args.precompute}
-    trials = {
-        "trl_fp32": (run_trl, common | {"bf16": False}),
-        "lmforge_fp32": (run_lmforge, common | {"precision": "fp32"}),
+              "max_len": args.max_length, "lr": args.lr, "precompute": args.precompute}
+    res = run_trials({
+        "trl_default": (run_trl, common),
+        "lmforge_default": (run_lmforge, common),
         "trl_bf16": (run_trl, common | {"bf16": True}),
-        "lmforge_best": (run_lmforge, common | {"precision": "auto"}),
-    }
-    if args.only:
-        trials = {k: v for k, v in trials.items() if k in args.only.split(",")}
-    fig = summarise(alternate(trials, reps=args.reps), flops, peak, args.precompute)
-    rec = {"bench": "dpo_lora", "model": "SmolLM2-135M-Instruct", "data": "hh_rlhf helpful-base", "pairs": n_pairs,
-           "batch": args.batch, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
-           "reps": args.reps, "threads": args.threads,
-           "reference": "precomputed before training (both)" if args.precompute else "computed every step (both)",
-           "peak_bf16_gflops": round(peak, 1), "figures": fig}
-    pps = {k: v["pairs_per_s"] for k, v in fig.items()}
-    rss = {k: v["peak_rss_mb"] for k, v in fig.items()}
-    if "trl_fp32" in fig and "lmforge_fp32" in fig:
-        rec["ratio_fp32"] = round(pps["lmforge_fp32"] / pps["trl_fp32"], 3)
-        rec["rss_ratio_fp32"] = round(rss["lmforge_fp32"] / rss["trl_fp32"], 3)
-    peers = [k for k in fig if k.startswith("trl_")]
-    if peers and "lmforge_best" in fig:
-        best = max(peers, key=lambda k: pps[k])
-        rec["trl_best"] = best
-        rec["ratio_best"] = round(pps["lmforge_best"] / pps[best], 3)
-        rec["rss_ratio_best"] = round(rss["lmforge_best"] / rss[best], 3)
-    emit(rec)
+        "trl_bf16w_eager": (run_trl, common | {"bf16_weights": True, "attn": "eager"}),
+    }, args)
+    fig = figures(res, "pairs_per_s", ("train_loss",))
+    n, L, d = flops["n"], flops["layers"], flops["attn_dim"]
+    policy = (lambda s: 4.0 * n * s + 12.0 * L * d * s * s) if args.precompute else \
+        (lambda s: 6.0 * n * s + 16.0 * L * d * s * s)  # + the reference forward
+    add_mfu(fig, res, flops, peak["gflops"], per_seq=lambda lens: sum(policy(s) for s in lens))
+    for k, runs in res.items():
+        fig[k]["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in runs), 1)
+    emit({"bench": "dpo_lora", "model": "SmolLM2-135M-Instruct", "data": "hh_rlhf helpful-base", "pairs": n_pairs,
+          "batch": args.batch, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
+          "reps": args.reps, "threads": args.threads,
+          "reference": "precomputed before training (both)" if args.precompute else "computed every step (both)",
+          "peak_bf16": peak, "quality": "mean DPO loss over the timed steps (same pairs, same order)",
+          "figures": fig, **ratios(fig, "pairs_per_s", "lmforge", "trl", "lmforge_default", "trl_default")})
 
 
 if __name__ == "__main__":
