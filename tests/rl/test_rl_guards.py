@@ -97,3 +97,23 @@ def test_reward_collapse_stops_the_run_keeping_the_last_good_checkpoint(tmp_path
     events = [r for r in map(json.loads, (cfg.run_dir / "metrics.jsonl").read_text().splitlines())
               if r["split"] == "event"]
     assert events == [events[0]] and events[0]["reason"] == "reward collapse" and events[0]["step"] == 3
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tmp_path, model_dir):
+    run = train_config(rl_config(tmp_path, model_dir, rl={"mode": "full"}, train={"max_steps": 3, "lr": 1e-2}))
+    task = run.task
+    ref = task._ref
+    assert ref is not None and ref is not task.policy and not any(p.requires_grad for p in ref.parameters())
+    from lmforge.causal_lm import load_pretrained
+
+    base = load_pretrained(model_dir)
+    changed = False
+    for (n, p), (_, q) in zip(ref.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n  # the reference never moved
+    for (n, p), (_, q) in zip(task.policy.named_parameters(), base.named_parameters()):
+        changed |= not torch.equal(p.detach(), q)
+    assert changed and (run.run_dir / "model" / "config.json").is_file()
+    task.model.eval()
+    with torch.no_grad():
+        items = task.rollout(5)["items"]
+    assert any((it["old_logps"] - it["ref_logps"]).abs().max() > 1e-4 for it in items)
