@@ -371,7 +371,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
     results come back in the input order. Run inside ``Placement.autocast()`` for mixed precision.
 
     Args:
-        model: a causal LM in eval mode.
+        model: a causal LM or an encoder-decoder (seq2seq) model, in eval mode.
         tokenizer: its tokenizer (a pad token is not required).
         prompts: texts, or chat message lists (``[{"role", "content"}, ...]``).
         cfg: decoding settings.
