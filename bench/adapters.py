@@ -3,13 +3,20 @@
 Same packaged MiniLM, same SST-2 sentences, same batch, max length, steps, learning rate and
 targets; length grouping on neither side (random order on both). Each trial runs in a fresh
 process; trials alternate. Per kind it prints one JSON line: samples/s and peak RSS of
-lmforge at its default (``precision: auto``: bf16 autocast on this CPU) and of the peer at its
-default (fp32) and at its best realistic setting (``bf16=True``), ``ratio_default`` and
-``ratio_best``, and a quality figure for both (accuracy on 256 SST-2 dev sentences after the
-timed steps). Bottleneck adapters have no peft peer (lmforge only). A last line gives DoRA's
-step time against LoRA's in lmforge (same runs).
 
-    .venv/bin/python bench/adapters.py [--kinds lora,dora,ia3,prompt,bottleneck] [--steps 20] [--reps 3]
+- ``lmforge_default``: lmforge's defaults (``precision: auto`` = bf16 autocast with bf16 frozen
+  weights here, unpadded encoder batches; length grouping off for this bench);
+- ``peer_default``: peft + Trainer defaults (fp32, SDPA);
+- ``peer_bf16`` / ``peer_bf16w_eager``: the peer at its best here: bf16 autocast (SDPA), or the
+  frozen base loaded in bf16 (adapter weights fp32) with eager attention;
+
+``ratio_default`` (lmforge_default / peer_default) and ``ratio_best`` (fastest lmforge / fastest
+peer trial), and a quality figure for every trial (accuracy on 256 SST-2 dev sentences after the
+timed steps). Bottleneck adapters have no peft peer (lmforge only). A last line gives DoRA's
+step time against LoRA's in lmforge (same runs). ``--padded`` adds ``lmforge_padded`` (plain
+padded batches: the unpadding lever's share).
+
+    .venv/bin/python bench/adapters.py [--kinds lora,dora,ia3,prompt,bottleneck] [--steps 20] [--reps 3] [--threads 1] [--profile]
     .venv/bin/python bench/adapters.py --interleaved --steps 12     # one process, models stepping in turn
 """
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median, set_threads  # noqa: E402
+from _common import Window, add_common_args, emit, figures, ratios, run_trials, set_threads  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
 IA3_TARGETS = r".*\.(key|value)|.*layer\.\d+\.output\.dense"
@@ -46,7 +53,7 @@ def _rows(path: Path, n: int, seed: int = 0) -> list[dict]:
 
 
 def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch: int, max_len: int,
-                precision: str = "auto", threads: int | None = None) -> dict:
+                threads: int | None = None, profile: bool = False, attn: str = "auto") -> dict:
     set_threads(threads)
     from lmforge.api import config, train_config
 
@@ -54,26 +61,25 @@ def run_lmforge(kind: str, train: str, dev: str, steps: int, warmup: int, batch:
     out = tempfile.mkdtemp()
     cfg = config({
         "task": "classify", "name": "bench", "output_dir": out, "seed": 0,
-        "model": {"name": "minilm", "precision": precision},
+        "model": {"name": "minilm", "precision": "auto", "attn_implementation": attn},
         "data": {"train": train, "eval": dev, "columns": {"text": "sentence"}, "labels": ["0", "1"],
                  "max_length": max_len},
         "classify": {"mode": "adapter"}, "adapter": section,
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0, "group_by_length": False},
     })
-    marks = {}
+    win = Window(warmup, steps, profile)
 
-    def on_step(step, rec):
-        if step == warmup:
-            marks["t0"] = time.perf_counter()
-        marks["t1"] = time.perf_counter()
+    def prepare(task):
+        task.collate = win.wrap(task.collate)
 
-    task = train_config(cfg, eval_during_training=False, on_step=on_step).task  # dev stays out of training
+    task = train_config(cfg, eval_during_training=False, prepare=prepare,
+                        on_step=lambda step, rec: win.step(step)).task  # dev stays out of training
     dev_items = task.eval_items
     probs = task.predict_items(dev_items)
     acc = float((probs.argmax(-1) == __import__("torch").tensor([it["label"] for it in dev_items])).float().mean())
-    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"]),
-            "step_ms": 1000 * (marks["t1"] - marks["t0"]) / steps, "accuracy": acc}
+    out = win.result(steps * batch)
+    return out | {"step_ms": 1000 * out["seconds"] / steps, "accuracy": acc}
 
 
 def _peft_config(kind: str):
@@ -90,7 +96,8 @@ def _peft_config(kind: str):
 
 
 def run_peer(kind: str, train: str, dev: str, steps: int, warmup: int, batch: int, max_len: int,
-             bf16: bool, threads: int | None = None) -> dict:
+             bf16: bool = False, threads: int | None = None, profile: bool = False, bf16_weights: bool = False,
+             attn: str = "sdpa") -> dict:
     import torch
 
     set_threads(threads)
@@ -113,28 +120,33 @@ def run_peer(kind: str, train: str, dev: str, steps: int, warmup: int, batch: in
 
     ds, dev_ds = encode(train), encode(dev)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, dtype=torch.bfloat16 if bf16_weights else torch.float32, attn_implementation=attn)
     model = get_peft_model(model, _peft_config(kind))
-    marks = {}
+    if bf16_weights:  # trainable parameters (adapter, head) stay fp32 master weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    win = Window(warmup, steps, profile)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == warmup:
-                marks["t0"] = time.perf_counter()
-            marks["t1"] = time.perf_counter()
+            win.step(state.global_step)
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
                              per_device_eval_batch_size=64, max_steps=steps + warmup, learning_rate=KINDS[kind][1],
                              weight_decay=0.0, warmup_steps=0, lr_scheduler_type="linear", max_grad_norm=1.0,
                              logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True,
-                             bf16=bf16, dataloader_num_workers=0, seed=0)
+                             bf16=bf16 or bf16_weights, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok),
                       callbacks=[Clock()])
+    trainer.data_collator = win.wrap(trainer.data_collator)
     trainer.train()
     pred = trainer.predict(dev_ds)
-    acc = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
-    return {"samples_per_s": steps * batch / (marks["t1"] - marks["t0"]),
-            "step_ms": 1000 * (marks["t1"] - marks["t0"]) / steps, "accuracy": acc}
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    acc = float((logits.argmax(-1) == pred.label_ids).mean())
+    out = win.result(steps * batch)
+    return out | {"step_ms": 1000 * out["seconds"] / steps, "accuracy": acc}
 
 
 def _interleaved(kinds: list[str], data: str, steps: int, batch: int, max_len: int, threads: int | None) -> dict:
@@ -201,15 +213,13 @@ def _interleaved(kinds: list[str], data: str, steps: int, batch: int, max_len: i
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    add_common_args(ap, steps=20, warmup=3, reps=3)
     ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--dev", type=int, default=256, help="dev sentences for the quality figure")
     ap.add_argument("--data", default=str(SST2), help="folder with SST-2 train.jsonl and dev.jsonl")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads in every trial (both sides)")
+    ap.add_argument("--padded", action="store_true", help="also lmforge on plain padded batches")
     ap.add_argument("--interleaved", action="store_true",
                     help="also one process stepping every model in turn (same load for all; no engine)")
     args = ap.parse_args()
@@ -236,29 +246,24 @@ def main() -> None:
             for r in _rows(Path(args.data) / f"{split}.jsonl", n):
                 fh.write(json.dumps(r) + "\n")
     common = {"train": str(tmp / "train.jsonl"), "dev": str(tmp / "dev.jsonl"), "steps": args.steps,
-              "warmup": args.warmup, "batch": args.batch, "max_len": args.max_length, "threads": args.threads}
+              "warmup": args.warmup, "batch": args.batch, "max_len": args.max_length}
     step_ms = {}
     for kind in args.kinds.split(","):
-        trials = {"lmforge": (run_lmforge, common | {"kind": kind})}
+        trials = {"lmforge_default": (run_lmforge, common | {"kind": kind})}
         if kind != "bottleneck":
-            trials |= {"peer_fp32": (run_peer, common | {"kind": kind, "bf16": False}),
-                       "peer_bf16": (run_peer, common | {"kind": kind, "bf16": True})}
-        res = alternate(trials, reps=args.reps)
-        fig = {k: {m: round(median(v, m), 4 if m == "accuracy" else 2) for m in
-                   ("samples_per_s", "peak_rss_mb", "accuracy", "step_ms")} for k, v in res.items()}
-        step_ms[kind] = fig["lmforge"]["step_ms"]
-        rec = {"bench": "adapters", "kind": kind, "model": "all-MiniLM-L6-v2", "data": "sst2", "batch": args.batch,
-               "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "group_by_length": False,
-               "threads": args.threads,
-               "figures": fig}
-        if "peer_fp32" in fig:
-            best = max(("peer_fp32", "peer_bf16"), key=lambda k: fig[k]["samples_per_s"])
-            rec |= {"ratio_default": round(fig["lmforge"]["samples_per_s"] / fig["peer_fp32"]["samples_per_s"], 3),
-                    "ratio_best": round(fig["lmforge"]["samples_per_s"] / fig[best]["samples_per_s"], 3),
-                    "peer_best": best,
-                    "rss_ratio_best": round(fig["lmforge"]["peak_rss_mb"] / fig[best]["peak_rss_mb"], 3)}
-        emit(rec)
-    if "lora" in step_ms and "dora" in step_ms:
+            trials |= {"peer_default": (run_peer, common | {"kind": kind}),
+                       "peer_bf16": (run_peer, common | {"kind": kind, "bf16": True}),
+                       "peer_bf16w_eager": (run_peer, common | {"kind": kind, "bf16_weights": True, "attn": "eager"})}
+        if args.padded:
+            trials["lmforge_padded"] = (run_lmforge, common | {"kind": kind, "attn": "eager"})
+        res = run_trials(trials, args)
+        fig = figures(res, "samples_per_s", ("accuracy", "step_ms"))
+        step_ms[kind] = fig.get("lmforge_default", {}).get("step_ms")
+        emit({"bench": "adapters", "kind": kind, "model": "all-MiniLM-L6-v2", "data": "sst2", "batch": args.batch,
+              "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "group_by_length": False,
+              "threads": args.threads, "quality": f"accuracy on {args.dev} SST-2 dev sentences", "figures": fig,
+              **ratios(fig, "samples_per_s", "lmforge", "peer", "lmforge_default", "peer_default")})
+    if step_ms.get("lora") and step_ms.get("dora"):
         emit({"bench": "adapters", "dora_vs_lora_step_time": round(step_ms["dora"] / step_ms["lora"], 3),
               "lora_step_ms": step_ms["lora"], "dora_step_ms": step_ms["dora"]})
 

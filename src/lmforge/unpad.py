@@ -20,6 +20,7 @@ call takes the plain path unchanged. Works on any device (index ops only).
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -196,8 +197,23 @@ def enable_unpadding(model: nn.Module) -> bool:
     _register()
     impl = base.config._attn_implementation
     base.config._attn_implementation = impl if impl.startswith(_PREFIX) else _PREFIX + impl
-    base.forward = types.MethodType(_unpadded_forward, base)
+    base.forward = types.MethodType(_wrapper_for(type(base)), base)
     return True
+
+
+_WRAPPERS: dict[type, object] = {}
+
+
+def _wrapper_for(cls: type):
+    """:func:`_unpadded_forward` carrying ``cls.forward``'s signature (``inspect.signature`` of the
+    bound method reads the original parameters: hooks that bind arguments keep working)."""
+    if cls not in _WRAPPERS:
+        @functools.wraps(cls.forward)
+        def forward(self, *args, **kwargs):
+            return _unpadded_forward(self, *args, **kwargs)
+        forward._lmforge_unpadded = True
+        _WRAPPERS[cls] = forward
+    return _WRAPPERS[cls]
 
 
 def disable_unpadding(model: nn.Module) -> None:
@@ -213,4 +229,4 @@ def disable_unpadding(model: nn.Module) -> None:
 
 def is_unpadded(model: nn.Module) -> bool:
     fwd = getattr(getattr(model, "base_model", model), "__dict__", {}).get("forward")
-    return getattr(fwd, "__func__", None) is _unpadded_forward
+    return getattr(getattr(fwd, "__func__", None), "_lmforge_unpadded", False)

@@ -138,3 +138,24 @@ def test_deepcopy_keeps_unpadding_on_the_copy():
     ids, mask, tt = _batch()
     torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask).logits,
                                model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_prompt_tuning_on_an_unpadded_model_matches_plain():
+    """Adapters whose hooks bind the backbone's arguments (prompt tuning) see its real signature
+    and take the plain path (they pass inputs_embeds)."""
+    import inspect
+
+    from lmforge.adapters import apply_adapter
+    from lmforge.adapters.prompt import PromptSpec
+
+    outs = []
+    for unpad in (False, True):
+        model = _bert("eager")
+        if unpad:
+            enable_unpadding(model)
+            assert "input_ids" in inspect.signature(model.bert.forward).parameters
+        torch.manual_seed(3)
+        apply_adapter(model, PromptSpec(num_virtual_tokens=3, init="random"))
+        ids, mask, tt = _batch()
+        outs.append(model(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
