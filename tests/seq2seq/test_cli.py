@@ -58,6 +58,11 @@ def test_generate_merge_eval(trained, tiny_t5_dir, capsys):
     trained_metrics = json.loads((run / "eval.json").read_text())
     assert ev["n"] == 6 and ev["prompt_template"] == "story: {dialogue}" and ev["decoding"]["max_new_tokens"] == 5
     assert abs(ev["rougeL"] - trained_metrics["rougeL"]) < 1e-9 and ev["rougeL"] > 0  # not a trivial 0 == 0
+    # plain eval of the run (its task: loss, perplexity and ROUGE of rouge_samples generations)
+    assert main(["eval", str(run), "--data", str(dev), "--out", str(tmp / "plain.json")]) == 0
+    plain = json.loads((tmp / "plain.json").read_text())
+    assert plain["rougeL"] == pytest.approx(ev["rougeL"], abs=1e-9) and plain["loss"] == pytest.approx(
+        trained_metrics["loss"], abs=1e-5)
     # decoding options change what is generated
     assert main(["eval", str(run), "--task", "generation", "--data", str(dev), "--out", str(tmp / "ev2.json"),
                  "--max-new-tokens", "2", "--temperature", "1.5", "--top-k", "5", "--seed", "3"]) == 0
