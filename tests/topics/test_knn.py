@@ -65,3 +65,17 @@ def test_umap_on_the_exact_graph_keeps_neighbourhoods():
     from sklearn.manifold import trustworthiness
 
     assert trustworthiness(x, a, n_neighbors=5) > 0.9
+
+
+def test_umap_kernel_cache_serial_only():
+    """numba's disk cache goes on for serial kernels only (a serial and a parallel kernel of one
+    function would share a cache entry), once per process."""
+    from numba.core.caching import NullCache
+
+    import umap.layouts as L
+    from lmforge.topics.cluster import cache_umap_kernels
+
+    cache_umap_kernels()
+    assert cache_umap_kernels() == 0  # once per process
+    assert not isinstance(L._nb_optimize_layout_euclidean_single_epoch._cache, NullCache)
+    assert isinstance(L._nb_optimize_layout_euclidean_single_epoch_parallel._cache, NullCache)

@@ -9,6 +9,11 @@ UMAP's neighbour graph is computed here, exactly, with one matrix product per bl
 (:func:`knn`), and handed to umap-learn as ``precomputed_knn``. umap-learn itself computes it with
 scikit-learn's ``pairwise_distances`` and a Python callable below 4,096 points (one Python call per
 pair: 7.3 million calls for 3,823 documents, ~25 s of CPU) and with approximate NN-descent above.
+
+umap-learn's numba kernels are compiled in every new process (~7 s of CPU before the first
+epoch); :func:`cache_umap_kernels` turns on numba's own on-disk cache for them, so only the first
+run on a machine compiles (numba keys the cache by the kernel's source file and signature and
+recompiles after an upgrade).
 """
 from __future__ import annotations
 
@@ -70,6 +75,45 @@ def knn(x: np.ndarray, k: int, metric: str = "cosine", *, block_bytes: int = 1 <
     return idx, dist
 
 
+UMAP_KERNEL_MODULES = ("umap.umap_", "umap.layouts", "umap.utils", "umap.spectral", "umap.distances", "umap.sparse")
+_kernels_cached = False
+
+
+def cache_umap_kernels() -> int:
+    """Turn on numba's on-disk cache for umap-learn's module-level kernels (once per process).
+
+    Returns how many kernels were switched on now. The cache lives where numba puts it
+    (``__pycache__`` next to the source when writable, else numba's user cache folder, or
+    ``NUMBA_CACHE_DIR``). A kernel numba cannot cache is compiled as before.
+    """
+    global _kernels_cached
+    if _kernels_cached:
+        return 0
+    import importlib
+
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    by_func: dict = {}
+    for name in UMAP_KERNEL_MODULES:
+        for obj in vars(importlib.import_module(name)).values():
+            if isinstance(obj, Dispatcher) and isinstance(obj._cache, NullCache):  # noqa: SLF001
+                by_func.setdefault(obj.py_func, {})[id(obj)] = obj
+    n = 0
+    for group in by_func.values():
+        # numba names a cache entry by the Python function and signature, not by the compile
+        # options: a serial and a parallel kernel of one function would read each other's code.
+        # A function compiled twice caches only its single serial kernel; the others compile as before.
+        kernels = list(group.values())
+        if len(kernels) > 1:
+            kernels = [d for d in kernels if not d.targetoptions.get("parallel")]
+        if len(kernels) == 1:
+            kernels[0].enable_caching()
+            n += 1
+    _kernels_cached = True
+    return n
+
+
 def _topk_low_ids_first(s, k: int):
     """Row-wise top ``k`` of a ``(r, N)`` score tensor, best first, equal scores by lower column
     (``torch.topk`` leaves the choice among ties unspecified, at the k-th place too)."""
@@ -114,6 +158,7 @@ def reduce(embeddings: np.ndarray, method: str = "umap", *, n_components: int = 
 
         from umap import UMAP
 
+        cache_umap_kernels()
         kw = {"random_state": seed, "n_jobs": 1} if deterministic else {"n_jobs": -1}
         if metric in KNN_METRICS and n <= EXACT_KNN_MAX:
             kw |= {"precomputed_knn": knn(x, n_neighbors, metric) + (None,), "force_approximation_algorithm": True}
