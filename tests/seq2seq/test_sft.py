@@ -135,3 +135,8 @@ def test_truncation_is_counted_and_keeps_the_closing_eos(tmp_path, tiny_t5_dir):
     assert len(long["input_ids"]) == 32 and long["input_ids"][-1] == task.tokenizer.eos_token_id
     assert len(long["labels"]) == 8 and long["labels"][-1] == task.tokenizer.eos_token_id
     assert task.reports[0].truncated == 1
+    ev = SftTask(make_cfg(tmp_path, tiny_t5_dir, rows, data={"eval_fraction": 0.0, "eval": str(
+        write_jsonl(tmp_path / "ev.jsonl", [rows[2], rows[0]]))}, sft={"max_target_length": 8}))
+    cut, whole = ev.eval_items
+    assert cut["prompt"] == "story : " + " ".join(["good"] * 29) and whole["prompt"] == "story: " + rows[0]["dialogue"]
+    assert ev.tokenizer(cut["prompt"])["input_ids"] == cut["input_ids"]  # generation reads what training read

@@ -42,7 +42,8 @@ class SftConfig(CausalSection):
     format: Literal["auto", "messages", "prompt_completion", "text"] = Field(
         "auto", description="record format; auto: prompt(+template) > messages > text, by the columns present")
     train_on: Literal["completion", "all"] = Field(
-        "completion", description="loss on assistant/completion tokens only, or on every token")
+        "completion", description="loss on assistant/completion tokens only, or on every token (seq2seq "
+                                  "models: always the completion)")
     packing: bool = Field(False, description="pack several samples per row (per-sample position ids)")
     rouge_samples: int = Field(0, ge=0, description="eval: ROUGE of greedy generations on the first N eval samples")
     max_new_tokens: int = Field(64, gt=0, description="eval generation length")
@@ -183,13 +184,14 @@ class SftTask(CausalTask):
             tgt = list(tok(text_target=completion)["input_ids"])
             if not tgt or tgt[-1] != self.fmt.eos_id:
                 tgt.append(self.fmt.eos_id)
-            if len(src) > src_len or len(tgt) > tgt_len:
+            cut = len(src) > src_len
+            if cut or len(tgt) > tgt_len:
                 rep.truncated += 1
-                src = src[:src_len - 1] + src[-1:] if len(src) > src_len else src  # keep the closing special
+                src = src[:src_len - 1] + src[-1:] if cut else src  # keep the closing special
                 tgt = tgt[:tgt_len - 1] + [self.fmt.eos_id] if len(tgt) > tgt_len else tgt
             item = {"input_ids": src, "labels": tgt}
-            if keep_prompt:
-                item["prompt"] = prompt
+            if keep_prompt:  # generation reads what the encoder was trained on (the cut prompt when cut)
+                item["prompt"] = tok.decode(src, skip_special_tokens=True) if cut else prompt
                 item["reference"] = rec.get(col_r, completion) if col_r != col_c else completion
             items.append(item)
         self.report(rep)
