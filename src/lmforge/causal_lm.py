@@ -14,6 +14,7 @@ pieces they share (:func:`seq2seq_hidden`, :func:`seq2seq_head`, :func:`shift_ri
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,29 @@ def seq2seq_response_hidden(model: nn.Module, input_ids: torch.Tensor, attention
     h = seq2seq_hidden(model, input_ids, attention_mask, dec_in)  # (B, L, H)
     scale = seq2seq_head(model)[2]
     return h * scale if scale != 1.0 else h
+
+
+#: seq2seq adapter targets when adapter.target_modules is unset: T5 (q k v o, wi/wi_0/wi_1 wo) and BART
+#: (q_proj k_proj v_proj out_proj, fc1 fc2) attention and feed-forward projections
+SEQ2SEQ_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo",
+                   "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def collate_seq2seq(items: Sequence[dict], pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded encoder inputs and teacher-forcing decoder inputs.
+
+    Returns ``input_ids``/``attention_mask`` (B, S); with labels, ``targets`` (B, T; -100 on padding)
+    and ``decoder_input_ids`` (B, T) = ``[start, y_0 .. y_{T-2}]`` (padding fed as ``pad_id``).
+    """
+    from .data.batching import pad_sequences
+
+    batch = {"input_ids": pad_sequences([it["input_ids"] for it in items], pad_id),  # (B, S)
+             "attention_mask": pad_sequences([[1] * len(it["input_ids"]) for it in items], 0)}
+    if "labels" in items[0]:
+        targets = pad_sequences([it["labels"] for it in items], -100)  # (B, T)
+        batch["targets"] = targets
+        batch["decoder_input_ids"] = shift_right(targets, start_id, pad_id)  # (B, T)
+    return batch
 
 
 @dataclass

@@ -215,7 +215,7 @@ class SftTask(CausalTask):
     # ---- engine protocol ------------------------------------------------------------------------
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         if self.seq2seq:
-            from ..causal_lm import decoder_start_id
+            from ..causal_lm import collate_seq2seq, decoder_start_id
 
             return collate_seq2seq(items, self.tokenizer.pad_token_id, decoder_start_id(self.model))
         return collate_causal(items, self.tokenizer.pad_token_id)
@@ -271,6 +271,8 @@ class SftTask(CausalTask):
         if adapter_dir is not None:
             load_run_adapter(model, self.cfg, adapter_dir)
         else:
+            from ..causal_lm import SEQ2SEQ_TARGETS
+
             add_adapter(model, self.cfg, SEQ2SEQ_TARGETS, [], self.tokenizer)
         if self.placement.autocast_enabled and mc.frozen_in_compute_dtype:
             store_frozen(model, self.placement.dtype)
@@ -401,28 +403,3 @@ class SftTask(CausalTask):
                 self._base_metrics = base
             out |= self._base_metrics
         return out
-
-
-
-#: seq2seq adapter targets when adapter.target_modules is unset: T5 (q k v o, wi/wi_0/wi_1 wo) and BART
-#: (q_proj k_proj v_proj out_proj, fc1 fc2) attention and feed-forward projections
-SEQ2SEQ_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo",
-                   "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def collate_seq2seq(items: Sequence[dict], pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded encoder inputs and teacher-forcing decoder inputs.
-
-    Returns ``input_ids``/``attention_mask`` (B, S); with labels, ``targets`` (B, T; -100 on padding)
-    and ``decoder_input_ids`` (B, T) = ``[start, y_0 .. y_{T-2}]`` (padding fed as ``pad_id``).
-    """
-    from ..causal_lm import shift_right
-    from ..data.batching import pad_sequences
-
-    batch = {"input_ids": pad_sequences([it["input_ids"] for it in items], pad_id),  # (B, S)
-             "attention_mask": pad_sequences([[1] * len(it["input_ids"]) for it in items], 0)}
-    if "labels" in items[0]:
-        targets = pad_sequences([it["labels"] for it in items], IGNORE)  # (B, T)
-        batch["targets"] = targets
-        batch["decoder_input_ids"] = shift_right(targets, start_id, pad_id)  # (B, T)
-    return batch
