@@ -88,19 +88,52 @@ def representative_docs(embeddings: np.ndarray, assignments: np.ndarray, topic_e
 
 
 def label_prompt(keywords: Sequence[str], documents: Sequence[str], max_words: int = 60) -> str:
-    """The instruction asking a chat model for a short topic label."""
+    """The instruction asking a chat model for a short topic label (one worked example first:
+    small models copy the form of the answer)."""
     docs = "\n".join(f"- {' '.join(d.split()[:max_words])}" for d in documents)
-    return ("I have a topic described by these keywords: " + ", ".join(keywords) + ".\n"
+    return ("Name the topic of a group of documents in at most five words. Answer with the name only.\n"
+            "Example: keywords: goal, match, league, coach, season -> Football league results\n\n"
+            "Keywords: " + ", ".join(keywords) + "\n"
             "Some documents of the topic:\n" + docs + "\n"
-            "Give a short label (at most five words) for this topic. Answer with the label only.")
+            "Name of the topic:")
 
 
-def clean_label(text: str, fallback: str) -> str:
-    """The first non-empty line of a generation, without quotes or a 'Label:' prefix, else ``fallback``."""
+_LABEL_PREFIXES = ("label:", "topic label:", "name of the topic:", "topic name:", "topic:", "name:", "answer:",
+                   "the topic is about", "the topic is:", "the topic is", "the topic:", "this topic is about",
+                   "this topic is", "the label is", "keywords:")
+_FILLER = {"the", "topic", "is", "this", "about", "a", "an", "of", "label", "name", "it", "and", "to"}
+
+
+def clean_label(text: str, fallback: str, max_words: int = 6) -> str:
+    """A short label from a generation, else ``fallback``.
+
+    Takes the first non-empty line; drops quotes and lead-ins ("Label:", "The topic is", "This
+    topic is about" ..., repeatedly); cuts at the first repeated word pair (small models loop:
+    "the topic is the topic is"); keeps ``max_words`` words. A label left with filler words only
+    (the, topic, is ...) is replaced by ``fallback``.
+    """
     for line in text.splitlines():
         line = line.strip().strip('"\'*').strip()
-        if line.lower().startswith(("label:", "topic:")):
-            line = line.split(":", 1)[1].strip().strip('"\'*').strip()
+        changed = True
+        while changed and line:
+            changed = False
+            for pre in _LABEL_PREFIXES:
+                if line.lower().startswith(pre):
+                    line = line[len(pre):].strip().strip('"\'*:,-').strip()
+                    changed = True
+                    break
+        words = line.split()
+        seen, cut = set(), len(words)
+        for i in range(len(words) - 1):
+            pair = (words[i].lower().strip(".,;:!?"), words[i + 1].lower().strip(".,;:!?"))
+            if pair in seen:
+                cut = i
+                break
+            seen.add(pair)
+        words = words[:min(cut, max_words)]
+        label = " ".join(words).strip(" .,;:-'\"")
+        if label and any(w.lower().strip(".,;:!?") not in _FILLER for w in label.split()):
+            return label
         if line:
-            return " ".join(line.split()[:8])
+            return fallback
     return fallback
