@@ -1,0 +1,175 @@
+"""Greedy generation: lmforge's decoding loop vs transformers' ``generate``, side by side.
+
+Same packaged SmolLM2-135M-Instruct, the same chat prompts (the model's chat template, left-padded
+batches), greedy, KV cache on, ``--new-tokens`` new tokens per prompt with EOS ignored on both
+sides (so both generate exactly that many), at batch 1 and batch 8. Each trial runs in a fresh
+process (model load and one warm-up generation are not timed); trials alternate; medians over
+``--reps``.
+
+Trials (generated tokens/s at batch 1 and batch 8; quality = agreement of each trial's tokens with
+transformers' fp32 greedy tokens: the mean share of each row's tokens up to the first difference):
+- ``hf_default``: ``model.generate`` with transformers' defaults (fp32 weights, SDPA);
+- ``hf_bf16w_sdpa`` / ``hf_bf16w_eager``: its best settings here (weights loaded in bf16, SDPA or
+  eager attention);
+- ``lmforge_default``: ``lmforge.api``'s path (``precision: auto``: fp32 weights under bf16
+  autocast here);
+- ``lmforge_bf16w``: lmforge's loop with the weights cast to bf16 (no autocast).
+``ratio_default`` / ``ratio_best`` are given for batch 8 (and ``*_b1`` for batch 1).
+
+    .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, emit, figures, ratios, run_trials, set_threads, timed_call  # noqa: E402
+
+PROMPTS = [
+    "Write a short story about a dragon who learns to cook.",
+    "Explain how a bicycle stays upright.",
+    "What are three tips for learning a new language?",
+    "Describe the water cycle to a ten-year-old.",
+    "Give me a recipe for a simple tomato soup.",
+    "Why is the sky blue?",
+    "Summarise the plot of a detective novel you invent.",
+    "List some good habits for remote work.",
+]
+
+
+def _batches(tok, batch: int):
+    """Left-padded (input_ids, attention_mask) batches of the chat-templated prompts."""
+    import torch
+
+    from lmforge.generation import encode_prompts
+
+    ids = encode_prompts(tok, PROMPTS, chat=True)
+    out = []
+    for s in range(0, len(ids), batch):
+        rows = ids[s:s + batch]
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for i, r in enumerate(rows):
+            x[i, width - len(r):], m[i, width - len(r):] = torch.tensor(r), 1
+        out.append((x, m))
+    return out
+
+
+def _run(gen, tok, new_tokens: int, profile: bool, tokens_out: str) -> dict:
+    """Time ``gen(ids, mask) -> list of token lists`` at batch 1 (every prompt) and batch 8."""
+    res, tokens = {}, {}
+    gen(*_batches(tok, 8)[0][:2])  # warm-up (kernel selection)
+    for b in (1, 8):
+        batches = _batches(tok, b)
+        outs, t = timed_call(lambda: [row for x, m in batches for row in gen(x, m)], profile,
+                             steps=new_tokens * len(batches), unit="tokens", items=new_tokens * len(PROMPTS))
+        res[f"tokens_per_s_b{b}"], res[f"seconds_b{b}"] = t["tokens_per_s"], t["seconds"]
+        if "profile" in t:
+            res[f"profile_b{b}"] = t["profile"]
+        tokens[b] = outs
+    Path(tokens_out).write_text(json.dumps(tokens), encoding="utf-8")
+    return res
+
+
+def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool = False, attn: str = "sdpa") -> dict:
+    set_threads(threads)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from lmforge.models import resolve_model
+
+    hf_logging.set_verbosity_error()
+    folder = resolve_model("smollm2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=attn).eval()
+
+    def gen(x, m):
+        with torch.inference_mode():
+            out = model.generate(input_ids=x, attention_mask=m, do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+        return out[:, x.shape[1]:].tolist()
+
+    return _run(gen, tok, new_tokens, profile, tokens_out)
+
+
+def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_weights: bool = False) -> dict:
+    set_threads(threads)
+    import contextlib
+
+    import torch
+
+    from lmforge.causal_lm import load_causal_lm, resolve_source
+    from lmforge.device import Placement
+    from lmforge.generation import GenerationConfig, decode
+
+    place = Placement.resolve("cpu", "auto")
+    model, tok, _ = load_causal_lm(resolve_source("smollm2", None), device=place.device)
+    if bf16_weights:
+        model.to(torch.bfloat16)
+    cast = contextlib.nullcontext() if bf16_weights else place.autocast()
+    cfg = GenerationConfig(max_new_tokens=new_tokens, use_cache=True)
+
+    def gen(x, m):
+        with torch.inference_mode(), cast:
+            return decode(model, x, m, cfg, eos_ids=(), pad_id=tok.pad_token_id)
+
+    return _run(gen, tok, new_tokens, profile, tokens_out)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean over rows of the share of tokens before the first difference."""
+    def share(x, y):
+        n = 0
+        for p, q in zip(x, y):
+            if p != q:
+                break
+            n += 1
+        return n / max(len(y), 1)
+    return sum(share(x, y) for x, y in zip(a, b)) / max(len(b), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(ap, reps=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    trials = {
+        "hf_default": (run_hf, {}),
+        "lmforge_default": (run_lmforge, {}),
+        "hf_bf16w_sdpa": (run_hf, {"bf16": True}),
+        "lmforge_bf16w": (run_lmforge, {"bf16_weights": True}),
+        "hf_bf16w_eager": (run_hf, {"bf16": True, "attn": "eager"}),
+    }
+    trials = {k: (fn, kw | {"new_tokens": args.new_tokens, "tokens_out": str(tmp / f"{k}.json")})
+              for k, (fn, kw) in trials.items()}
+    res = run_trials(trials, args)
+    fig = {}
+    for b in (1, 8):
+        for k, v in figures(res, f"tokens_per_s_b{b}").items():
+            fig.setdefault(k, {"peak_rss_mb": v["peak_rss_mb"]})[f"tokens_per_s_b{b}"] = v[f"tokens_per_s_b{b}"]
+    ref = tmp / "hf_default.json"
+    if ref.is_file():
+        want = json.loads(ref.read_text())
+        for k in fig:
+            got = json.loads((tmp / f"{k}.json").read_text())
+            fig[k]["agreement_b8"] = round(agreement(got["8"], want["8"]), 4)
+            fig[k]["agreement_b1"] = round(agreement(got["1"], want["1"]), 4)
+    r8 = ratios(fig, "tokens_per_s_b8", "lmforge", "hf", "lmforge_default", "hf_default")
+    r1 = ratios(fig, "tokens_per_s_b1", "lmforge", "hf", "lmforge_default", "hf_default")
+    emit({"bench": "generate", "model": "SmolLM2-135M-Instruct", "prompts": len(PROMPTS), "new_tokens": args.new_tokens,
+          "greedy": True, "cache": True, "reps": args.reps, "threads": args.threads,
+          "quality": "agreement with transformers' fp32 greedy tokens (share of each row before the first difference)",
+          "figures": fig, **r8, **{f"{k}_b1": v for k, v in r1.items()}})
+
+
+if __name__ == "__main__":
+    main()
