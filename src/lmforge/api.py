@@ -544,6 +544,12 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
         gcfg = GenerationConfig(**({"max_new_tokens": 128} | decoding))
     except TypeError as err:
         raise LmforgeError(f"generation: {err}") from None
+    run = _sft_run(model, adapter, tasks=("preference",))
+    if run is not None and prompt_template is None and reference is None:  # e.g. DPO: its prompts, as it trained
+        from .tasks.sft import generation_items, generation_report
+
+        task = load(run, checkpoint).task
+        return {"run": str(run), "checkpoint": checkpoint} | generation_report(task, generation_items(task, data), gcfg)
     return evaluate_generation(model, data, gcfg, adapter=adapter, prompt_template=prompt_template,
                                reference=reference, device=device, precision=precision)
 
@@ -559,8 +565,9 @@ def _has_run_columns(run: Path, data: str) -> bool:
     return bool(table.records) and field_column(read_config(run).data, "completion") in table.records[0]
 
 
-def _sft_run(model: str, adapter: str | None) -> Path | None:
-    """The sft run directory behind ``model`` or ``adapter`` (a run, or its ``adapter/`` folder), if any."""
+def _sft_run(model: str, adapter: str | None, tasks: tuple[str, ...] = ("sft",)) -> Path | None:
+    """The run directory of one of ``tasks`` behind ``model`` or ``adapter`` (a run, or its
+    ``adapter/`` folder), if any."""
     from .rundir import is_run_dir, read_config
 
     for ref in (model, adapter):
@@ -568,7 +575,7 @@ def _sft_run(model: str, adapter: str | None) -> Path | None:
             continue
         path = Path(ref).expanduser()
         for cand in (path, path.parent) if (path / "adapter_config.json").is_file() else (path,):
-            if is_run_dir(cand) and read_config(cand).task == "sft":
+            if is_run_dir(cand) and read_config(cand).task in tasks:
                 return cand
     return None
 

@@ -339,33 +339,9 @@ class SftTask(CausalTask):
             raise LmforgeError(f"generation: {err}") from None
 
     def generation_report(self, items: Sequence[dict], gcfg=None) -> dict:
-        """ROUGE-1/2/L/Lsum and BLEU of generations for every item with a prompt and a reference
-        (items as :meth:`read_eval_file` gives them: the run's prompt template, column mapping and
-        filter applied), with the decoding settings used and three examples.
-
-        Args:
-            items: eval items.
-            gcfg: decoding settings (default :meth:`generation_config`: what training reports).
-        """
-        import dataclasses
-
-        from ..eval.generation import generation_scores
-        from ..generation import generate
-
-        gen = [it for it in items if "prompt" in it and it.get("reference") is not None]
-        if not gen:
-            raise LmforgeError("no evaluation rows with a prompt and a reference to generate for")
-        gcfg = gcfg or self.generation_config()
-        self.model.eval()
-        t0 = time.perf_counter()
-        with self.placement.autocast():
-            preds = generate(self.core, self.tokenizer, [it["prompt"] for it in gen], gcfg,
-                             chat=False if self.seq2seq else self.fmt.chat)
-        seconds = time.perf_counter() - t0
-        report = generation_scores(preds, [it["reference"] for it in gen])
-        self.last_generations = [{"prediction": p, "reference": it["reference"]} for p, it in zip(preds, gen)]
-        return report | {"generation_seconds": round(seconds, 3), "decoding": dataclasses.asdict(gcfg),
-                         "prompt_template": self.opts.prompt_template, "examples": self.last_generations[:3]}
+        """:func:`generation_report` of this run's eval items (default decoding:
+        :meth:`generation_config`, what training reports)."""
+        return generation_report(self, items, gcfg or self.generation_config())
 
     def _metrics(self, items: Sequence[dict]) -> dict:
         from ..eval.metrics import perplexity_report
@@ -403,3 +379,54 @@ class SftTask(CausalTask):
                 self._base_metrics = base
             out |= self._base_metrics
         return out
+
+
+def generation_report(task, items: Sequence[dict], gcfg) -> dict:
+    """ROUGE-1/2/L/Lsum and BLEU of ``task``'s generations (any causal-LM task or a seq2seq sft) for
+    every item with a ``prompt`` (as its formatter gives it) and a ``reference``, with the decoding
+    settings used and three examples."""
+    import dataclasses
+
+    from ..eval.generation import generation_scores
+    from ..generation import generate
+
+    gen = [it for it in items if "prompt" in it and it.get("reference") is not None]
+    if not gen:
+        raise LmforgeError("no evaluation rows with a prompt and a reference to generate for")
+    task.model.eval()
+    t0 = time.perf_counter()
+    with task.placement.autocast():
+        preds = generate(task.core, task.tokenizer, [it["prompt"] for it in gen], gcfg,
+                         chat=False if getattr(task, "seq2seq", False) else task.fmt.chat)
+    seconds = time.perf_counter() - t0
+    report = generation_scores(preds, [it["reference"] for it in gen])
+    task.last_generations = [{"prediction": p, "reference": it["reference"]} for p, it in zip(preds, gen)]
+    return report | {"generation_seconds": round(seconds, 3), "decoding": dataclasses.asdict(gcfg),
+                     "prompt_template": task.opts.prompt_template, "examples": task.last_generations[:3]}
+
+
+def generation_items(task, path: str) -> list[dict]:
+    """``{"prompt", "reference"}`` per record of ``path`` as a causal-LM run (e.g. DPO) prompts: its
+    ``data.where`` filter, its prompt column mapping or ``prompt_template``, its chat formatting
+    (:meth:`Formatter.generation_prompt`); the reference is the run's ``reference`` column, else the
+    first of reference/references/completion/summary/target/chosen."""
+    from ..eval.generation import REFERENCE_FIELDS
+
+    table = apply_where(read_table(path), task.cfg.data.where)
+    if not table.records:
+        raise LmforgeError(f"{path}: no examples")
+    dc = task.cfg.data
+    ref_cols = [dc.columns["reference"]] if "reference" in dc.columns else [*REFERENCE_FIELDS, "chosen"]
+    items = []
+    for i, rec in enumerate(table.records):
+        where = table.where(i)
+        ref = next((rec[c] for c in ref_cols if c in rec), None)
+        if ref is None:
+            raise LmforgeError(f"{where}: missing a reference ({'/'.join(ref_cols)})")
+        try:
+            prompt = task.fmt.generation_prompt(task.prompt_value(rec, field_column(dc, "prompt"), where))
+        except LmforgeError as err:
+            msg = str(err)
+            raise LmforgeError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        items.append({"prompt": prompt, "reference": ref})
+    return items
