@@ -167,6 +167,25 @@ SEQ2SEQ_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo",
                    "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
+#: peft's T5 placements for kinds whose own defaults name BERT/Llama/BART modules only
+T5_KIND_DEFAULTS = {"ia3": {"target_modules": ["k", "v", "wo"], "feedforward_modules": ["wo"]},
+                    "bottleneck": {"pfeiffer": r".*DenseReluDense\.wo",
+                                   "houlsby": r".*(SelfAttention\.o|DenseReluDense\.wo)"}}
+
+
+def seq2seq_adapter_options(kind: str, options: dict, model: nn.Module) -> dict:
+    """``adapter:`` options with T5 defaults filled in when unset: IA3 on keys, values and the
+    feed-forward output ``wo`` (peft's T5 mapping); bottleneck adapters after the feed-forward
+    output (pfeiffer) or also after the self-attention output (houlsby). Others unchanged."""
+    opts = dict(options)
+    t5_like = any(n.endswith("DenseReluDense.wo") for n, _ in model.named_modules())
+    if not t5_like or opts.get("target_modules") is not None or kind not in T5_KIND_DEFAULTS:
+        return opts
+    if kind == "ia3":
+        return T5_KIND_DEFAULTS["ia3"] | {k: v for k, v in opts.items() if v is not None}
+    return opts | {"target_modules": T5_KIND_DEFAULTS["bottleneck"][opts.get("placement") or "pfeiffer"]}
+
+
 def collate_seq2seq(items: Sequence[dict], pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
     """Right-padded encoder inputs and teacher-forcing decoder inputs.
 

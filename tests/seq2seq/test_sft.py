@@ -65,8 +65,9 @@ def test_items_and_loss_equal_transformers_teacher_forcing(kind, tmp_path, reque
 
 @pytest.mark.parametrize("kind,adapter,lr", [("t5", {"kind": "lora"}, 3e-2), ("bart", {"kind": "lora"}, 3e-2),
                                              ("t5", {"kind": "dora", "r": 4}, 3e-2),
-                                             ("t5", {"kind": "ia3", "r": None, "alpha": None, "target_modules": ["k", "v", "wo"],
-                                                     "feedforward_modules": ["wo"]}, 0.1)])
+                                             ("t5", {"kind": "ia3", "r": None, "alpha": None}, 0.1),
+                                             ("flan", {"kind": "bottleneck", "r": None, "alpha": None,
+                                                       "reduction_factor": 4}, 3e-2)])
 def test_adapter_training_learns_and_saves_a_peft_seq2seq_folder(kind, adapter, lr, tmp_path, request):
     folder = request.getfixturevalue(f"tiny_{kind}_dir")
     opts = {"kind": "lora", "r": 8, "alpha": 16} | adapter
@@ -82,6 +83,12 @@ def test_adapter_training_learns_and_saves_a_peft_seq2seq_folder(kind, adapter, 
     assert again.seq2seq
     items = task.eval_items
     assert abs(again.evaluate(items)["loss"] - task.evaluate(items)["loss"]) < 1e-5
+    if opts["kind"] == "ia3":  # T5 defaults: peft's placement (keys, values, feed-forward output)
+        assert {t.rsplit(".", 1)[-1] for t in conf["target_modules"]} == {"k", "v", "wo"}
+        assert {t.rsplit(".", 1)[-1] for t in conf["feedforward_modules"]} == {"wo"}
+    if opts["kind"] == "bottleneck":  # no peft kind: our own type in the same layout
+        assert conf["peft_type"] == "BOTTLENECK" and all(t.endswith("wo") for t in conf["target_modules"])
+        return
     # peft loads the run's adapter folder onto the base and gives the run's logits
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSeq2SeqLM

@@ -257,7 +257,7 @@ class SftTask(CausalTask):
         if not self.seq2seq:
             return super().build_model(adapter_dir, full)
         from .causal import load_base
-        from .common import add_adapter, load_run_adapter
+        from .common import load_run_adapter
 
         mc = self.cfg.model
         model = load_base(self.folder, self.tokenizer, trust_remote_code=mc.trust_remote_code,
@@ -271,9 +271,13 @@ class SftTask(CausalTask):
         if adapter_dir is not None:
             load_run_adapter(model, self.cfg, adapter_dir)
         else:
-            from ..causal_lm import SEQ2SEQ_TARGETS
+            from ..adapters.registry import apply_adapter, get_kind
+            from ..causal_lm import SEQ2SEQ_TARGETS, seq2seq_adapter_options
 
-            add_adapter(model, self.cfg, SEQ2SEQ_TARGETS, [], self.tokenizer)
+            kind = self.cfg.adapter.kind
+            opts = seq2seq_adapter_options(kind, self.cfg.adapter.options, model)
+            apply_adapter(model, get_kind(kind).make_spec(opts, default_targets=SEQ2SEQ_TARGETS, modules_to_save=[],
+                                                          model=model), tokenizer=self.tokenizer)
         if self.placement.autocast_enabled and mc.frozen_in_compute_dtype:
             store_frozen(model, self.placement.dtype)
         return model
