@@ -30,7 +30,8 @@ def causal_run(tiny_llama_dir, tmp_path_factory):
                  "columns": {"completion": "summary"}, "max_length": 48},
         "sft": {"template": "raw", "prompt_template": "story : {dialogue} :", "rouge_samples": 5, "max_new_tokens": 6},
         "adapter": {"kind": "lora", "r": 4, "alpha": 8},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-2, "progress": False}})
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-2, "progress": False, "eval_every": 2,
+                  "best_metric": "loss", "greater_is_better": False}})
     assert main(["train", str(recipe)]) == 0
     return tmp, tmp / "runs" / "llama-sft", dev
 
@@ -61,6 +62,15 @@ def test_run_defaults_match_training_and_options_apply(causal_run, tiny_llama_di
     if first:
         stopped = _eval([str(run), "--data", str(dev), "--stop", first[0]], tmp / "d.json")
         assert first[0] not in stopped["examples"][0]["prediction"]
+
+
+def test_checkpoint_best_generates_with_the_best_weights(causal_run):
+    tmp, run, dev = causal_run
+    assert (run / "best").is_dir()
+    best = _eval([str(run), "--data", str(dev), "--checkpoint", "best"], tmp / "best_gen.json")
+    assert best["checkpoint"] == "best"
+    assert main(["eval", str(run), "--data", str(dev), "--checkpoint", "best", "--out", str(tmp / "best.json")]) == 0
+    assert json.loads((tmp / "best.json").read_text())["rougeL"] == pytest.approx(best["rougeL"], abs=1e-9)
 
 
 def test_bad_generation_options_are_one_line(causal_run, capsys):
