@@ -11,9 +11,9 @@ transformers' fp32 greedy tokens: the mean share of each row's tokens up to the 
 - ``hf_default``: ``model.generate`` with transformers' defaults (fp32 weights, SDPA);
 - ``hf_bf16w_sdpa`` / ``hf_bf16w_eager``: its best settings here (weights loaded in bf16, SDPA or
   eager attention);
-- ``lmforge_default``: ``lmforge.api``'s path (``precision: auto``: fp32 weights under bf16
-  autocast here);
-- ``lmforge_bf16w``: lmforge's loop with the weights cast to bf16 (no autocast).
+- ``lmforge_default``: ``lmforge.api``'s path (``precision: auto``: parameters stored in bf16 by
+  ``Placement.for_inference``, bf16 autocast);
+- ``lmforge_bf16w``: lmforge's loop with the whole model cast to bf16 (buffers too), no autocast.
 ``ratio_default`` / ``ratio_best`` are given for batch 8 (and ``*_b1`` for batch 1).
 
     .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
@@ -112,9 +112,12 @@ def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_w
 
     place = Placement.resolve("cpu", "auto")
     model, tok, _ = load_causal_lm(resolve_source("smollm2", None), device=place.device)
-    if bf16_weights:
+    if bf16_weights:  # everything in bf16, no autocast
         model.to(torch.bfloat16)
-    cast = contextlib.nullcontext() if bf16_weights else place.autocast()
+        cast = contextlib.nullcontext()
+    else:  # lmforge.api's path: bf16 parameters (Placement.for_inference) under bf16 autocast
+        place.for_inference(model)
+        cast = place.autocast()
     cfg = GenerationConfig(max_new_tokens=new_tokens, use_cache=True)
 
     def gen(x, m):

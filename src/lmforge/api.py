@@ -381,6 +381,7 @@ def _load_lm(model, adapter, device, precision):
 
     placement = Placement.resolve(device, precision)
     lm, tokenizer, _ = load_causal_lm(resolve_source(str(model), adapter), device=placement.device, seq2seq_ok=True)
+    placement.for_inference(lm)  # bf16 weights when autocasting: no per-token weight casts while decoding
     return lm, tokenizer, placement
 
 

@@ -122,6 +122,21 @@ class Placement:
                 n += 1
         return n
 
+    def for_inference(self, model) -> int:
+        """Prepare a model that will only run inference (generation, scoring): when this placement
+        computes in bf16/fp16, store its floating-point parameters in that dtype, so autocast does
+        not re-cast every weight at every forward (one forward per generated token: on CPU the
+        casts cost as much as the matmuls at batch 1). Buffers (rotary frequencies ...) are kept.
+        Do not train the model afterwards. Returns the number of parameters cast."""
+        if not self.autocast_enabled:
+            return 0
+        n = 0
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
+                n += 1
+        return n
+
     def grad_scaler(self):
         """A GradScaler for fp16 on CUDA, otherwise None."""
         if self.device.type == "cuda" and self.dtype == torch.float16:
