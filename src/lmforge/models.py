@@ -465,8 +465,9 @@ def check_config_fits(cfg) -> None:
     to the task's truncation: only test-size models have fewer positions)."""
     if cfg.data.max_length != type(cfg.data).model_fields["max_length"].default:
         check_max_length(resolve_model(cfg.model.name, cfg.model.revision), cfg.data.max_length)
-    if cfg.task in CAUSAL_ONLY_TASKS or (cfg.task == "classify" and getattr(
-            getattr(cfg, "classify", None), "method", None) == "prompt"):
+    causal_only = cfg.task in CAUSAL_ONLY_TASKS or (cfg.task == "classify" and getattr(
+        getattr(cfg, "classify", None), "method", None) == "prompt")
+    if causal_only and cfg.model.name not in PACKAGED:  # the packaged models are no seq2seq models
         try:
             folder = resolve_model(cfg.model.name, cfg.model.revision)
         except LmforgeError:
