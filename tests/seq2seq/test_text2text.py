@@ -33,8 +33,9 @@ def test_answer_matching():
     assert match_label("goodness", words) is None
 
 
-def test_scores_equal_transformers_sequence_log_likelihood(tmp_path, tiny_t5_dir):
-    task = Text2TextTask(cfg_for(tmp_path, tiny_t5_dir))
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_scores_equal_transformers_sequence_log_likelihood(kind, tmp_path, request):
+    task = Text2TextTask(cfg_for(tmp_path, request.getfixturevalue(f"tiny_{kind}_dir")))
     texts = ["good movie and fine plot", "the film was boring"]
     probs = task.predict_texts(texts)
     tok, model = task.tokenizer, task.model
@@ -44,7 +45,7 @@ def test_scores_equal_transformers_sequence_log_likelihood(tmp_path, tiny_t5_dir
         for words in (["good"], ["bad", "awful film"]):
             lls = []
             for w in words:
-                labels = tok([w], return_tensors="pt")["input_ids"]  # T5 style: word + </s>
+                labels = tok(text_target=[w], return_tensors="pt")["input_ids"]  # T5: w </s>; BART: <s> w </s>
                 with torch.no_grad():
                     loss = model(**src, labels=labels).loss  # mean over the label tokens
                 lls.append(-float(loss) * labels.shape[1])

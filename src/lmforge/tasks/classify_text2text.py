@@ -3,8 +3,9 @@ templated question and answers with a label word, the way FLAN-T5 was instructio
 
 Two ways to turn the answer into a label (``classify.prompt.label_by``):
 
-- ``score`` (default): each label's words ``w`` are scored as the decoder's whole output,
-  ``log p(w </s> | x) = sum_t log p(w_t | w_<t, x)`` (EOS included, so "good" does not win by being
+- ``score`` (default): each label's words ``w`` are scored as the decoder's whole output, tokenised
+  as sft trains targets (``text_target``: T5 ``w </s>``, BART ``<s> w </s>``),
+  ``log p(w | x) = sum_t log p(w_t | w_<t, x)`` (EOS included, so "good" does not win by being
   a prefix of "goodness"), and ``P(c | x) = softmax_c(logsumexp_{w in words(c)} log p(w </s> | x))``;
 - ``generate``: the model's greedy answer is read back: the label whose word equals the answer
   (case, surrounding spaces and punctuation ignored) gets probability 1; an answer that matches no
@@ -104,13 +105,13 @@ class Text2TextTask(TextMethod):
             raise LmforgeError("config: classify.prompt.template has no {text} slot")
         self.words = self.label_map(pc.verbalizers, "prompt.verbalizers")
         eos = self.tokenizer.eos_token_id
-        self.choices = []  # (label index, token ids of the word + EOS)
+        self.choices = []  # (label index, the word's decoder tokens as sft trains them: T5 "w </s>", BART "<s> w </s>")
         for c, ws in enumerate(self.words):
             for w in ws:
-                ids = [t for t in self.tokenizer(text_target=w, add_special_tokens=False)["input_ids"]]
-                if not ids:
+                if not self.tokenizer(text_target=w, add_special_tokens=False)["input_ids"]:
                     raise LmforgeError(f"classify.prompt.verbalizers: '{w}' encodes to no tokens")
-                self.choices.append((c, ids + ([eos] if eos is not None else [])))
+                ids = list(self.tokenizer(text_target=w)["input_ids"])
+                self.choices.append((c, ids if eos is None or ids[-1] == eos else ids + [eos]))
         return model
 
     def render(self, text: str, pair: str | None = None) -> str:
