@@ -181,7 +181,7 @@ GENERATION_EVAL_HELP = ("generation: --data with a prompt (or messages) and a re
 def add_generation_eval_args(e) -> None:
     """The ``--task generation`` flags of ``lmforge eval`` (``--adapter`` and ``--seed`` are shared
     with ``--task mc``); unset flags keep the run's settings."""
-    g = e.add_argument_group("generation (--task generation)")
+    g = e.add_argument_group("generation (--task generation)", GENERATION_EVAL_HELP)
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated at most (default: an sft run's sft.max_new_tokens, else 128)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
