@@ -165,7 +165,7 @@ def test_method_dispatch_and_config(tmp_path, tiny_bert_dir):
     assert build_config(yaml.safe_load(dump_config(cfg))) == cfg
     finetune = yaml.safe_load(dump_config(_cfg(tmp_path, tiny_bert_dir, "finetune")))["classify"]
     assert finetune == {"mode": "lora", "unfreeze_last": 0, "class_weights": "none", "focal_gamma": 0.0,
-                        "label_smoothing": 0.0, "ordinal": "none"}  # the finetune options only
+                        "label_smoothing": 0.0, "ordinal": "none", "decision_bias": "none"}  # the finetune options only
 
 
 def test_embedding_lr_learns_and_counts_its_parameters(tmp_path, tiny_bert_dir):
