@@ -167,6 +167,8 @@ class TrainConfig(Section):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float | None = Field(1.0, gt=0)
     group_by_length: bool = True
+    activation_checkpointing: bool = Field(False, description="recompute block activations in the backward "
+                                           "pass: less memory for long sequences, about one more forward of compute")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (and at the end)")
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     keep_last: int = Field(2, gt=0)

@@ -138,6 +138,8 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     seed_everything(cfg.seed)
     model = task.model.to(device)
     task.model = model
+    if tc.activation_checkpointing:
+        placement.checkpoint_activations(model)
     if not task.train_items:
         raise LmforgeError("the training split is empty")
 
