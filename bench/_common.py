@@ -292,6 +292,13 @@ def ratios(fig: dict, rate: str, ours: str, theirs: str, lm_default: str, peer_d
         a, b = max(lm, key=lambda k: fig[k][rate]), max(peer, key=lambda k: fig[k][rate])
         out.update(best_lmforge=a, best_peer=b, ratio_best=round(fig[a][rate] / fig[b][rate], 3),
                    rss_ratio_best=round(fig[a]["peak_rss_mb"] / fig[b]["peak_rss_mb"], 3))
+    # the same per CPU second of each trial process: steadier than wall time on a loaded machine
+    cpu = rate.replace("_per_s", "_per_cpu_s")
+    if lm and peer and all(cpu in fig[k] for k in lm + peer):
+        if lm_default in fig and peer_default in fig:
+            out["ratio_default_cpu"] = round(fig[lm_default][cpu] / fig[peer_default][cpu], 3)
+        a, b = max(lm, key=lambda k: fig[k][cpu]), max(peer, key=lambda k: fig[k][cpu])
+        out.update(ratio_best_cpu=round(fig[a][cpu] / fig[b][cpu], 3), best_lmforge_cpu=a, best_peer_cpu=b)
     return out
 
 
