@@ -50,7 +50,7 @@ bench: $(STAMP)
 	$(VPY) bench/classify_lora.py
 
 # every side-by-side benchmark, one JSON line each (about 1.5 h on 2 cores)
-BENCHES := classify_lora encode train_mnr setfit generate_cache sft_lora dpo_lora
+BENCHES := classify_lora encode train_mnr setfit generate generate_cache sft_lora dpo_lora adapters
 bench-all: $(STAMP)
 	@for b in $(BENCHES); do $(VPY) bench/$$b.py || exit 1; done
 
