@@ -170,3 +170,17 @@ def test_topic_pictures_and_table(tmp_path):
     assert re.search(r'data-plot="topics".*?data-points="3"', page)
     assert page.index(">1<") < page.index(">0_pasta_pizza<")  # largest topic first
     assert "pasta, pizza" in page
+
+
+def test_rows_dropped_or_cut_are_warnings(tmp_path):
+    run = make_run(tmp_path, "cut", steps=20)
+    final = json.loads((run / "eval.json").read_text())
+    final["data_report"] = {
+        "train": {"total": 400, "truncated": 14, "dropped": {"no trainable token after truncation to max_length=512":
+                                                             {"count": 7, "first": "dev.jsonl line 76"}}},
+        "eval": {"total": 100, "truncated": 0, "dropped": {}}}
+    (run / "eval.json").write_text(json.dumps(final))
+    warns = warnings_for(load_run(run))
+    assert "train data: 7 dropped (no trainable token after truncation to max_length=512), 14 truncated of 400 rows" \
+        in warns
+    assert not any(w.startswith("eval data") for w in warns)

@@ -287,6 +287,7 @@ def warnings_for(run: RunData) -> list[str]:
                 if neg:
                     out.append(f"negative KL ({key} = {neg[0][1]:.4g} at step {neg[0][0]:.0f}): the estimator is "
                                f"off (sampling, reference model or masking)")
+    out += data_report_lines(run.final.get("data_report"))
     for w in run.final.get("warnings", []) or []:
         if isinstance(w, str):
             out.append(w)
@@ -294,6 +295,22 @@ def warnings_for(run: RunData) -> list[str]:
         out.append(f"{run.bad_lines} unreadable line(s) in metrics.jsonl (cut by a killed process)")
     if run.config_note:
         out.append(run.config_note)
+    return out
+
+
+def data_report_lines(report) -> list[str]:
+    """One line per split of an ``eval.json`` ``data_report`` (rows a task dropped or cut while
+    reading: ``{split: {"total", "truncated", "dropped": {reason: {"count", "first"}}}}``)."""
+    out = []
+    for split, rep in (report or {}).items() if isinstance(report, dict) else []:
+        if not isinstance(rep, dict):
+            continue
+        dropped = {k: v.get("count", 0) for k, v in (rep.get("dropped") or {}).items() if isinstance(v, dict)}
+        parts = [f"{n} dropped ({reason})" for reason, n in dropped.items() if n]
+        if rep.get("truncated"):
+            parts.append(f"{rep['truncated']} truncated")
+        if parts:
+            out.append(f"{split} data: {', '.join(parts)} of {rep.get('total', '?')} rows")
     return out
 
 
