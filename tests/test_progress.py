@@ -125,3 +125,21 @@ def test_train_in_a_log_writes_one_line_per_logging_interval(tmp_path, capsys, t
     lines = [line for line in err.splitlines() if line.startswith("train ")]
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
     assert all("loss=" in line and "elapsed" in line for line in lines) and "\r" not in err
+
+
+def test_time_line_and_postfix_line_for_the_same_unit_are_one_line():
+    """A slow loop (every update past the interval) that sets a postfix every 3rd unit, as the
+    engine does at log_every: one line per unit, never two for the same count."""
+    out = io.StringIO()
+    bar = progress(9, 0, True, "train", stream=out, interval=0.0)
+    for step in range(1, 10):
+        bar.update(1)
+        if step % 3 == 0:
+            bar.set_postfix(loss=f"{1 / step:.3f}")
+    bar.close()
+    lines = out.getvalue().splitlines()
+    counts = [ln.split()[1] for ln in lines]
+    # before the first postfix, time lines go out at once (3/9 then again with its postfix); after it,
+    # a time line waits one update and gives way to the postfix line of the same unit
+    assert counts == ["1/9", "2/9", "3/9", "3/9"] + [f"{i}/9" for i in range(4, 10)]
+    assert "loss=0.333" in lines[3] and "loss=0.167" in lines[6] and "loss=0.111" in lines[-1]

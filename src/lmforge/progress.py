@@ -66,6 +66,7 @@ class LineProgress:
         self.postfix: dict = {}
         self.closed = False
         self.printed_at = None
+        self.pending = False  # a time-based line held back one update (a set_postfix may follow)
 
     def _emit(self) -> None:
         elapsed = time.monotonic() - self.t0
@@ -79,18 +80,26 @@ class LineProgress:
         self.last, self.printed_at = time.monotonic(), self.n
 
     def update(self, n: float = 1) -> None:
+        if self.pending:  # the line held back at the previous update: no set_postfix came for it
+            self._emit()
+            self.pending = False
         self.n += n
         if time.monotonic() - self.last >= self.interval:
-            self._emit()
+            if self.postfix:  # a caller that sets a postfix (the engine) may do so for this very unit
+                self.pending = True
+            else:
+                self._emit()
 
     def set_postfix(self, *args, **kwargs) -> None:
         self.postfix = dict(args[0]) if args and isinstance(args[0], dict) else {}
         self.postfix |= kwargs
+        self.pending = False  # this line replaces a held-back one for the same unit
         self._emit()
 
     def close(self) -> None:
-        if not self.closed and self.printed_at != self.n:
+        if not self.closed and (self.pending or self.printed_at != self.n):
             self._emit()
+        self.pending = False
         self.closed = True
 
     def __enter__(self):
