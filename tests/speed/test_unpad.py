@@ -159,3 +159,20 @@ def test_prompt_tuning_on_an_unpadded_model_matches_plain():
         ids, mask, tt = _batch()
         outs.append(model(input_ids=ids, attention_mask=mask).logits)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_little_padding_takes_the_plain_path():
+    """Below MIN_PADDING the gathers cost more than the padding: padding states stay computed."""
+    from lmforge import unpad
+
+    model = _bert("eager", BertModel)
+    enable_unpadding(model)
+    ids = torch.randint(1, 50, (4, 20), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(4, 20, dtype=torch.long)
+    mask[3, 19] = 0  # 1 padding token in 80
+    assert unpad.MIN_PADDING > 1 / 80
+    h = model(ids, attention_mask=mask).last_hidden_state
+    assert h[3, 19].abs().sum() > 0  # the plain path computes the padding position
+    mask[3, 10:] = 0  # 10 in 80 = 12.5%
+    h = model(ids, attention_mask=mask).last_hidden_state
+    assert not h[3, 10:].any()  # unpadded: zeros at padding
