@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertForTokenClassification,
-                          BertModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
+                          BertForTokenClassification, BertModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
 
 from lmforge.adapters import adapter_state_dict
 
@@ -20,12 +21,38 @@ def llama_config(**kw) -> LlamaConfig:
                                max_position_embeddings=64) | kw))
 
 
+def t5_config() -> T5Config:
+    return T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)
+
+
+def bart_config(**kw) -> BartConfig:
+    return BartConfig(**kw, vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, bos_token_id=0, pad_token_id=1,
+                      eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None)
+
+
 BUILDERS = {
     "bert_cls": lambda: BertForSequenceClassification(bert_config()),
     "bert_tok": lambda: BertForTokenClassification(bert_config()),
     "bert": lambda: BertModel(bert_config()),
     "llama": lambda: LlamaForCausalLM(llama_config()),
+    "t5": lambda: T5ForConditionalGeneration(t5_config()),
+    "bart": lambda: _biased(BartForConditionalGeneration(bart_config())),
+    # larger random weights: greedy generations depend on the input (generation tests)
+    "bart_sharp": lambda: _biased(BartForConditionalGeneration(bart_config(init_std=0.3))),
 }
+
+
+@torch.no_grad()
+def _biased(model: BartForConditionalGeneration) -> BartForConditionalGeneration:
+    """BART with a non-zero ``final_logits_bias`` (so the head's bias is exercised) that keeps EOS
+    unlikely (so greedy decoding runs for more than one step)."""
+    model.final_logits_bias.normal_(0, 0.05)
+    model.final_logits_bias[0, model.config.eos_token_id] = -5.0
+    return model
 
 
 def build(kind: str, seed: int = 0) -> torch.nn.Module:
@@ -43,9 +70,16 @@ def inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def with_decoder(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Encoder-decoder models also get decoder ids (the first 4 source ids, reversed)."""
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in batch:
+        return batch | {"decoder_input_ids": batch["input_ids"][:, :4].flip(1)}
+    return batch
+
+
 @torch.no_grad()
 def output(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**batch)
+    out = model(**with_decoder(model, batch))
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 

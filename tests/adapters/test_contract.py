@@ -1,4 +1,5 @@
-"""The contract every adapter kind passes, on a tiny BERT classifier and a tiny Llama:
+"""The contract every adapter kind passes, on a tiny BERT classifier, a tiny Llama and tiny
+encoder-decoders (T5, BART; T5 takes peft's IA3/bottleneck placements, as seq2seq sft does):
 step-0 output equals the base (kinds that start as the identity), disabled equals the base
 (the DPO reference), merged equals unmerged where mergeable (else merging is refused), merge
 twice changes nothing, unmerge restores the base weights, save/load round-trips, and only
@@ -10,12 +11,15 @@ from lmforge.adapters import (AdapterLayer, BottleneckSpec, DoraSpec, Ia3Spec, L
                               adapter_state_dict, apply_adapter, disable_adapters, load_adapter,
                               merge_adapters, save_adapter, unmerge_adapters, unwrap_adapters)
 from lmforge.adapters.registry import kind_of_spec
+from lmforge.causal_lm import T5_KIND_DEFAULTS
 from lmforge.errors import LmforgeError
 
-from ._models import build, inputs, output, randomize_adapter
+from ._models import build, inputs, output, randomize_adapter, with_decoder
 
-HEAD = {"bert_cls": ["classifier"], "llama": []}
-ATTN = {"bert_cls": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+HEAD = {"bert_cls": ["classifier"], "llama": [], "t5": [], "bart": []}
+ATTN = {"bert_cls": ["query", "value"], "llama": ["q_proj", "v_proj"], "t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
+IA3 = {"t5": T5_KIND_DEFAULTS["ia3"]}  # the kinds' own defaults name no T5 modules
+HOULSBY = {"t5": {"target_modules": T5_KIND_DEFAULTS["bottleneck"]["houlsby"]}}
 
 # kind -> (spec for a model, starts equal to the base)
 KINDS = {
@@ -23,12 +27,12 @@ KINDS = {
     "rslora": (lambda m: LoraSpec(r=4, alpha=8, use_rslora=True, target_modules=ATTN[m], modules_to_save=HEAD[m]),
                True),
     "dora": (lambda m: DoraSpec(r=4, alpha=8, target_modules=ATTN[m], modules_to_save=HEAD[m]), True),
-    "ia3": (lambda m: Ia3Spec(modules_to_save=HEAD[m]), True),
+    "ia3": (lambda m: Ia3Spec(modules_to_save=HEAD[m], **IA3.get(m, {})), True),
     "prompt": (lambda m: PromptSpec(num_virtual_tokens=3, modules_to_save=HEAD[m]), False),
-    "bottleneck": (lambda m: BottleneckSpec(placement="houlsby", reduction_factor=4, modules_to_save=HEAD[m]),
-                   True),
+    "bottleneck": (lambda m: BottleneckSpec(placement="houlsby", reduction_factor=4, modules_to_save=HEAD[m],
+                                            **HOULSBY.get(m, {})), True),
 }
-MODELS = ["bert_cls", "llama"]
+MODELS = ["bert_cls", "llama", "t5", "bart"]
 
 
 @pytest.fixture(params=[(k, m) for k in KINDS for m in MODELS], ids=lambda p: f"{p[0]}-{p[1]}")
@@ -123,7 +127,7 @@ def test_only_adapter_tensors_get_gradients(case):
     _, _, _, model = case
     randomize_adapter(model)
     model.train()
-    out = model(**inputs())
+    out = model(**with_decoder(model, inputs()))
     out.logits.float().pow(2).mean().backward()
     adapter = {t.data_ptr() for t in adapter_state_dict(model).values()}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}

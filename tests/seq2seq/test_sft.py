@@ -67,7 +67,9 @@ def test_items_and_loss_equal_transformers_teacher_forcing(kind, tmp_path, reque
                                              ("t5", {"kind": "dora", "r": 4}, 3e-2),
                                              ("t5", {"kind": "ia3", "r": None, "alpha": None}, 0.1),
                                              ("flan", {"kind": "bottleneck", "r": None, "alpha": None,
-                                                       "reduction_factor": 4}, 3e-2)])
+                                                       "reduction_factor": 4}, 3e-2),
+                                             ("t5", {"kind": "prompt", "r": None, "alpha": None,
+                                                       "num_virtual_tokens": 4}, 0.3)])
 def test_adapter_training_learns_and_saves_a_peft_seq2seq_folder(kind, adapter, lr, tmp_path, request):
     folder = request.getfixturevalue(f"tiny_{kind}_dir")
     opts = {"kind": "lora", "r": 8, "alpha": 16} | adapter
@@ -123,9 +125,6 @@ def test_seq2seq_bad_inputs(tmp_path, tiny_t5_dir):
     rows = copy_rows(8)
     with pytest.raises(LmforgeError, match="packing: not available for seq2seq"):
         SftTask(make_cfg(tmp_path, tiny_t5_dir, rows, sft={"packing": True}))
-    with pytest.raises(LmforgeError, match="prompt tuning is not available for seq2seq"):
-        SftTask(build_config(make_cfg(tmp_path, tiny_t5_dir, rows).model_dump(mode="json")
-                             | {"adapter": {"kind": "prompt", "num_virtual_tokens": 2}}))
     with pytest.raises(LmforgeError, match="qlora is not available for seq2seq"):
         SftTask(make_cfg(tmp_path, tiny_t5_dir, rows, sft={"mode": "qlora"}))
     text_rows = [{"text": r["dialogue"]} for r in rows]

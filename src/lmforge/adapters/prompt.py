@@ -16,9 +16,19 @@ without an adapter. What the hooks keep right, where peft's prompt methods broke
 - outputs: (B, T, ...) as without the adapter, so chunked cross-entropy, last-token pooling
   (reward models) and token classification line up with the input ids.
 
+Encoder-decoder models (T5, BART: ``config.is_encoder_decoder``), as peft's ``SEQ_2_SEQ_LM``
+prompt tuning: the prompt is prepended to the ENCODER's input embeddings only, and the encoder's
+outputs keep the N prompt positions (the decoder cross-attends to them). A hook on the decoder
+prepends N ones to ``encoder_attention_mask`` whenever the encoder states it receives are N longer
+than that mask, so every way of running the model sees the prompt: the model's own forward, the
+encoder and decoder called separately (lmforge's sft loss, generation with the encoder run once,
+text2text scoring) and transformers' ``generate``. The decoder's inputs are not changed.
+
 Initialisation: ``vocab`` (embeddings of N random vocabulary tokens), ``text`` (the embeddings
 of ``init_text``'s tokens, repeated to N) or ``random`` (normal with the embeddings' std).
-Saved as peft's ``PROMPT_TUNING`` (tensor ``prompt_embeddings``, (N, H)).
+Saved as peft's ``PROMPT_TUNING`` (tensor ``prompt_embeddings``, (S N, H) with S =
+``num_transformer_submodules``: 1 here by default; peft's seq2seq default 2 adds N rows that prompt
+tuning never reads, kept so such folders load and save back unchanged).
 """
 from __future__ import annotations
 
@@ -44,12 +54,16 @@ class PromptSpec:
         num_virtual_tokens: N, the prompt length.
         init: ``vocab``, ``text`` or ``random`` (see the module docstring).
         init_text: the text for ``init: text``.
+        num_transformer_submodules: S, rows of the saved table in units of N (peft's key). 1 (the
+            default) everywhere; 2, peft's default for encoder-decoder models, only on those (the
+            second N rows are saved but unused).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a head).
     """
 
     num_virtual_tokens: int = 20
     init: str = "vocab"
     init_text: str | None = None
+    num_transformer_submodules: int = 1
     modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -60,6 +74,8 @@ class PromptSpec:
             raise LmforgeError(f"prompt init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise LmforgeError("prompt init: text needs init_text")
+        if self.num_transformer_submodules not in (1, 2) or isinstance(self.num_transformer_submodules, bool):
+            raise LmforgeError(f"prompt num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
         self.modules_to_save = list(self.modules_to_save or [])
 
 
@@ -88,7 +104,11 @@ def _packed_layout(pos: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
 class PromptTuning(ModelAdapter):
     """The prompt table and the backbone hooks that insert it (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, owner: nn.Module, weight: torch.Tensor):
+    def __init__(self, backbone: nn.Module, owner: nn.Module, weight: torch.Tensor, n: int,
+                 decoder: nn.Module | None = None):
+        """``backbone``: the module whose inputs get the prompt (an encoder-decoder's encoder);
+        ``weight``: the (S N, H) table, the first ``n`` rows are the prompt; ``decoder``: an
+        encoder-decoder's decoder (the encoder's outputs then keep the prompt positions)."""
         super().__init__()
         self.embedding = nn.Embedding(*weight.shape, device=weight.device, dtype=torch.float32)
         with torch.no_grad():
@@ -97,12 +117,17 @@ class PromptTuning(ModelAdapter):
         self._owner = [owner]
         self._sig = inspect.signature(backbone.forward)
         self._layout: tuple | None = None
+        self._n = n
+        self._strips = decoder is None
         self._handles = [backbone.register_forward_pre_hook(self._before, with_kwargs=True),
                          backbone.register_forward_hook(self._after)]
+        if decoder is not None:
+            self._dec_sig = inspect.signature(decoder.forward)
+            self._handles.append(decoder.register_forward_pre_hook(self._cross_mask, with_kwargs=True))
 
     @property
     def n(self) -> int:
-        return self.embedding.weight.shape[0]
+        return self._n
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.embedding.weight}
@@ -134,7 +159,7 @@ class PromptTuning(ModelAdapter):
         if embeds is None:
             embeds = module.get_input_embeddings()(kw["input_ids"])  # (B, T, H)
         b, t, h = embeds.shape
-        prompt = self.embedding.weight.to(embeds.dtype)  # (N, H)
+        prompt = self.embedding.weight[:n].to(embeds.dtype)  # (N, H)
         if pos is not None and mask is None and t > 1 and bool((pos[:, 1:] == 0).any()):
             new_idx, slots, rows, width = _packed_layout(pos, n)
             out = embeds.new_zeros(b, width, h).scatter(1, new_idx[..., None].expand(-1, -1, h), embeds)
@@ -167,8 +192,20 @@ class PromptTuning(ModelAdapter):
             return x[:, layout:]
         return x.gather(1, layout[..., None].expand(-1, -1, x.shape[-1]))  # (B, T, H)
 
+    def _cross_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Decoder pre-hook (encoder-decoder models): ``encoder_attention_mask`` (B, S) -> (B, N + S)
+        when the encoder states are (B, N + S, H), i.e. came from the prompted encoder."""
+        bound = self._dec_sig.bind_partial(*args, **kwargs).arguments
+        kw = dict(bound.pop("kwargs", {}) or {}) | bound
+        states, mask = kw.get("encoder_hidden_states"), kw.get("encoder_attention_mask")
+        if states is None or mask is None or mask.dim() != 2 or states.shape[1] != mask.shape[1] + self.n:
+            return None
+        kw["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], self.n), mask], 1)
+        return (), kw
+
     def _after(self, module: nn.Module, args: tuple, output):
-        if self._layout is None:
+        if self._layout is None or not self._strips:
+            self._layout = None
             return None
         try:
             if isinstance(output, tuple) and not hasattr(output, "keys"):
@@ -181,7 +218,14 @@ class PromptTuning(ModelAdapter):
             self._layout = None
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and callable(
+        getattr(model, "get_encoder", None)) and callable(getattr(model, "get_decoder", None))
+
+
 def _backbone(model: nn.Module) -> nn.Module:
+    if is_encoder_decoder(model):
+        return model.get_encoder()
     base = getattr(model, "base_model", None)
     backbone = base if isinstance(base, nn.Module) else model
     if not callable(getattr(backbone, "get_input_embeddings", None)) or backbone.get_input_embeddings() is None:
@@ -191,8 +235,8 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def initial_prompt(table: torch.Tensor, spec: PromptSpec, tokenizer=None) -> torch.Tensor:
-    """The (N, H) starting prompt from the embedding table (V, H)."""
-    n = spec.num_virtual_tokens
+    """The (S N, H) starting prompt from the embedding table (V, H) (S: num_transformer_submodules)."""
+    n = spec.num_virtual_tokens * spec.num_transformer_submodules
     table = table.float()
     if spec.init == "vocab":
         return table[torch.randint(0, table.shape[0], (n,))].clone()
@@ -216,28 +260,33 @@ class PromptKind(AdapterKind):
     excluded_tasks = {"embed": "embed saves merged weights", "mlm": "mlm saves merged weights"}
 
     def apply(self, model, spec, skip, tokenizer=None) -> list[str]:
+        seq2seq = is_encoder_decoder(model)
+        if spec.num_transformer_submodules != 1 and not seq2seq:
+            raise LmforgeError("adapter.num_transformer_submodules: 2 is for encoder-decoder models only")
         backbone = _backbone(model)
         table = backbone.get_input_embeddings().weight  # (V, H)
-        setattr(model, ATTR, PromptTuning(backbone, model, initial_prompt(table, spec, tokenizer)))
+        setattr(model, ATTR, PromptTuning(backbone, model, initial_prompt(table, spec, tokenizer),
+                                          spec.num_virtual_tokens, model.get_decoder() if seq2seq else None))
         return [ATTR]
 
     def peft_config(self, spec, model) -> dict:
         cfg = getattr(model, "config", None)
         dim = getattr(model, ATTR).embedding.weight.shape[1]
-        return {"num_virtual_tokens": spec.num_virtual_tokens, "token_dim": dim, "num_transformer_submodules": 1,
+        return {"num_virtual_tokens": spec.num_virtual_tokens, "token_dim": dim, "num_transformer_submodules": spec.num_transformer_submodules,
                 "num_attention_heads": getattr(cfg, "num_attention_heads", None),
                 "num_layers": getattr(cfg, "num_hidden_layers", None),
                 "prompt_tuning_init": INITS[spec.init], "prompt_tuning_init_text": spec.init_text}
 
     def spec_from_peft(self, config, model, tensor_names, where):
         subs = config.get("num_transformer_submodules") or 1
-        if subs != 1:
-            raise LmforgeError(f"{where}: num_transformer_submodules={subs} (encoder-decoder prompts) is not supported")
+        if subs not in (1, 2) or (subs == 2 and not is_encoder_decoder(model)):
+            raise LmforgeError(f"{where}: num_transformer_submodules={subs} does not fit this model "
+                               "(1; 2 for encoder-decoder models only)")
         init = {v: k for k, v in INITS.items()}.get(config.get("prompt_tuning_init") or "RANDOM", "random")
         try:
             return PromptSpec(num_virtual_tokens=int(config["num_virtual_tokens"]),
                               init="random" if init == "text" and not config.get("prompt_tuning_init_text") else init,
-                              init_text=config.get("prompt_tuning_init_text"),
+                              init_text=config.get("prompt_tuning_init_text"), num_transformer_submodules=subs,
                               modules_to_save=list(config.get("modules_to_save") or []))
         except (KeyError, TypeError, ValueError) as err:
             raise LmforgeError(f"{where}: bad or missing value ({err})") from None

@@ -265,9 +265,6 @@ class SftTask(CausalTask):
                                                                                 self.cfg.data.max_length))
         if full or not self.adapters:
             return model
-        if self.cfg.adapter.kind == "prompt":
-            raise LmforgeError("adapter.kind: prompt tuning is not available for seq2seq models in lmforge "
-                               "(use lora, dora, ia3 or bottleneck)")
         if adapter_dir is not None:
             load_run_adapter(model, self.cfg, adapter_dir)
         else:
