@@ -18,7 +18,10 @@ passages in the prompt that are cited), and retrieval recall@k of the gold passa
 Questions are processed in groups with every prompt, and the results file is rewritten after each
 group, so a run stopped by ``--minutes`` reports a smaller but complete sample.
 
-    python bench/rag_boolq.py --n 200 --minutes 60 --out runs/rag_boolq
+Choose the template on the validation questions (never in the reported sample), then report:
+
+    python bench/rag_boolq.py --split val --val 24 --prompts gold,k3 --template cite_then_answer --out runs/rag_val/cite_then_answer
+    python bench/rag_boolq.py --split report --val 48 --n 200 --template cite_then_answer --max-new-tokens 10 --out runs/rag_boolq200
 """
 from __future__ import annotations
 
