@@ -62,8 +62,10 @@ def test_negative_kl_is_warned_about(tmp_path, model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="lmforge.tasks.rl"):
         task._guards(3, {"kl": -0.02, "reward_mean": 0.1, "reward_std": 0.1}, None)
         assert "NEGATIVE KL" not in caplog.text  # k1 noise near 0 is not warned about
-        task._guards(4, {"kl": -0.5, "reward_mean": 0.1, "reward_std": 0.1}, None)
-    assert "NEGATIVE KL to the reference (-0.5000 per sequence) at rollout 4" in caplog.text
+        task._guards(4, {"kl": -0.5, "kl_se": 0.3, "reward_mean": 0.1, "reward_std": 0.1}, None)
+        assert "NEGATIVE KL" not in caplog.text  # within 2 standard errors of 0: noise of a small rollout
+        task._guards(5, {"kl": -0.5, "kl_se": 0.1, "reward_mean": 0.1, "reward_std": 0.1}, None)
+    assert "NEGATIVE KL to the reference (-0.5000 per sequence, standard error 0.1000) at rollout 5" in caplog.text
 
 
 def test_reward_collapse_rule(tmp_path, model_dir):

@@ -44,7 +44,7 @@ from .rl_reward import build_reward
 
 log = logging.getLogger(__name__)
 VALUE_HEAD = "value_head.safetensors"
-NEGATIVE_KL = -0.1  # mean summed k1 KL below this is warned about (k1 is only noisy-negative near 0)
+NEGATIVE_KL = -0.1  # a mean summed k1 KL below this and below -2 standard errors is warned about (k1 is noisy)
 
 
 class RlConfig(CausalSection):
@@ -302,7 +302,8 @@ class RlTask(CausalTask):
         seq_kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator="k1").sum(1)  # (N,)
         beta = self.kl_ctl.value
         metrics = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                   "kl": float(seq_kl.mean()), "kl_coef": beta, "response_length": float(mask.sum(1).mean())}
+                   "kl": float(seq_kl.mean()), "kl_coef": beta, "response_length": float(mask.sum(1).mean()),
+                   "kl_se": float(seq_kl.std() / len(seq_kl) ** 0.5) if len(seq_kl) > 1 else 0.0}
         if o.algorithm == "ppo":
             rewards = L.kl_shaped_rewards(scores, kl, mask, kl_coef=beta)  # (N, L)
             adv, ret = L.gae(rewards, batch["values"], mask, gamma=o.gamma, lam=o.lam)
@@ -330,10 +331,11 @@ class RlTask(CausalTask):
 
     def _guards(self, phase: int, metrics: dict, scores: torch.Tensor) -> None:
         o, c = self.opts, self.collapse
-        if metrics["kl"] < NEGATIVE_KL:
-            log.warning("rl: NEGATIVE KL to the reference (%.4f per sequence) at rollout %d: the policy samples tokens "
-                        "the reference finds likelier than the policy does; check the sampling settings "
-                        "(top_k/top_p change what is sampled but not the scored distribution)", metrics["kl"], phase)
+        kl, se = metrics["kl"], metrics.get("kl_se", 0.0)
+        if kl < NEGATIVE_KL and kl < -2 * se:  # the sample mean of k1 is >= 0 in expectation: this is not noise
+            log.warning("rl: NEGATIVE KL to the reference (%.4f per sequence, standard error %.4f) at rollout %d: the "
+                        "policy samples tokens the reference finds likelier than the policy does; check the sampling "
+                        "settings (top_k/top_p change what is sampled but not the scored distribution)", kl, se, phase)
         mean = metrics["reward_mean"]
         c["spread"] = max(c["spread"], metrics["reward_std"])
         c["best"] = mean if c["best"] is None else max(c["best"], mean)
