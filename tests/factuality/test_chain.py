@@ -86,6 +86,34 @@ def test_resume_reuses_stages_and_refuses_other_recipes(chain):
     assert main(["factuality", "run", str(_yaml(tmp / "r2.yaml", recipe | {"resume": True, "seed": 4}))]) == 2
 
 
+def test_free_variant_groups_with_its_own_checker(chain):
+    """score.free_checker groups the free variant's samples; held-out answers are still judged by score.checker."""
+    import shutil
+
+    from lmforge.factuality.checkers import LexicalChecker
+    from lmforge.factuality.pairs import group_by_prompt
+    from lmforge.factuality.scoring import group_with_checker
+
+    tmp, recipe, report = chain
+    src, dst = tmp / "runs" / "tiny", tmp / "runs" / "tiny-free"
+    dst.mkdir()
+    for f in ("samples.jsonl", "greedy-base.jsonl"):  # the same seed and split: reuse the sampled stages
+        shutil.copy(src / f, dst / f)
+    score = recipe["score"] | {"free_group": "nli", "free_checker": "lexical", "free_threshold": 0.5}
+    free = run_recipe(recipe | {"name": "tiny-free", "variants": ["free"], "resume": True, "score": score})
+    scored = group_by_prompt(_read(dst / "scored-free.jsonl"))
+    strict, loose = LexicalChecker(threshold=0.5), LexicalChecker(threshold=0.15)
+    differs = False
+    for rows in scored.values():
+        answers = [r["answer"] for r in rows]
+        assert [r["class"] for r in rows] == group_with_checker(answers, strict)
+        differs |= group_with_checker(answers, strict) != group_with_checker(answers, loose)
+    assert differs  # the two thresholds group these samples differently, so the test can tell them apart
+    base = json.loads((src / "report.json").read_text())["variants"]["reference"]["heldout"]
+    if free["variants"]["free"].get("heldout"):  # same judge (score.checker) for the before figure
+        assert free["variants"]["free"]["heldout"]["supported_fraction"]["before"] == base["supported_fraction"]["before"]
+
+
 def _yaml(path: Path, obj: dict) -> Path:
     import yaml
 

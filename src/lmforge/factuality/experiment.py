@@ -36,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "variants": ["reference", "free"],
     "data": {"prompts": None, "n_tuning": 150, "n_heldout": 100, "paraphrase_jaccard": 0.6, "instruction": ""},
     "sample": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 40, "batch_size": 16},
-    "score": {"checker": None, "free_group": "nli", "rule": "jaccard", "jaccard_min": 0.5, "threshold": None},
+    "score": {"checker": None, "free_group": "nli", "rule": "jaccard", "jaccard_min": 0.5, "threshold": None,
+              "free_checker": None, "free_threshold": None},
     "pairs": {"margin": 0.0, "max_pairs_per_prompt": 3},
     "dpo": {},
     "eval": {"max_new_tokens": 40, "n_boot": 2000, "batch_size": 16},
@@ -173,12 +174,17 @@ def run_truthfulqa(cfg: dict) -> dict:
         st.timed("greedy_base", t0)
     base = [r["answer"] for r in _read(st.dir / "greedy-base.jsonl")]
     checker = load_checker(sc["checker"], threshold=sc["threshold"], device=cfg["device"]) if sc["checker"] else None
+    # reference-free grouping may use its own checker (e.g. embedding:minilm when the NLI checker finds no two
+    # samples equivalent); held-out answers are always judged by score.checker
+    free_checker = (load_checker(sc["free_checker"], threshold=sc["free_threshold"], device=cfg["device"])
+                    if sc["free_checker"] else checker)
     before = answer_metrics(base, heldrefs, checker)
     del gen
     for v in cfg["variants"]:
         t0 = time.perf_counter()
         if not st.done(f"scored-{v}.jsonl"):
-            scored = score_rows([r for r in samples if r["answer"].strip()], v, checker,
+            ck = free_checker if v == "free" else checker
+            scored = score_rows([r for r in samples if r["answer"].strip()], v, ck,
                                 group=sc["free_group"], rule=sc["rule"], jaccard_min=sc["jaccard_min"])
             write_jsonl(st.dir / f"scored-{v}.jsonl", scored)
         st.timed(f"score_{v}", t0)
