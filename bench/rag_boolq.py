@@ -31,6 +31,7 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -165,6 +166,14 @@ def run(args) -> None:
     print(json.dumps(report))
 
 
+def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k/n."""
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [round(mid - half, 3), round(mid + half, 3)]
+
+
 def summarize(results: list[dict]) -> dict:
     by: dict[str, list[dict]] = {}
     for r in results:
@@ -189,6 +198,9 @@ def summarize(results: list[dict]) -> dict:
             "cites_something": round(len(cited) / len(rs), 4),
             "citation_precision": round(sum(prec) / len(prec), 4) if prec else None,
             "citation_recall": round(sum(rec) / len(rec), 4) if rec else None,
+            # which passage numbers get cited (a model citing by position, not by content, shows here)
+            "cited_numbers": dict(sorted(Counter(n for r in rs for n in r["citations"]).items())),
+            "accuracy_ci95": _wilson(sum(r["pred"] == r["gold"] for r in rs), len(rs)),
         }
     return rep
 
