@@ -142,9 +142,9 @@ def test_duplicate_keys_are_errors_naming_both_lines(tmp_path):
 
 
 def test_merge_keys_still_override():
-    from lmforge.config import _load_yaml_text
+    from lmforge.config import load_yaml_text
 
-    assert _load_yaml_text("d: &d {a: 1, b: 2}\nx:\n  <<: *d\n  a: 3\n", "s")["x"] == {"a": 3, "b": 2}
+    assert load_yaml_text("d: &d {a: 1, b: 2}\nx:\n  <<: *d\n  a: 3\n", "s")["x"] == {"a": 3, "b": 2}
 
 
 def test_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path):
