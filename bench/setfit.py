@@ -72,7 +72,7 @@ def run_lmforge(train: str, data: str, iterations: int, seed: int, limit: int | 
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "warmup_ratio": WARMUP, "weight_decay": DECAY,
                   "schedule": "linear", "max_grad_norm": 1.0, "progress": False, "log_every": 10_000},
     })
-    run, timing = timed_call(lambda: train_config(cfg), profile)  # the profile includes model loading
+    run, timing = timed_call(lambda: train_config(cfg), profile)  # includes model loading (CPU time too)
     task, train_s = run.task, run.train_seconds  # training only, as before (no model loading)
     texts, gold = dev_rows(data, limit)
     t0 = time.perf_counter()
