@@ -190,7 +190,7 @@ def main() -> None:
     n, L, d = flops["n"], flops["layers"], flops["attn_dim"]
     policy = (lambda s: 4.0 * n * s + 12.0 * L * d * s * s) if args.precompute else \
         (lambda s: 6.0 * n * s + 16.0 * L * d * s * s)  # + the reference forward
-    add_mfu(fig, res, flops, peak["gflops"], per_seq=lambda lens: sum(policy(s) for s in lens))
+    add_mfu(fig, res, flops, peak, per_seq=lambda lens: sum(policy(s) for s in lens))
     for k, runs in res.items():
         fig[k]["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in runs), 1)
     emit({"bench": "dpo_lora", "model": "SmolLM2-135M-Instruct", "data": "hh_rlhf helpful-base", "pairs": n_pairs,

