@@ -20,8 +20,10 @@ def t5_dir(tmp_path_factory):
     return make_folder("t5", tmp_path_factory.mktemp("rl_t5"))
 
 
-def test_rollout_logps_equal_transformers(tmp_path, t5_dir):
-    task = RlTask(rl_config(tmp_path, t5_dir, rl={"algorithm": "ppo"}))
+@pytest.mark.parametrize("kind", ["t5", "bart"])  # bart: learned positions, so prompt alignment matters
+def test_rollout_logps_equal_transformers(tmp_path, tmp_path_factory, t5_dir, kind):
+    folder = t5_dir if kind == "t5" else make_folder("bart", tmp_path_factory.mktemp("rl_bart"))
+    task = RlTask(rl_config(tmp_path, folder, rl={"algorithm": "ppo"}))
     assert task.seq2seq and task.peft_task_type == "SEQ_2_SEQ_LM"
     with torch.no_grad():
         for n, p in task.model.named_parameters():  # LoRA on, so policy and reference differ
