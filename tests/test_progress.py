@@ -143,3 +143,28 @@ def test_time_line_and_postfix_line_for_the_same_unit_are_one_line():
     # a time line waits one update and gives way to the postfix line of the same unit
     assert counts == ["1/9", "2/9", "3/9", "3/9"] + [f"{i}/9" for i in range(4, 10)]
     assert "loss=0.333" in lines[3] and "loss=0.167" in lines[6] and "loss=0.111" in lines[-1]
+
+
+def test_quiet_libraries_turns_transformers_bars_off_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = ("from transformers.utils import logging as l; before = l.is_progress_bar_enabled(); "
+            "from lmforge.progress import quiet_libraries; quiet_libraries(); "
+            "print(before, l.is_progress_bar_enabled(), l.get_verbosity() == l.ERROR)")
+    import os
+
+    env = {k: v for k, v in os.environ.items()  # an earlier in-process CLI test may have set these
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["True", "False", "True"]  # on by default; off (and errors only) after
+
+
+def test_the_demo_quiets_the_libraries_as_the_cli_does():
+    import inspect
+
+    from lmforge import cli, demo
+
+    assert "quiet_libraries()" in inspect.getsource(demo.run)
+    assert "quiet_libraries()" in inspect.getsource(cli._setup_logging)

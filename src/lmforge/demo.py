@@ -21,7 +21,9 @@ def run(overrides: list[str]) -> int:
     from . import api
     from .config import load_config
     from .errors import LmforgeError
+    from .progress import quiet_libraries
 
+    quiet_libraries()  # as the CLI: no carriage-return bars from transformers in a demo log
     t0 = time.perf_counter()
     try:
         run = api.train_config(load_config(RECIPE, overrides))

@@ -204,3 +204,19 @@ def tracked_tqdm(module) -> Iterator[None]:
             module.tqdm = old
         else:
             del module.tqdm
+
+
+def quiet_libraries() -> None:
+    """Turn off the libraries' own progress bars and chatter (transformers' "Loading weights" bar,
+    hub downloads, tokenizer fork warnings): their carriage-return redraws would fill a log, and
+    lmforge reports those steps through :func:`progress`. Called by the CLI and the demo."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
