@@ -74,8 +74,9 @@ class PromptSpec:
             raise LmforgeError(f"prompt init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "text" and not self.init_text:
             raise LmforgeError("prompt init: text needs init_text")
-        if self.num_transformer_submodules not in (1, 2) or isinstance(self.num_transformer_submodules, bool):
-            raise LmforgeError(f"prompt num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")
+        subs = self.num_transformer_submodules
+        if subs not in (1, 2) or isinstance(subs, bool):
+            raise LmforgeError(f"prompt num_transformer_submodules must be 1 or 2, got {subs!r}")
         self.modules_to_save = list(self.modules_to_save or [])
 
 
@@ -272,7 +273,8 @@ class PromptKind(AdapterKind):
     def peft_config(self, spec, model) -> dict:
         cfg = getattr(model, "config", None)
         dim = getattr(model, ATTR).embedding.weight.shape[1]
-        return {"num_virtual_tokens": spec.num_virtual_tokens, "token_dim": dim, "num_transformer_submodules": spec.num_transformer_submodules,
+        return {"num_virtual_tokens": spec.num_virtual_tokens, "token_dim": dim,
+                "num_transformer_submodules": spec.num_transformer_submodules,
                 "num_attention_heads": getattr(cfg, "num_attention_heads", None),
                 "num_layers": getattr(cfg, "num_hidden_layers", None),
                 "prompt_tuning_init": INITS[spec.init], "prompt_tuning_init_text": spec.init_text}
