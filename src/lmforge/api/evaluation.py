@@ -32,7 +32,7 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
                    fewshot_data: str | Path | None = None, columns: Sequence[str] | None = None,
                    score_range: Sequence[float] | None = None, checkpoint: str = "final",
                    decoding: dict | None = None, prompt_template: str | None = None,
-                   reference: str | None = None) -> dict:
+                   reference: str | None = None, no_filter: bool = False) -> dict:
     """Evaluate a model reference or run directory on a data file, without a run's task.
 
     ``task="generation"`` (causal or seq2seq models): ROUGE/BLEU of generations. On an ``sft`` run
@@ -71,7 +71,8 @@ def evaluate_model(model: str | Path, data: str | Path, task: str, *, adapter: s
     elif task in ("sts", "retrieval"):
         report = _evaluate_encoder(str(model), str(data), task, columns=columns, score_range=score_range)
     else:
-        gen = dict(checkpoint=checkpoint, decoding=decoding, prompt_template=prompt_template, reference=reference)
+        gen = dict(checkpoint=checkpoint, decoding=decoding, prompt_template=prompt_template, reference=reference,
+                   no_filter=no_filter)
         report = _evaluate_causal(str(model), str(data), task, adapter=adapter, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, max_length=max_length, device=device,
                                   precision=precision, **gen)
@@ -101,9 +102,11 @@ def _evaluate_causal(model: str, data: str, task: str, *, adapter, batch_size, m
 
 
 def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_tokens, device, precision,
-                         checkpoint="final", decoding=None, prompt_template=None, reference=None) -> dict:
+                         checkpoint="final", decoding=None, prompt_template=None, reference=None,
+                         no_filter=False) -> dict:
     """ROUGE/BLEU of generations: through an sft run's own task when there is one (see
     :func:`evaluate_model`), else :func:`lmforge.eval.generation.evaluate_generation`."""
+    from ..data.schema import eval_filtering, filter_summary
     from ..eval.generation import evaluate_generation
     from ..generation import GenerationConfig
 
@@ -113,7 +116,11 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
     if run is not None and prompt_template is None and reference is None and _has_run_columns(run, data):
         task = _load_run(run, checkpoint).task
         gcfg = task.generation_config(**decoding)  # checked before the data is read
-        return {"run": str(run), "checkpoint": checkpoint} | task.generation_report(task.read_eval_file(data), gcfg)
+        with eval_filtering(enabled=not no_filter) as seen:
+            items = task.read_eval_file(data)
+        notes = filter_summary(seen, task.cfg.data.where)
+        report = {"run": str(run), "checkpoint": checkpoint} | task.generation_report(items, gcfg)
+        return report | ({"data_filter": notes} if notes else {})
     try:
         gcfg = GenerationConfig(**({"max_new_tokens": 128} | decoding))
     except TypeError as err:
@@ -123,7 +130,14 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
         from ..tasks.sft import generation_items, generation_report
 
         task = _load_run(run, checkpoint).task
-        return {"run": str(run), "checkpoint": checkpoint} | generation_report(task, generation_items(task, data), gcfg)
+        with eval_filtering(enabled=not no_filter) as seen:
+            items = generation_items(task, data)
+        notes = filter_summary(seen, task.cfg.data.where)
+        report = {"run": str(run), "checkpoint": checkpoint} | generation_report(task, items, gcfg)
+        return report | ({"data_filter": notes} if notes else {})
+    if no_filter:
+        raise LmforgeError("--no-filter: no run's data.where applies here (it is for an sft or preference run "
+                           "scored on records in its own format)")
     return evaluate_generation(model, data, gcfg, adapter=adapter, prompt_template=prompt_template,
                                reference=reference, device=device, precision=precision)
 

@@ -67,6 +67,8 @@ def cmd_eval(args) -> int:
         data = "test" if getattr(args, "split", None) and not args.data else args.data
         args.out = eval_report_path(args.run_dir, data, task, suite=getattr(args, "suite", None))
         args.out = str(args.out) if args.out else None
+    if getattr(args, "no_filter", False) and task not in (None, "generation"):
+        raise LmforgeError(f"--no-filter: --task {task} reads the file as it is (no run's data.where applies)")
     if task == "mc":  # multiple-choice log-likelihood (commands/mc.py)
         from .mc import run_mc
 

@@ -217,7 +217,8 @@ def run_eval_task(args) -> int:
     extra = {}
     if args.task == "generation":
         extra = dict(decoding=decoding, prompt_template=getattr(args, "prompt_template", None),
-                     reference=getattr(args, "reference", None), checkpoint=getattr(args, "checkpoint", "final"))
+                     reference=getattr(args, "reference", None), checkpoint=getattr(args, "checkpoint", "final"),
+                     no_filter=getattr(args, "no_filter", False))
     elif any(v for v in decoding.values()) or getattr(args, "prompt_template", None):
         raise LmforgeError("eval: decoding options and --prompt-template go with --task generation")
     report = evaluate_model(getattr(args, "model", None) or args.run_dir, args.data, args.task,
