@@ -25,13 +25,11 @@ import copy
 import logging
 import random
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from ..config import RunConfig
 from ..data.schema import field_column, load_splits
 from ..device import move
 from ..errors import LmforgeError, TrainingError
@@ -39,53 +37,13 @@ from ..losses import rl as L
 from ..rl.rollout import collate_rollout, distinct_n, gather_response, response_logps, sample_responses
 from ..rundir import write_safetensors
 from .base import register_task
-from .causal import CausalSection, CausalTask, output_projection
+from .causal import CausalTask, output_projection
+from .rl_config import RlRun
 from .rl_reward import build_reward
 
 log = logging.getLogger(__name__)
 VALUE_HEAD = "value_head.safetensors"
 NEGATIVE_KL = -0.1  # a mean summed k1 KL below this and below -2 standard errors is warned about (k1 is noisy)
-
-
-class RlConfig(CausalSection):
-    """RL options (``rl:`` section)."""
-
-    algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
-    reward: str = Field(description="a classify or reward run folder, or a Python function text -> float "
-                                    "by dotted name (package.module.function)")
-    reward_label: str | None = Field(None, description="classify run: the label whose score is the reward")
-    reward_score: Literal["prob", "logit"] = Field("prob", description="classify run: probability or logit")
-    reward_scale: float = Field(1.0, description="the reward is scale x score (e.g. -1 to minimise a score)")
-    generations: int | None = Field(None, gt=0, description="responses per prompt (k); default 1 for ppo, 4 else")
-    rollout_prompts: int = Field(8, gt=0, description="prompts per rollout")
-    ppo_epochs: int | None = Field(None, gt=0, description="optimisation passes over a rollout; 4 for ppo, 1 else")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    generation_batch_size: int = Field(32, gt=0)
-    kl_coef: float = Field(0.05, ge=0, description="beta (the start value when adaptive)")
-    kl_estimator: Literal["k1", "k3"] | None = Field(None, description="k1 for ppo/rloo rewards, k3 for grpo's loss")
-    kl_target: float | None = Field(None, gt=0, description="adaptive KL: target KL per sequence")
-    kl_horizon: int = Field(10000, gt=0)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_high: float | None = Field(None, gt=0, description="upper clip (DAPO clip-higher); default clip_range")
-    clip_range_value: float | None = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool | None = Field(None, description="default: true for ppo, false else")
-    entropy_coef: float = Field(0.0, ge=0)
-    ratio_threshold: float = Field(10.0, gt=1, description="skip a minibatch whose mean probability ratio is above")
-    collapse_drop: float | None = Field(3.0, gt=0, description="stop when the reward mean stays this many rollout "
-                                                                "reward stds (the largest seen) below its best (None: off)")
-    collapse_patience: int = Field(3, gt=0)
-    log_samples: int = Field(4, ge=0, description="generations per rollout written to samples/")
-
-
-class RlRun(RunConfig):
-    task: Literal["rl"] = "rl"
-    rl: RlConfig
 
 
 class PolicyValue(nn.Module):
