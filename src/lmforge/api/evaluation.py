@@ -127,7 +127,7 @@ def _evaluate_generation(model: str, data: str, *, adapter, batch_size, max_new_
         raise LmforgeError(f"generation: {err}") from None
     run = _sft_run(model, adapter, tasks=("preference",))
     if run is not None and prompt_template is None and reference is None:  # e.g. DPO: its prompts, as it trained
-        from ..tasks.sft import generation_items, generation_report
+        from ..tasks.samples import generation_items, generation_report
 
         task = _load_run(run, checkpoint).task
         with eval_filtering(enabled=not no_filter) as seen:

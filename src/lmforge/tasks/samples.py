@@ -1,10 +1,16 @@
 """Generation phases of causal-LM tasks, for people: greedy generations in batches with progress
 (:mod:`lmforge.progress`), and the few sample generations the run report shows before and after
-training (``api.train_config`` calls a task's ``sample_outputs()`` at both ends of training).
+training (``api.train_config`` calls a task's ``sample_outputs()`` at both ends of training), and
+the ROUGE/BLEU report of a run's generations (``eval --task generation``, sft's eval).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
+
+from ..data.readers import read_table
+from ..data.schema import apply_where, field_column
+from ..errors import LmforgeError
 
 
 def greedy_generations(task, prompts: Sequence[Any], *, max_new_tokens: int, batch_size: int, desc: str,
@@ -69,3 +75,54 @@ def before_after(before: Sequence[dict] | None, after: Sequence[dict] | None) ->
             row["reference"] = a["reference"]
         rows.append(row)
     return rows
+
+
+def generation_report(task, items: Sequence[dict], gcfg) -> dict:
+    """ROUGE-1/2/L/Lsum and BLEU of ``task``'s generations (any causal-LM task or a seq2seq sft) for
+    every item with a ``prompt`` (as its formatter gives it) and a ``reference``, with the decoding
+    settings used and three examples."""
+    import dataclasses
+
+    from ..eval.generation import generation_scores
+    from ..generation import generate
+
+    gen = [it for it in items if "prompt" in it and it.get("reference") is not None]
+    if not gen:
+        raise LmforgeError("no evaluation rows with a prompt and a reference to generate for")
+    task.model.eval()
+    t0 = time.perf_counter()
+    with task.placement.autocast():
+        preds = generate(task.core, task.tokenizer, [it["prompt"] for it in gen], gcfg,
+                         chat=False if getattr(task, "seq2seq", False) else task.fmt.chat)
+    seconds = time.perf_counter() - t0
+    report = generation_scores(preds, [it["reference"] for it in gen])
+    task.last_generations = [{"prediction": p, "reference": it["reference"]} for p, it in zip(preds, gen)]
+    return report | {"generation_seconds": round(seconds, 3), "decoding": dataclasses.asdict(gcfg),
+                     "prompt_template": task.opts.prompt_template, "examples": task.last_generations[:3]}
+
+
+def generation_items(task, path: str) -> list[dict]:
+    """``{"prompt", "reference"}`` per record of ``path`` as a causal-LM run (e.g. DPO) prompts: its
+    ``data.where`` filter, its prompt column mapping or ``prompt_template``, its chat formatting
+    (:meth:`Formatter.generation_prompt`); the reference is the run's ``reference`` column, else the
+    first of reference/references/completion/summary/target/chosen."""
+    from ..eval.generation import REFERENCE_FIELDS
+
+    table = apply_where(read_table(path), task.cfg.data.where)
+    if not table.records:
+        raise LmforgeError(f"{path}: no examples")
+    dc = task.cfg.data
+    ref_cols = [dc.columns["reference"]] if "reference" in dc.columns else [*REFERENCE_FIELDS, "chosen"]
+    items = []
+    for i, rec in enumerate(table.records):
+        where = table.where(i)
+        ref = next((rec[c] for c in ref_cols if c in rec), None)
+        if ref is None:
+            raise LmforgeError(f"{where}: missing a reference ({'/'.join(ref_cols)})")
+        try:
+            prompt = task.fmt.generation_prompt(task.prompt_value(rec, field_column(dc, "prompt"), where))
+        except LmforgeError as err:
+            msg = str(err)
+            raise LmforgeError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        items.append({"prompt": prompt, "reference": ref})
+    return items
