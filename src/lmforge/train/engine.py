@@ -307,7 +307,8 @@ def _rollout(task: Task, phase: int, env: DistEnv, run_dir: Path, last_good: Pat
 def check_best_metric(task: Task, cfg: RunConfig, probe_items: int = 8) -> None:
     """Refuse an unknown ``train.best_metric`` before anything trains (or any run folder exists):
     the task is evaluated once on a few eval items, with every random state put back afterwards
-    (training is unchanged), and the metric must be one of the numbers it reports."""
+    (training is unchanged) and lmforge's warnings held back (a class absent from 8 rows is not
+    news), and the metric must be one of the numbers it reports."""
     key = cfg.train.best_metric
     if not key or type(task).train_direct.__qualname__ != "Task.train_direct":  # methods without the engine
         return
@@ -317,12 +318,16 @@ def check_best_metric(task: Task, cfg: RunConfig, probe_items: int = 8) -> None:
     saved_items, was_training = task.eval_items, task.model.training
     py_state, np_state = random.getstate(), np.random.get_state()
     task.model.to(task.placement.device)
+    lm_log = logging.getLogger("lmforge")  # the probe's metrics are discarded: so are its warnings
+    level = lm_log.level
+    lm_log.setLevel(logging.ERROR)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             task.eval_items = list(saved_items[:probe_items])
             task.model.eval()
             metrics = task.evaluate()
     finally:
+        lm_log.setLevel(level)
         task.eval_items = saved_items
         task.model.train(was_training)
         random.setstate(py_state)
