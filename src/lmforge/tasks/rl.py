@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,7 @@ from ..data.schema import field_column, load_splits
 from ..device import move
 from ..errors import LmforgeError, TrainingError
 from ..losses import rl as L
+from ..rl.fast import merged_adapters
 from ..rl.rollout import collate_rollout, distinct_n, gather_response, response_logps, sample_responses
 from ..rundir import write_safetensors
 from .base import register_task
@@ -79,6 +81,8 @@ class RlTask(CausalTask):
         self.kl_ctl = (L.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target
                        else L.FixedKLController(o.kl_coef))
         self.collapse = {"best": None, "spread": 0.0, "bad": 0}
+        self.need_ref = not (o.fast_rollout and not o.kl_target and o.kl_coef == 0)  # fast paths: __doc__ of fast_rollout
+        self.need_old = True
         head = None
         if o.algorithm == "ppo":
             torch.manual_seed(cfg.seed)
@@ -98,6 +102,9 @@ class RlTask(CausalTask):
             if len(self.train_items) < o.rollout_prompts:
                 raise LmforgeError(f"rl.rollout_prompts ({o.rollout_prompts}) is more than the "
                                    f"{len(self.train_items)} training prompts")
+            one_step = n == g and self.epochs == 1 and not o.kl_target  # ratio 1 by construction
+            fast = o.fast_rollout and o.algorithm != "ppo" and one_step
+            self.need_old = not (fast and (o.algorithm == "grpo" or not self.need_ref))  # rloo's KL is in its reward
             self.reward_fn  # a bad reward (unknown label, missing function) fails before any run folder exists
 
     # ---- data: prompts ------------------------------------------------------------------------
@@ -204,7 +211,7 @@ class RlTask(CausalTask):
         eos = eos_token_ids(self.policy, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         gen = torch.Generator(device=self.placement.device).manual_seed(seed)
-        with self.placement.autocast():
+        with self.placement.autocast(), (merged_adapters(self.policy) if o.merged_generation else nullcontext()):
             return sample_responses(self.policy, [p["input_ids"] for p in prompts], gcfg, eos_ids=eos, pad_id=pad,
                                     generator=gen)
 
@@ -214,26 +221,29 @@ class RlTask(CausalTask):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def _token_stats(self, items: list[dict], with_values: bool) -> None:
-        """Attach ``old_logps``, ``ref_logps`` (and ``values``) per response token to each item."""
+    def _token_stats(self, items: list[dict], with_values: bool, old: bool = True, ref: bool = True) -> None:
+        """Attach ``old_logps`` (when ``old``), ``ref_logps`` (when ``ref``) and ``values`` per response token."""
         bs = self.opts.generation_batch_size
-        for s in range(0, len(items), bs):
+        for s in range(0, len(items) if (old or ref or with_values) else 0, bs):
             chunk = items[s:s + bs]
             batch = move(self.collate(chunk), self.placement.device)
+            stats = {}
             with self.placement.autocast():
-                h = gather_response(self.hidden(batch, self.policy), batch["response_index"])  # (b, L, H)
-                logps, _ = response_logps(h, *self.head(self.policy), batch["response_ids"])
-                vals = self.values(h) if with_values else None
-                with self._reference() as ref:
-                    h_ref = gather_response(self.hidden(batch, ref), batch["response_index"])
-                    ref_logps, _ = response_logps(h_ref, *self.head(ref), batch["response_ids"])
+                if old or with_values:
+                    h = gather_response(self.hidden(batch, self.policy), batch["response_index"])  # (b, L, H)
+                    if old:
+                        stats["old_logps"] = response_logps(h, *self.head(self.policy), batch["response_ids"])[0]
+                    if with_values:
+                        stats["values"] = self.values(h)
+                if ref:
+                    with self._reference() as model:
+                        h_ref = gather_response(self.hidden(batch, model), batch["response_index"])
+                        stats["ref_logps"] = response_logps(h_ref, *self.head(model), batch["response_ids"])[0]
             for r, it in enumerate(chunk):
                 n = len(it["response_ids"])
-                it["old_logps"], it["ref_logps"] = logps[r, :n].float().cpu(), ref_logps[r, :n].float().cpu()
-                if vals is not None:
-                    it["values"] = vals[r, :n].float().cpu()
+                it.update({k: v[r, :n].float().cpu() for k, v in stats.items()})
 
-    def _sample(self, prompts: list[dict], seed: int, with_values: bool) -> tuple[list[dict], torch.Tensor]:
+    def _sample(self, prompts: list[dict], seed: int, with_values: bool, fast: bool = False) -> tuple[list[dict], torch.Tensor]:
         """Generate, score and attach token statistics; returns (items, raw scores (N,))."""
         responses = self._generate(prompts, seed)
         texts = [self._text(r) for r in responses]
@@ -241,7 +251,7 @@ class RlTask(CausalTask):
         scores = torch.tensor(scores, dtype=torch.float32) * self.opts.reward_scale  # (N,)
         items = [{"prompt_ids": p["input_ids"], "response_ids": r, "prompt": p["prompt"], "text": t}
                  for p, r, t in zip(prompts, responses, texts)]
-        self._token_stats(items, with_values)
+        self._token_stats(items, with_values, *((self.need_old, self.need_ref) if fast else (True, True)))
         return items, scores
 
     def rollout(self, phase: int) -> dict:
@@ -253,15 +263,18 @@ class RlTask(CausalTask):
         chosen = order[r * o.rollout_prompts:(r + 1) * o.rollout_prompts]
         prompts = [self.train_items[i] for i in chosen for _ in range(self.k)]  # prompt-major
         items, scores = self._sample(prompts, (self.cfg.seed * 1_000_003 + 7919 * (phase + 1)) % 2**63,
-                                     o.algorithm == "ppo")
+                                     o.algorithm == "ppo", fast=True)
         batch = collate_rollout(items, 0)
         mask = batch["response_mask"]  # (N, L)
-        kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator=self.estimator)  # (N, L)
-        seq_kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator="k1").sum(1)  # (N,)
         beta = self.kl_ctl.value
         metrics = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                   "kl": float(seq_kl.mean()), "kl_coef": beta, "response_length": float(mask.sum(1).mean()),
-                   "kl_se": float(seq_kl.std() / len(seq_kl) ** 0.5) if len(seq_kl) > 1 else 0.0}
+                   "kl_coef": beta, "response_length": float(mask.sum(1).mean())}
+        kl = seq_kl = torch.zeros(mask.shape)  # (N, L): no KL (beta = 0, or grpo's is in the loss: logged there)
+        if "old_logps" in batch and "ref_logps" in batch:
+            kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator=self.estimator)  # (N, L)
+            seq_kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator="k1").sum(1)  # (N,)
+            metrics |= {"kl": float(seq_kl.mean()),
+                        "kl_se": float(seq_kl.std() / len(seq_kl) ** 0.5) if len(seq_kl) > 1 else 0.0}
         if o.algorithm == "ppo":
             rewards = L.kl_shaped_rewards(scores, kl, mask, kl_coef=beta)  # (N, L)
             adv, ret = L.gae(rewards, batch["values"], mask, gamma=o.gamma, lam=o.lam)
@@ -282,14 +295,15 @@ class RlTask(CausalTask):
             for it, a in zip(items, adv.tolist()):
                 it["advantage"] = a
         self._guards(phase, metrics, scores)
-        self.kl_ctl.update(metrics["kl"], len(items))
-        samples = [{"phase": phase, "prompt": it["prompt"], "response": it["text"], "reward": float(s),
-                    "kl": float(k)} for it, s, k in zip(items[:o.log_samples], scores.tolist(), seq_kl.tolist())]
+        self.kl_ctl.update(metrics.get("kl", 0.0), len(items))  # adaptive: the KL is always computed
+        samples = [{"phase": phase, "prompt": it["prompt"], "response": it["text"], "reward": float(s)}
+                   | ({"kl": float(seq_kl[i])} if "kl" in metrics else {})
+                   for i, (it, s) in enumerate(zip(items[:o.log_samples], scores.tolist()))]
         return {"items": items, "metrics": metrics, "samples": samples}
 
     def _guards(self, phase: int, metrics: dict, scores: torch.Tensor) -> None:
         o, c = self.opts, self.collapse
-        kl, se = metrics["kl"], metrics.get("kl_se", 0.0)
+        kl, se = metrics.get("kl", 0.0), metrics.get("kl_se", 0.0)
         if kl < NEGATIVE_KL and kl < -2 * se:  # the sample mean of k1 is >= 0 in expectation: this is not noise
             log.warning("rl: NEGATIVE KL to the reference (%.4f per sequence, standard error %.4f) at rollout %d: the "
                         "policy samples tokens the reference finds likelier than the policy does; check the sampling "
@@ -338,7 +352,8 @@ class RlTask(CausalTask):
         h = gather_response(self.hidden(batch, self.policy), batch["response_index"])  # (B, L, H)
         logps, ent = response_logps(h, *self.head(self.policy), batch["response_ids"],
                                     with_entropy=True)  # (B, L), (B, L)
-        ratio_mean = float(L.masked_mean(torch.exp((logps.detach() - batch["old_logps"]) * mask), mask))
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # fast path: one step, ratio 1
+        ratio_mean = float(L.masked_mean(torch.exp((logps.detach() - old) * mask), mask))
         entropy = L.masked_mean(ent, mask)
         metrics = {"entropy": float(entropy.detach()), "ratio_mean": ratio_mean, "skip": 0.0}
         if ratio_mean > o.ratio_threshold:  # the guard: this minibatch's gradients are dropped
@@ -346,7 +361,7 @@ class RlTask(CausalTask):
                         ratio_mean, o.ratio_threshold)
             return (logps * mask).sum() * 0.0, metrics | {"skip": 1.0}
         adv = batch["advantages"] if o.algorithm == "ppo" else batch["advantage"]
-        pg, clip_frac, approx_kl = L.policy_loss(logps, batch["old_logps"], adv, mask, clip_eps=o.clip_range,
+        pg, clip_frac, approx_kl = L.policy_loss(logps, old, adv, mask, clip_eps=o.clip_range,
                                                  clip_eps_high=o.clip_range_high)
         loss = pg
         metrics |= {"pg_loss": float(pg.detach()), "clip_fraction": float(clip_frac), "approx_kl": float(approx_kl)}
@@ -358,6 +373,8 @@ class RlTask(CausalTask):
         if o.algorithm == "grpo" and self.kl_ctl.value > 0:
             kl = L.masked_mean(L.kl_penalty(logps, batch["ref_logps"], mask, estimator=self.estimator), mask)
             loss = loss + self.kl_ctl.value * kl
+            if "old_logps" not in batch:  # the rollout skipped the policy forward: its KL is logged here
+                metrics["kl"] = float(((logps.detach() - batch["ref_logps"]) * mask).sum(1).mean())
         if o.entropy_coef:
             loss = loss - o.entropy_coef * entropy
         return loss, metrics

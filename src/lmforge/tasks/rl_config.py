@@ -43,6 +43,11 @@ class RlConfig(CausalSection):
                                                                 "reward stds (the largest seen) below its best (None: off)")
     collapse_patience: int = Field(3, gt=0)
     log_samples: int = Field(4, ge=0, description="generations per rollout written to samples/")
+    merged_generation: bool = Field(True, description="sample with the adapters folded into copies of the base "
+                                                      "weights (faster; the originals are restored after)")
+    fast_rollout: bool = Field(True, description="skip the old-log-prob forward when a rollout is exactly one "
+                                                 "optimizer step (the ratio is 1 by construction) and the reference "
+                                                 "forward when kl_coef is a fixed 0 (no KL logged then)")
 
 
 class RlRun(RunConfig):

@@ -1,0 +1,95 @@
+"""The rollout fast paths equal the plain paths: generation with the adapters folded into copies
+of the base weights (same sampled tokens, base weights restored bit for bit), and the skipped
+old-log-prob / reference forwards (same losses, KL, adapter weights and generations)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.api import train_config
+from lmforge.rl.fast import merged_adapters
+from lmforge.tasks.rl import RlTask
+from lmforge.train import checkpoint as ckpt
+
+from .rl_helpers import make_rl_llama, rl_config
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_rl_llama(tmp_path_factory.mktemp("rl_llama"))
+
+
+def test_merged_generation_samples_the_same_tokens_and_restores_the_weights(tmp_path, model_dir):
+    task = RlTask(rl_config(tmp_path, model_dir, rl={"generations": 4, "rollout_prompts": 2}))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter: B != 0, so merged and unmerged differ from the base
+        for name, p in task.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    base = {n: p.detach().clone() for n, p in task.policy.named_parameters() if "lora" not in n}
+    prompts = task.train_items[:6]
+    task.opts.merged_generation = False
+    plain = task._generate(prompts, seed=5)
+    ids = torch.tensor([prompts[0]["input_ids"]])
+    want = task.policy(input_ids=ids).logits
+    task.opts.merged_generation = True
+    fast = task._generate(prompts, seed=5)
+    assert fast == plain
+    with merged_adapters(task.policy) as folded:
+        assert folded
+        got = task.policy(input_ids=ids).logits
+        with torch.no_grad():
+            plain_base = task.policy.model.layers[0].self_attn.q_proj.base.weight
+            assert not torch.equal(plain_base, base["model.layers.0.self_attn.q_proj.base.weight"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n, p in task.policy.named_parameters():  # the originals, bit for bit, and the adapter path back on
+        if n in base:
+            assert torch.equal(p, base[n]), n
+    torch.testing.assert_close(task.policy(input_ids=ids).logits, want, atol=0, rtol=0)
+    assert not any(getattr(m, "merged", False) for m in task.policy.modules())
+
+
+def _run(tmp_path, model_dir, name, fast, rl):
+    cfg = rl_config(tmp_path, model_dir, name=name, rl={"generations": 4, "rollout_prompts": 2,
+                                                        "fast_rollout": fast} | rl,
+                    train={"max_steps": 4, "batch_size": 8, "lr": 2e-2})
+    run = train_config(cfg)
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    samples = [[{k: v for k, v in json.loads(line).items() if k != "kl"} for line in p.read_text().splitlines()]
+               for p in sorted((run.run_dir / "samples").glob("*.jsonl"))]  # without the KL (not always logged)
+    return run, [r for r in rows if r["split"] == "train"], samples
+
+
+@pytest.mark.parametrize("rl, skipped", [
+    ({"algorithm": "grpo", "kl_coef": 0.05}, {"old"}),        # ratio 1 by construction; the KL from the loss
+    ({"algorithm": "grpo", "kl_coef": 0.0}, {"old", "ref"}),  # TRL's default: neither forward
+    ({"algorithm": "rloo", "kl_coef": 0.0}, {"old", "ref"}),
+])
+def test_skipped_forwards_train_like_the_plain_path(tmp_path, model_dir, monkeypatch, rl, skipped):
+    made = []
+    orig = RlTask._token_stats
+
+    def spy(self, items, with_values, old=True, ref=True):
+        made.append((old, ref))
+        return orig(self, items, with_values, old, ref)
+
+    monkeypatch.setattr(RlTask, "_token_stats", spy)
+    plain, plain_rows, plain_samples = _run(tmp_path, model_dir, "plain", False, rl)
+    assert made[:4] == [(True, True)] * 4
+    made.clear()
+    fast, fast_rows, fast_samples = _run(tmp_path, model_dir, "fast", True, rl)
+    assert made[0] == ("old" not in skipped, "ref" not in skipped)  # the fast path was taken
+    assert fast_samples == plain_samples  # same generations in every rollout (so the same weights each time)
+    keys = ["loss", "pg_loss", "reward_mean", "ratio_mean", "clip_fraction", "entropy", "grad_norm"]
+    keys += ["kl"] if "ref" not in skipped else []
+    for a, b in zip(plain_rows, fast_rows, strict=True):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (k, a[k], b[k])
+        if "ref" in skipped:
+            assert "kl" not in b
+    want = ckpt.trainable_state(plain.task.model)
+    for k, v in ckpt.trainable_state(fast.task.model).items():
+        torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4)
+    assert fast_rows[-1]["reward_mean"] != fast_rows[0]["reward_mean"]  # it trained
