@@ -33,6 +33,7 @@ import re
 import sys
 from collections import Counter
 import time
+import warnings
 from pathlib import Path
 
 # Prompt templates (``--template``); the one reported is chosen on the validation questions
@@ -174,6 +175,46 @@ def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [round(mid - half, 3), round(mid + half, 3)]
 
 
+def _per_question(rs: list[dict]) -> dict:
+    """Per question id: (correct 0/1, citation precision or None, citation recall or None)."""
+    out = {}
+    for r in rs:
+        hit = set(r["citations"]) & set(r["gold_at"])
+        out[r["i"]] = (float(r["pred"] == r["gold"]),
+                       len(hit) / len(r["citations"]) if r["citations"] else None,
+                       len(hit) / len(r["gold_at"]) if r["gold_at"] else None)
+    return out
+
+
+def bootstrap(values: list[list[float | None]], reps: int = 2000, seed: int = 0) -> list[list[float] | None]:
+    """95% percentile bootstrap intervals over questions.
+
+    ``values``: one row per question, one column per statistic (None: undefined for that question,
+    e.g. citation precision of an answer that cites nothing). Each replicate resamples the rows
+    (n with replacement, the same rows for every column, so paired differences stay paired) and
+    takes each column's mean over its defined entries. Returns per column [2.5%, 97.5%], or None
+    when a column has no defined entry.
+    """
+    import numpy as np
+
+    x = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=np.float64)  # (n, C)
+    n = x.shape[0]
+    if n == 0:
+        return []
+    idx = np.random.default_rng(seed).integers(0, n, size=(reps, n))  # (B, n)
+    s = x[idx]  # (B, n, C)
+    with warnings.catch_warnings():  # a replicate where a column has no defined entry gives NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(s, axis=1)  # (B, C)
+    out = []
+    for c in range(x.shape[1]):
+        col = means[:, c]
+        col = col[~np.isnan(col)]
+        out.append([round(float(np.percentile(col, 2.5)), 3), round(float(np.percentile(col, 97.5)), 3)]
+                   if col.size else None)
+    return out
+
+
 def summarize(results: list[dict]) -> dict:
     by: dict[str, list[dict]] = {}
     for r in results:
@@ -202,6 +243,21 @@ def summarize(results: list[dict]) -> dict:
             "cited_numbers": dict(sorted(Counter(n for r in rs for n in r["citations"]).items())),
             "accuracy_ci95": _wilson(sum(r["pred"] == r["gold"] for r in rs), len(rs)),
         }
+    # bootstrap over questions: each prompt's accuracy / citation precision / recall, and the paired
+    # accuracy difference against closed book (questions answered under both)
+    per = {name: _per_question(rs) for name, rs in by.items()}
+    base = per.get("closed", {})
+    for name, pq in per.items():
+        qids = sorted(pq)
+        yes = {r["i"]: float(r["gold"]) for r in by[name]}  # always-yes is right on these
+        rows = [list(pq[i]) + [pq[i][0] - base[i][0] if i in base else None, pq[i][0] - yes[i]] for i in qids]
+        ci = bootstrap(rows)
+        rep[name]["bootstrap95"] = {"accuracy": ci[0], "citation_precision": ci[1], "citation_recall": ci[2],
+                                    "accuracy_minus_closed": ci[3] if name != "closed" else None,
+                                    "accuracy_minus_always_yes": ci[4]}
+        both = [i for i in qids if i in base]
+        rep[name]["accuracy_minus_closed"] = round(sum(pq[i][0] - base[i][0] for i in both) / len(both), 4) \
+            if both and name != "closed" else None
     return rep
 
 
