@@ -146,12 +146,16 @@ def profile_summary(prof, wall_s: float, steps: int) -> dict:
     optimizer, data, other); ``other`` also holds the time no op accounts for (Python, waiting).
     Returns ms per step per group and the share of the wall time."""
     ms = dict.fromkeys(PROFILE_GROUPS, 0.0)
+    ops: dict[str, float] = {}
     for evt in prof.events():
         ms[_group_of(evt)] += evt.self_cpu_time_total / 1e3
+        ops[evt.name] = ops.get(evt.name, 0.0) + evt.self_cpu_time_total / 1e3
     wall = wall_s * 1e3
     ms["other"] += max(wall - sum(ms.values()), 0.0)
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:15]
     return {"ms_per_step": {k: round(v / steps, 1) for k, v in ms.items()},
-            "share": {k: round(v / max(wall, sum(ms.values())), 3) for k, v in ms.items()}}
+            "share": {k: round(v / max(wall, sum(ms.values())), 3) for k, v in ms.items()},
+            "top_ops_ms_per_step": {k: round(v / steps, 1) for k, v in top}}
 
 
 class Window:

@@ -36,7 +36,7 @@ def test_layout_by_hand():
 
 def test_varlen_attention_equals_block_diagonal_attention():
     """Per-sequence attention of a packed row == full attention with a block-diagonal mask."""
-    from transformers.models.bert.modeling_bert import eager_attention_forward
+    from lmforge.unpad import eager_attention as eager_attention_forward
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
@@ -47,6 +47,47 @@ def test_varlen_attention_equals_block_diagonal_attention():
     mod = torch.nn.Module()
     out = varlen_attention(eager_attention_forward, mod, q, k, v, cu, 3, scaling=0.5)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
+
+def test_eager_attention_equals_transformers_eager():
+    """Our eager kernel (its dropout from lmforge.fast_dropout) == transformers' BERT eager, no dropout."""
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    from lmforge.unpad import eager_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 5).masked_fill(torch.tensor([True, True, True, False, False]), -1e9)
+    mod = torch.nn.Module().eval()
+    for a, b in zip(eager_attention(mod, q, k, v, mask, scaling=0.3, dropout=0.1),
+                    eager_attention_forward(mod, q, k, v, mask, scaling=0.3, dropout=0.1)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_eager_attention_under_bf16_autocast_matches_transformers_within_bf16():
+    """Weights kept in bf16 (softmax accumulating in fp32) vs autocast's fp32 softmax: outputs and
+    gradients agree to bf16 precision."""
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    from lmforge.unpad import eager_attention
+
+    torch.manual_seed(0)
+    base = [torch.randn(4, 3, 17, 8) for _ in range(3)]
+    mask = torch.zeros(4, 1, 1, 17)
+    mask[1, ..., 9:] = torch.finfo(torch.float32).min
+    mod = torch.nn.Module().eval()
+    outs, grads = [], []
+    for fn in (eager_attention, eager_attention_forward):
+        qkv = [x.bfloat16().requires_grad_() for x in base]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(mod, *qkv, mask, scaling=0.35)[0]
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append([x.grad.float() for x in qkv])
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+        assert (a - b).abs().max() < 0.05 * b.abs().max()
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -141,14 +182,15 @@ def test_deepcopy_keeps_unpadding_on_the_copy():
 
 
 def test_prompt_tuning_on_an_unpadded_model_matches_plain():
-    """Adapters whose hooks bind the backbone's arguments (prompt tuning) see its real signature
-    and take the plain path (they pass inputs_embeds)."""
+    """Prompt tuning's hook binds the backbone's real signature and passes ``inputs_embeds`` with N
+    virtual tokens prepended (N ones in the mask): those batches run unpadded too (zeros at the
+    padding positions prove it), with the logits and the prompt's gradient of the plain path."""
     import inspect
 
     from lmforge.adapters import apply_adapter
     from lmforge.adapters.prompt import PromptSpec
 
-    outs = []
+    outs, grads, states = [], [], []
     for unpad in (False, True):
         model = _bert("eager")
         if unpad:
@@ -157,8 +199,29 @@ def test_prompt_tuning_on_an_unpadded_model_matches_plain():
         torch.manual_seed(3)
         apply_adapter(model, PromptSpec(num_virtual_tokens=3, init="random"))
         ids, mask, tt = _batch()
-        outs.append(model(input_ids=ids, attention_mask=mask).logits)
+        logits = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits
+        logits.square().sum().backward()
+        outs.append(logits)
+        grads.append(model.lmforge_prompt.embedding.weight.grad)
+        states.append(model.bert(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    assert states[1].shape == states[0].shape == (4, 9, 32)
+    pad = _batch()[1] == 0
+    assert states[0][pad].abs().sum() > 0 and not states[1][pad].any()  # unpadded: nothing at padding
+    torch.testing.assert_close(states[1][~pad], states[0][~pad], atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_embeds_are_unpadded_like_input_ids():
+    model = _bert("sdpa", BertModel)
+    ids, mask, tt = _batch()
+    ref = model(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    enable_unpadding(model)
+    embeds = model.get_input_embeddings()(ids)
+    out = model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    keep = mask.bool()
+    assert not out[~keep].any()
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=1e-5)
 
 
 def test_little_padding_takes_the_plain_path():

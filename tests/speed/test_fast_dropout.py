@@ -1,0 +1,67 @@
+"""lmforge.fast_dropout against torch's dropout: same distribution, exact expectation, gradients."""
+import torch
+from torch import nn
+
+from lmforge.fast_dropout import FastDropout, disable_fast_dropout, dropout, enable_fast_dropout, keep_mask
+
+
+def test_drop_rate_is_p_in_every_lane_of_the_random_words():
+    """Four int16 lanes per 64-bit draw: each lane (element i % 4) drops at rate p (a lane with a
+    biased sign bit, e.g. from a non-negative generator, would drop at 0 or 2p)."""
+    torch.manual_seed(0)
+    keep, p_q = keep_mask((400_000,), 0.1)
+    assert abs(p_q - 0.1) < 2 ** -16
+    for lane in range(4):
+        rate = 1 - keep[lane::4].float().mean().item()
+        assert abs(rate - 0.1) < 0.004, (lane, rate)  # 100k draws per lane: sd 0.00095
+    keep, _ = keep_mask((200_000,), 0.5)
+    assert abs(1 - keep.float().mean().item() - 0.5) < 0.005
+
+
+def test_kept_values_are_scaled_and_mean_is_preserved():
+    torch.manual_seed(1)
+    x = torch.full((100_000,), 2.0)
+    y = dropout(x, 0.25)
+    kept = y != 0
+    p_q = round(0.25 * 2 ** 16) / 2 ** 16
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - p_q)))
+    assert abs(y.mean().item() - 2.0) < 0.02
+    assert y.dtype == x.dtype and dropout(x.bfloat16(), 0.25).dtype == torch.bfloat16
+
+
+def test_gradient_is_the_same_mask_times_the_scale():
+    torch.manual_seed(2)
+    x = torch.randn(64, 33, requires_grad=True)
+    y = dropout(x, 0.3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = y.detach() != 0
+    scale = 1 / (1 - round(0.3 * 2 ** 16) / 2 ** 16)
+    torch.testing.assert_close(x.grad, g * keep * scale)
+    torch.testing.assert_close(y.detach(), x.detach() * keep * scale)
+
+
+def test_seeded_masks_repeat_and_eval_or_p0_is_identity():
+    x = torch.randn(1000)
+    torch.manual_seed(3)
+    a = dropout(x, 0.1)
+    torch.manual_seed(3)
+    b = dropout(x, 0.1)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_module_swap_keeps_p_state_and_eval_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.2), nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 2)))
+    x = torch.randn(5, 8)
+    ref = model.eval()(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert enable_fast_dropout(model) == 2 and enable_fast_dropout(model) == 0
+    assert isinstance(model[1], FastDropout) and model[1].p == 0.2 and model[2][0].p == 0.1
+    torch.testing.assert_close(model(x), ref)
+    assert model.state_dict().keys() == state.keys()
+    model.train()
+    assert (model[1](torch.ones(10_000)) == 0).any()
+    disable_fast_dropout(model)
+    assert type(model[1]) is nn.Dropout
