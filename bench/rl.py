@@ -7,12 +7,16 @@ call), LoRA r=16 alpha=32 dropout=0 on q/k/v/o/gate/up/down, 4 generations per p
 per optimizer step (8 completions, one minibatch, one optimisation pass: TRL
 ``per_device_train_batch_size=8, num_generations=4, num_iterations=1``; lmforge
 ``rollout_prompts=2, generations=4, batch_size=8, ppo_epochs=1``), at most 16 new tokens sampled
-at temperature 1, clip 0.2, beta 0 on both (TRL's default; lmforge still computes the reference
-log-probs to log the KL), same AdamW learning rate, constant schedule, same number of steps.
+at temperature 1, clip 0.2, beta 0 on both (TRL's default), same AdamW learning rate, constant
+schedule, same number of steps. With one optimizer step per rollout and beta 0 neither side runs
+an old-policy or reference forward (TRL: num_iterations=1 reuses the log-probs, beta 0 loads no
+reference; lmforge: ``rl.fast_rollout``), and lmforge samples with the LoRA update folded into
+copies of the base weights (``rl.merged_generation``); ``--plain`` adds a trial without both.
 
 Each step generates a fresh rollout on both sides. Timed: the steps after the first (warm-up)
 step. Figures (medians over ``--reps``, each trial a fresh process, trials alternating):
-``prompts_per_s`` (prompts of the timed steps / seconds), ``completion_tokens_mean`` (a check
+``prompts_per_s`` (prompts of the timed steps / seconds), ``prompts_per_cpu_s`` (/ process CPU
+seconds: the figure to trust on a shared, loaded machine), ``completion_tokens_mean`` (a check
 that both generate similar lengths), ``peak_rss_mb``, and the quality figure ``reward_mean`` over
 the timed steps.
 
@@ -20,7 +24,7 @@ Trials: ``trl_default`` (TRL's defaults on CPU: fp32, gradient checkpointing on)
 (``bf16=True``, gradient checkpointing off: its faster realistic setting), ``lmforge`` (defaults:
 ``auto`` precision = bf16 autocast with frozen weights in bf16).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py [--steps 6] [--reps 2] [--threads 1]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py [--steps 6] [--reps 2] [--threads 1] [--plain] [--profile]
 """
 from __future__ import annotations
 
@@ -28,11 +32,10 @@ import argparse
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median, set_threads  # noqa: E402
+from _common import Window, alternate, emit, median, set_threads  # noqa: E402
 
 YELP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "yelp_reviews" / "dev.jsonl"
 POSITIVE = {"good", "great", "nice", "love", "amazing", "best", "delicious", "friendly", "excellent", "happy",
@@ -59,7 +62,7 @@ def prompts(n: int = 64) -> list[str]:
     return out
 
 
-def run_lmforge(steps: int, threads: int | None) -> dict:
+def run_lmforge(steps: int, threads: int | None, profile: bool = False, fast: bool = True) -> dict:
     set_threads(threads)
     import json
 
@@ -78,23 +81,23 @@ def run_lmforge(steps: int, threads: int | None) -> dict:
         "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 64},
         "rl": {"algorithm": "grpo", "reward": "bench.positive_share", "mode": "lora", "template": "raw",
                "generations": K, "rollout_prompts": PROMPTS_PER_STEP, "ppo_epochs": 1, "max_new_tokens": NEW_TOKENS,
-               "temperature": 1.0, "kl_coef": 0.0, "clip_range": 0.2, "collapse_drop": None, "log_samples": 0},
+               "temperature": 1.0, "kl_coef": 0.0, "clip_range": 0.2, "collapse_drop": None, "log_samples": 0,
+               "merged_generation": fast, "fast_rollout": fast},
         "adapter": {"kind": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": LORA_TARGETS},
         "train": {"max_steps": steps + 1, "batch_size": PROMPTS_PER_STEP * K, "lr": LR, "schedule": "constant",
                   "weight_decay": 0.0, "max_grad_norm": 1.0, "progress": False, "log_every": 1}})
     task = RlTask(cfg, reward=FunctionReward(positive_share, "bench.positive_share"))
     run_dir = prepare_run(cfg)
-    marks = []
-    fit(task, cfg, run_dir, on_step=lambda step, rec: marks.append(time.perf_counter()))
+    window = Window(1, steps, profile)
+    fit(task, cfg, run_dir, on_step=lambda step, rec: window.step(step))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["split"] == "train" and r["step"] > 1]
-    seconds = marks[-1] - marks[0]
-    return {"prompts_per_s": steps * PROMPTS_PER_STEP / seconds, "seconds": seconds,
+    return window.result(steps * PROMPTS_PER_STEP, "prompts") | {
             "reward_mean": sum(r["reward_mean"] for r in timed) / len(timed),
             "completion_tokens_mean": sum(r["response_length"] for r in timed) / len(timed)}
 
 
-def run_trl(steps: int, threads: int | None, best: bool) -> dict:
+def run_trl(steps: int, threads: int | None, best: bool, profile: bool = False) -> dict:
     set_threads(threads)
     from datasets import Dataset
     from peft import LoraConfig
@@ -110,11 +113,11 @@ def run_trl(steps: int, threads: int | None, best: bool) -> dict:
     def reward(completions, **kw):
         return [positive_share(c) for c in completions]
 
-    marks = []
+    window = Window(1, steps, profile)
 
     class Marks(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
+            window.step(state.global_step)
 
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS_PER_STEP * K,
                       num_generations=K, gradient_accumulation_steps=1, num_iterations=1, max_steps=steps + 1,
@@ -130,8 +133,7 @@ def run_trl(steps: int, threads: int | None, best: bool) -> dict:
                           callbacks=[Marks()])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h or "rewards/reward/mean" in h][1:]
-    seconds = marks[-1] - marks[0]
-    return {"prompts_per_s": steps * PROMPTS_PER_STEP / seconds, "seconds": seconds,
+    return window.result(steps * PROMPTS_PER_STEP, "prompts") | {
             "reward_mean": sum(float(h.get("reward", h.get("rewards/reward/mean"))) for h in logs) / len(logs),
             "completion_tokens_mean": sum(float(h.get("completions/mean_length", 0.0)) for h in logs) / len(logs)}
 
@@ -141,15 +143,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed optimizer steps (after one warm-up step)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps (grouped, per step)")
+    ap.add_argument("--plain", action="store_true", help="also lmforge without the rollout fast paths")
     a = ap.parse_args()
-    trials = {"trl_default": (run_trl, {"steps": a.steps, "threads": a.threads, "best": False}),
-              "trl_best": (run_trl, {"steps": a.steps, "threads": a.threads, "best": True}),
-              "lmforge": (run_lmforge, {"steps": a.steps, "threads": a.threads})}
+    kw = {"steps": a.steps, "threads": a.threads, "profile": a.profile}
+    trials = {"trl_default": (run_trl, kw | {"best": False}), "trl_best": (run_trl, kw | {"best": True}),
+              "lmforge": (run_lmforge, kw)}
+    if a.plain:
+        trials["lmforge_plain"] = (run_lmforge, kw | {"fast": False})
     res = alternate(trials, a.reps)
-    fig = {k: {m: median(v, m) for m in ("prompts_per_s", "peak_rss_mb", "reward_mean", "completion_tokens_mean")}
+    keys = ("prompts_per_s", "prompts_per_cpu_s", "peak_rss_mb", "reward_mean", "completion_tokens_mean")
+    fig = {k: {m: median(v, m) for m in keys} | ({"profile": v[0]["profile"]} if a.profile else {})
            for k, v in res.items()}
     best_trl = max(fig["trl_default"]["prompts_per_s"], fig["trl_best"]["prompts_per_s"])
+    best_cpu = max(fig["trl_default"]["prompts_per_cpu_s"], fig["trl_best"]["prompts_per_cpu_s"])
     emit({"bench": "rl_grpo_lora_smollm2", "steps": a.steps, "reps": a.reps, "prompts_per_step": PROMPTS_PER_STEP,
+          "ratio_default_cpu": fig["lmforge"]["prompts_per_cpu_s"] / fig["trl_default"]["prompts_per_cpu_s"],
+          "ratio_best_cpu": fig["lmforge"]["prompts_per_cpu_s"] / best_cpu,
           "generations": K, "max_new_tokens": NEW_TOKENS, "figures": fig,
           "ratio_default": fig["lmforge"]["prompts_per_s"] / fig["trl_default"]["prompts_per_s"],
           "ratio_best": fig["lmforge"]["prompts_per_s"] / best_trl,

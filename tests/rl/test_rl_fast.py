@@ -3,6 +3,7 @@ of the base weights (same sampled tokens, base weights restored bit for bit), an
 old-log-prob / reference forwards (same losses, KL, adapter weights and generations)."""
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -93,3 +94,38 @@ def test_skipped_forwards_train_like_the_plain_path(tmp_path, model_dir, monkeyp
     for k, v in ckpt.trainable_state(fast.task.model).items():
         torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4)
     assert fast_rows[-1]["reward_mean"] != fast_rows[0]["reward_mean"]  # it trained
+
+
+def test_prefill_keeps_the_last_row_by_index_and_decodes_the_same(model_dir):
+    """The first decoding step passes ``logits_to_keep`` as an index tensor (a contiguous row for
+    the LM head: no per-row copy of the head), later steps the int 1; the logits are the full
+    forward's last position, and greedy decoding equals transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.generation import GenerationConfig, _CausalSteps, decode
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([[0, 5, 9, 12, 7], [3, 8, 4, 11, 6]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    seen = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the signature stays the model's (decode inspects it)
+    def spy(*a, **kw):
+        seen.append(kw.get("logits_to_keep"))
+        return forward(*a, **kw)
+
+    model.forward = spy
+    steps = _CausalSteps(model, ids, mask, GenerationConfig(max_new_tokens=3))
+    with torch.no_grad():
+        got = steps.logits()
+        want = forward(input_ids=ids, attention_mask=mask, position_ids=steps.positions).logits[:, -1].float()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        out = decode(model, ids, mask, GenerationConfig(max_new_tokens=6), pad_id=0)
+    assert isinstance(seen[0], torch.Tensor) and seen[0].tolist() == [4]
+    assert seen[2:] and all(k == 1 for k in seen[2:])  # decode: prefill by index, then one token a step
+    model.forward = forward
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    assert out == ref[:, ids.shape[1]:].tolist()

@@ -33,9 +33,10 @@ from torch import nn
 
 from ..data.schema import field_column, load_splits
 from ..device import move
-from ..errors import LmforgeError, TrainingError
+from ..errors import LmforgeError
 from ..losses import rl as L
 from ..rl.fast import merged_adapters
+from ..rl.guards import check_rollout, new_collapse_state
 from ..rl.rollout import collate_rollout, distinct_n, gather_response, response_logps, sample_responses
 from ..rundir import write_safetensors
 from .base import register_task
@@ -45,7 +46,6 @@ from .rl_reward import build_reward
 
 log = logging.getLogger(__name__)
 VALUE_HEAD = "value_head.safetensors"
-NEGATIVE_KL = -0.1  # a mean summed k1 KL below this and below -2 standard errors is warned about (k1 is noisy)
 
 
 class PolicyValue(nn.Module):
@@ -80,8 +80,8 @@ class RlTask(CausalTask):
         self.whiten = o.algorithm == "ppo" if o.whiten_advantages is None else o.whiten_advantages
         self.kl_ctl = (L.AdaptiveKLController(o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_target
                        else L.FixedKLController(o.kl_coef))
-        self.collapse = {"best": None, "spread": 0.0, "bad": 0}
-        self.need_ref = not (o.fast_rollout and not o.kl_target and o.kl_coef == 0)  # fast paths: __doc__ of fast_rollout
+        self.collapse = new_collapse_state()
+        self.need_ref = not (o.fast_rollout and not o.kl_target and o.kl_coef == 0)  # fast paths: see fast_rollout
         self.need_old = True
         head = None
         if o.algorithm == "ppo":
@@ -243,7 +243,8 @@ class RlTask(CausalTask):
                 n = len(it["response_ids"])
                 it.update({k: v[r, :n].float().cpu() for k, v in stats.items()})
 
-    def _sample(self, prompts: list[dict], seed: int, with_values: bool, fast: bool = False) -> tuple[list[dict], torch.Tensor]:
+    def _sample(self, prompts: list[dict], seed: int, with_values: bool,
+                fast: bool = False) -> tuple[list[dict], torch.Tensor]:
         """Generate, score and attach token statistics; returns (items, raw scores (N,))."""
         responses = self._generate(prompts, seed)
         texts = [self._text(r) for r in responses]
@@ -302,24 +303,7 @@ class RlTask(CausalTask):
         return {"items": items, "metrics": metrics, "samples": samples}
 
     def _guards(self, phase: int, metrics: dict, scores: torch.Tensor) -> None:
-        o, c = self.opts, self.collapse
-        kl, se = metrics.get("kl", 0.0), metrics.get("kl_se", 0.0)
-        if kl < NEGATIVE_KL and kl < -2 * se:  # the sample mean of k1 is >= 0 in expectation: this is not noise
-            log.warning("rl: NEGATIVE KL to the reference (%.4f per sequence, standard error %.4f) at rollout %d: the "
-                        "policy samples tokens the reference finds likelier than the policy does; check the sampling "
-                        "settings (top_k/top_p change what is sampled but not the scored distribution)", kl, se, phase)
-        mean = metrics["reward_mean"]
-        c["spread"] = max(c["spread"], metrics["reward_std"])
-        c["best"] = mean if c["best"] is None else max(c["best"], mean)
-        if o.collapse_drop is not None and c["spread"] > 0 and mean < c["best"] - o.collapse_drop * c["spread"]:
-            c["bad"] += 1
-            if c["bad"] >= o.collapse_patience:
-                raise TrainingError(f"reward collapse: the reward mean {mean:.4f} at rollout {phase} stayed more than "
-                                    f"{o.collapse_drop:g} x {c['spread']:.4f} (rl.collapse_drop x the largest rollout "
-                                    "reward std) "
-                                    f"below its best {c['best']:.4f} for {c['bad']} rollouts; run stopped")
-        else:
-            c["bad"] = 0
+        check_rollout(phase, metrics, self.collapse, self.opts.collapse_drop, self.opts.collapse_patience)
 
     def loop_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "collapse": dict(self.collapse)}
