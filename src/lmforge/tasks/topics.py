@@ -169,7 +169,7 @@ class TopicsTask(Task):
 
         def run(prompts: list[str]) -> list[str]:
             with torch.inference_mode(), self.placement.autocast():
-                return generate(lm, tok, [[{"role": "user", "content": p}] for p in prompts], gcfg)
+                return generate(lm, tok, prompts, gcfg, chat=False)  # few-shot completion: see label_prompt
 
         return run
 

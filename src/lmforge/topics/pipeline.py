@@ -19,7 +19,8 @@ from .cluster import cluster, reduce, renumber
 from .ctfidf import c_tf_idf, class_counts, top_words
 from .metrics import npmi_from_doc_term, outlier_rate, silhouette, topic_diversity
 from .model import TopicModel
-from .represent import _unit, keybert_rerank, label_prompt, mmr, representative_docs
+from .represent import (_unit, clean_label, keybert_rerank, label_prompt, labels_identify_topics, mmr,
+                        representative_docs)
 
 WordEmbedder = Callable[[list[str]], np.ndarray]      # words -> (M, D)
 Labeller = Callable[[list[str]], list[str]]            # prompts -> generated texts
@@ -87,10 +88,15 @@ def describe(assignments: np.ndarray, doc_term: sp.spmatrix, vocab: list[str], e
     if labeller is not None and texts is not None and model.real_topics:
         prompts = [label_prompt(model.keywords.get(t) or [x for x, _ in words[t][:top_n]],
                                 [texts[i] for i in model.representative.get(t, [])]) for t in model.real_topics]
-        from .represent import clean_label
-
-        for t, out in zip(model.real_topics, labeller(prompts)):
-            model.labels[t] = clean_label(out, fallback=model.label(t))
+        real = list(model.real_topics)
+        got = {t: clean_label(out, fallback="") for t, out in zip(real, labeller(prompts))}
+        keep = {t for t in real if got[t]}
+        if word_embed is not None and keep:  # a label must name its own topic, not a neighbour's
+            order = [t for t in real if t in keep]
+            ok = labels_identify_topics(word_embed([got[t] for t in order]), temb[[topic_ids.index(t) for t in real]],
+                                        [real.index(t) for t in order])
+            keep = {t for t, good in zip(order, ok) if good}
+        model.labels.update({t: got[t] for t in real if t in keep})
     model.threshold = prediction_threshold(embeddings, a, model, settings.get("predict_threshold"))
     return model
 
