@@ -57,6 +57,9 @@ class GenerationConfig:
         seed: seed of the sampling generator (None: torch's global generator).
         use_cache: reuse keys/values across steps (KV cache); False recomputes every step.
         batch_size: prompts decoded together (left-padded).
+        sampler: ``multinomial`` (``torch.multinomial``: the draws of transformers' ``generate``) or
+            ``inverse_cdf`` (one uniform per row against the cumulative probabilities: the same
+            distribution, another random stream, ~20x cheaper over a 49k vocabulary on a CPU).
     """
 
     max_new_tokens: int = 128
@@ -68,8 +71,11 @@ class GenerationConfig:
     seed: int | None = None
     use_cache: bool = True
     batch_size: int = 8
+    sampler: str = "multinomial"
 
     def __post_init__(self):
+        if self.sampler not in ("multinomial", "inverse_cdf"):
+            raise LmforgeError(f"sampler must be multinomial or inverse_cdf, got {self.sampler!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise LmforgeError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -109,6 +115,10 @@ def next_tokens(logits: Tensor, cfg: GenerationConfig, generator: torch.Generato
     if cfg.greedy:
         return logits.argmax(dim=-1)
     probs = logits.float().softmax(dim=-1)  # (B, V)
+    if cfg.sampler == "inverse_cdf":  # token = min{i : F_i > u * F_V}, F = cumsum(p): zero-probability tokens never
+        cdf = probs.cumsum(dim=-1)  # (B, V)              # win (their F_i equals the one before)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -129,3 +129,22 @@ def test_prefill_keeps_the_last_row_by_index_and_decodes_the_same(model_dir):
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                              eos_token_id=None)
     assert out == ref[:, ids.shape[1]:].tolist()
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    """40k draws per row: frequencies within 0.01 of softmax(logits), a -inf (filtered) or zero-probability
+    token never drawn, the same seed the same draws; the multinomial default is untouched."""
+    from lmforge.generation import GenerationConfig, next_tokens
+
+    p = torch.tensor([[0.1, 0.0, 0.2, 0.7], [0.25, 0.25, 0.5, 0.0]])
+    logits = p.log().repeat_interleave(20000, 0)  # (40000, 4); log 0 = -inf
+    cfg = GenerationConfig(temperature=1.0, sampler="inverse_cdf")
+    draws = next_tokens(logits, cfg, torch.Generator().manual_seed(0))
+    for row in range(2):
+        got = torch.bincount(draws[row * 20000:(row + 1) * 20000], minlength=4).float() / 20000
+        torch.testing.assert_close(got, p[row], atol=0.01, rtol=0)
+        assert got[p[row] == 0].sum() == 0
+    assert torch.equal(draws, next_tokens(logits, cfg, torch.Generator().manual_seed(0)))
+    multi = GenerationConfig(temperature=1.0)
+    want = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+    assert torch.equal(next_tokens(logits, multi, torch.Generator().manual_seed(3)), want)

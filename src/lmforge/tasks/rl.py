@@ -207,7 +207,7 @@ class RlTask(CausalTask):
 
         o = self.opts
         gcfg = GenerationConfig(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
-                                top_p=o.top_p, batch_size=o.generation_batch_size)
+                                top_p=o.top_p, batch_size=o.generation_batch_size, sampler=o.sampler)
         eos = eos_token_ids(self.policy, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         gen = torch.Generator(device=self.placement.device).manual_seed(seed)

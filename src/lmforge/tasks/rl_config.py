@@ -45,6 +45,8 @@ class RlConfig(CausalSection):
     log_samples: int = Field(4, ge=0, description="generations per rollout written to samples/")
     merged_generation: bool = Field(True, description="sample with the adapters folded into copies of the base "
                                                       "weights (faster; the originals are restored after)")
+    sampler: Literal["multinomial", "inverse_cdf"] = Field("inverse_cdf", description="rollout sampling draws: "
+                                                           "inverse_cdf (same distribution, cheaper) or multinomial")
     fast_rollout: bool = Field(True, description="skip the old-log-prob forward when a rollout is exactly one "
                                                  "optimizer step (the ratio is 1 by construction) and the reference "
                                                  "forward when kl_coef is a fixed 0 (no KL logged then)")
