@@ -247,7 +247,7 @@ def main() -> None:
                 fh.write(json.dumps(r) + "\n")
     common = {"train": str(tmp / "train.jsonl"), "dev": str(tmp / "dev.jsonl"), "steps": args.steps,
               "warmup": args.warmup, "batch": args.batch, "max_len": args.max_length}
-    step_ms = {}
+    step_ms, cpu_rate = {}, {}
     for kind in args.kinds.split(","):
         trials = {"lmforge_default": (run_lmforge, common | {"kind": kind})}
         if kind != "bottleneck":
@@ -259,13 +259,17 @@ def main() -> None:
         res = run_trials(trials, args)
         fig = figures(res, "samples_per_s", ("accuracy", "step_ms"))
         step_ms[kind] = fig.get("lmforge_default", {}).get("step_ms")
+        cpu_rate[kind] = fig.get("lmforge_default", {}).get("samples_per_cpu_s")
         emit({"bench": "adapters", "kind": kind, "model": "all-MiniLM-L6-v2", "data": "sst2", "batch": args.batch,
               "max_length": args.max_length, "steps": args.steps, "reps": args.reps, "group_by_length": False,
               "threads": args.threads, "quality": f"accuracy on {args.dev} SST-2 dev sentences", "figures": fig,
               **ratios(fig, "samples_per_s", "lmforge", "peer", "lmforge_default", "peer_default")})
     if step_ms.get("lora") and step_ms.get("dora"):
-        emit({"bench": "adapters", "dora_vs_lora_step_time": round(step_ms["dora"] / step_ms["lora"], 3),
-              "lora_step_ms": step_ms["lora"], "dora_step_ms": step_ms["dora"]})
+        rec = {"bench": "adapters", "dora_vs_lora_step_time": round(step_ms["dora"] / step_ms["lora"], 3),
+               "lora_step_ms": step_ms["lora"], "dora_step_ms": step_ms["dora"]}
+        if cpu_rate.get("lora") and cpu_rate.get("dora"):  # CPU time per step: steady on a shared machine
+            rec["dora_vs_lora_cpu_step_time"] = round(cpu_rate["lora"] / cpu_rate["dora"], 3)
+        emit(rec)
 
 
 if __name__ == "__main__":

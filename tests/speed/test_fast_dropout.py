@@ -2,20 +2,22 @@
 import torch
 from torch import nn
 
-from lmforge.fast_dropout import FastDropout, disable_fast_dropout, dropout, enable_fast_dropout, keep_mask
+from lmforge.fast_dropout import FastDropout, disable_fast_dropout, dropout, enable_fast_dropout, keep_bits
 
 
 def test_drop_rate_is_p_in_every_lane_of_the_random_words():
-    """Four int16 lanes per 64-bit draw: each lane (element i % 4) drops at rate p (a lane with a
-    biased sign bit, e.g. from a non-negative generator, would drop at 0 or 2p)."""
+    """Four 2-byte (two 4-byte) lanes per 64-bit draw: each lane (element i % 4, i % 2) drops at
+    rate p (a lane fed by a biased bit, e.g. a non-negative generator's sign bit, would not)."""
     torch.manual_seed(0)
-    keep, p_q = keep_mask((400_000,), 0.1)
-    assert abs(p_q - 0.1) < 2 ** -16
-    for lane in range(4):
-        rate = 1 - keep[lane::4].float().mean().item()
-        assert abs(rate - 0.1) < 0.004, (lane, rate)  # 100k draws per lane: sd 0.00095
-    keep, _ = keep_mask((200_000,), 0.5)
-    assert abs(1 - keep.float().mean().item() - 0.5) < 0.005
+    for itemsize, lanes in ((2, 4), (4, 2)):
+        m, p_q = keep_bits((400_000,), itemsize, 0.1)
+        assert abs(p_q - 0.1) < 2 ** -15 and m.element_size() == itemsize
+        assert set(m.unique().tolist()) == {0, -1}  # all ones (keep) or zero (drop)
+        for lane in range(lanes):
+            rate = (m[lane::lanes] == 0).float().mean().item()
+            assert abs(rate - 0.1) < 0.004, (itemsize, lane, rate)  # >= 100k draws per lane: sd 0.00095
+    m, _ = keep_bits((200_000,), 2, 0.5)
+    assert abs((m == 0).float().mean().item() - 0.5) < 0.005
 
 
 def test_kept_values_are_scaled_and_mean_is_preserved():
@@ -23,7 +25,7 @@ def test_kept_values_are_scaled_and_mean_is_preserved():
     x = torch.full((100_000,), 2.0)
     y = dropout(x, 0.25)
     kept = y != 0
-    p_q = round(0.25 * 2 ** 16) / 2 ** 16
+    p_q = round(0.25 * 2 ** 15) / 2 ** 15
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - p_q)))
     assert abs(y.mean().item() - 2.0) < 0.02
     assert y.dtype == x.dtype and dropout(x.bfloat16(), 0.25).dtype == torch.bfloat16
@@ -36,9 +38,22 @@ def test_gradient_is_the_same_mask_times_the_scale():
     g = torch.randn_like(y)
     y.backward(g)
     keep = y.detach() != 0
-    scale = 1 / (1 - round(0.3 * 2 ** 16) / 2 ** 16)
+    scale = 1 / (1 - round(0.3 * 2 ** 15) / 2 ** 15)
     torch.testing.assert_close(x.grad, g * keep * scale)
     torch.testing.assert_close(y.detach(), x.detach() * keep * scale)
+
+
+def test_bf16_and_non_contiguous_inputs():
+    torch.manual_seed(4)
+    x = torch.randn(40, 30, dtype=torch.bfloat16).t().requires_grad_()  # non-contiguous
+    y = dropout(x, 0.2)
+    keep = y.detach() != 0
+    scale = 1 / (1 - round(0.2 * 2 ** 15) / 2 ** 15)
+    torch.testing.assert_close(y.detach(), (x.detach().float() * keep * scale).bfloat16())
+    g = torch.randn(30, 40, dtype=torch.bfloat16)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, (g.float() * keep * scale).bfloat16())
+    assert 0.1 < 1 - keep.float().mean().item() < 0.3
 
 
 def test_seeded_masks_repeat_and_eval_or_p0_is_identity():
