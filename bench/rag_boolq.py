@@ -22,6 +22,26 @@ Choose the template on the validation questions (never in the reported sample), 
 
     python bench/rag_boolq.py --split val --val 24 --prompts gold,k3 --template cite_then_answer --out runs/rag_val/cite_then_answer
     python bench/rag_boolq.py --split report --val 48 --n 200 --template cite_then_answer --max-new-tokens 10 --out runs/rag_boolq200
+
+Measured (200 held-out dev questions, SmolLM2-135M-Instruct, greedy, 10 new tokens, hybrid retrieval over
+the 2938 dev passages in 7004 two-sentence chunks; ``--index runs/rag_boolq/index --threads 1 --batch 8
+--group 20``; ``--summarize`` prints the table with 95% bootstrap intervals over questions). Gold
+answer "yes" for 0.615 of the sample, so always-yes scores 0.615:
+
+    prompt  accuracy [95%]      minus closed [95%]     cites  cit. precision [95%]  cit. recall [95%]
+    closed  0.430 [0.36, 0.50]  -                      0.000  -                     -
+    gold    0.485 [0.41, 0.56]  +0.055 [-0.04, 0.15]   0.075  1.000 [1.00, 1.00]    0.075 [0.04, 0.12]
+    k1      0.365 [0.29, 0.43]  -0.065 [-0.16, 0.03]   0.090  0.667 [0.44, 0.88]    0.084 [0.04, 0.13]
+    k3      0.410 [0.34, 0.47]  -0.020 [-0.12, 0.09]   0.535  0.659 [0.57, 0.74]    0.342 [0.28, 0.41]
+    k5      0.415 [0.34, 0.48]  -0.015 [-0.12, 0.10]   0.480  0.703 [0.62, 0.80]    0.300 [0.24, 0.36]
+    pos1    0.380 [0.32, 0.45]  -0.050 [-0.16, 0.07]   0.490  0.898 [0.85, 0.94]    0.470 [0.40, 0.54]
+    pos3    0.445 [0.38, 0.51]  +0.015 [-0.09, 0.12]   0.505  0.050 [0.01, 0.10]    0.025 [0.01, 0.05]
+    pos5    0.405 [0.34, 0.47]  -0.025 [-0.13, 0.09]   0.505  0.020 [0.00, 0.05]    0.010 [0.00, 0.03]
+
+Every prompt is below always-yes (the upper bounds of accuracy minus always-yes are -0.04 to -0.17);
+no retrieved or gold context moves accuracy off closed book beyond noise; the citations are
+positional ([1] in 92 of 122 citations for k3), so citation precision follows where the gold passage
+sits (0.90 first, 0.05 third, 0.02 fifth): a 135M model cites by position, not by content.
 """
 from __future__ import annotations
 
