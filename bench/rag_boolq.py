@@ -40,7 +40,7 @@ answer "yes" for 0.615 of the sample, so always-yes scores 0.615:
 
 Every prompt is below always-yes (the upper bounds of accuracy minus always-yes are -0.04 to -0.17);
 no retrieved or gold context moves accuracy off closed book beyond noise; the citations are
-positional ([1] in 92 of 122 citations for k3), so citation precision follows where the gold passage
+positional ([1] in 97 of 122 citations for k3), so citation precision follows where the gold passage
 sits (0.90 first, 0.05 third, 0.02 fifth): a 135M model cites by position, not by content.
 """
 from __future__ import annotations
