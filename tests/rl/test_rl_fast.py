@@ -93,7 +93,8 @@ def test_skipped_forwards_train_like_the_plain_path(tmp_path, model_dir, monkeyp
     want = ckpt.trainable_state(plain.task.model)
     for k, v in ckpt.trainable_state(fast.task.model).items():
         torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-4)
-    assert fast_rows[-1]["reward_mean"] != fast_rows[0]["reward_mean"]  # it trained
+    trained = ckpt.trainable_state(fast.task.model)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # it trained (B starts at 0)
 
 
 def test_prefill_keeps_the_last_row_by_index_and_decodes_the_same(model_dir):
