@@ -124,7 +124,9 @@ def test_edits_outliers_reduce_merge(tiny_bert_dir, tiny_llama_dir, tmp_path, ca
     ev = json.loads((rd / "eval.json").read_text())
     assert ev["edits"] == [{"outliers": 0.05}, {"reduce": 2}, {"merge": [[0, 1]]}]
     meta = json.loads((rd / "topics" / "topics.json").read_text())
-    assert list(meta["labels"]) == ["0"] and meta["labels"]["0"].strip()  # a generated label, refreshed per edit
+    # labels refreshed per edit: none of a topic id that no longer exists; a random tiny model's text is
+    # kept only when it passes clean_label and names its topic (else the topic shows its keywords)
+    assert set(meta["labels"]) <= {"0"} and all(v.strip() for v in meta["labels"].values())
     assert main(["topics", "merge", str(rd), "0,9"]) == 2
     assert "unknown topic id" in _err(capsys)
 
