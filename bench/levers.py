@@ -2,7 +2,7 @@
 one step in turn, so all see the same machine load); median step times. Not a test (no ``test_``
 prefix): a measurement script for the closing note.
 
-    .venv/bin/python tests/speed/levers.py [--steps 8] [--threads 1] [--only unpad,fused,inference,checkpoint,threads]
+    .venv/bin/python bench/levers.py [--steps 8] [--threads 1] [--only unpad,fused,inference,checkpoint,threads]
 
 Levers:
 - ``unpad``: MiniLM LoRA classification train step (batch 32, Rotten Tomatoes snippets, random
@@ -116,7 +116,7 @@ def lever_prompt(steps: int) -> dict:
 
     folder = resolve_model("minilm")
     tok = AutoTokenizer.from_pretrained(folder)
-    sst2 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sst2" / "train.jsonl"
+    sst2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2" / "train.jsonl"
     rows = [_json.loads(line)["sentence"] for line in open(sst2, encoding="utf-8")]
     random.Random(0).shuffle(rows)
     place = Placement.resolve("cpu", "bf16")

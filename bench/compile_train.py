@@ -2,7 +2,7 @@
 FFN (intermediate + output) and attention output blocks, dynamic shapes. CPU seconds, 1 thread
 (compile in this process: ``compile_threads = 1``). Not a test: a measurement script.
 
-    .venv/bin/python tests/speed/compile_train.py plain|compile
+    .venv/bin/python bench/compile_train.py plain|compile
 """
 import json, random, sys, time
 import torch
@@ -20,7 +20,7 @@ from lmforge.unpad import enable_unpadding
 mode = sys.argv[1]
 folder = resolve_model("minilm")
 tok = AutoTokenizer.from_pretrained(folder)
-rows = [json.loads(l)["sentence"] for l in open(__import__("pathlib").Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sst2" / "train.jsonl")]
+rows = [json.loads(l)["sentence"] for l in open(__import__("pathlib").Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2" / "train.jsonl")]
 random.Random(0).shuffle(rows)
 place = Placement.resolve("cpu", "bf16")
 torch.manual_seed(0)
