@@ -179,3 +179,35 @@ def move(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move(v, device) for v in batch)
     return batch
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_host_memory(device: torch.device) -> bool:
+    """Give the C heap's free pages back to the OS after a CPU training step.
+
+    glibc keeps the memory of freed activations once its dynamic mmap threshold has risen, so a
+    CPU run's resident size ratchets up step after step (measured on the BoolQ retriever: 3.37 GB
+    peak, 2.0 -> 2.9 GB between steps; with a trim per step 0.6-0.8 GB between steps, 0.84 GB
+    lower peak, less system CPU). A no-op on CUDA (torch's caching allocator owns that memory)
+    and where the C library has no ``malloc_trim``. Returns whether a trim ran.
+    """
+    if device.type != "cpu" or os.environ.get("LMFORGE_NO_MALLOC_TRIM"):
+        return False
+    fn = _libc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True

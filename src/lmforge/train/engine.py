@@ -37,7 +37,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..config import RunConfig
 from ..data.batching import step_batches
-from ..device import move
+from ..device import move, release_host_memory
 from ..errors import LmforgeError, TrainingError
 from ..rundir import CHECKPOINTS, EVAL, clean_stale_tmp, save_config, truncate_metrics, write_json, write_jsonl
 from . import checkpoint as ckpt
@@ -227,6 +227,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                release_host_memory(device)
                 step += 1
                 b += len(window)
                 epoch_pos = round(state["epoch"] + b / len(batches), 4)
