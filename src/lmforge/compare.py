@@ -148,13 +148,12 @@ class _PeakRss:
         import gc
         import threading
 
-        gc.collect()
-        try:  # hand memory freed by earlier methods back to the OS, so rows do not inherit it (glibc)
-            import ctypes
+        import torch
 
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        from .device import release_host_memory
+
+        gc.collect()
+        release_host_memory(torch.device("cpu"))  # memory freed by earlier methods: rows do not inherit it
         self.peak, self._stop = _rss_mb(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
