@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import LmforgeError
+from .streaming import TextTracker
 from .sampling import (mask_disallowed, repetition_penalty, seen_tokens, temperature_scale,  # noqa: F401
                        top_k_filter, top_p_filter)
 
@@ -334,54 +335,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return found
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one occurred."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Characters at the end of ``text`` that may begin a stop string (not yet safe to print)."""
-    n = len(text) - len(text.rstrip("\ufffd"))  # an incomplete multi-byte character
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
-
-
-class _TextTracker:
-    """Decodes rows as they grow: finds stop strings and streams the safe prefix of row 0."""
-
-    def __init__(self, tokenizer, eos_ids: Sequence[int], stops: Sequence[str], stream: Callable[[str], None] | None):
-        self.tokenizer, self.eos, self.stops, self.stream = tokenizer, set(eos_ids), list(stops), stream
-        self.printed = 0
-
-    def text(self, ids: list[int]) -> str:
-        if ids and ids[-1] in self.eos:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def on_token(self, row: int, ids: list[int]) -> bool:
-        text, hit = _cut_at_stop(self.text(ids), self.stops)
-        if self.stream is not None and row == 0:
-            safe = len(text) if hit else len(text) - _held_back(text, self.stops)
-            self._emit(text[:safe])
-        return hit
-
-    def _emit(self, safe: str) -> None:
-        if len(safe) > self.printed:
-            self.stream(safe[self.printed:])
-            self.printed = len(safe)
-
-    def final(self, row: int, ids: list[int]) -> str:
-        text = _cut_at_stop(self.text(ids), self.stops)[0]
-        if self.stream is not None and row == 0:
-            self._emit(text)
-        return text
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -441,7 +394,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], cfg: GenerationConfig,
             n = len(encoded[i])
             ids[r, width - n:] = torch.tensor(encoded[i])
             mask[r, width - n:] = 1
-        tracker = _TextTracker(tokenizer, eos, cfg.stop, stream)
+        tracker = TextTracker(tokenizer, eos, cfg.stop, stream)
         hook = tracker.on_token if (cfg.stop or stream is not None) else None
         out = decode(model, ids.to(device), mask.to(device), step_cfg, eos_ids=eos, pad_id=pad,
                      generator=generator, on_token=hook,
