@@ -46,3 +46,31 @@ def test_train_scores_the_test_split_with_the_best_weights(tmp_path, tiny_bert_d
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["checkpoint"] == "final"
     assert main(["eval", str(run.run_dir), "--split", "test", "--checkpoint", "step-99"]) == 2
     assert "no complete checkpoint step-99" in capsys.readouterr().err
+
+
+def test_predict_takes_the_checkpoint_eval_takes(tmp_path, tiny_bert_dir, capsys):
+    """``predict --checkpoint step-N|best|final`` predicts with those weights, as ``eval`` scores them."""
+    write_jsonl(tmp_path / "d.jsonl", sentiment_rows(60, seed=3))
+    run = lmforge.train({
+        "task": "classify", "name": "pc", "output_dir": str(tmp_path / "runs"), "seed": 0,
+        "model": {"name": str(tiny_bert_dir), "precision": "fp32"},
+        "data": {"train": str(tmp_path / "d.jsonl"), "max_length": 32},
+        "classify": {"mode": "full"},
+        "train": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "save_every": 2, "keep_last": 3, "progress": False}})
+    write_jsonl(tmp_path / "in.jsonl", [{"text": r["text"]} for r in sentiment_rows(6, seed=9)])
+
+    def predict(*extra):
+        out = tmp_path / f"p{'-'.join(extra) or 'default'}.jsonl"
+        assert main(["predict", str(run.run_dir), "--input", str(tmp_path / "in.jsonl"), "--out", str(out), *extra]) == 0
+        said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return said["checkpoint"], [json.loads(line) for line in out.read_text().splitlines()]
+
+    name, final = predict()
+    assert name == "final" and predict("--checkpoint", "final")[1] == final
+    name, step2 = predict("--checkpoint", "step-2")
+    assert name == "step-2" and step2 != final                      # other weights, other probabilities
+    assert step2 == [json.loads(json.dumps(p)) for p in lmforge.load(run.run_dir, "step-2").predict([r["text"] for r in
+                                                                   sentiment_rows(6, seed=9)])]
+    assert main(["predict", str(run.run_dir), "--input", str(tmp_path / "in.jsonl"), "--out",
+                 str(tmp_path / "x.jsonl"), "--checkpoint", "step-99"]) == 2
+    assert "no complete checkpoint step-99" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()

@@ -110,8 +110,9 @@ def cmd_predict(args) -> int:
     from ..api import load
 
     _out_file(args.out)
-    n = load(args.run_dir).predict_file(args.input, args.out)
-    print(json.dumps({"predictions": n, "out": args.out}))
+    run = load(args.run_dir, args.checkpoint)
+    n = run.predict_file(args.input, args.out)
+    print(json.dumps({"predictions": n, "out": args.out, "checkpoint": run.checkpoint}))
     return 0
 
 
@@ -174,6 +175,8 @@ def register(sub) -> None:
     pr.add_argument("run_dir")
     pr.add_argument("--input", required=True, help="JSONL/CSV/TSV/Parquet with the run's text column")
     pr.add_argument("--out", required=True, help="JSONL of predictions (embed runs: FILE.npy or FILE.parquet)")
+    pr.add_argument("--checkpoint", default="final",
+                    help="a run's weights: final, best or step-N (a kept checkpoint), as eval takes")
     input_help(pr, "a classify, ner or embed run folder; --input with the text column the run trained on "
                    "(ner: a text or a tokens list)", '{"text": "a gorgeous film"}')
     pr.set_defaults(func=cmd_predict)
