@@ -7,7 +7,7 @@ import torch
 from conftest import build_word_tokenizer
 from lmforge.data.chat import (IGNORE, DropReport, Formatter, collate_causal, looks_like_hh, make_item,
                                next_token_targets, pack_items, parse_hh_dialogue, prompt_messages,
-                               truncate_right)
+                               truncate_prompt_left, truncate_right)
 from lmforge.errors import LmforgeError
 
 
@@ -137,6 +137,18 @@ def test_truncation_that_removes_every_target_drops_the_sample():
     ids2, labels2, cut = truncate_right(ids, labels, 8)
     assert cut and len(ids2) == 8 and make_item(ids2, labels2) is None
     assert truncate_right(ids, labels, 10)[2] is False
+
+
+def test_prompt_left_truncation_keeps_the_reply():
+    ids, labels = list(range(10)), [IGNORE] * 8 + [8, 9]          # 8 prompt tokens, a 2-token reply
+    ids2, labels2, cut = truncate_prompt_left(ids, labels, 5)      # excess 5 <= p - 1 = 7: prompt 0..4 go
+    assert cut and ids2 == [5, 6, 7, 8, 9] and labels2 == [IGNORE] * 3 + [8, 9]
+    assert make_item(ids2, labels2)["targets"] == [IGNORE, IGNORE, 8, 9, IGNORE]
+    ids3, labels3, _ = truncate_prompt_left(ids, labels, 2)       # excess 8 > 7: one prompt token stays,
+    assert ids3 == [7, 8] and labels3 == [IGNORE, 8]                # then the reply is cut on the right
+    assert make_item(ids3, labels3)["targets"] == [8, IGNORE]      # (right truncation would keep no target)
+    assert truncate_prompt_left(ids, labels, 10) == (ids, labels, False)
+    assert truncate_prompt_left([1, 2, 3], [1, 2, 3], 2) == ([1, 2], [1, 2], True)   # train_on all: p = 0
 
 
 def test_drop_report_names_the_first_example():

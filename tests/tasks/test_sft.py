@@ -78,6 +78,19 @@ def test_samples_without_targets_after_truncation_are_counted_and_dropped(tmp_pa
     assert rep["truncated"] == 1 and rep["total"] == 20
 
 
+def test_prompt_left_truncation_keeps_a_long_prompts_reply(tmp_path, tiny_llama_dir):
+    rows = copy_rows(20)
+    rows[3] = {"prompt": "bad " + " ".join(["good"] * 80), "completion": "bad"}  # right truncation drops it
+    cfg = make_cfg(tmp_path, tiny_llama_dir, rows, data={"eval_fraction": 0.0}, sft={"truncation": "prompt_left"})
+    task = SftTask(cfg)
+    assert len(task.train_items) == 20 and task.reports[0].as_dict()["truncated"] == 1
+    long = max(task.train_items, key=lambda it: len(it["input_ids"]))
+    tok = task.tokenizer
+    assert len(long["input_ids"]) == 64
+    assert tok.convert_ids_to_tokens([t for t in long["targets"] if t != IGNORE])[0] == "bad"   # the reply stays
+    assert tok.convert_ids_to_tokens(long["input_ids"]).count("bad") == 1       # the prompt's first word went
+
+
 def test_all_dropped_and_bad_columns_are_one_line_errors(tmp_path, tiny_llama_dir):
     long = [{"prompt": " ".join(["good"] * 80), "completion": "bad"}] * 4
     with pytest.raises(LmforgeError, match="no train samples left"):

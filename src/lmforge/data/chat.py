@@ -249,6 +249,25 @@ def truncate_right(ids: list[int], labels: list[int], max_length: int) -> tuple[
     return ids[:max_length], labels[:max_length], True
 
 
+def truncate_prompt_left(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """Fit ``max_length`` by dropping the prompt's first tokens, keeping the reply whole where it fits.
+
+    With ``p`` the index of the first target label (``labels[p] != -100``; ``p = len`` when none) and
+    ``excess = len(ids) - max_length > 0``, the first ``c = min(excess, max(p - 1, 0))`` tokens go (one
+    prompt token stays, so the reply's first token is still predicted); if the rest is still too long
+    (the reply alone nearly fills ``max_length``) it is cut on the right. The end of a long
+    prompt (the latest turn, the question) is what the reply depends on most, so a multi-turn sample
+    keeps its reply instead of losing every target token to right truncation.
+    Returns (ids, labels, was_truncated)."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids, labels, False
+    p = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
+    c = min(excess, max(p - 1, 0))
+    ids, labels = ids[c:], labels[c:]
+    return ids[:max_length], labels[:max_length], True
+
+
 def make_item(ids: list[int], labels: list[int]) -> dict | None:
     """An SFT item ``{input_ids, targets}``, or None when no position is a target."""
     targets = next_token_targets(labels)

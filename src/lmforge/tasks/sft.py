@@ -23,7 +23,7 @@ from pydantic import Field
 from ..config import RunConfig
 from ..data.batching import length_grouped_batches
 from ..data.chat import (IGNORE, DropReport, collate_causal, completion_text, make_item, pack_items,
-                         truncate_right)
+                         truncate_prompt_left, truncate_right)
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, load_splits
 from ..device import move
@@ -46,6 +46,9 @@ class SftConfig(CausalSection):
         "completion", description="loss on assistant/completion tokens only, or on every token (seq2seq "
                                   "models: always the completion)")
     packing: bool = Field(False, description="pack several samples per row (per-sample position ids)")
+    truncation: Literal["right", "prompt_left"] = Field(
+        "right", description="samples over data.max_length: right keeps the first tokens; prompt_left drops the "
+                             "prompt's first tokens and keeps the reply (long multi-turn prompts keep their reply)")
     rouge_samples: int = Field(0, ge=0, description="eval: ROUGE of greedy generations on the first N eval samples")
     max_new_tokens: int = Field(64, gt=0, description="eval generation length")
     generation_batch_size: int = Field(16, gt=0)
@@ -141,7 +144,8 @@ class SftTask(CausalTask):
             except LmforgeError as err:
                 msg = str(err)
                 raise LmforgeError(msg if msg.startswith(table.source) else f"{where}: {msg}") from None
-            ids, labels, cut = truncate_right(ids, labels, dc.max_length)
+            cut_fn = truncate_prompt_left if self.opts.truncation == "prompt_left" else truncate_right
+            ids, labels, cut = cut_fn(ids, labels, dc.max_length)
             rep.truncated += cut
             item = make_item(ids, labels)
             if item is None:
