@@ -114,6 +114,35 @@ def test_free_variant_groups_with_its_own_checker(chain):
         assert free["variants"]["free"]["heldout"]["supported_fraction"]["before"] == base["supported_fraction"]["before"]
 
 
+def test_validation_questions_are_carved_from_tuning_and_never_sampled(chain, capsys):
+    """data.n_validation: the first k tuning questions of the split are a validation set with their own
+    before/after figures; they never reach sampling or pairs, and they are not held-out questions."""
+    from lmforge.factuality.data import read_prompts, split_heldout
+
+    tmp, recipe, _ = chain
+    rec = recipe | {"name": "tiny-val", "variants": ["reference"],
+                    "data": recipe["data"] | {"n_validation": 2}}
+    report = run_recipe(rec)
+    run = tmp / "runs" / "tiny-val"
+    tuning, held, _ = split_heldout(read_prompts(recipe["data"]["prompts"]), 4, 7, seed=3)
+    val_ids = [r["id"] for r in _read(run / "validation.jsonl")]
+    assert val_ids == [r["id"] for r in tuning[:2]]
+    assert [r["id"] for r in _read(run / "tuning.jsonl")] == [r["id"] for r in tuning[2:]]
+    assert report["validation_questions"] == 2 and report["tuning_questions"] == 5
+    sampled = {r["id"] for r in _read(run / "samples.jsonl")} | {r["id"] for r in _read(run / "pairs-reference.jsonl")}
+    assert sampled and not sampled & set(val_ids) and not set(val_ids) & {r["id"] for r in held}
+    assert [r["id"] for r in _read(run / "greedy-base-validation.jsonl")] == val_ids
+    ref = report["variants"]["reference"]
+    assert set(ref["validation"]) == set(ref["heldout"]) == {"supported_fraction", "any_unsupported",
+                                                             "length_words", "claims"}
+    assert (run / "greedy-reference-validation.jsonl").is_file()
+    bad = tmp / "bad-val.yaml"
+    _yaml(bad, rec | {"name": "tiny-val-bad", "data": recipe["data"] | {"n_validation": 7}})
+    assert main(["factuality", "run", str(bad)]) == 2
+    assert "n_validation" in capsys.readouterr().err
+    assert not (tmp / "runs" / "tiny-val-bad").exists()
+
+
 def _yaml(path: Path, obj: dict) -> Path:
     import yaml
 

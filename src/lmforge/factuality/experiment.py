@@ -3,14 +3,16 @@
 ``experiment: truthfulqa`` (any prompt file with references works as ``data.prompts``):
 
 1. seeded split into tuning and held-out questions; tuning questions that paraphrase a held-out
-   one are removed (:func:`.data.split_heldout`); only tuning prompts are sampled;
+   one are removed (:func:`.data.split_heldout`); the first ``data.n_validation`` tuning questions
+   form a validation set (never sampled or paired: settings are chosen on its figures, never on
+   the held-out ones); only the remaining tuning prompts are sampled;
 2. ``sample.n`` answers per tuning prompt (``samples.jsonl``);
 3. for each variant in ``variants`` (``reference``, ``free``): scores, pairs and the best
    answers (``scored-<v>.jsonl``, ``pairs-<v>.jsonl``, ``sft-<v>.jsonl``);
 4. a ``preference`` run (LoRA DPO by default) on each pairs file (``dpo-<v>/``);
 5. greedy answers to the held-out questions from the base model and each tuned run, scored
    against the references; ``report.json`` holds before/after figures with paired bootstrap
-   95% intervals.
+   95% intervals (``heldout``, and ``validation`` when ``data.n_validation`` > 0).
 
 ``experiment: summary_pairs``: DPO on a seeded part of (prompt, chosen, rejected) rows and the
 held-out preference accuracy (chosen log-prob > rejected) before and after.
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs", "seed": 42, "model": "smollm2", "resume": False, "device": "auto",
     "variants": ["reference", "free"],
-    "data": {"prompts": None, "n_tuning": 150, "n_heldout": 100, "paraphrase_jaccard": 0.6, "instruction": ""},
+    "data": {"prompts": None, "n_tuning": 150, "n_heldout": 100, "n_validation": 0, "paraphrase_jaccard": 0.6, "instruction": ""},
     "sample": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 40, "batch_size": 16},
     "score": {"checker": None, "free_group": "nli", "rule": "jaccard", "jaccard_min": 0.5, "threshold": None,
               "free_checker": None, "free_threshold": None},
@@ -127,6 +129,17 @@ def _mean(values) -> float:
     return round(sum(v) / len(v), 4) if v else 0.0
 
 
+def _lazy(load):
+    """``get()`` calls ``load()`` once, on first use (a tuned model is loaded only when a stage needs it)."""
+    cache: list = []
+
+    def get():
+        if not cache:
+            cache.append(load())
+        return cache[0]
+    return get
+
+
 def _read(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -141,19 +154,27 @@ def run_truthfulqa(cfg: dict) -> dict:
     from .pipeline import load_generator, pairs_file, score_rows
     from .sampler import greedy_answers, sample_answers
 
-    st = _Stages(cfg)
     d, s, sc, ev = cfg["data"], cfg["sample"], cfg["score"], cfg["eval"]
     rows = read_prompts(d["prompts"]) if d["prompts"] else truthfulqa()
     rows = [r for r in rows if r.get("references")]
     tuning, held, removed = split_heldout(rows, d["n_heldout"], d["n_tuning"], seed=cfg["seed"],
                                           paraphrase_jaccard=d["paraphrase_jaccard"])
+    n_val = d["n_validation"] or 0
+    if not (isinstance(n_val, int) and 0 <= n_val < len(tuning)):
+        raise LmforgeError(f"data.n_validation must be an integer in 0..{len(tuning) - 1}, got {n_val!r}")
     if d["instruction"]:  # after the split: the shared instruction must not make questions look alike
         tuning, held = ([r | {"prompt": d["instruction"] + r["prompt"]} for r in x] for x in (tuning, held))
+    val, tuning = tuning[:n_val], tuning[n_val:]
+    st = _Stages(cfg)  # after the input checks: a refused recipe leaves no folder behind
     write_jsonl(st.dir / "tuning.jsonl", tuning)
     write_jsonl(st.dir / "heldout.jsonl", held)
+    sets = {"heldout": held}
+    if val:
+        write_jsonl(st.dir / "validation.jsonl", val)
+        sets["validation"] = val
     report: dict[str, Any] = {"name": cfg["name"], "model": cfg["model"], "tuning_questions": len(tuning),
-                              "heldout_questions": len(held), "paraphrases_removed": removed,
-                              "sample": s, "variants": {}}
+                              "validation_questions": len(val), "heldout_questions": len(held),
+                              "paraphrases_removed": removed, "sample": s, "variants": {}}
     gen = load_generator(cfg["model"], device=cfg["device"])
     if not st.done("samples.jsonl"):
         t0 = time.perf_counter()
@@ -165,20 +186,32 @@ def run_truthfulqa(cfg: dict) -> dict:
         report["dropped_empty_samples"] = dropped
     samples = _read(st.dir / "samples.jsonl")
     report["samples"] = len(samples)
-    heldrefs = [r["references"] for r in held]
-    if not st.done("greedy-base.jsonl"):
-        t0 = time.perf_counter()
-        base = greedy_answers(*gen, [r["prompt"] for r in held], max_new_tokens=ev["max_new_tokens"],
-                              batch_size=ev["batch_size"])
-        write_jsonl(st.dir / "greedy-base.jsonl", [r | {"answer": a} for r, a in zip(held, base)])
-        st.timed("greedy_base", t0)
-    base = [r["answer"] for r in _read(st.dir / "greedy-base.jsonl")]
+
+    def greedy(model_gen, tag: str) -> None:  # greedy-<tag>.jsonl (held-out), greedy-<tag>-validation.jsonl
+        for which, qs in sets.items():
+            fname = f"greedy-{tag}.jsonl" if which == "heldout" else f"greedy-{tag}-{which}.jsonl"
+            if not st.done(fname):
+                t0 = time.perf_counter()
+                ans = greedy_answers(*model_gen(), [r["prompt"] for r in qs], max_new_tokens=ev["max_new_tokens"],
+                                     batch_size=ev["batch_size"])
+                write_jsonl(st.dir / fname, [r | {"answer": a} for r, a in zip(qs, ans)])
+                st.timed(f"greedy_{tag}" + ("" if which == "heldout" else f"_{which}"), t0)
+
+    def judged(tag: str) -> dict:  # answer metrics of greedy-<tag>*.jsonl per question set
+        out = {}
+        for which, qs in sets.items():
+            fname = f"greedy-{tag}.jsonl" if which == "heldout" else f"greedy-{tag}-{which}.jsonl"
+            out[which] = answer_metrics([r["answer"] for r in _read(st.dir / fname)],
+                                        [r["references"] for r in qs], checker)
+        return out
+
+    greedy(lambda: gen, "base")
     checker = load_checker(sc["checker"], threshold=sc["threshold"], device=cfg["device"]) if sc["checker"] else None
     # reference-free grouping may use its own checker (e.g. embedding:minilm when the NLI checker finds no two
     # samples equivalent); held-out answers are always judged by score.checker
     free_checker = (load_checker(sc["free_checker"], threshold=sc["free_threshold"], device=cfg["device"])
                     if sc["free_checker"] else checker)
-    before = answer_metrics(base, heldrefs, checker)
+    before = judged("base")
     del gen
     for v in cfg["variants"]:
         t0 = time.perf_counter()
@@ -207,20 +240,13 @@ def run_truthfulqa(cfg: dict) -> dict:
         else:
             dpo_metrics = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
         st.timed(f"dpo_{v}", t0)
-        t0 = time.perf_counter()
-        if not st.done(f"greedy-{v}.jsonl"):
-            tuned = load_generator(str(run_dir), device=cfg["device"])
-            ans = greedy_answers(*tuned, [r["prompt"] for r in held], max_new_tokens=ev["max_new_tokens"],
-                                 batch_size=ev["batch_size"])
-            write_jsonl(st.dir / f"greedy-{v}.jsonl", [r | {"answer": a} for r, a in zip(held, ans)])
-            del tuned
-        st.timed(f"greedy_{v}", t0)
-        after = answer_metrics([r["answer"] for r in _read(st.dir / f"greedy-{v}.jsonl")], heldrefs, checker)
+        greedy(_lazy(lambda: load_generator(str(run_dir), device=cfg["device"])), v)  # loaded only if needed
+        after = judged(v)
         report["variants"][v] = {
             "pairs": len(pairs), "prompts_with_pairs": len({p["id"] for p in pairs}),
             "mean_sample_score": _mean(r["score"] for r in scored),
             "dpo_eval": {k: (round(x, 4) if isinstance(x, float) else x) for k, x in dpo_metrics.items()},
-            "heldout": compare(before, after, n_boot=ev["n_boot"], seed=cfg["seed"])}
+            **{which: compare(before[which], after[which], n_boot=ev["n_boot"], seed=cfg["seed"]) for which in sets}}
     report["seconds"] = st.times
     write_json(st.dir / "report.json", report)
     return report
