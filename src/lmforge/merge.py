@@ -83,3 +83,28 @@ def merge(source: str, out: str | Path, *, base: str | None = None, dtype: str =
                    {"base": src.base, "adapter": str(src.adapter), "base_4bit": src.base_4bit, "dtype": dtype})
     log.info("merged %s into %s (max |adapter - merged| = %.3g)", src.adapter, out, diff)
     return {"out": str(out), "dtype": dtype, "dequantized": dequantized, "max_abs_diff": diff}
+
+
+def interpolate_weights(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """Weight-space ensemble of a fine-tuned model with its start (WiSE-FT, Wortsman et al. 2022, Eq. 1):
+    ``theta = (1 - alpha) * theta_base + alpha * theta_tuned`` per tensor, computed in fp32 and
+    returned in the tuned tensor's dtype (and shape). ``alpha = 1`` is the fine-tuned model,
+    ``alpha = 0`` the start. Integer tensors (position ids, buffers) are taken from ``tuned``.
+    Both state dicts must have the same keys and shapes (names the first that differs).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise LmforgeError(f"interpolation alpha must lie in [0, 1], got {alpha}")
+    missing = sorted(set(base) ^ set(tuned))
+    if missing:
+        raise LmforgeError(f"interpolation: the two models differ in tensor '{missing[0]}' ({len(missing)} names)")
+    out = {}
+    for k, t in tuned.items():
+        b = base[k]
+        if b.shape != t.shape:
+            raise LmforgeError(f"interpolation: '{k}' has shape {tuple(b.shape)} vs {tuple(t.shape)}")
+        if not t.is_floating_point():
+            out[k] = t.clone()
+            continue
+        out[k] = ((1.0 - alpha) * b.float().to(t.device) + alpha * t.float()).to(t.dtype)
+    return out

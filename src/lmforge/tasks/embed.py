@@ -17,7 +17,10 @@ tsdae           text                                           embeddings.tsdae.
 
 Scores must lie in ``embed.score_range`` (mapped to [0, 1]). Identical texts in an in-batch
 batch are masked as false negatives. ``embed.mini_batch`` turns on GradCache for the
-in-batch losses. The trained model is saved as a sentence-transformers folder in ``model/``.
+in-batch losses. ``embed.datasets`` mixes more training sets, each with its own loss, into every
+step (:mod:`lmforge.tasks.embed_multi`). The trained model is saved as a sentence-transformers
+folder in ``model/``; with ``embed.wise_ft: a`` the saved weights are the WiSE-FT interpolation
+``(1 - a) theta_start + a theta_trained`` (:func:`lmforge.merge.interpolate_weights`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
 from .base import Task, register_task
 from .common import ADAPTER_MODES, add_adapter, open_run
+from .embed_multi import EmbedDataset, load_extra_sets
 
 LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
 IN_BATCH = ("simcse_unsup", "simcse_sup", "mnr")
@@ -73,6 +77,10 @@ class EmbedConfig(Section):
     sts_eval: str | None = Field(None, description="STS file (sentence1, sentence2, score) evaluated while training")
     retrieval_eval: str | None = Field(None, description="retrieval file evaluated while training")
     eval_before: bool = Field(True, description="also evaluate the untrained model (eval.json 'before')")
+    datasets: list[EmbedDataset] = Field(default_factory=list, description="more training sets mixed into "
+                                         "every step, each with its own loss (name, train, loss, rate, weight)")
+    wise_ft: float | None = Field(None, gt=0, le=1, description="save (1 - a) * start + a * trained weights "
+                                  "(WiSE-FT); evaluations during training see the trained weights")
 
 
 class EmbedRun(RunConfig):
@@ -113,12 +121,20 @@ class EmbedTask(Task):
         self.evaluators: list[Evaluator] = []
         self.before: dict | None = None
         self.eval_items: list[dict] = []
+        self.extra_sets: list[EmbedDataset] = list(ec.datasets) if with_data else []
+        # WiSE-FT: the starting weights, kept on the CPU for the interpolation at save time
+        self._start = ({k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+                       if ec.wise_ft is not None and ec.wise_ft < 1 else None)
         train = ev = None
         if with_data:
             train, ev = self._tables()
             if self.loss_name == "softmax_nli":
                 self.labels = label_names(train, field_column(cfg.data, "label"), cfg.data.labels)
             self.train_items = self._items(train)
+            if self.extra_sets:
+                if self.loss_name == "simcse_unsup":
+                    raise LmforgeError("embed.datasets: simcse_unsup runs cannot mix in other sets")
+                load_extra_sets(self, self.extra_sets, len(self.train_items), cfg.seed)
         head = nn.Linear(3 * self.encoder.dim, len(self.labels)) if self.labels else None
         decoder = None
         if self.loss_name == "tsdae" and with_data:
@@ -138,11 +154,12 @@ class EmbedTask(Task):
     def _tables(self) -> tuple[Table, Table | None]:
         return load_splits(self.cfg.data, self.cfg.seed)
 
-    def _columns(self, table: Table | None = None) -> list[str]:
-        """File columns of the text fields, in loss order (anchor, positive[, negative])."""
-        dc = self.cfg.data
-        fields = list(FIELDS[self.loss_name])
-        if self.loss_name == "mnr" and ("negative" in dc.columns or (
+    def _columns(self, table: Table | None = None, loss: str | None = None, dc=None) -> list[str]:
+        """File columns of the text fields, in loss order (anchor, positive[, negative]); ``loss`` and
+        ``dc`` (anything with ``columns``) default to the primary set's."""
+        dc, loss = dc or self.cfg.data, loss or self.loss_name
+        fields = list(FIELDS[loss])
+        if loss == "mnr" and ("negative" in dc.columns or (
                 table is not None and table.records and "negative" in table.records[0])):
             fields.append("negative")
         return [field_column(dc, f) for f in fields]
@@ -150,20 +167,26 @@ class EmbedTask(Task):
     def _tid(self, text: str) -> int:
         return self._text_ids.setdefault(text, len(self._text_ids))
 
-    def _items(self, table: Table) -> list[dict]:
-        dc, cols = self.cfg.data, self._columns(table)
-        extra = {"cosine": "score", "cosent": "score", "softmax_nli": "label"}.get(self.loss_name)
+    def rows_for(self, table: Table, ds: EmbedDataset) -> list[dict]:
+        """Tokenised rows of an extra training set (``embed.datasets``), with its own loss and columns."""
+        return self._items(table, ds.loss, ds, ds.score_range or self.cfg.embed.score_range)
+
+    def _items(self, table: Table, loss: str | None = None, dc=None, score_range=None) -> list[dict]:
+        dc, loss = dc or self.cfg.data, loss or self.loss_name
+        cols = self._columns(table, loss, dc)
+        extra = {"cosine": "score", "cosent": "score", "softmax_nli": "label"}.get(loss)
         require_columns(table, cols + ([field_column(dc, extra)] if extra else []))
         columns = [text_values(table, c) for c in cols]
         uniq = list(dict.fromkeys(t for col in columns for t in col))
         ids = dict(zip(uniq, self._tokenize(uniq)))
         items = [{"ids": [ids[col[i]] for col in columns], "tids": [self._tid(col[i]) for col in columns]}
                  for i in range(len(table))]
-        if self.loss_name == "tsdae":
+        if loss == "tsdae":
             for it, text in zip(items, columns[0]):
                 it["text"] = text
         if extra == "score":
-            for it, y in zip(items, normalised_scores(table, field_column(dc, "score"), self.cfg.embed.score_range)):
+            rng = score_range or self.cfg.embed.score_range
+            for it, y in zip(items, normalised_scores(table, field_column(dc, "score"), rng)):
                 it["score"] = y
         elif extra == "label":
             for it, y in zip(items, label_ids(table, field_column(dc, "label"), self.labels, split="train")):
@@ -180,7 +203,14 @@ class EmbedTask(Task):
         return max(len(x) for x in item["ids"])
 
     def collate(self, items: Sequence[dict]) -> dict:
-        if self.loss_name == "tsdae":
+        batch = self._collate_rows(items)
+        if self.extra_sets:  # one sub-batch per extra set (None when this micro-batch holds no row of it)
+            batch["extra"] = [self._collate_rows(rows) if rows else None for rows in
+                              ([r for it in items for r in it["extra"][k]] for k in range(len(self.extra_sets)))]
+        return batch
+
+    def _collate_rows(self, items: Sequence[dict]) -> dict:
+        if "text" in items[0]:  # tsdae
             ratio = self.cfg.embed.deletion_ratio
             noisy = self._tokenize([delete_words(it["text"], ratio, self._noise) for it in items])
             return {"columns": [self.encoder.collate(noisy)],
@@ -199,7 +229,8 @@ class EmbedTask(Task):
 
     def batch_tokens(self, batch: dict) -> int:
         parts = batch["columns"] + ([batch["target"]] if "target" in batch else [])
-        return int(sum(int(p["attention_mask"].sum()) for p in parts))
+        extra = sum(self.batch_tokens(b) for b in batch.get("extra", ()) if b is not None)
+        return int(sum(int(p["attention_mask"].sum()) for p in parts)) + extra
 
     # ---- loss ------------------------------------------------------------------------------
     def _embed(self, features: dict) -> Tensor:
@@ -207,7 +238,18 @@ class EmbedTask(Task):
             return self.model(**features)  # (b, D)
 
     def loss(self, batch: dict) -> tuple[Tensor, dict]:
-        ec, name = self.cfg.embed, self.loss_name
+        """The primary set's loss plus ``weight_k *`` each extra set's loss on its own sub-batch."""
+        loss, metrics = self._loss_of(self.loss_name, batch, self.cfg.embed.scale)
+        for ds, sub in zip(self.extra_sets, batch.get("extra", ())):
+            if sub is None:
+                continue
+            part, m = self._loss_of(ds.loss, sub, ds.scale or self.cfg.embed.scale)
+            loss = loss + ds.weight * part
+            metrics |= {f"{ds.name}_loss": float(part.detach())} | {f"{ds.name}_{k}": v for k, v in m.items()}
+        return loss, metrics
+
+    def _loss_of(self, name: str, batch: dict, scale: float) -> tuple[Tensor, dict]:
+        ec = self.cfg.embed
         cols = batch["columns"]
         if name in IN_BATCH and ec.mini_batch and self.batch_units(batch) > ec.mini_batch:
             from ..embeddings.cached import cached_embedding_loss, split_features
@@ -215,7 +257,8 @@ class EmbedTask(Task):
             groups = [split_features(c, ec.mini_batch) for c in cols]
             if name == "simcse_unsup":
                 groups = groups * 2  # two dropout views of the same sentences
-            loss = cached_embedding_loss(self._embed, groups, lambda embs: self._in_batch(embs, batch)[0])
+            loss = cached_embedding_loss(self._embed, groups,
+                                         lambda embs: self._in_batch(embs, batch, name, scale)[0])
             return loss, {}
         if name == "simcse_unsup":  # one forward over both views: dropout differs per row
             both = {k: torch.cat([v, v]) for k, v in cols[0].items()}
@@ -223,10 +266,10 @@ class EmbedTask(Task):
         else:
             embs = [self._embed(c) for c in cols]
         if name in IN_BATCH:
-            return self._in_batch(embs, batch)
-        return self._pair_loss(embs, batch)
+            return self._in_batch(embs, batch, name, scale)
+        return self._pair_loss(embs, batch, name, scale)
 
-    def _in_batch(self, embs: list[Tensor], batch: dict) -> tuple[Tensor, dict]:
+    def _in_batch(self, embs: list[Tensor], batch: dict, name: str, scale: float) -> tuple[Tensor, dict]:
         from ..losses.contrastive import info_nce, multiple_negatives_ranking_loss
 
         ec = self.cfg.embed
@@ -234,8 +277,8 @@ class EmbedTask(Task):
         negs = torch.stack(embs[2:], dim=1) if len(embs) > 2 else None  # (B, K, D)
         akeys, ckeys = false_negative_keys(batch["tids"])
         akeys, ckeys = akeys.to(a.device), ckeys.to(a.device)
-        if self.loss_name == "mnr":
-            loss = multiple_negatives_ranking_loss(a, p, negs, scale=ec.scale, symmetric=ec.symmetric,
+        if name == "mnr":
+            loss = multiple_negatives_ranking_loss(a, p, negs, scale=scale, symmetric=ec.symmetric,
                                                    anchor_ids=akeys, candidate_ids=ckeys)
         else:
             loss = info_nce(a, p, negs, temperature=ec.temperature, symmetric=ec.symmetric,
@@ -245,10 +288,10 @@ class EmbedTask(Task):
             acc = (sims.argmax(-1) == torch.arange(a.shape[0], device=a.device)).float().mean()
         return loss, {"in_batch_accuracy": float(acc)}
 
-    def _pair_loss(self, embs: list[Tensor], batch: dict) -> tuple[Tensor, dict]:
+    def _pair_loss(self, embs: list[Tensor], batch: dict, name: str, scale: float) -> tuple[Tensor, dict]:
         from ..losses.contrastive import cosent_loss, cosine_similarity_loss, softmax_nli_logits
 
-        name, net = self.loss_name, self.model
+        net = self.model
         if name == "tsdae":
             from ..embeddings.tsdae import tsdae_loss
 
@@ -259,7 +302,7 @@ class EmbedTask(Task):
         if name == "cosine":
             return cosine_similarity_loss(u, v, batch["scores"]), {}
         if name == "cosent":
-            return cosent_loss(u, v, batch["scores"], scale=self.cfg.embed.scale), {}
+            return cosent_loss(u, v, batch["scores"], scale=scale), {}
         logits = softmax_nli_logits(u, v, net.head.weight, net.head.bias).float()  # (B, C)
         loss = F.cross_entropy(logits, batch["labels"])
         return loss, {"accuracy": float((logits.argmax(-1) == batch["labels"]).float().mean())}
@@ -332,14 +375,20 @@ class EmbedTask(Task):
 
     # ---- artefacts -----------------------------------------------------------------------------
     def trained_encoder(self) -> SentenceEncoder:
-        """The encoder with LoRA merged (a copy in LoRA mode), ready to save or use."""
-        if self.cfg.embed.mode not in ADAPTER_MODES:
+        """The encoder with LoRA merged (a copy in LoRA mode) and, with ``embed.wise_ft: a``,
+        interpolated with the starting weights (a copy), ready to save or use."""
+        if self.cfg.embed.mode not in ADAPTER_MODES and self._start is None:
             return self.encoder
-        from ..adapters.lora import unwrap_lora
-
         enc = copy.deepcopy(self.encoder).cpu()
-        unwrap_lora(enc.backbone)
-        enc.backbone.requires_grad_(True)
+        if self.cfg.embed.mode in ADAPTER_MODES:
+            from ..adapters.lora import unwrap_lora
+
+            unwrap_lora(enc.backbone)
+            enc.backbone.requires_grad_(True)
+        if self._start is not None:
+            from ..merge import interpolate_weights
+
+            enc.load_state_dict(interpolate_weights(self._start, enc.state_dict(), self.cfg.embed.wise_ft))
         return enc
 
     def save(self, out_dir: Path) -> None:
@@ -354,7 +403,7 @@ class EmbedTask(Task):
         if not (art / "modules.json").is_file():
             raise LmforgeError(f"{run_dir}: no trained model in {art}")
         ec = cfg.embed.model_copy(update={"mode": "full", "pooling": None, "normalize": None, "dropout": None,
-                                         "residual_dropout": None})
+                                         "residual_dropout": None, "wise_ft": None})
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": str(art)}), "embed": ec})
         return cls(cfg, with_data=False)
 
