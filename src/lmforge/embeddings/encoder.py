@@ -4,11 +4,15 @@
 token length and cut into batches (so a batch pads to nearly its own length), run under
 ``torch.inference_mode`` with the precision ``lmforge.device.Placement`` picks (bf16 on CPUs with
 AMX / AVX512-BF16: autocast over fp32 weights while training, or weights stored in bf16 after
-``to_inference`` for pure inference), pooled in fp32 and written back in input order.
+``to_inference`` for pure inference), pooled in fp32 and written back in input order. Stock BERT
+backbones (MiniLM ...) run there on :mod:`lmforge.fast_encode` (fused QKV, prepacked oneDNN
+weights with fused GELU on CPU, packed rows, attention per sequence), the same function as
+transformers' forward; ``encoder.fast_path = False`` keeps transformers' path.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +25,8 @@ from ..data.batching import pad_sequences
 from ..device import Placement
 from ..errors import LmforgeError
 from ..unpad import enable_unpadding
+
+_FAST: "weakref.WeakKeyDictionary" = None  # encoder -> (key, FastBert), see SentenceEncoder._fast_path
 
 POOLING_MODES = ("mean", "cls", "max", "last")
 AUTO_PROGRESS = 2000  # texts from which encode() reports progress unless told otherwise
@@ -122,6 +128,7 @@ class SentenceEncoder(nn.Module):
             backbone.config.use_cache = False  # decoders: no KV cache while embedding
         if unpad:
             enable_unpadding(backbone)
+        self.fast_path = True  # encode() on lmforge.fast_encode where it applies (False: transformers' path)
 
     @property
     def dim(self) -> int:
@@ -234,14 +241,19 @@ class SentenceEncoder(nn.Module):
         first = next(self.parameters())
         if first.device != place.device:
             self.to(place.device)
+        fast = self._fast_path(place)
         # weights already in low precision (to_inference): run the ops natively, no autocast
-        cast = place.autocast() if first.dtype == torch.float32 else contextlib.nullcontext()
+        cast = place.autocast() if first.dtype == torch.float32 and fast is None else contextlib.nullcontext()
         try:
             with torch.inference_mode(), cast:
                 for s in range(0, len(order), batch_size):
                     idx = order[s:s + batch_size]
                     batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}
-                    emb = self.pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
+                    if fast is not None:
+                        hidden = fast.hidden(batch["input_ids"], batch["attention_mask"])  # (b, T, D)
+                        emb = pool(hidden, batch["attention_mask"], self.pooling)  # (b, D) fp32
+                    else:
+                        emb = self.pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
                     if unit:
                         emb = F.normalize(emb, p=2, dim=-1)
                     out[torch.as_tensor(idx)] = emb.float().cpu()
@@ -250,6 +262,27 @@ class SentenceEncoder(nn.Module):
             bar.close()
             self.train(was_training)
         return out.numpy()
+
+
+    def _fast_path(self, place: Placement):
+        """The :class:`lmforge.fast_encode.FastBert` of this encoder's current weights in the
+        placement's compute dtype (built once, rebuilt when a weight changed: training steps
+        between evaluations), or None where it does not apply (``fast_path`` off, not a stock
+        BERT backbone, see :func:`lmforge.fast_encode.supported`)."""
+        from .. import fast_encode
+
+        global _FAST
+        if not getattr(self, "fast_path", True) or not fast_encode.supported(self.backbone):
+            return None
+        params = list(self.backbone.parameters())
+        dtype = params[0].dtype if params[0].dtype != torch.float32 else place.dtype
+        key = (dtype, str(place.device), tuple((p.data_ptr(), p._version) for p in params))
+        if _FAST is None:
+            _FAST = weakref.WeakKeyDictionary()
+        hit = _FAST.get(self)
+        if hit is None or hit[0] != key:
+            _FAST[self] = hit = (key, fast_encode.FastBert(self.backbone, dtype))
+        return hit[1]
 
 
 def _tokenizer_limit(tokenizer, config) -> int:
