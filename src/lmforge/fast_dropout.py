@@ -34,14 +34,40 @@ def keep_bits(shape: torch.Size | tuple[int, ...], itemsize: int, p: float,
     numel = 1
     for s in shape:
         numel *= s
-    words = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-numel * itemsize // 8),), dtype=torch.int64, device=device)
+    # random_() on int64: 63 uniform bits per word (no modulo; 10% cheaper than a full-range randint);
+    # each lane takes its low 15 bits, so bit 63 (always 0) is never read
+    words = torch.empty(-(-numel * itemsize // 8), dtype=torch.int64, device=device).random_()
     u = words.view(it)[:numel].bitwise_and_(2 ** BITS - 1)  # (numel,) uniform on [0, 2^15)
     m = u.sub_(k).bitwise_right_shift_(8 * itemsize - 1).bitwise_not_()  # u < k: 0, else all ones
     return m.view(shape), k / 2 ** BITS
 
 
+def _wide(t: Tensor) -> Tensor | None:
+    """``t``'s bytes as one flat int64 (or int32) tensor, when contiguous and the size allows."""
+    if not t.is_contiguous():
+        return None
+    nbytes = t.numel() * t.element_size()
+    for it, w in ((torch.int64, 8), (torch.int32, 4)):
+        if nbytes % w == 0:
+            return t.reshape(-1).view(it)
+    return None
+
+
+def apply_mask(x: Tensor, m: Tensor) -> Tensor:
+    """``bits(x) & m`` (a new tensor of ``x``'s dtype and shape; ``m`` from :func:`keep_bits`, same
+    shape and element size). Done on 8-byte words where the layout allows: torch's out-of-place
+    int16 AND is ~4x slower per byte than its int64 AND on CPU (measured, 2.4M bf16 elements:
+    2.4 vs 0.5 ms)."""
+    x = x.contiguous()
+    xw, mw = _wide(x), _wide(m)
+    if xw is not None and mw is not None and xw.dtype == mw.dtype:
+        return xw.bitwise_and(mw).view(x.dtype).view(x.shape)
+    return x.view(m.dtype).bitwise_and(m).view(x.dtype)
+
+
 def _masked(x: Tensor, m: Tensor, scale: float) -> Tensor:
-    return x.view(m.dtype).bitwise_and(m).view(x.dtype).mul_(scale)
+    y = apply_mask(x, m)
+    return y.mul_(scale) if scale != 1.0 else y
 
 
 class _Dropout(torch.autograd.Function):
@@ -55,6 +81,21 @@ class _Dropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (m,) = ctx.saved_tensors
         return _masked(grad, m, ctx.scale), None, None
+
+
+def dropout_unscaled(x: Tensor, p: float, training: bool = True) -> tuple[Tensor, float]:
+    """``(x * keep, 1 / (1 - p'))``: the mask without its scale, for a caller that applies the scale
+    to a smaller tensor later (attention: ``(dropout(w) @ v) * scale`` costs one pass over
+    ``(L, d)`` instead of ``(L, L)``). CPU floating-point inputs only; elsewhere (or p = 0, eval)
+    torch's dropout (or ``x``) with scale 1."""
+    if not training or p == 0.0:
+        return x, 1.0
+    if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point() or x.element_size() not in _INT:
+        return F.dropout(x, p, training), 1.0
+    m, p_q = keep_bits(x.shape, x.element_size(), p, x.device)
+    if p_q >= 1.0:
+        return x * 0.0, 1.0
+    return _Dropout.apply(x, m, 1.0), 1.0 / (1.0 - p_q)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:

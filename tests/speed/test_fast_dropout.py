@@ -80,3 +80,27 @@ def test_module_swap_keeps_p_state_and_eval_outputs():
     assert (model[1](torch.ones(10_000)) == 0).any()
     disable_fast_dropout(model)
     assert type(model[1]) is nn.Dropout
+
+
+def test_wide_and_narrow_masking_agree_and_unscaled_dropout_returns_its_scale():
+    """The 8-byte AND (even sizes) and the per-element AND (odd sizes, non-contiguous) give
+    bits(x) & m; ``dropout_unscaled`` keeps x where kept (no scale) and returns 1 / (1 - p')."""
+    from lmforge.fast_dropout import apply_mask, dropout_unscaled
+
+    torch.manual_seed(5)
+    for shape in ((6, 8), (3, 5), (7,)):  # 96 bytes (wide), 30 bytes (int16), 14 bytes (int16)
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        m, _ = keep_bits(shape, 2, 0.4)
+        ref = x.view(torch.int16).bitwise_and(m).view(torch.bfloat16)
+        assert torch.equal(apply_mask(x, m), ref)
+    xt = torch.randn(8, 6).t()  # non-contiguous fp32
+    m, _ = keep_bits(xt.shape, 4, 0.4)
+    assert torch.equal(apply_mask(xt, m), xt * (m != 0))
+    x = torch.randn(50, 40, requires_grad=True)
+    y, scale = dropout_unscaled(x, 0.25)
+    assert scale == 1 / (1 - round(0.25 * 2 ** 15) / 2 ** 15)
+    kept = y.detach() != 0
+    torch.testing.assert_close(y.detach()[kept], x.detach()[kept])
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float())
+    assert dropout_unscaled(x, 0.25, training=False) == (x, 1.0)
