@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import LmforgeError
+from .kv_cache import LlamaDecoder, supports
 from .streaming import TextTracker
 from .sampling import (mask_disallowed, repetition_penalty, seen_tokens, temperature_scale,  # noqa: F401
                        top_k_filter, top_p_filter)
@@ -61,6 +62,10 @@ class GenerationConfig:
         sampler: ``multinomial`` (``torch.multinomial``: the draws of transformers' ``generate``) or
             ``inverse_cdf`` (one uniform per row against the cumulative probabilities: the same
             distribution, another random stream, ~20x cheaper over a 49k vocabulary on a CPU).
+        fast_decode: with the cache, Llama-architecture causal LMs feed their new tokens through
+            :class:`~lmforge.kv_cache.LlamaDecoder` (preallocated KV cache, a lean step through the
+            model's own modules, prepacked bf16 weights on a CPU); False: the model's own forward
+            with transformers' ``DynamicCache`` at every step. Other models ignore it.
     """
 
     max_new_tokens: int = 128
@@ -73,6 +78,7 @@ class GenerationConfig:
     use_cache: bool = True
     batch_size: int = 8
     sampler: str = "multinomial"
+    fast_decode: bool = True
 
     def __post_init__(self):
         if self.sampler not in ("multinomial", "inverse_cdf"):
@@ -167,20 +173,31 @@ class _CausalSteps:
         self.keep_index = bool(self.keep_last) and _takes_index(model)
         self.use_cache = cfg.use_cache
         self.cache = _new_cache(model) if cfg.use_cache else None
+        self.fast = None  # kv_cache.LlamaDecoder after the prefill, when the model supports it
+        self.fast_new = cfg.max_new_tokens - 1 if cfg.use_cache and cfg.fast_decode and supports(model) else 0
         self.ids, self.step_ids, self.step_pos = input_ids, input_ids, self.positions
         self.seen_source = (input_ids, self.mask)  # what the repetition penalty counts as already seen
 
     def logits(self) -> Tensor:
+        if self.fast is not None:
+            return self.fast.step(self.step_ids, self.step_pos)  # (B, V)
         keep, width = self.keep_last, self.step_ids.shape[1]
         if self.keep_index and width > 1:  # keep=1 slices hidden[:, -1:] (a strided view), whose matmul with a
             # bf16 LM head on CPU copies the head once per row (B x H x V: 1.7 s for SmolLM2 at B=8); an
             # index tensor gathers the last row contiguously (11 ms)
             keep = {"logits_to_keep": torch.tensor([width - 1], device=self.step_ids.device)}
-        return self.model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.step_pos,
-                          use_cache=self.use_cache, **cache_kwargs(self.model, self.cache),
-                          **keep).logits[:, -1, :].float()  # (B, V)
+        logits = self.model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.step_pos,
+                            use_cache=self.use_cache, **cache_kwargs(self.model, self.cache),
+                            **keep).logits[:, -1, :].float()  # (B, V)
+        if self.fast_new > 0:  # the prefill's keys/values move to the preallocated cache
+            self.fast = LlamaDecoder(self.model, self.cache, self.mask, self.fast_new)
+            self.cache = None
+        return logits
 
     def advance(self, token: Tensor) -> None:
+        if self.fast is not None:
+            self.step_ids, self.step_pos = token[:, None], self.step_pos[:, -1:] + 1
+            return
         self.mask = torch.cat([self.mask, self.mask.new_ones(token.shape[0], 1)], dim=1)  # (B, T + 1)
         next_pos = self.step_pos[:, -1:] + 1  # (B, 1)
         if self.cache is not None:
