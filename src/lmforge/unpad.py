@@ -264,7 +264,8 @@ def _unpad_call(module, args, kwargs):
              or any(kwargs.get(k) is not None for k in ("position_ids", "encoder_hidden_states"))
              or any(kwargs.get(k) for k in ("output_attentions", "output_hidden_states", "use_cache"))
              or kwargs.get("return_dict") is False or kwargs.get("cache") is not None
-             or float(mask.sum()) > (1 - MIN_PADDING) * mask.numel()  # (almost) no padding
+             or (float(mask.sum()) > (1 - MIN_PADDING) * mask.numel()  # (almost) no padding, unless the
+                 and not module.__dict__.get("_lmforge_first_only"))  # first-rows last layer pays for the gathers
              or bool((mask[:, 1:] > mask[:, :-1]).any()))  # not right-padded
     if plain:
         return None
