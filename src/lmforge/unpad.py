@@ -110,9 +110,11 @@ def varlen_attention(inner, module: nn.Module, query: Tensor, key: Tensor, value
     return out.reshape(b * max_len, *out.shape[2:]).index_select(0, dest).unsqueeze(0)  # (1, N, H, d)
 
 
-# Keys per sequence are padded (masked) to a multiple of this: torch's bf16 softmax on CPU costs
-# ~2.3 ns per element at rows of 77, 1.6 at 80, 0.95 at 64/96 (measured, 1 thread); whole varlen
-# kernel at 32 x 12 heads x 77 rows, forward + backward: 16 -> 25.5 ms, 32 -> 27.7, none -> 28.9.
+# Keys per sequence are padded (masked) to a multiple of this. torch's bf16 softmax on CPU costs
+# ~2.3 ns per element at rows of 77, 1.6 at 80, 0.95 at 64/96 (1 thread), and the kernel alone
+# (32 x 12 heads x 77 rows, forward + backward) gains from 16 (28.9 -> 25.5 ms); but whole prompt-
+# tuning steps lose (interleaved, CPU ms: none 537-541, 16: 556-566, 32: 584): the larger matmuls,
+# masks and backward cost more than the softmax saves. So none.
 KEY_ALIGN = 1
 
 
