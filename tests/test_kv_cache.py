@@ -194,3 +194,38 @@ def test_norm_and_rope_equal_transformers_bit_for_bit():
         signed = torch.cat((-sin[..., :8], sin[..., 8:]), -1)[:, None]
         assert torch.equal(kv_cache.rope(q, cos[:, None], signed), wq)
         assert torch.equal(kv_cache.rope(k, cos[:, None], signed), wk)
+
+
+def test_shared_prefix_hand_computed():
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [4, 5, 6, 8, 9, 10], [0, 4, 5, 6, 7, 11]])
+    mask = (ids != 0).long()
+    assert kv_cache.shared_prefix(ids, mask) == 3  # 4 5 6
+    assert kv_cache.shared_prefix(ids[[0, 2]], mask[[0, 2]]) == 3  # 4 5 6 7 is all of row 0: one kept back
+    assert kv_cache.shared_prefix(ids[:1], mask[:1]) == 3
+
+
+@torch.no_grad()
+def test_a_shared_prefix_runs_once_and_decodes_like_the_plain_prefill():
+    model = tiny()
+    head = [5, 9, 12, 7, 3, 8, 4, 11, 6, 2]  # 10 shared tokens >= MIN_SHARED
+    rows = [head + [13, 10, 14], head + [15], head + [16, 17]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    widths = []
+
+    def forward(i, m, p, cache):
+        widths.append(i.shape)
+        return model(input_ids=i, attention_mask=m, position_ids=p, cache=cache).logits[:, -1].float()
+
+    got, cache, full = kv_cache.prefill(forward, ids, mask, pos, DynamicCache(config=model.config))
+    assert widths == [(1, 10), (3, 3)]  # the prefix once, then the rests
+    assert full.tolist() == [[1] * 10 + [1, 1, 1], [1] * 10 + [0, 0, 1], [1] * 10 + [0, 1, 1]]
+    want = forward(ids, mask, pos, DynamicCache(config=model.config))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for cfg in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=10, temperature=1.0, seed=1)):
+        gen = [torch.Generator().manual_seed(1) for _ in range(2)]
+        fast = decode(model, ids, mask, cfg, generator=gen[0])
+        plain = decode(model, ids, mask, GenerationConfig(**{**cfg.__dict__, "fast_decode": False}), generator=gen[1])
+        assert fast == plain

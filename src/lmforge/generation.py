@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import LmforgeError
-from .kv_cache import LlamaDecoder, supports
+from .kv_cache import LlamaDecoder, prefill, supports
 from .streaming import TextTracker
 from .sampling import (mask_disallowed, repetition_penalty, seen_tokens, temperature_scale,  # noqa: F401
                        top_k_filter, top_p_filter)
@@ -181,18 +181,20 @@ class _CausalSteps:
     def logits(self) -> Tensor:
         if self.fast is not None:
             return self.fast.step(self.step_ids, self.step_pos)  # (B, V)
-        keep, width = self.keep_last, self.step_ids.shape[1]
+        if self.fast_new > 0:  # prefill (a prefix all rows share: once), then the preallocated cache
+            logits, cache, mask = prefill(self._forward, self.step_ids, self.mask, self.step_pos, self.cache)
+            self.fast, self.cache = LlamaDecoder(self.model, cache, mask, self.fast_new), None
+            return logits
+        return self._forward(self.step_ids, self.mask, self.step_pos, self.cache)
+
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> Tensor:
+        keep, width = self.keep_last, ids.shape[1]
         if self.keep_index and width > 1:  # keep=1 slices hidden[:, -1:] (a strided view), whose matmul with a
             # bf16 LM head on CPU copies the head once per row (B x H x V: 1.7 s for SmolLM2 at B=8); an
             # index tensor gathers the last row contiguously (11 ms)
-            keep = {"logits_to_keep": torch.tensor([width - 1], device=self.step_ids.device)}
-        logits = self.model(input_ids=self.step_ids, attention_mask=self.mask, position_ids=self.step_pos,
-                            use_cache=self.use_cache, **cache_kwargs(self.model, self.cache),
-                            **keep).logits[:, -1, :].float()  # (B, V)
-        if self.fast_new > 0:  # the prefill's keys/values move to the preallocated cache
-            self.fast = LlamaDecoder(self.model, self.cache, self.mask, self.fast_new)
-            self.cache = None
-        return logits
+            keep = {"logits_to_keep": torch.tensor([width - 1], device=ids.device)}
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=self.use_cache,
+                          **cache_kwargs(self.model, cache), **keep).logits[:, -1, :].float()  # (B, V)
 
     def advance(self, token: Tensor) -> None:
         if self.fast is not None:

@@ -234,6 +234,52 @@ class LlamaDecoder:
         return self.head(rms_norm(self.inner.norm, h)).float()  # (B, V)
 
 
+# ---- the prefill: a prefix every row shares runs once ----------------------------------------------
+MIN_SHARED = 8  # shared prefix tokens worth a separate forward
+
+
+def shared_prefix(ids: Tensor, mask: Tensor) -> int:
+    """Tokens every row's prompt starts with (left padding skipped), at most one short of the
+    shortest prompt (each row keeps a last token of its own, whose logits start the decoding)."""
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    n, first, p = min(map(len, rows)) - 1, rows[0], 0
+    while p < n and all(r[p] == first[p] for r in rows):
+        p += 1
+    return p
+
+
+def prefill(forward, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> tuple[Tensor, object, Tensor]:
+    """Run the (B, T) left-padded prompts into ``cache``; returns the last position's logits (B, V),
+    the cache and its attention mask.
+
+    When the rows share a prefix of P >= ``MIN_SHARED`` tokens (a chat template's system prompt,
+    a few-shot preamble) and B > 1, the prefix runs once (batch 1) and its keys/values are
+    repeated to every row; then each row's rest, left-padded to S columns, runs against them at
+    positions P, P + 1, ... The cache then holds [prefix (P) | padded rests (S)] per row, the mask
+    (B, P + S) has its padding in the middle, and every real token sees exactly the keys/values it
+    would see in the plain layout (same rotary positions), so the logits agree to rounding.
+    ``forward(ids, mask, pos, cache)`` is the model's forward returning last-position logits.
+    """
+    b = ids.shape[0]
+    p = shared_prefix(ids, mask) if b > 1 else 0
+    if p < MIN_SHARED:
+        return forward(ids, mask, pos, cache), cache, mask
+    lengths = mask.sum(1).tolist()
+    start = ids.shape[1] - lengths[0]  # row 0's first real column
+    prefix = ids[:1, start:start + p]  # (1, P)
+    forward(prefix, torch.ones_like(prefix), torch.arange(p, device=ids.device)[None], cache)
+    cache.batch_repeat_interleave(b)  # (B, H_kv, P, d)
+    width = max(lengths) - p
+    rest = ids.new_zeros(b, width)
+    rest_mask = torch.zeros_like(rest)
+    for r, n in enumerate(lengths):
+        rest[r, width - (n - p):] = ids[r, ids.shape[1] - (n - p):]
+        rest_mask[r, width - (n - p):] = 1
+    rest_pos = p + (rest_mask.cumsum(-1) - 1).clamp_min(0)  # (B, S)
+    full = torch.cat([mask.new_ones(b, p), rest_mask.to(mask.dtype)], dim=1)  # (B, P + S)
+    return forward(rest, full, rest_pos, cache), cache, full
+
+
 def _layer_kv(cache, i: int) -> tuple[Tensor, Tensor]:
     layers = getattr(cache, "layers", None)
     if layers is not None:
