@@ -147,3 +147,14 @@ def test_minilm_bf16_cosine_to_fp32():
     assert enc._fast_path(place) is not None
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.9999
+
+
+def test_encoder_built_under_inference_mode(tiny_bert_dir):
+    """Parameters made under inference_mode have no version counter: the fast path still runs."""
+    from tests.embeddings._helpers import sentences
+
+    with torch.inference_mode():
+        enc = SentenceEncoder.from_pretrained(tiny_bert_dir)
+    place = Placement.resolve("cpu", "fp32")
+    got = enc.encode(sentences(5, seed=2), placement=place)
+    assert enc._fast_path(place) is not None and np.isfinite(got).all()

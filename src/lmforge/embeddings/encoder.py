@@ -276,13 +276,19 @@ class SentenceEncoder(nn.Module):
             return None
         params = list(self.backbone.parameters())
         dtype = params[0].dtype if params[0].dtype != torch.float32 else place.dtype
-        key = (dtype, str(place.device), tuple((p.data_ptr(), p._version) for p in params))
+        key = (dtype, str(place.device), tuple((p.data_ptr(), _version(p)) for p in params))
         if _FAST is None:
             _FAST = weakref.WeakKeyDictionary()
         hit = _FAST.get(self)
         if hit is None or hit[0] != key:
             _FAST[self] = hit = (key, fast_encode.FastBert(self.backbone, dtype))
         return hit[1]
+
+
+def _version(p: Tensor) -> int:
+    """In-place update counter of a parameter (inference tensors, made under ``inference_mode``,
+    have none and cannot be updated in place outside it: 0)."""
+    return -1 if p.is_inference() else p._version
 
 
 def _tokenizer_limit(tokenizer, config) -> int:
