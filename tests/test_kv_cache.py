@@ -157,6 +157,7 @@ def test_lora_unmerged_and_merged():
         packed = kv_cache.packed_linears(model).entries
         assert len(packed) == 2 * 4 + 1  # qkv, o, gate/up, down per layer + the head: the LoRA layers packed
     assert merged == bf_off
+    assert len(kv_cache.packed_linears(model).entries) == 1  # the merged copies' packs freed, the head's kept
 
 
 def test_supports_refuses_what_it_would_bypass():
@@ -229,3 +230,28 @@ def test_a_shared_prefix_runs_once_and_decodes_like_the_plain_prefill():
         fast = decode(model, ids, mask, cfg, generator=gen[0])
         plain = decode(model, ids, mask, GenerationConfig(**{**cfg.__dict__, "fast_decode": False}), generator=gen[1])
         assert fast == plain
+
+
+@torch.no_grad()
+def test_repeated_prompts_are_prefilled_once():
+    model = tiny()
+    order = [0, 0, 1, 2, 1, 0]  # k copies, interleaved
+    ids, mask = IDS[order, 2:], MASK[order, 2:]
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    shapes = []
+
+    def forward(i, m, p, cache):
+        shapes.append(i.shape)
+        return model(input_ids=i, attention_mask=m, position_ids=p, cache=cache).logits[:, -1].float()
+
+    got, cache, full = kv_cache.prefill(forward, ids, mask, pos, DynamicCache(config=model.config))
+    assert shapes == [(3, 4)]  # the three distinct prompts once
+    assert full.tolist() == mask.tolist()
+    want = forward(ids, mask, pos, DynamicCache(config=model.config))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, seed=1)
+    gen = [torch.Generator().manual_seed(1) for _ in range(2)]
+    fast = decode(model, ids, mask, cfg, generator=gen[0])
+    assert fast == decode(model, ids, mask, GenerationConfig(**{**cfg.__dict__, "fast_decode": False}),
+                          generator=gen[1])
+    assert len({tuple(r) for r in fast}) > 3  # the copies sample differently

@@ -131,9 +131,17 @@ def packed_linears(model: nn.Module) -> PackedLinears:
     return packs
 
 
-def drop_packed(model: nn.Module) -> None:
-    """Free the model's packed weights (e.g. after a rollout, before its training steps)."""
-    _PACKS.pop(model, None)
+def drop_packed(model: nn.Module, stale_only: bool = False) -> None:
+    """Free the model's packed weights; ``stale_only``: those whose source tensors are gone (e.g.
+    after a rollout sampled with merged copies of the weights, before its training steps)."""
+    packs = _PACKS.get(model)
+    if packs is None:
+        return
+    if not stale_only:
+        del _PACKS[model]
+        return
+    for key in [k for k, e in packs.entries.items() if any(r() is None for r in e[0])]:
+        del packs.entries[key]
 
 
 # ---- the decoder ------------------------------------------------------------------------------------
@@ -252,7 +260,9 @@ def prefill(forward, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> tuple[Ten
     """Run the (B, T) left-padded prompts into ``cache``; returns the last position's logits (B, V),
     the cache and its attention mask.
 
-    When the rows share a prefix of P >= ``MIN_SHARED`` tokens (a chat template's system prompt,
+    Rows with the same prompt (k samples per prompt in a rollout) run once each: the distinct
+    prompts are prefilled and their keys/values, logits and mask rows repeated to the copies. When
+    the rows share a prefix of P >= ``MIN_SHARED`` tokens (a chat template's system prompt,
     a few-shot preamble) and B > 1, the prefix runs once (batch 1) and its keys/values are
     repeated to every row; then each row's rest, left-padded to S columns, runs against them at
     positions P, P + 1, ... The cache then holds [prefix (P) | padded rests (S)] per row, the mask
@@ -261,6 +271,15 @@ def prefill(forward, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> tuple[Ten
     ``forward(ids, mask, pos, cache)`` is the model's forward returning last-position logits.
     """
     b = ids.shape[0]
+    rows = [tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask)]
+    first = {}
+    inverse = [first.setdefault(r, len(first)) for r in rows]
+    if len(first) < b:  # repeated prompts (k samples of each in a rollout): each distinct one runs once
+        keep = [rows.index(r) for r in first]  # the first row of each distinct prompt
+        logits, cache, full = prefill(forward, ids[keep], mask[keep], pos[keep], cache)
+        inv = torch.tensor(inverse, device=ids.device)
+        cache.batch_select_indices(inv)  # (B, H_kv, T', d)
+        return logits[inv], cache, full[inv]
     p = shared_prefix(ids, mask) if b > 1 else 0
     if p < MIN_SHARED:
         return forward(ids, mask, pos, cache), cache, mask

@@ -36,6 +36,7 @@ def merged_adapters(model: nn.Module):
     import torch
 
     from ..adapters.lora import LoraLinear
+    from ..kv_cache import drop_packed
 
     layers = mergeable_layers(model)
     if layers is None:
@@ -60,3 +61,5 @@ def merged_adapters(model: nn.Module):
         for m, w, original in saved:
             w.data = original
             m.merged = False
+        saved.clear()
+        drop_packed(model, stale_only=True)  # packed copies of the merged weights (generation's fast path)
