@@ -154,3 +154,25 @@ def test_bad_dataset_is_one_line_exit_2(tmp_path, tiny_bert_dir, capsys, bad, ma
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and __import__("re").search(match, err[0]), err
     assert not (tmp_path / "runs" / "multi").exists()
+
+
+def test_evaluation_during_training_sees_the_trained_weights(tmp_path, tiny_bert_dir):
+    """The engine's evaluations (best step, eval.json) must score the weights after the optimizer steps,
+    not embeddings of the weights they first saw (a cache keyed on tensor versions misses fused AdamW's
+    in-place updates, which do not bump them)."""
+    from lmforge.commands.core import prepare_run_dir
+    from lmforge.train import fit
+
+    write_jsonl(tmp_path / "dev.jsonl", scored_rows(8, seed=3))
+    cfg = _cfg(tmp_path, tiny_bert_dir, [], embed={"sts_eval": str(tmp_path / "dev.jsonl"), "eval_before": True},
+               lr=5e-2, max_steps=3)
+    task = EmbedTask(cfg)
+    prepare_run_dir(cfg)
+    metrics = fit(task, cfg, cfg.run_dir)
+    fresh = SentenceEncoder.from_pretrained(str(tiny_bert_dir))
+    fresh.load_state_dict(task.encoder.state_dict())  # the trained weights, in a new module
+    from lmforge.embeddings.evaluators import run_evaluators, sts_from_file
+
+    want = run_evaluators([sts_from_file(str(tmp_path / "dev.jsonl"))], fresh, placement=task.placement)
+    assert metrics["sts_spearman"] != metrics["before"]["sts_spearman"]
+    assert metrics["sts_spearman"] == pytest.approx(want["sts_spearman"], abs=1e-6)
