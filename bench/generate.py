@@ -10,10 +10,17 @@ Trials (generated tokens/s at batch 1 and batch 8; quality = agreement of each t
 transformers' fp32 greedy tokens: the mean share of each row's tokens up to the first difference):
 - ``hf_default``: ``model.generate`` with transformers' defaults (fp32 weights, SDPA);
 - ``hf_bf16w_sdpa`` / ``hf_bf16w_eager``: its best settings here (weights loaded in bf16, SDPA or
-  eager attention);
+  eager attention); ``hf_bf16w_static``: bf16 weights, SDPA, ``cache_implementation="static"``
+  (transformers' preallocated cache);
 - ``lmforge_default``: ``lmforge.api``'s path (``precision: auto``: parameters stored in bf16 by
-  ``Placement.for_inference``, bf16 autocast);
-- ``lmforge_bf16w``: lmforge's loop with the whole model cast to bf16 (buffers too), no autocast.
+  ``Placement.for_inference``, bf16 autocast); its decode steps go through ``kv_cache.py``
+  (preallocated KV cache, a lean step, bf16 weights prepacked for oneDNN once per model, a prompt
+  prefix all rows of a batch share prefilled once: here the chat template's system prompt, 31 of
+  36-42 tokens, at batch 8);
+- ``lmforge_bf16w``: lmforge's loop with the whole model cast to bf16 (buffers too), no autocast;
+- ``lmforge_plain``: the default path with ``fast_decode=False`` (every step through the model's
+  forward and transformers' ``DynamicCache``: the decode step before ``kv_cache.py``).
+``warmup_s`` is each trial's untimed first generation (kernel selection; lmforge's weight packing).
 ``ratio_default`` / ``ratio_best`` are given for batch 8 (and ``*_b1`` for batch 1).
 
     .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -62,8 +70,12 @@ def _batches(tok, batch: int):
 
 def _run(gen, tok, new_tokens: int, profile: bool, tokens_out: str) -> dict:
     """Time ``gen(ids, mask) -> list of token lists`` at batch 1 (every prompt) and batch 8."""
+    import time
+
     res, tokens = {}, {}
-    gen(*_batches(tok, 8)[0][:2])  # warm-up (kernel selection)
+    t0 = time.perf_counter()
+    gen(*_batches(tok, 8)[0][:2])  # warm-up (kernel selection; lmforge packs its bf16 weights here)
+    res["warmup_s"] = time.perf_counter() - t0
     for b in (1, 8):
         batches = _batches(tok, b)
         outs, t = timed_call(lambda: [row for x, m in batches for row in gen(x, m)], profile,
@@ -77,7 +89,8 @@ def _run(gen, tok, new_tokens: int, profile: bool, tokens_out: str) -> dict:
     return res
 
 
-def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool = False, attn: str = "sdpa") -> dict:
+def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool = False, attn: str = "sdpa",
+           cache: str | None = None) -> dict:
     set_threads(threads)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,13 +108,15 @@ def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool 
         with torch.inference_mode():
             out = model.generate(input_ids=x, attention_mask=m, do_sample=False, max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None,
+                                 **({"cache_implementation": cache} if cache else {}))
         return out[:, x.shape[1]:].tolist()
 
     return _run(gen, tok, new_tokens, profile, tokens_out)
 
 
-def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_weights: bool = False) -> dict:
+def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_weights: bool = False,
+                fast: bool = True) -> dict:
     set_threads(threads)
     import contextlib
 
@@ -119,7 +134,7 @@ def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_w
     else:  # lmforge.api's path: bf16 parameters (Placement.for_inference) under bf16 autocast
         place.for_inference(model)
         cast = place.autocast()
-    cfg = GenerationConfig(max_new_tokens=new_tokens, use_cache=True)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, use_cache=True, fast_decode=fast)
 
     def gen(x, m):
         with torch.inference_mode(), cast:
@@ -152,6 +167,8 @@ def main() -> None:
         "hf_bf16w_sdpa": (run_hf, {"bf16": True}),
         "lmforge_bf16w": (run_lmforge, {"bf16_weights": True}),
         "hf_bf16w_eager": (run_hf, {"bf16": True, "attn": "eager"}),
+        "lmforge_plain": (run_lmforge, {"fast": False}),
+        "hf_bf16w_static": (run_hf, {"bf16": True, "cache": "static"}),
     }
     trials = {k: (fn, kw | {"new_tokens": args.new_tokens, "tokens_out": str(tmp / f"{k}.json")})
               for k, (fn, kw) in trials.items()}
@@ -159,7 +176,8 @@ def main() -> None:
     fig = {}
     for b in (1, 8):
         for k, v in figures(res, f"tokens_per_s_b{b}").items():
-            f = fig.setdefault(k, {"peak_rss_mb": v["peak_rss_mb"]})
+            f = fig.setdefault(k, {"peak_rss_mb": v["peak_rss_mb"],
+                                   "warmup_s": round(statistics.median(r["warmup_s"] for r in res[k]), 3)})
             f[f"tokens_per_s_b{b}"], f[f"tokens_per_cpu_s_b{b}"] = v[f"tokens_per_s_b{b}"], v[f"tokens_per_cpu_s_b{b}"]
     ref = tmp / "hf_default.json"
     if ref.is_file():

@@ -149,7 +149,13 @@ def test_lora_unmerged_and_merged():
     for p in model.parameters():
         p.data = p.data.float() if "lora" in str(p.shape) else p.data
     bf_off = decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8, fast_decode=False))
-    assert decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8)) == bf_off  # unmerged bf16: not packed
+    kv_cache.drop_packed(model)
+    assert decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8)) == bf_off
+    assert len(kv_cache.packed_linears(model).entries) == 2 * 4 + 1  # unmerged: bases packed, + x A^T B^T
+    ref = decoder_steps(model, IDS, MASK, 4, pack=False)  # module calls
+    got = decoder_steps(model, IDS, MASK, 4, tokens=[r.argmax(-1, keepdim=True) for r in ref[:-1]])
+    for x, y in zip(got, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=3e-2, rtol=2e-2)
     with merged_adapters(model) as folded:
         assert folded
         kv_cache.drop_packed(model)
@@ -255,3 +261,16 @@ def test_repeated_prompts_are_prefilled_once():
     assert fast == decode(model, ids, mask, GenerationConfig(**{**cfg.__dict__, "fast_decode": False}),
                           generator=gen[1])
     assert len({tuple(r) for r in fast}) > 3  # the copies sample differently
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@torch.no_grad()
+def test_under_autocast_equals_the_plain_path(dtype):
+    """lmforge's inference placement: bf16 parameters under bf16 autocast (packed), or fp32 ones."""
+    model = tiny(dtype=dtype)
+    kv_cache.drop_packed(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = decode(model, IDS, MASK, GenerationConfig(max_new_tokens=10))
+        plain = decode(model, IDS, MASK, GenerationConfig(max_new_tokens=10, fast_decode=False))
+    assert fast == plain
+    assert bool(kv_cache.packed_linears(model).entries) == (dtype == torch.bfloat16)

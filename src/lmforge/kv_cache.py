@@ -63,17 +63,36 @@ def supports(model: nn.Module) -> bool:
 
 
 # ---- projections: the model's modules, plain bf16 linears through one prepacked oneDNN weight --------
-def _plain(m: nn.Module) -> nn.Linear | None:
-    """The ``nn.Linear`` that computes ``m(x)``: ``m`` itself, or the base of a LoRA layer that is
-    merged or disabled (its forward is then the base's); None for anything else."""
+def _plain(m: nn.Module) -> tuple[nn.Linear | None, nn.Module | None]:
+    """``(linear, lora)``: the ``nn.Linear`` that computes ``m(x)`` (``m`` itself, or the base of
+    a LoRA layer that is merged or disabled) and no LoRA; or the base of an active LoRA layer and
+    the layer (``m(x) = base(x) + scale B A x``; eval mode: no dropout); ``(None, None)`` else."""
+    if _hooked(m):
+        return None, None
     if type(m) is nn.Linear:
-        return m
+        return m, None
     from .adapters.lora import LoraLinear
 
-    if isinstance(m, LoraLinear) and type(m).forward is LoraLinear.forward and (m.merged or m.disabled) \
-            and type(m.base) is nn.Linear:
-        return m.base
-    return None
+    if isinstance(m, LoraLinear) and type(m).forward is LoraLinear.forward and type(m.base) is nn.Linear \
+            and not m.training and not _hooked(m.base):
+        return m.base, (None if (m.merged or m.disabled) else m)
+    return None, None
+
+
+def _lora_delta(loras: list, outs: list[int], dtype: torch.dtype):
+    """``(A^T, B^T)`` of a group's LoRA updates as one low-rank product: ``A = [A_1; A_2; ...]``
+    (R, in) and ``B`` block-diagonal (sum out, R) with each block ``scale_i B_i``, so that
+    ``x A^T B^T`` is the concatenation of every member's update (zero for members without one)."""
+    a = torch.cat([m.lora_A.weight.detach() for m in loras if m is not None]).to(dtype)  # (R, in)
+    blocks = torch.zeros(sum(outs), a.shape[0], dtype=dtype, device=a.device)
+    row = col = 0
+    for m, n in zip(loras, outs):
+        if m is not None:
+            r = m.lora_A.weight.shape[0]
+            blocks[row:row + n, col:col + r] = (m.lora_B.weight.detach() * m.scale).to(dtype)
+            col += r
+        row += n
+    return a.t(), blocks.t()
 
 
 class PackedLinears:
@@ -92,9 +111,10 @@ class PackedLinears:
 
     def projection(self, mods: tuple[nn.Module, ...], batch: int, dtype: torch.dtype, device: torch.device):
         """A function ``x (N, in) -> (N, sum out)`` equal to ``cat([m(x) for m in mods], -1)``:
-        one packed GEMM when every module is a plain bf16 linear and x will be bf16 on the CPU,
-        else the modules' own calls."""
-        lins = [_plain(m) for m in mods]
+        one packed GEMM when every module is a plain bf16 linear or a LoRA layer over one (its
+        update added as one low-rank product for the group) and x will be bf16 on the CPU, else
+        the modules' own calls."""
+        lins, loras = zip(*[_plain(m) for m in mods])
         if dtype != torch.bfloat16 or device.type != "cpu" or not torch.backends.mkldnn.is_available() \
                 or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
                 or any(lin is None or lin.weight.dtype != torch.bfloat16 for lin in lins):
@@ -112,7 +132,12 @@ class PackedLinears:
                  torch.ops.mkldnn._reorder_linear_weight(w, batch), bias)
             self.entries[key] = e
         packed, bias, op = e[2], e[3], torch.ops.mkldnn._linear_pointwise.default
-        return lambda x: op(x, packed, bias, "none", [], "")
+        if all(m is None for m in loras):
+            return lambda x: op(x, packed, bias, "none", [], "")
+        # active LoRA layers: the frozen bases stay packed across calls (no merged copies to repack
+        # after every optimizer step), the low-rank updates follow as x A^T B^T (built per call)
+        a_t, b_t = _lora_delta(list(loras), [lin.out_features for lin in lins], dtype)
+        return lambda x: torch.addmm(op(x, packed, bias, "none", [], ""), x @ a_t, b_t)
 
 
 class _Unpacked:
