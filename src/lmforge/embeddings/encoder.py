@@ -264,6 +264,14 @@ class SentenceEncoder(nn.Module):
         return out.numpy()
 
 
+    def train(self, mode: bool = True):
+        """Switching to training drops the inference fast path's copy of the weights: optimizer
+        steps follow, and fused AdamW's in-place updates leave no trace in the version counters
+        the cache key reads (a stale copy would score the first evaluation's weights forever)."""
+        if mode and _FAST is not None:
+            _FAST.pop(self, None)
+        return super().train(mode)
+
     def _fast_path(self, place: Placement):
         """The :class:`lmforge.fast_encode.FastBert` of this encoder's current weights in the
         placement's compute dtype (built once, rebuilt when a weight changed: training steps
@@ -287,7 +295,8 @@ class SentenceEncoder(nn.Module):
 
 def _version(p: Tensor) -> int:
     """In-place update counter of a parameter (inference tensors, made under ``inference_mode``,
-    have none and cannot be updated in place outside it: 0)."""
+    have none and cannot be updated in place outside it: -1). Not enough alone: the fused and
+    foreach AdamW kernels update in place without bumping it, hence ``SentenceEncoder.train``."""
     return -1 if p.is_inference() else p._version
 
 
