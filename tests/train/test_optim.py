@@ -24,3 +24,17 @@ def test_build_optimizer_matches_foreach_adamw_with_decay_groups():
     # decay only on matrices: the LayerNorm and biases sit in a no-decay group
     decays = sorted(g["weight_decay"] for g in ours.param_groups)
     assert decays[0] == 0.0 and decays[-1] == 0.1
+
+
+def test_a_step_bumps_the_version_counters_caches_key_on():
+    """Fused AdamW updates in place without bumping ``_version``; the optimizer lmforge builds does
+    (the packed-weight caches of fast inference paths key on it)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    model[1].weight.requires_grad_(False)
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    before = [p._version for p in model.parameters()]
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    after = [p._version for p in model.parameters()]
+    moved = [a > b for a, b in zip(after, before)]
+    assert moved == [True, True, False, True]          # the frozen weight neither steps nor bumps

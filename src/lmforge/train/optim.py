@@ -54,6 +54,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     # steps) and is ~3x faster on this 2-core CPU (MiniLM's 22.7M parameters: 38 vs 124 ms a step);
     # builds or devices without it fall back to foreach.
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    opt.register_step_post_hook(_bump_versions)
+    return opt
+
+
+def _bump_versions(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """The fused kernel writes the parameters in place without bumping their version counters
+    (foreach and plain AdamW do); caches of derived weights keyed on them (the encoder's and the
+    decode step's packed bf16 copies) would go on serving the weights before the step. Bump them."""
+    from torch.autograd.graph import increment_version
+
+    stepped = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    if stepped:
+        increment_version(stepped)
