@@ -243,10 +243,13 @@ def _is_causal(model: nn.Module) -> bool:
 
 def can_unpad(model: nn.Module) -> bool:
     """Whether :func:`enable_unpadding` applies: a non-causal transformers encoder whose attention
-    is eager or SDPA (or already unpadded)."""
+    is eager or SDPA (or already unpadded) and goes through transformers' attention interface
+    (``_supports_attention_backend``: MPNet's own attention would attend across the packed
+    sequences)."""
     base = getattr(model, "base_model", model)
     impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    return impl is not None and (impl in _INNER or impl.startswith(_PREFIX)) and not _is_causal(base)
+    return (impl is not None and (impl in _INNER or impl.startswith(_PREFIX)) and not _is_causal(base)
+            and bool(getattr(type(base), "_supports_attention_backend", False)))
 
 
 def _arg(args, kwargs, i: int, name: str):
@@ -280,6 +283,9 @@ def _unpad_call(module, args, kwargs):
         new["input_ids"] = ids.reshape(-1)[flat_idx].unsqueeze(0)  # (1, N)
     else:
         new["inputs_embeds"] = embeds.reshape(-1, embeds.shape[-1]).index_select(0, flat_idx).unsqueeze(0)
+    emb = getattr(module, "embeddings", None)
+    if hasattr(emb, "create_position_ids_from_input_ids") and getattr(emb, "padding_idx", None) is not None:
+        pos = pos + emb.padding_idx + 1  # RoBERTa family: positions start after the padding index
     new.update(attention_mask=None, token_type_ids=tt.unsqueeze(0), position_ids=pos.unsqueeze(0),
                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
     return new, (flat_idx, *mask.shape)

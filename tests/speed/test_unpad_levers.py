@@ -138,3 +138,27 @@ def test_first_token_head_unpads_even_without_padding():
     hook.remove()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert seen[0].shape == (1, 18, 32) and not seen[0][0, [1, 2, 3, 4, 5, 7]].any()
+
+
+def test_roberta_positions_and_mpnet_refusal():
+    """RoBERTa's positions start at padding_idx + 1 (unpadded == plain, through the first-rows
+    head too); MPNet's attention does not go through transformers' attention interface, so it
+    is not unpadded (packing would let sequences attend to each other)."""
+    from transformers import MPNetConfig, MPNetModel, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=40, pad_token_id=1)
+    model = RobertaForSequenceClassification._from_config(cfg, attn_implementation="eager").train()
+    ids, mask = _batch()
+    ids = torch.where(mask.bool(), ids.clamp(min=3), 1)
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    ref_h = model.roberta(ids, attention_mask=mask).last_hidden_state
+    assert enable_unpadding(model) and "forward" in model.__dict__
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, ref, atol=1e-5, rtol=1e-5)
+    h = model.roberta(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(h[mask.bool()], ref_h[mask.bool()], atol=1e-5, rtol=1e-5)
+    mpnet = MPNetModel._from_config(MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=4, intermediate_size=64))
+    assert not enable_unpadding(mpnet)
