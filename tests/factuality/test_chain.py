@@ -55,7 +55,9 @@ def test_chain_end_to_end(chain):
     ref = report["variants"]["reference"]
     assert ref["pairs"] > 0 and (run / "dpo-reference" / "adapter" / "adapter_config.json").is_file()
     held = ref["heldout"]
-    assert set(held) == {"supported_fraction", "any_unsupported", "length_words", "claims"}
+    assert set(held) == {"supported_fraction", "any_unsupported", "length_words", "claims", "informative_fraction",
+                         "echo_fraction"}
+    assert held["informative_fraction"]["after"] <= held["supported_fraction"]["after"]
     assert held["supported_fraction"]["low"] <= held["supported_fraction"]["change"] <= held["supported_fraction"]["high"]
     pairs = _read(run / "pairs-reference.jsonl")
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
@@ -133,8 +135,8 @@ def test_validation_questions_are_carved_from_tuning_and_never_sampled(chain, ca
     assert sampled and not sampled & set(val_ids) and not set(val_ids) & {r["id"] for r in held}
     assert [r["id"] for r in _read(run / "greedy-base-validation.jsonl")] == val_ids
     ref = report["variants"]["reference"]
-    assert set(ref["validation"]) == set(ref["heldout"]) == {"supported_fraction", "any_unsupported",
-                                                             "length_words", "claims"}
+    assert set(ref["validation"]) == set(ref["heldout"]) >= {"supported_fraction", "any_unsupported",
+                                                             "length_words", "claims", "echo_fraction"}
     assert (run / "greedy-reference-validation.jsonl").is_file()
     bad = tmp / "bad-val.yaml"
     _yaml(bad, rec | {"name": "tiny-val-bad", "data": recipe["data"] | {"n_validation": 7}})

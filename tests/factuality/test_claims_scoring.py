@@ -178,3 +178,26 @@ def test_recipe_checks():
     # reference-free with text rules needs no checker
     assert load_recipe({"experiment": "truthfulqa", "name": "x", "variants": ["free"],
                         "score": {"free_group": "rules"}})["score"]["checker"] is None
+
+
+def test_question_echo_is_not_informative_support_by_hand():
+    """Lexical coverage: reference 'cats should drink water' covers both claims (p = 1, 1); the question
+    'what should cats drink?' covers claim 2 fully (q = 1) and 3 of claim 1's 4 content words (q = 0.75).
+    Threshold 0.8: claim 2 is an echo, so S = 2, E = 1, I = 1; discounting the question scores 1/2."""
+    from lmforge.factuality.evaluate import answer_metrics
+    from lmforge.factuality.pipeline import score_rows
+
+    chk = LexicalChecker(threshold=0.8)
+    ans, refs, q = "Cats should drink water; cats should drink.", ["cats should drink water"], "what should cats drink?"
+    [plain] = support_scores([ans], [refs], chk, questions=[q])
+    assert (plain.supported, plain.echoed, plain.informative, plain.score) == (2, 1, 1, 1.0)
+    [disc] = support_scores([ans], [refs], chk, questions=[q], discount_question=True)
+    assert (disc.supported, disc.unsupported, disc.score) == (1, 1, 0.5)
+    [none] = support_scores([ans], [refs], chk)
+    assert (none.supported, none.echoed, none.informative) == (2, 0, 2)
+    m = answer_metrics([ans], [refs], chk, questions=[q])
+    assert m["supported_fraction"] == [1.0] and m["informative_fraction"] == [0.5] and m["echo_fraction"] == [0.5]
+    [row] = score_rows([{"id": "1", "prompt": q, "answer": ans, "references": refs}], "reference", chk, questions=[q])
+    assert (row["score"], row["supported"], row["echoed"]) == (0.5, 1, 1)
+    with pytest.raises(LmforgeError, match="questions"):
+        support_scores([ans], [refs], chk, discount_question=True)

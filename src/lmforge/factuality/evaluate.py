@@ -31,13 +31,20 @@ def paired_bootstrap(before: Sequence[float], after: Sequence[float], *, n_boot:
             "change": round(float(d.mean()), 4), "low": round(float(lo), 4), "high": round(float(hi), 4)}
 
 
-def answer_metrics(answers: Sequence[str], references: Sequence[Sequence[str]], checker) -> dict[str, list[float]]:
-    """Per-answer ``supported_fraction``, ``any_unsupported``, ``length_words``, ``claims``."""
-    sup = support_scores(answers, references, checker, allow_empty=True)
-    return {"supported_fraction": [s.score for s in sup],
-            "any_unsupported": [float(s.unsupported > 0) for s in sup],
-            "length_words": [float(word_count(a)) for a in answers],
-            "claims": [float(len(s.claims)) for s in sup]}
+def answer_metrics(answers: Sequence[str], references: Sequence[Sequence[str]], checker,
+                   questions: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """Per-answer ``supported_fraction``, ``any_unsupported``, ``length_words``, ``claims``; with the
+    questions also ``informative_fraction`` (I / K: supported and not entailed by the question
+    alone) and ``echo_fraction`` (E / K: claims the question alone entails), see :mod:`.scoring`."""
+    sup = support_scores(answers, references, checker, allow_empty=True, questions=questions)
+    out = {"supported_fraction": [s.score for s in sup],
+           "any_unsupported": [float(s.unsupported > 0) for s in sup],
+           "length_words": [float(word_count(a)) for a in answers],
+           "claims": [float(len(s.claims)) for s in sup]}
+    if questions is not None:
+        out["informative_fraction"] = [s.informative / len(s.claims) if s.claims else 0.0 for s in sup]
+        out["echo_fraction"] = [s.echoed / len(s.claims) if s.claims else 0.0 for s in sup]
+    return out
 
 
 def compare(before: dict[str, list[float]], after: dict[str, list[float]], *, n_boot: int = 2000, seed: int = 0) -> dict:

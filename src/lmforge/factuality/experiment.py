@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {"prompts": None, "n_tuning": 150, "n_heldout": 100, "n_validation": 0, "paraphrase_jaccard": 0.6, "instruction": ""},
     "sample": {"n": 4, "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 40, "batch_size": 16},
     "score": {"checker": None, "free_group": "nli", "rule": "jaccard", "jaccard_min": 0.5, "threshold": None,
-              "free_checker": None, "free_threshold": None},
+              "free_checker": None, "free_threshold": None, "discount_question": False},
     "pairs": {"margin": 0.0, "max_pairs_per_prompt": 3},
     "dpo": {},
     "eval": {"max_new_tokens": 40, "n_boot": 2000, "batch_size": 16},
@@ -101,7 +101,9 @@ class _Stages:
         if self.dir.exists() and any(self.dir.iterdir()):
             if not cfg["resume"]:
                 raise LmforgeError(f"{self.dir}: exists; set resume: true to reuse its finished stages")
-            if saved.is_file() and json.loads(saved.read_text()) | {"resume": True} != cfg | {"resume": True}:
+            # a recipe saved before an option existed equals the same recipe with that option's default
+            if saved.is_file() and _merge(DEFAULTS, json.loads(saved.read_text())) | {"resume": True} \
+                    != cfg | {"resume": True}:
                 raise LmforgeError(f"{self.dir}: was made by a different recipe (see recipe.json)")
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(saved, cfg)
@@ -197,12 +199,15 @@ def run_truthfulqa(cfg: dict) -> dict:
                 write_jsonl(st.dir / fname, [r | {"answer": a} for r, a in zip(qs, ans)])
                 st.timed(f"greedy_{tag}" + ("" if which == "heldout" else f"_{which}"), t0)
 
+    def question(r: dict) -> str:  # the question without the shared instruction
+        return r["prompt"][len(d["instruction"]):] if d["instruction"] else r["prompt"]
+
     def judged(tag: str) -> dict:  # answer metrics of greedy-<tag>*.jsonl per question set
         out = {}
         for which, qs in sets.items():
             fname = f"greedy-{tag}.jsonl" if which == "heldout" else f"greedy-{tag}-{which}.jsonl"
             out[which] = answer_metrics([r["answer"] for r in _read(st.dir / fname)],
-                                        [r["references"] for r in qs], checker)
+                                        [r["references"] for r in qs], checker, questions=[question(r) for r in qs])
         return out
 
     greedy(lambda: gen, "base")
@@ -217,8 +222,10 @@ def run_truthfulqa(cfg: dict) -> dict:
         t0 = time.perf_counter()
         if not st.done(f"scored-{v}.jsonl"):
             ck = free_checker if v == "free" else checker
-            scored = score_rows([r for r in samples if r["answer"].strip()], v, ck,
-                                group=sc["free_group"], rule=sc["rule"], jaccard_min=sc["jaccard_min"])
+            kept = [r for r in samples if r["answer"].strip()]
+            qs = [question(r) for r in kept] if (v == "reference" and sc["discount_question"]) else None
+            scored = score_rows(kept, v, ck, group=sc["free_group"], rule=sc["rule"], jaccard_min=sc["jaccard_min"],
+                                questions=qs)
             write_jsonl(st.dir / f"scored-{v}.jsonl", scored)
         st.timed(f"score_{v}", t0)
         scored = _read(st.dir / f"scored-{v}.jsonl")

@@ -92,17 +92,21 @@ def check_scorable(rows: list[dict], method: str, source: str = "samples") -> No
 
 
 def score_rows(rows: list[dict], method: str, checker=None, *, group: str = "rules", rule: str = "jaccard",
-               jaccard_min: float = 0.5) -> list[dict]:
-    """Rows plus ``score`` (and ``claims``/``supported``/``unsupported``, or ``class``/``entropy``)."""
+               jaccard_min: float = 0.5, questions: list[str] | None = None) -> list[dict]:
+    """Rows plus ``score`` (and ``claims``/``supported``/``unsupported``, or ``class``/``entropy``).
+    ``questions`` (one per row, reference method): claims the question alone entails do not count
+    as supported (``echoed`` is added)."""
     from .pairs import group_by_prompt
     from .scoring import class_shares, group_answers, group_with_checker, rule_equivalent, support_scores
 
     check_scorable(rows, method)
     if method == "reference":
         refs = [[r["references"]] if isinstance(r["references"], str) else r["references"] for r in rows]
-        sup = support_scores([r["answer"] for r in rows], refs, checker)
+        sup = support_scores([r["answer"] for r in rows], refs, checker, questions=questions,
+                             discount_question=questions is not None)
+        echo = (lambda s: {"echoed": s.echoed}) if questions is not None else (lambda s: {})
         return [r | {"score": round(s.score, 4), "claims": len(s.claims), "supported": s.supported,
-                     "unsupported": s.unsupported, "claim_probs": s.probs} for r, s in zip(rows, sup)]
+                     "unsupported": s.unsupported, "claim_probs": s.probs} | echo(s) for r, s in zip(rows, sup)]
     if group not in GROUPINGS:
         raise LmforgeError(f"group: choose from {', '.join(GROUPINGS)}, got '{group}'")
     same = rule_equivalent(rule, jaccard_min) if group == "rules" else None

@@ -4,7 +4,10 @@ Reference-based (Tian et al. 2023, FactScore-style): an answer with claims ``c_1
 references ``r_1..r_M`` has ``p_k = max_m P(r_m supports c_k)`` from a checker; claim ``k`` is
 supported when ``p_k >= threshold``. The score is the supported fraction ``S / K`` (the
 supported count ``S`` and unsupported count ``U = K - S`` are reported too), so a longer answer
-does not win by saying more.
+does not win by saying more. With the questions given, ``q_k = P(question supports c_k)`` marks
+an *echo* (a claim the question alone entails, e.g. "The best thing for cats to drink is to
+drink."): ``E`` echoed claims, ``I`` informative supported ones (``p_k >= t`` and ``q_k < t``);
+``discount_question`` makes the score ``I / K``, so restating the question earns nothing.
 
 Reference-free: the N answers to one prompt are grouped into equivalence classes (union-find
 over a pairwise relation: normalised-text rules, or the checker in both directions); answer
@@ -37,23 +40,34 @@ class Support:
     supported: int
     unsupported: int
     score: float
+    echoed: int = 0  # claims the question alone entails (0 when no question was given)
+    informative: int = 0  # supported claims the question alone does not entail (= supported without a question)
 
 
-def support_from_probs(claims: Sequence[str], probs: np.ndarray, threshold: float) -> Support:
+def support_from_probs(claims: Sequence[str], probs: np.ndarray, threshold: float,
+                       question_probs: np.ndarray | None = None, discount_question: bool = False) -> Support:
     """Combine per-claim-per-reference probabilities ``probs`` (K, M) into a :class:`Support`:
-    ``p_k = max_m probs[k, m]``, supported when ``p_k >= threshold``."""
+    ``p_k = max_m probs[k, m]``, supported when ``p_k >= threshold``. ``question_probs`` (K,):
+    ``q_k``; echoed when ``q_k >= threshold``, informative when supported and not echoed; with
+    ``discount_question`` only informative claims count as supported."""
     k = len(claims)
     if k == 0:
         return Support([], [], 0, 0, 0.0)
     best = np.asarray(probs, dtype=np.float64).reshape(k, -1).max(axis=1)  # (K, M) -> (K,)
-    s = int((best >= threshold).sum())
-    return Support(list(claims), [round(float(p), 4) for p in best], s, k - s, s / k)
+    sup = best >= threshold  # (K,)
+    echo = (np.asarray(question_probs, dtype=np.float64).reshape(k) >= threshold if question_probs is not None
+            else np.zeros(k, dtype=bool))  # (K,)
+    inf = int((sup & ~echo).sum())
+    s = inf if discount_question else int(sup.sum())
+    return Support(list(claims), [round(float(p), 4) for p in best], s, k - s, s / k, int(echo.sum()), inf)
 
 
 def support_scores(answers: Sequence[str], references: Sequence[Sequence[str]], checker,
-                   *, min_words: int = 3, allow_empty: bool = False) -> list[Support]:
+                   *, min_words: int = 3, allow_empty: bool = False, questions: Sequence[str] | None = None,
+                   discount_question: bool = False) -> list[Support]:
     """Reference-based scores of ``answers[i]`` against ``references[i]`` with one batched
-    checker call over every (reference, claim) pair.
+    checker call over every (reference, claim) pair (and one over every (question, claim) pair
+    when ``questions`` is given: echoed / informative counts, ``discount_question``).
 
     Raises LmforgeError for an answer without claims (unless ``allow_empty``: it scores 0 with
     K = 0) or a prompt without references.
@@ -68,11 +82,16 @@ def support_scores(answers: Sequence[str], references: Sequence[Sequence[str]], 
         claim_lists.append(claims)
     pairs = [(r, c) for claims, refs in zip(claim_lists, references) for c in claims for r in refs]
     probs = checker.support(pairs) if pairs else np.zeros(0)
-    out, at = [], 0
+    if discount_question and questions is None:
+        raise LmforgeError("discount_question needs the questions")
+    qpairs = [(q, c) for claims, q in zip(claim_lists, questions) for c in claims] if questions is not None else []
+    qprobs = checker.support(qpairs) if qpairs else np.zeros(0)
+    out, at, qat = [], 0, 0
     for claims, refs in zip(claim_lists, references):
         n = len(claims) * len(refs)
-        out.append(support_from_probs(claims, probs[at:at + n], checker.threshold))
-        at += n
+        q = qprobs[qat:qat + len(claims)] if questions is not None else None
+        out.append(support_from_probs(claims, probs[at:at + n], checker.threshold, q, discount_question))
+        at, qat = at + n, qat + len(claims)
     return out
 
 
