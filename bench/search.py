@@ -18,6 +18,8 @@ Measured (session 4, after lmforge.fast_encode; 1 thread, load 6-8 on the 2 core
 ``--only build --reps 2 --n-build 400 --threads 1`` (SDPA peer only): lmforge 9.12 CPU-s [29.1 s], ST bf16
 12.42 [37.6], ST fp32 22.07 [67.9]: ratio_best **1.36x CPU [1.29x wall]** (session 3: ~1.0x), ratio_default
 2.42x [2.33x]; MRR@10 0.9451 / 0.9452, nDCG@10 0.9563 / 0.9563, recall@10 0.9901 / 0.9901.
+Second run with the eager peer too (same command): lmforge 9.34 CPU-s, ST bf16 SDPA 12.91, ST bf16 eager
+15.42, ST fp32 22.64: ratio_best **1.38x CPU [1.50x wall]**, ratio_default 2.42x [2.69x]; same metrics.
 """
 from __future__ import annotations
 

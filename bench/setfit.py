@@ -20,6 +20,15 @@ Trials (pairs/s = contrastive pairs / training seconds; quality = SST-2 dev accu
 
 Prints one JSON line: median training seconds and pairs/s, mean accuracy over the repetitions,
 inference samples/s, peak RSS and the ratios.
+
+Measured (session 4, 1 thread, load 7-9 on the 2 cores; wall only: the training time is the task's):
+- equal work, ``--reps 2 --per-class 16 --iterations 5 --eval-limit 200 --threads 1 --only lmforge_default,setfit_bf16``
+  (320 pairs each side): lmforge 13.24 pairs/s (24.2 s) vs setfit bf16 5.74 (56.0 s): **ratio_best 2.31x**,
+  peak RSS 0.74x; accuracy 0.655 (0.595, 0.715) / 0.670 (0.62, 0.72); inference 86.8 vs 28.9 samples/s.
+- ``--reps 2 --per-class 4 --iterations 5 --eval-limit 200 --threads 1 --only setfit_default,lmforge_default,setfit_bf16``:
+  ratio_best 0.73x per pair, ratio_default 1.84x, but unequal work: lmforge draws 28 distinct pairs
+  (2 steps), setfit 80 (5 steps), so fixed costs dominate lmforge's 6.95 s (setfit bf16 14.46 s for
+  80); accuracy 0.608 / 0.618 (bf16) / 0.620 (fp32); inference 87.4 vs 35.8 samples/s.
 """
 from __future__ import annotations
 
