@@ -11,7 +11,9 @@ at temperature 1, clip 0.2, beta 0 on both (TRL's default), same AdamW learning 
 schedule, same number of steps. With one optimizer step per rollout and beta 0 neither side runs
 an old-policy or reference forward (TRL: num_iterations=1 reuses the log-probs, beta 0 loads no
 reference; lmforge: ``rl.fast_rollout``), and lmforge samples with the LoRA update folded into
-copies of the base weights (``rl.merged_generation``); ``--plain`` adds a trial without both.
+copies of the base weights (``rl.merged_generation``); ``--plain`` adds a trial without both. lmforge's
+sampling decodes through ``kv_cache.py`` (each distinct prompt prefilled once for its k samples, a
+preallocated KV cache, a lean step, the merged bf16 weights prepacked for oneDNN once per rollout).
 
 Each step generates a fresh rollout on both sides. Timed: the steps after the first (warm-up)
 step. Figures (medians over ``--reps``, each trial a fresh process, trials alternating):
@@ -26,10 +28,11 @@ Trials: ``trl_default`` (TRL's defaults on CPU: fp32, gradient checkpointing on)
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py [--steps 6] [--reps 2] [--threads 1] [--plain] [--profile]
 
-Measured (``--steps 3 --reps 2 --threads 1``, shared 2-core machine at load ~7): prompts per CPU second
-lmforge 0.583, TRL default 0.324, TRL best 0.414 (ratio_default_cpu 1.80, ratio_best_cpu 1.41; wall
-ratio_default 1.64, ratio_best 1.42); peak RSS 1200 vs 1553 / 1886 MB. Without the rollout fast paths
-(``--plain``, an earlier run) lmforge made 0.365 prompts per CPU second.
+Measured (``--steps 3 --reps 2 --threads 1``, shared 2-core machine at load 5-8): prompts per CPU second
+lmforge 0.802, TRL default 0.350, TRL best 0.416 (ratio_default_cpu 2.29, ratio_best_cpu 1.93; wall
+ratio_default 2.29, ratio_best 1.99); peak RSS 1414 vs 1538 / 1881 MB; reward 0.0099 vs 0.0110. Before
+kv_cache.py (s3): 0.583 prompts per CPU second (1.80 / 1.41); without the rollout fast paths
+(``--plain``, an earlier run) 0.365.
 """
 from __future__ import annotations
 
