@@ -35,7 +35,10 @@ inference fast path (lmforge.fast_encode):
 e2e lmforge (seeded) 30.98 CPU-s [98.3 s wall] vs BERTopic best 48.45 [130.3]: **1.56x CPU [1.33x wall]**,
 peak RSS 0.93x; NPMI 0.270 / 0.208, diversity 0.85 / 0.87, outliers 0.158 / 0.003, topics 4 / 2 (500
 articles are few for min_cluster_size 15). From the same embeddings: 17.3x CPU (0.94 vs 16.28 CPU-s).
-Session 3 (1,000 articles, before the fast path): e2e 1.13x CPU [0.81x wall].
+``--reps 2 --limit 1000 --only lmforge --only-e2e lmforge,bertopic_best``: e2e lmforge 59.19 CPU-s [120.4 s]
+vs BERTopic best 86.10 [195.9]: **1.455x CPU [1.627x wall]**, RSS 0.95x; NPMI 0.224 / 0.222, diversity
+0.816 / 0.815, outliers 0.144 / 0.169, topics 10 / 9.5.
+Session 3 (1,000 articles, before the fast path): e2e 75 CPU-s, 1.13x CPU [0.81x wall].
 """
 from __future__ import annotations
 
