@@ -43,7 +43,7 @@ def test_train_eval_predict(tmp_path, capsys, tiny_bert_dir, mode):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"review": t}) + "\n" for t in texts))
     out = tmp_path / "preds" / "out.jsonl"
     assert main(["predict", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"predictions": 4, "out": str(out)}
+    assert json.loads(capsys.readouterr().out) == {"predictions": 4, "out": str(out), "checkpoint": "final"}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["text"] for r in rows] == texts
     for r in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -211,3 +212,25 @@ def release_host_memory(device: torch.device) -> bool:
         return False
     fn(0)
     return True
+
+
+class HostMemoryTrimmer:
+    """:func:`release_host_memory` within a budget: at most ``share`` of the wall time goes to trims.
+
+    A trim walks the whole heap; once per optimizer step it cost 12-18 % of a MiniLM training step
+    (57 vs 68 samples per CPU second). After a trim that took ``c`` seconds the next one runs no
+    sooner than ``c / share`` later, so the steps between trims pay nothing; the heap still goes
+    back to the OS every few steps, which is what keeps the resident size from ratcheting up.
+    """
+
+    def __init__(self, share: float = 0.02, clock=time.perf_counter):
+        self.share, self.clock, self.next = share, clock, float("-inf")
+
+    def __call__(self, device: torch.device) -> bool:
+        now = self.clock()
+        if now < self.next:
+            return False
+        ran = release_host_memory(device)
+        if ran:
+            self.next = now + (self.clock() - now) / self.share
+        return ran

@@ -188,7 +188,7 @@ def test_cli_train_eval_predict_with_entity_spans(tmp_path, capsys, wordpiece_be
     write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "preds" / "out.jsonl"
     assert main(["predict", str(run_dir), "--input", str(tmp_path / "in.jsonl"), "--out", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"predictions": 3, "out": str(out)}
+    assert json.loads(capsys.readouterr().out) == {"predictions": 3, "out": str(out), "checkpoint": "final"}
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["text"] for g in got] == texts + ["john was in berlin paris"]
     spans = [[(e["text"], e["type"], e["start"], e["end"]) for e in g["entities"]] for g in got]
