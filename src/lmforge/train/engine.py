@@ -134,7 +134,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     tc = cfg.train
     placement = task.placement
     device = placement.device
-    trim_host_memory = HostMemoryTrimmer()  # the C heap's free pages back to the OS, <= 2 % of the time
+    trim_host_memory = HostMemoryTrimmer()  # the C heap's free pages back to the OS every 8th step
     env = init_distributed(device)
     seed_everything(cfg.seed)
     model = task.model.to(device)
