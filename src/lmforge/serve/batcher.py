@@ -34,26 +34,9 @@ import torch
 
 from ..generation import GenerationConfig, cache_kwargs, next_tokens, process_logits
 from ..sampling import seen_tokens
+from ..streaming import cut_at_stop, held_back
 
 log = logging.getLogger(__name__)
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the earliest stop string, and whether one occurred."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """Characters at the end of ``text`` not yet safe to send: an incomplete multi-byte character
-    (U+FFFD) or a prefix of a stop string."""
-    n = len(text) - len(text.rstrip("\ufffd"))
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                n = max(n, k)
-                break
-    return n
 
 
 @dataclass
