@@ -1,4 +1,4 @@
-"""Quantised base weights (QLoRA-style NF4)."""
+"""Quantised base weights (QLoRA-style NF4): the format in ``nf4_codec``, the layers in ``nf4``."""
 from lmforge.quant.nf4 import (
     NF4_CODE,
     Linear4bit,
