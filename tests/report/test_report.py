@@ -10,7 +10,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
 from lmforge.report import load_run, warnings_for, write_report
-from lmforge.report.data import best_index, differing_config, early_peak, ema, loss_spikes, series
+from lmforge.report.analysis import best_index, differing_config, early_peak, ema, loss_spikes, series
 from lmforge.report.svg import line_chart, nice_ticks
 
 from ._runs import make_run

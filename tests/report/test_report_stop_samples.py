@@ -12,7 +12,7 @@ from conftest import WORDS, sentiment_rows, write_jsonl
 from lmforge.cli import main
 from lmforge.config import build_config, dump_config
 from lmforge.report import load_run, warnings_for
-from lmforge.report.data import summary
+from lmforge.report.analysis import summary
 from lmforge.tasks import TASKS
 from lmforge.tasks.classify import ClassifyTask
 

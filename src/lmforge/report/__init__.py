@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import LmforgeError
-from .data import RunData, load_run, warnings_for  # noqa: F401
+from .analysis import warnings_for  # noqa: F401
+from .data import RunData, load_run  # noqa: F401
 from .html import build_html
 
 REPORT = "report.html"

@@ -15,8 +15,9 @@ import json
 import math
 from typing import Any, Sequence
 
-from .data import (RunData, best_index, differing_config, ema, final_scalars, greater_is_better, numeric_keys,
-                   series, summary, warnings_for)
+from .analysis import (best_index, differing_config, ema, final_scalars, greater_is_better, numeric_keys, series,
+                       summary, warnings_for)
+from .data import RunData
 from .svg import PALETTE, bar_chart, esc, fmt, heatmap, line_chart, scatter
 
 CSS = """
