@@ -40,13 +40,12 @@ from ..data.schema import apply_where, field_column, label_ids, label_names, loa
 from ..device import Placement
 from ..embeddings.encoder import SentenceEncoder
 from ..embeddings.tsdae import delete_words
-from ..embeddings.evaluators import (AlignUniformEvaluator, Evaluator, NLIAccuracyEvaluator, STSEvaluator,
-                                     normalised_scores, retrieval_from_file, retrieval_from_pairs, run_evaluators,
-                                     sts_from_file)
+from ..embeddings.evaluators import Evaluator, normalised_scores, run_evaluators
 from ..embeddings.negatives import false_negative_keys
 from ..errors import LmforgeError
 from .base import Task, register_task
 from .common import ADAPTER_MODES, add_adapter, open_run
+from .embed_eval import file_evaluators, file_option_evaluators, split_evaluators
 from .embed_multi import EmbedDataset, load_extra_sets
 
 LOSSES = ("simcse_unsup", "simcse_sup", "mnr", "cosine", "cosent", "softmax_nli", "tsdae")
@@ -312,63 +311,24 @@ class EmbedTask(Task):
         return self.cfg.train.eval_batch_size or max(64, self.cfg.train.batch_size)
 
     def _evaluators(self, ev: Table | None) -> list[Evaluator]:
-        ec, out = self.cfg.embed, []
-        if ec.sts_eval:
-            sts = sts_from_file(ec.sts_eval, name="sts", score_range=ec.score_range)
-            out.append(sts)
-            self.eval_items += [{"sentence1": a, "sentence2": b} for a, b in zip(sts.s1, sts.s2)]
-        if ec.retrieval_eval:
-            ir = retrieval_from_file(ec.retrieval_eval, name="ir")
-            out.append(ir)
-            self.eval_items += [{"query": q} for q in ir.queries]
+        ec = self.cfg.embed
+        out, self.eval_items = file_option_evaluators(ec.sts_eval, ec.retrieval_eval, ec.score_range)
         if ev is not None and ev.records:
-            out += self._split_evaluators(ev, "dev")
+            out += split_evaluators(ev, self._columns(ev), self.loss_name, self.cfg.data, ec.score_range,
+                                    self.labels, self.model.head, name="dev")
             self.eval_items += ev.records
         return out
-
-    def _split_evaluators(self, table: Table, name: str) -> list[Evaluator]:
-        """Evaluators on held-out rows of the training format."""
-        dc, loss = self.cfg.data, self.loss_name
-        cols = self._columns(table)
-        require_columns(table, cols)
-        texts = [text_values(table, c) for c in cols]
-        if loss in ("cosine", "cosent"):
-            scores = normalised_scores(table, field_column(dc, "score"), self.cfg.embed.score_range)
-            return [STSEvaluator(texts[0], texts[1], scores, name=name)]
-        if loss == "softmax_nli":
-            ids = label_ids(table, field_column(dc, "label"), self.labels, split="eval")
-            return [NLIAccuracyEvaluator(texts[0], texts[1], ids, self.model.head, name=name)]
-        if loss in ("simcse_unsup", "tsdae"):
-            return [AlignUniformEvaluator(texts[0], [], name=name)]
-        return [retrieval_from_pairs(texts[0], texts[1], texts[2] if len(texts) > 2 else (), name=name),
-                AlignUniformEvaluator(texts[0], texts[1], name=name)]
 
     def evaluate(self, items: Table | None = None) -> dict:
         """Evaluator metrics (and ``before`` when training): STS, alignment/uniformity, retrieval."""
         if items is None:
             evs = self.evaluators
         else:
-            evs = self._file_evaluators(items)
+            evs = file_evaluators(items, self.cfg.embed.score_range)
         metrics = run_evaluators(evs, self.encoder, batch_size=self._eval_bs(), placement=self.placement)
         if items is None and self.before is not None:
             metrics["before"] = self.before
         return metrics
-
-    def _file_evaluators(self, table: Table) -> list[Evaluator]:
-        cols = table.columns()
-        if {"sentence1", "sentence2", "score"} <= set(cols):
-            require_columns(table, ["sentence1", "sentence2", "score"])
-            return [STSEvaluator(text_values(table, "sentence1"), text_values(table, "sentence2"),
-                                 normalised_scores(table, "score", self.cfg.embed.score_range), name="sts")]
-        if {"anchor", "positive"} <= set(cols) or {"query", "positive"} <= set(cols):
-            q = "anchor" if "anchor" in cols else "query"
-            a, p = text_values(table, q), text_values(table, "positive")
-            return [retrieval_from_pairs(a, p, text_values(table, "negative") if "negative" in cols else (),
-                                         name="ir"), AlignUniformEvaluator(a, p, name="pairs")]
-        if "text" in cols:
-            return [AlignUniformEvaluator(text_values(table, "text"), [], name="texts")]
-        raise LmforgeError(f"{table.source}: cannot tell what to evaluate from columns {', '.join(cols[:8])} "
-                           "(expected sentence1/sentence2/score, anchor|query/positive, or text)")
 
     def read_eval_file(self, path: str) -> Table:
         return apply_where(read_table(path), self.cfg.data.where)
