@@ -295,3 +295,23 @@ def test_answer_logprob_equals_full_softmax_by_hand(tiny_llama_dir):
             logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]  # (T, V)
         want = sum(float(logp[t - 1, ids[0, t]]) for t in range(len(p_ids), ids.shape[1]))
         assert n == len(c_ids) and lp == pytest.approx(want, abs=1e-4)
+
+
+def test_legacy_dpo_lora_section_reads_as_adapter_and_resumes(tmp_path):
+    """``dpo.lora`` (deprecated) loads as ``dpo.adapter: {kind: lora}``; a run folder whose saved recipe
+    has the old form resumes with the new one, and still refuses other adapter values."""
+    from lmforge.errors import LmforgeError
+    from lmforge.factuality.experiment import DEFAULTS, _merge, _Stages, load_recipe
+
+    base = {"experiment": "summary_pairs", "name": "legacy", "output_dir": str(tmp_path), "resume": True}
+    old = base | {"dpo": {"lora": {"r": 4, "alpha": 8}, "train": {"max_steps": 1}}}
+    new = base | {"dpo": {"adapter": {"kind": "lora", "r": 4, "alpha": 8}, "train": {"max_steps": 1}}}
+    assert load_recipe(old) == load_recipe(new)
+    assert load_recipe(new)["dpo"]["adapter"] == {"kind": "lora", "r": 4, "alpha": 8}
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "recipe.json").write_text(json.dumps(_merge(DEFAULTS, old)))  # as saved before
+    _Stages(load_recipe(new))
+    (tmp_path / "legacy" / "recipe.json").write_text(json.dumps(_merge(DEFAULTS, old)))
+    with pytest.raises(LmforgeError, match="different recipe"):
+        _Stages(load_recipe(base | {"dpo": {"adapter": {"kind": "lora", "r": 8, "alpha": 8},
+                                            "train": {"max_steps": 1}}}))

@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
 DPO_DEFAULTS = {
     "data": {"eval_fraction": 0.1, "max_length": 192},
     "preference": {"mode": "lora", "loss": "sigmoid", "beta": 0.1, "max_prompt_length": 96},
-    "lora": {"r": 16, "alpha": 32},
+    "adapter": {"kind": "lora", "r": 16, "alpha": 32},
     "train": {"epochs": 1, "batch_size": 8, "lr": 5.0e-4, "warmup_ratio": 0.1, "log_every": 5, "progress": False},
 }
 
@@ -60,6 +60,19 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
         else:
             out[k] = v
     return out
+
+
+def _legacy_dpo_lora(cfg: dict) -> dict:
+    """``dpo.lora`` (the deprecated section) as ``dpo.adapter``, the way ``RunConfig`` reads it
+    (``{kind: lora}`` unless ``adapter.kind`` says otherwise; the ``lora`` values win), so a
+    recipe saved with either form compares equal to the other."""
+    dpo = cfg.get("dpo")
+    if not isinstance(dpo, dict) or not isinstance(dpo.get("lora"), dict):
+        return cfg
+    dpo = dict(dpo)
+    adapter = dpo.get("adapter") if isinstance(dpo.get("adapter"), dict) else {}
+    dpo["adapter"] = {"kind": "lora", **adapter, **dpo.pop("lora")}
+    return cfg | {"dpo": dpo}
 
 
 def load_recipe(recipe: str | Path | dict) -> dict:
@@ -79,7 +92,7 @@ def load_recipe(recipe: str | Path | dict) -> dict:
         raise LmforgeError(f"{src}: unknown key(s) {', '.join(bad)} (allowed: {', '.join(sorted(allowed))})")
     if not raw.get("name"):
         raise LmforgeError(f"{src}: missing 'name'")
-    cfg = _merge(DEFAULTS, raw)
+    cfg = _legacy_dpo_lora(_merge(DEFAULTS, raw))
     bad_v = [v for v in cfg["variants"] if v not in ("reference", "free")]
     if kind == "truthfulqa" and (bad_v or not cfg["variants"]):
         raise LmforgeError(f"{src}: variants must be a non-empty list of reference/free, got {cfg['variants']}")
@@ -102,8 +115,8 @@ class _Stages:
             if not cfg["resume"]:
                 raise LmforgeError(f"{self.dir}: exists; set resume: true to reuse its finished stages")
             # a recipe saved before an option existed equals the same recipe with that option's default
-            if saved.is_file() and _merge(DEFAULTS, json.loads(saved.read_text())) | {"resume": True} \
-                    != cfg | {"resume": True}:
+            if saved.is_file() and _legacy_dpo_lora(_merge(DEFAULTS, json.loads(saved.read_text()))) \
+                    | {"resume": True} != cfg | {"resume": True}:
                 raise LmforgeError(f"{self.dir}: was made by a different recipe (see recipe.json)")
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(saved, cfg)
