@@ -60,6 +60,16 @@ def cmd_eval(args) -> int:
         _say_written(args.out)
         return code
     task = getattr(args, "task", None)
+    paired = getattr(args, "paired_with", None)
+    if paired:  # another run's preference report on the same file: checked before any model loads
+        from ..eval.preference_pairs import compare_reports, read_pairs
+
+        if task:
+            raise LmforgeError(f"--paired-with: compares preference runs' own evaluations, not --task {task}")
+        other = read_pairs(paired)
+        if str(args.run_dir).endswith(".json"):  # two reports, no model: lmforge eval A.json --paired-with B.json
+            print(json.dumps(compare_reports(args.run_dir, other, names=(args.run_dir, paired))))
+            return 0
     if task != "mc" and not args.data and not getattr(args, "split", None):
         raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
     _out_file(args.out)
@@ -86,7 +96,15 @@ def cmd_eval(args) -> int:
 
         report = load(args.run_dir, args.checkpoint).evaluate(args.data, args.out, split=args.split,
                                                               no_filter=args.no_filter)
-        print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter")}))  # points: in the file
+        if paired:  # the paired accuracy difference (this run - the other), into the report too
+            from ..rundir import write_json
+
+            if "pairs" not in report:
+                raise LmforgeError(f"--paired-with: {args.run_dir} is not a preference run (no per-pair outcomes)")
+            report["paired"] = compare_reports(report["pairs"], other, names=(args.out or args.run_dir, paired))
+            if args.out:
+                write_json(Path(args.out), report)
+        print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}))
         code = 0
     _say_written(args.out)
     return code
@@ -155,6 +173,9 @@ def register(sub) -> None:
     e.add_argument("--modes", default=None, help="search index: modes to evaluate (default dense,bm25,hybrid)")
     e.add_argument("--out", default=None)
     e.add_argument("--checkpoint", default="final", help="a run's weights: final, best or step-N (a kept checkpoint)")
+    e.add_argument("--paired-with", default=None, metavar="REPORT.json",
+                   help="preference runs: another run's eval report on the same file; adds the paired accuracy "
+                        "difference (this - other) with its bootstrap 95%% interval (RUN may be a report.json too)")
     e.add_argument("--split", default=None, choices=["test"],
                    help="score the run's own held-out test split (data.test / data.test_fraction) instead of --data")
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation", "mc"],

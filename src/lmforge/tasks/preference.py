@@ -30,6 +30,7 @@ from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
 from ..device import move
 from ..errors import LmforgeError
+from ..eval.preference_pairs import pair_key, pairs_in_file_order
 from ..losses.lm import sequence_logps, token_logps
 from ..losses.preference import dpo_loss, orpo_loss, orpo_nll
 from ..models import resolve_model
@@ -107,7 +108,7 @@ def encode_pairs(task: CausalTask, table: Table, split: str, max_length: int, ma
             rep.drop(f"no completion token left after truncation to max_length={max_length}", where)
             continue
         out.append({"prompt_ids": p_ids, "chosen_ids": c_ids, "chosen_labels": c_lab,
-                    "rejected_ids": r_ids, "rejected_labels": r_lab, "index": i})
+                    "rejected_ids": r_ids, "rejected_labels": r_lab, "index": i, "key": pair_key(rec)})
         if split == "eval" and len(out) <= getattr(task.opts, "report_samples", 0):  # the report's samples
             out[-1] |= {"prompt": task.fmt.generation_prompt(prompt), "reference": chosen}
     rep.truncated = cut_completions
@@ -357,6 +358,8 @@ class PreferenceTask(CausalTask):
         log-prob; unlike the implicit-reward accuracy (0 before training: every reward is 0) it
         is meaningful for the untrained model too. ``accuracy_ci95`` / ``margin_ci95``: percentile-bootstrap
         95% intervals over the pairs (1000 resamples, seed 0; :func:`lmforge.eval.bootstrap.preference_intervals`).
+        ``pairs``: each pair's margin in file order with its row key
+        (:func:`lmforge.eval.preference_pairs.pairs_in_file_order`), for paired comparisons of two runs.
         """
         from ..eval.bootstrap import preference_intervals
         from ..eval.metrics import preference_report
@@ -365,12 +368,13 @@ class PreferenceTask(CausalTask):
         if not items:
             raise LmforgeError("no evaluation pairs")
         self.model.eval()
-        chosen, rejected, loss_sum, logp_wins = [], [], 0.0, 0
+        chosen, rejected, loss_sum, logp_wins, order = [], [], 0.0, 0, []
         sums = {"logps/chosen": 0.0, "logps/rejected": 0.0}
         for idx in self._eval_batches(items):
             batch = move(self.collate([items[i] for i in idx]), self.placement.device)
             with self.placement.autocast():
                 losses, s = self.pair_losses(batch)
+            order += idx
             loss_sum += float(losses.float().sum())
             chosen += s["rewards/chosen"].float().tolist()
             rejected += s["rewards/rejected"].float().tolist()
@@ -383,5 +387,8 @@ class PreferenceTask(CausalTask):
         return {"accuracy": report["accuracy"], "mean_margin": report["mean_margin"], "loss": loss_sum / len(items),
                 "rewards/chosen": sum(chosen) / len(chosen), "rewards/rejected": sum(rejected) / len(rejected),
                 "logps/chosen": sums["logps/chosen"] / len(items), "logps/rejected": sums["logps/rejected"] / len(items),
-                "logp_accuracy": logp_wins / len(items), "n": report["n"]} | preference_intervals(chosen, rejected)
+                "logp_accuracy": logp_wins / len(items), "n": report["n"]} | preference_intervals(chosen, rejected) | {
+                "pairs": pairs_in_file_order([items[i].get("index", i) for i in order],
+                                             [items[i].get("key", "") for i in order],
+                                             [c - r for c, r in zip(chosen, rejected)])}
 

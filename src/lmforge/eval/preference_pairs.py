@@ -1,0 +1,119 @@
+"""Per-pair preference outcomes in file order, and the paired accuracy difference of two runs.
+
+A preference evaluation scores N pairs with margins ``m_i = r_chosen_i - r_rejected_i`` (the
+implicit DPO reward, or a reward model's score); pair ``i`` is correct when ``m_i > 0`` (a tie
+is a miss, as :func:`lmforge.eval.metrics.preference_report`). :func:`pairs_in_file_order`
+stores the margins by the pair's row in the file (not the length-grouped batch order), each
+with a content key (:func:`pair_key`: a hash of the row), so two runs' reports on the same file
+line up pair by pair whatever their batch sizes, ``max_length`` or tokenizers.
+
+Two runs A and B on the same N pairs (matched by key), correctness ``a_i, b_i`` in {0, 1}:
+
+    diff = mean(a) - mean(b) = (n_a_only - n_b_only) / N
+    n_a_only = #{i: a_i = 1, b_i = 0},   n_b_only = #{i: a_i = 0, b_i = 1}
+
+with the percentile-bootstrap interval of ``diff`` resampling *pairs* (one index draw for both
+runs, :func:`lmforge.eval.bootstrap.paired_bootstrap_ci`): only the discordant pairs move it,
+so it is much narrower than the two marginal intervals when the runs agree on most pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import LmforgeError
+from .bootstrap import paired_bootstrap_ci
+
+__all__ = ["pair_key", "pairs_in_file_order", "paired_accuracy_difference", "read_pairs", "compare_reports"]
+
+
+def pair_key(record: dict) -> str:
+    """16 hex digits of the SHA-256 of the row as canonical JSON (sorted keys): the pair's identity."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def pairs_in_file_order(index: Sequence[int], keys: Sequence[str], margins: Sequence[float]) -> dict:
+    """``{"index": [...], "key": [...], "margin": [...]}`` (N each) sorted by the file row ``index``.
+
+    Args:
+        index: (N,) row of each scored pair in the file, in the order they were scored.
+        keys: (N,) :func:`pair_key` of each row, same order.
+        margins: (N,) reward margin of each pair, same order.
+    """
+    if not len(index) == len(keys) == len(margins):
+        raise LmforgeError(f"pairs: {len(index)} indices, {len(keys)} keys, {len(margins)} margins (must be equal)")
+    order = sorted(range(len(index)), key=lambda i: index[i])
+    return {"index": [int(index[i]) for i in order], "key": [str(keys[i]) for i in order],
+            "margin": [float(margins[i]) for i in order]}
+
+
+def _checked(pairs: dict, name: str) -> dict[str, float]:
+    if not isinstance(pairs, dict) or not {"key", "margin"} <= set(pairs):
+        raise LmforgeError(f"{name}: no per-pair outcomes (a 'pairs' object with 'key' and 'margin')")
+    keys, margins = pairs["key"], pairs["margin"]
+    if len(keys) != len(margins) or not keys:
+        raise LmforgeError(f"{name}: 'pairs' has {len(keys)} keys and {len(margins)} margins")
+    out = dict(zip(keys, (float(m) for m in margins)))
+    if len(out) != len(keys):
+        raise LmforgeError(f"{name}: {len(keys) - len(out)} duplicate pairs (the same row twice in the file)")
+    return out
+
+
+def paired_accuracy_difference(a: dict, b: dict, *, n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0,
+                               names: tuple[str, str] = ("a", "b")) -> dict:
+    """Accuracy of A minus accuracy of B over the same pairs, with its paired bootstrap interval.
+
+    Args:
+        a, b: per-pair outcomes (:func:`pairs_in_file_order`: ``key`` and ``margin`` lists). Pairs are
+            matched by key, in A's order; both must score exactly the same set of pairs.
+        n_resamples, alpha, seed: of the bootstrap (1000 resamples, 95%, seed 0 by default).
+        names: what to call A and B in an error message.
+
+    Returns:
+        ``{"n", "accuracy_a", "accuracy_b", "accuracy_diff", "accuracy_diff_ci95": [lo, hi],
+        "a_only", "b_only"}`` (``a_only``: pairs A gets right and B wrong).
+    """
+    ma, mb = _checked(a, names[0]), _checked(b, names[1])
+    if ma.keys() != mb.keys():
+        common = len(ma.keys() & mb.keys())
+        raise LmforgeError(f"{names[1]}: scores {len(mb)} pairs, {names[0]} {len(ma)}, {common} of them the same "
+                           "pairs; a paired comparison needs the same pairs (evaluate both runs on the same file, "
+                           "with nothing dropped)")
+    keys = list(ma)
+    ca = np.array([ma[k] > 0 for k in keys], dtype=np.float64)  # (N,)
+    cb = np.array([mb[k] > 0 for k in keys], dtype=np.float64)  # (N,)
+    lo, hi = paired_bootstrap_ci(ca, cb, n_resamples=n_resamples, alpha=alpha, seed=seed)
+    return {"n": len(keys), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()),
+            "accuracy_diff": float(ca.mean() - cb.mean()), "accuracy_diff_ci95": [lo, hi],
+            "a_only": int(((ca == 1) & (cb == 0)).sum()), "b_only": int(((ca == 0) & (cb == 1)).sum())}
+
+
+def read_pairs(path: str | Path) -> dict:
+    """The per-pair outcomes (``pairs``) of a preference evaluation report (``eval_<file>.json``, or a
+    run's ``eval.json`` for its eval split)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"{p}: no such report file")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LmforgeError(f"{p}: not a JSON report ({err})") from None
+    if not isinstance(report, dict) or "pairs" not in report:
+        raise LmforgeError(f"{p}: no per-pair outcomes ('pairs'); re-evaluate the run with this version "
+                           "(lmforge eval RUN --data FILE)")
+    _checked(report["pairs"], str(p))
+    return report["pairs"]
+
+
+def compare_reports(a: str | Path | dict, b: str | Path | dict, **kw) -> dict:
+    """:func:`paired_accuracy_difference` of two reports (paths, or ``pairs`` objects already read)."""
+    pa = a if isinstance(a, dict) else read_pairs(a)
+    pb = b if isinstance(b, dict) else read_pairs(b)
+    names = (kw.pop("names", None) or (str(a) if not isinstance(a, dict) else "a",
+                                       str(b) if not isinstance(b, dict) else "b"))
+    return paired_accuracy_difference(pa, pb, names=names, **kw)
