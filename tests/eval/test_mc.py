@@ -114,13 +114,17 @@ def test_cli_end_to_end(tmp_path, capsys, lm, tiny_llama_dir):
     assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2
 
 
-@pytest.mark.parametrize("case", ["suite", "empty", "no_options", "range", "both"])
+@pytest.mark.parametrize("case", ["suite", "empty", "no_options", "range", "both", "not_utf8", "not_json"])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, case):
     args = ["eval", str(tiny_llama_dir), "--task", "mc"]
     if case == "suite":
         args += ["--suite", "nosuch"]
     elif case == "both":
         args += ["--suite", "piqa", "--data", str(write_jsonl(tmp_path / "q.jsonl", ROWS))]
+    elif case in ("not_utf8", "not_json"):  # the data package's JSONL reader: one line naming the line
+        f = tmp_path / "q.jsonl"
+        f.write_bytes(json.dumps(ROWS[0]).encode() + b"\n\n" + (b"\xff\xfe{}\n" if case == "not_utf8" else b"{oops\n"))
+        args += ["--data", str(f)]
     else:
         rows = {"empty": [], "no_options": [{"question": "a", "answer": 0}],
                 "range": [{"question": "a", "options": ["x", "y"], "answer": 2}]}[case]
@@ -132,6 +136,8 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, tiny_llama_dir, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lmforge: error:")
     assert not out.exists()
+    if case.startswith("not_"):
+        assert "q.jsonl line 3: " + ("not UTF-8" if case == "not_utf8" else "malformed JSON") in err
 
 
 @pytest.mark.integration

@@ -69,7 +69,9 @@ def text_lines(path: Path):
             yield n, line
 
 
-def _read_jsonl(path: Path) -> Table:
+def read_jsonl(path: Path) -> Table:
+    """The JSON objects of a UTF-8 JSONL file, blank lines skipped, each located by its line; a
+    malformed line, a non-object or non-UTF-8 bytes are one LmforgeError naming file and line."""
     records, locs = [], []
     for n, line in text_lines(path):
         if not line.strip():
@@ -185,7 +187,7 @@ def _read_zip(path: Path) -> Table:
     raise LmforgeError(f"{path}: a .zip must hold one .csv/.tsv file or only .txt files (has {', '.join(names[:5]) or 'nothing'})")
 
 
-READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+READERS = {".jsonl": read_jsonl, ".ndjson": read_jsonl, ".json": _read_json,
            ".csv": lambda p: _read_delimited(p, ","), ".tsv": lambda p: _read_delimited(p, "\t"),
            ".parquet": _read_parquet, ".txt": _read_text, ".text": _read_text, ".zip": _read_zip}
 

@@ -22,7 +22,6 @@ Standard errors are bootstrap: ``B`` resamples of the N per-question 0/1 outcome
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..data.readers import read_jsonl
 from ..errors import LmforgeError
 
 __all__ = ["MCItem", "bootstrap_stderr", "fewshot_context", "mc_report", "option_loglikelihoods",
@@ -48,22 +48,12 @@ class MCItem:
 
 # ---------------------------------------------------------------- reading
 def read_jsonl_rows(path: str | Path) -> list[dict]:
-    """JSON objects of a JSONL file (blank lines skipped); bad input is one LmforgeError line."""
+    """JSON objects of a JSONL file (blank lines skipped; :func:`lmforge.data.readers.read_jsonl`);
+    bad input is one LmforgeError line."""
     p = Path(path)
     if not p.is_file():
         raise LmforgeError(f"{p}: no such file")
-    rows = []
-    with open(p, encoding="utf-8", errors="strict") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LmforgeError(f"{p}:{n}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise LmforgeError(f"{p}:{n}: expected a JSON object")
-            rows.append(row)
+    rows = read_jsonl(p).records
     if not rows:
         raise LmforgeError(f"{p}: no rows")
     return rows
