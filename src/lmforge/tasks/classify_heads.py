@@ -1,12 +1,10 @@
 """Pieces of the embedding-based classification methods: scikit-learn heads saved without pickle,
-the on-disk embedding cache, per-class sampling, SetFit's pair generation and the two small tasks
+per-class sampling, SetFit's pair generation and the two small tasks
 the engine trains for SetFit (the contrastive pair stage, the differentiable linear head)."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..embeddings.disk_cache import cached_encode, embedding_cache_path  # noqa: F401  (classify_methods' import)
 from ..errors import LmforgeError
-from ..rundir import write_array, write_bytes, write_text
+from ..rundir import write_bytes, write_text
 from .base import Task
 
 #: Types a saved head may hold beyond those skops trusts by default, by exact name (never a module
@@ -211,47 +210,6 @@ def _need_skops(name: str) -> None:
     except ImportError:
         raise LmforgeError(f"classifier '{name}' is not linear: saving it without pickle needs skops "
                            "(pip install skops)") from None
-
-
-# ---- embedding cache -----------------------------------------------------------------------------------
-def model_fingerprint(folder: Path) -> str:
-    """The model folder's content hash (:func:`lmforge.fingerprint.model_fingerprint`)."""
-    from ..fingerprint import model_fingerprint as content_fingerprint
-
-    return content_fingerprint(folder)
-
-
-def embedding_cache_path(folder: Path, texts: Sequence[str], settings: str) -> Path:
-    """``cache_dir()/embeddings/<key>.npy``, key = sha256(model fingerprint, settings, texts)."""
-    from ..models import cache_dir
-
-    h = hashlib.sha256(model_fingerprint(folder).encode())
-    h.update(f"|{settings}|{len(texts)}|".encode())
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return cache_dir() / "embeddings" / f"{h.hexdigest()[:40]}.npy"
-
-
-def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, placement) -> np.ndarray:
-    """``encoder.encode(texts)``, read from / written to the on-disk cache.
-
-    The key covers the model files, the texts (in order), pooling, normalisation, max length,
-    compute precision and weight dtype, so any change re-embeds; files are written atomically and loaded without pickle.
-    """
-    weights = next(encoder.parameters()).dtype
-    settings = f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}"
-    path = embedding_cache_path(folder, texts, settings)
-    if path.is_file():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.shape[0] == len(texts):
-                return arr
-        except (OSError, ValueError):
-            pass  # unreadable: embed again and overwrite
-    arr = encoder.encode(texts, batch_size=batch_size, placement=placement)
-    write_array(path, arr)
-    return arr
 
 
 # ---- sampling --------------------------------------------------------------------------------------------
