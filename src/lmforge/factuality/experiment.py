@@ -156,8 +156,9 @@ def _lazy(load):
 
 
 def _read(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    from ..data.readers import read_jsonl
+
+    return read_jsonl(path).records
 
 
 def run_truthfulqa(cfg: dict) -> dict:
