@@ -17,7 +17,7 @@ virtual tokens as embeddings with N ones in the mask, so they are real tokens of
 the batch stays right-padded. Works on any device (index ops only).
 
 An unpadded model also runs its dropout (``nn.Dropout`` modules and the attention weights' dropout
-of the eager kernel) with :mod:`lmforge.fast_dropout` (16 random bits per element instead of a
+of the eager kernel) with :mod:`lmforge.fast_dropout` (15 random bits per element instead of a
 Bernoulli draw: about a quarter of a MiniLM training step on CPU was dropout's mask). The eager
 kernel of a packed row is head-major (:func:`varlen_eager`). And a sequence classifier whose head
 reads token 0 only (BERT's pooler) runs its last layer on each sequence's first row only
