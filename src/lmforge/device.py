@@ -182,6 +182,75 @@ def move(batch, device: torch.device):
     return batch
 
 
+def inference_workers(device: torch.device, jobs: int) -> int:
+    """How many Python worker threads run independent inference batches (:func:`run_batches`):
+    on CPU, torch's intra-op thread count (each worker then runs its kernels on one thread), at
+    most one per batch; 1 on every other device (CUDA keeps one stream of batches) and with
+    ``LMFORGE_INFERENCE_WORKERS=1``.
+
+    Why: an encoder batch's kernels at 2 intra-op threads cost ~45 % more CPU than at 1 (many
+    small parallel regions: per-sequence attention, LayerNorm, oneDNN GEMMs of a few hundred
+    rows); two batches side by side at 1 thread each keep the 1-thread cost per batch and use
+    both cores (measured in ``bench/encode.py``)."""
+    if device.type != "cpu" or jobs < 2:
+        return 1
+    env = os.environ.get("LMFORGE_INFERENCE_WORKERS")
+    n = int(env) if env and env.isdigit() and int(env) > 0 else torch.get_num_threads()
+    return max(1, min(n, jobs))
+
+
+def run_batches(fn, jobs, device: torch.device, context=contextlib.nullcontext, parallel: bool = True) -> None:
+    """Call ``fn(job)`` for every job (order of completion unspecified; ``fn`` writes its own
+    result), on :func:`inference_workers` threads pulling the next job in order (one thread, in
+    order, when ``parallel`` is False: ``fn`` not safe to run concurrently).
+
+    Each worker enters ``context()`` once (thread-local state such as ``torch.inference_mode``
+    and autocast must be set per thread) and, with several workers, sets torch's intra-op threads
+    to 1 for itself (OpenMP's thread count is per calling thread; torch ops release the GIL).
+    Each job then runs the same 1-thread kernels as a sequential run at 1 thread, so results
+    are bit-identical to it. The caller's thread count is restored afterwards (``set_num_threads``
+    also sets the default new threads start with). The first exception stops the other workers
+    and is raised here."""
+    jobs = list(jobs)
+    n = inference_workers(device, len(jobs)) if parallel else 1
+    if n == 1:
+        with context():
+            for job in jobs:
+                fn(job)
+        return
+    import threading
+
+    threads_before = torch.get_num_threads()
+    it, lock, errors = iter(jobs), threading.Lock(), []
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        try:
+            with context():
+                while not errors:
+                    with lock:
+                        job = next(it, _DONE)
+                    if job is _DONE:
+                        return
+                    fn(job)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, name=f"lmforge-infer-{i}", daemon=True) for i in range(n)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+
+
+_DONE = object()
+
+
 @functools.lru_cache(maxsize=None)
 def _libc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another OS)."""

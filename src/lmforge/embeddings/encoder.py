@@ -12,6 +12,7 @@ transformers' forward; ``encoder.fast_path = False`` keeps transformers' path.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batching import pad_sequences
-from ..device import Placement
+from ..device import Placement, run_batches
 from ..errors import LmforgeError
 from ..unpad import enable_unpadding
 
@@ -183,10 +184,9 @@ class SentenceEncoder(nn.Module):
     # ---- tokens -> vectors ------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text (special tokens added, truncated to ``max_length``), unpadded."""
-        if not texts:
-            return []
-        return self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        from .prefix_tokens import truncated_ids
+
+        return truncated_ids(self.tokenizer, texts, self.max_length)  # long texts from an exact prefix
 
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """Right-pad token id lists: ``input_ids`` and ``attention_mask``, both ``(B, T)``."""
@@ -243,21 +243,34 @@ class SentenceEncoder(nn.Module):
             self.to(place.device)
         fast = self._fast_path(place)
         # weights already in low precision (to_inference): run the ops natively, no autocast
-        cast = place.autocast() if first.dtype == torch.float32 and fast is None else contextlib.nullcontext()
+        autocast = first.dtype == torch.float32 and fast is None
+        lock = threading.Lock()
+
+        def context():  # per worker thread: inference mode and autocast are thread-local
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(place.autocast() if autocast else contextlib.nullcontext())
+            return stack
+
+        def one(idx: list[int]) -> None:
+            batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}
+            if fast is not None:
+                hidden = fast.hidden(batch["input_ids"], batch["attention_mask"])  # (b, T, D)
+                emb = pool(hidden, batch["attention_mask"], self.pooling)  # (b, D) fp32
+            else:
+                emb = self.pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
+            if unit:
+                emb = F.normalize(emb, p=2, dim=-1)
+            out[torch.as_tensor(idx)] = emb.float().cpu()
+            with lock:
+                bar.update(len(idx))
+
         try:
-            with torch.inference_mode(), cast:
-                for s in range(0, len(order), batch_size):
-                    idx = order[s:s + batch_size]
-                    batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}
-                    if fast is not None:
-                        hidden = fast.hidden(batch["input_ids"], batch["attention_mask"])  # (b, T, D)
-                        emb = pool(hidden, batch["attention_mask"], self.pooling)  # (b, D) fp32
-                    else:
-                        emb = self.pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
-                    if unit:
-                        emb = F.normalize(emb, p=2, dim=-1)
-                    out[torch.as_tensor(idx)] = emb.float().cpu()
-                    bar.update(len(idx))
+            # the fast path (a pure function of the batch) on CPU with n >= 2 torch threads: n worker
+            # threads at 1 intra-op thread each, the same vectors as a 1-thread run bit for bit
+            # (lmforge.device.run_batches); transformers' path (hooks may record state) in order
+            run_batches(one, [order[s:s + batch_size] for s in range(0, len(order), batch_size)], place.device,
+                        context, parallel=fast is not None)
         finally:
             bar.close()
             self.train(was_training)
