@@ -31,6 +31,8 @@ from torch import Tensor, nn
 # a group of sequences attends together while its (c, H, L, L) scores stay under this many
 # elements (~1.5 MB in bf16: the scores of one 256-token MiniLM sequence stay in the L2 cache)
 GROUP_SCORES = 12 * 256 * 256
+# bump when the fast path's numerics change (caches of its vectors key on it: topics embeddings)
+VERSION = 2
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 

@@ -91,3 +91,20 @@ def test_parallel_encode_is_bit_identical_to_one_thread(tiny_bert_dir, threads, 
     enc.fast_path = False  # transformers' path stays sequential (hooks may record state): still right
     plain = enc.encode(texts, batch_size=3, placement=place)
     assert np.abs(plain - one).max() < (1e-5 if precision == "fp32" else 0.05)
+
+
+def test_code_path_names_the_computation(tiny_bert_dir, threads, monkeypatch):
+    """Caches of encode's vectors (topics embeddings) key on it: it changes with the path and with
+    kernels whose bits differ (2 threads without workers), not with what gives the same bits."""
+    monkeypatch.delenv("LMFORGE_INFERENCE_WORKERS", raising=False)
+    enc = SentenceEncoder.from_pretrained(tiny_bert_dir)
+    place = Placement(torch.device("cpu"), torch.bfloat16)
+    enc.to_inference(place)
+    torch.set_num_threads(1)
+    one = enc.code_path(place)
+    torch.set_num_threads(2)
+    assert enc.code_path(place) == one and one.startswith("fast_encode-")  # workers: 1-thread kernels
+    monkeypatch.setenv("LMFORGE_INFERENCE_WORKERS", "1")
+    assert enc.code_path(place) != one
+    enc.fast_path = False
+    assert enc.code_path(place).startswith("transformers-")

@@ -277,6 +277,19 @@ class SentenceEncoder(nn.Module):
         return out.numpy()
 
 
+    def code_path(self, place: Placement) -> str:
+        """Which computation ``encode`` runs on ``place``, for caches of its vectors (two paths
+        agree to ~1e-5, not bit for bit): ``fast_encode-<VERSION>`` with ``1-thread`` kernels (CPU
+        worker threads or torch at 1 thread) or ``<n>-threads``, else ``transformers-<attention>``."""
+        from .. import fast_encode
+        from ..device import inference_workers
+
+        if self._fast_path(place) is None:
+            return f"transformers-{getattr(self.backbone.config, '_attn_implementation', None)}"
+        n = torch.get_num_threads() if place.device.type == "cpu" else 0
+        kernels = "1-thread" if n == 1 or inference_workers(place.device, 2) > 1 else f"{n}-threads"
+        return f"fast_encode-{fast_encode.VERSION}-{place.device.type}-{kernels}"
+
     def train(self, mode: bool = True):
         """Switching to training drops the inference fast path's copy of the weights: optimizer
         steps follow, and fused AdamW's in-place updates leave no trace in the version counters

@@ -127,7 +127,8 @@ class TopicsTask(Task):
         return self._encoder
 
     def embed(self, texts: list[str], *, cache: bool | None = None) -> np.ndarray:
-        """``(N, D)`` embeddings, read from / written to the cache (keyed by model, texts, pooling)."""
+        """``(N, D)`` embeddings, read from / written to the cache (keyed by model, texts, pooling,
+        placement and the encoder's code path: a cached run from another path keeps other vectors)."""
         from ..models import cache_dir, resolve_model
 
         enc = self.encoder
@@ -137,7 +138,7 @@ class TopicsTask(Task):
         h = hashlib.sha256()
         folder = resolve_model(encoder_ref(self.cfg.model.name))
         h.update(f"{folder.resolve()}|{_model_fingerprint(folder)}|{enc.pooling}|{enc.normalize}|{enc.max_length}|"
-                 f"{self.placement.describe()}|{next(enc.parameters()).dtype}".encode())
+                 f"{self.placement.describe()}|{next(enc.parameters()).dtype}|{enc.code_path(self.placement)}".encode())
         for t in texts:
             h.update(t.encode("utf-8") + b"\x00")
         path = cache_dir() / "topic-embeddings" / f"{h.hexdigest()[:32]}.npy"
