@@ -29,10 +29,13 @@ def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, p
     """``encoder.encode(texts)``, read from / written to the on-disk cache.
 
     The key covers the model files, the texts (in order), pooling, normalisation, max length,
-    compute precision and weight dtype, so any change re-embeds; files are written atomically and loaded without pickle.
+    compute precision, weight dtype and the encoder's code path (``SentenceEncoder.code_path``: the
+    fast path and transformers' agree to ~1e-5, not bit for bit), so any change re-embeds; files are
+    written atomically and loaded without pickle.
     """
     weights = next(encoder.parameters()).dtype
-    settings = f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}"
+    settings = (f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}|"
+                f"{encoder.code_path(placement)}")
     path = embedding_cache_path(folder, texts, settings)
     if path.is_file():
         try:
