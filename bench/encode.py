@@ -67,9 +67,15 @@ def load_sentences(path: str, n: int) -> list[str]:
 
 
 def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, bf16: bool = False,
-           attn: str = "sdpa") -> dict:
+           attn: str = "sdpa", procs: int = 0) -> dict:
+    """sentence-transformers' encode; ``procs`` > 0: its multi-process pool (``pool=``) of that many
+    CPU processes at 1 intra-op thread each (started and warmed up untimed; CPU time and peak RSS
+    include the workers')."""
     set_threads(threads)
+    import os
+
     import numpy as np
+    import psutil
     from sentence_transformers import SentenceTransformer
 
     from lmforge.models import resolve_model
@@ -78,9 +84,20 @@ def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: 
     model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
     if bf16:
         model = model.bfloat16()
-    model.encode(texts[:64], batch_size=batch)  # warm-up
-    vecs, out = timed_call(lambda: model.encode(texts, batch_size=batch, show_progress_bar=False), profile,
+    kw = {}
+    if procs:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
+        kw["pool"] = model.start_multi_process_pool(["cpu"] * procs)
+    model.encode(texts[:64], batch_size=batch, **kw)  # warm-up
+    kids = psutil.Process().children(recursive=True)
+    cpu0 = sum(sum(k.cpu_times()[:2]) for k in kids)
+    vecs, out = timed_call(lambda: model.encode(texts, batch_size=batch, show_progress_bar=False, **kw), profile,
                            steps=-(-len(texts) // batch), unit="sentences", items=len(texts))
+    if procs:
+        cpu = out["cpu_seconds"] + sum(sum(k.cpu_times()[:2]) for k in kids) - cpu0
+        rss = sum(k.memory_full_info().uss for k in kids) / 2 ** 20  # workers' own pages (weights shared)
+        model.stop_multi_process_pool(kw["pool"])
+        out.update(cpu_seconds=cpu, sentences_per_cpu_s=len(texts) / cpu, workers_uss_mb=rss)
     np.save(vectors_out, np.asarray(vecs, dtype=np.float32))
     return out
 
@@ -138,7 +155,11 @@ def main() -> None:
         "lmforge_padded": (run_lmforge, common | {"unpad": False}),
         "st_bf16w_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
         "lmforge_transformers": (run_lmforge, common | {"fast": False}),
+        # the peer's own parallel encode: one process per core at 1 thread each (2+ threads only)
+        "st_bf16w_pool": (run_st, common | {"bf16": True, "procs": args.threads or 2}),
     }
+    if (args.threads or 2) < 2 and not args.only:
+        trials.pop("st_bf16w_pool")
     trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
     res = run_trials(trials, args)
     fig = figures(res, "sentences_per_s")

@@ -205,6 +205,7 @@ def main() -> None:
               "ratio_best": round(sb / lm, 3), "lmforge_cpu_s": round(cl, 2), "st_default_cpu_s": round(csd, 2),
               "st_best_cpu_s": round(csb, 2), "st_best_sdpa_eager_cpu_s": [round(median(res[k], "cpu_seconds"), 2)
                                                                            for k in ("st_best", "st_best_eager")], "ratio_default_cpu": round(csd / cl, 3), "ratio_best_cpu": round(csb / cl, 3),
+              "threads": args.threads, "peak_rss_mb": {k: round(median(v, "peak_rss_mb"), 1) for k, v in res.items()},
               "lmforge_metrics": _m(res["lmforge"][0]),
               "st_default_metrics": _m(res["st_default"][0]), "st_best_metrics": _m(res["st_best"][0])})
     if "dense" in parts:
@@ -245,6 +246,7 @@ def main() -> None:
               "ratio_best": round(q["lmforge"] / q["rank_bm25_best"], 2),
               "index_s": {k: round(v, 3) for k, v in ix.items()},
               "index_ratio": round(ix["rank_bm25"] / ix["lmforge"], 2),
+              "threads": args.threads, "peak_rss_mb": {k: round(median(v, "peak_rss_mb"), 1) for k, v in res.items()},
               "lmforge_metrics": _m(res["lmforge"][0]), "rank_bm25_metrics": _m(res["rank_bm25"][0])})
 
 

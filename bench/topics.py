@@ -24,6 +24,7 @@ trials (what every run after a user's first one sees). BERTopic compiles umap-le
 every process, as it does for its users.
 
     .venv/bin/python bench/topics.py [--reps 3] [--limit N] [--seed 42] [--only SIDES] [--only-e2e SIDES]
+        [--threads N] [--skip-from-emb]
 
 Prints one JSON line: median wall seconds and CPU seconds (all threads of the trial process: the
 steadier figure on a shared machine), peak RSS, NPMI, diversity, outlier rate and topic count for
@@ -84,7 +85,18 @@ def quality(texts: list[str], topic_words: list[list[str]], assignments) -> dict
             "outlier_rate": outlier_rate(assignments), "n_topics": len(topic_words)}
 
 
-def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False) -> dict:
+def _threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op threads and numba's (UMAP's parallel kernels) in a trial."""
+    if threads:
+        import numba
+        import torch
+
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, threads: int | None = None) -> dict:
+    _threads(threads)
     import numpy as np
 
     from lmforge.config import build_config
@@ -116,7 +128,8 @@ def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False) 
     return {"seconds": seconds, "cpu_seconds": cpu} | quality(texts, words, model.assignments)
 
 
-def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool) -> dict:
+def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads: int | None = None) -> dict:
+    _threads(threads)
     import numpy as np
     from bertopic import BERTopic
     from hdbscan import HDBSCAN
@@ -211,6 +224,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N articles (default: all)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-from-emb", action="store_true", help="e2e trials only")
+    ap.add_argument("--threads", type=int, default=None, help="torch and numba threads per trial (default: theirs)")
     ap.add_argument("--only", default=None,
                     help="comma-separated sides (lmforge, bertopic, lmforge_fast, bertopic_best; default: all)")
     ap.add_argument("--only-e2e", default=None, help="sides for the e2e trials only (default: --only)")
@@ -221,19 +236,22 @@ def main() -> None:
     docs = work / "docs.json"
     docs.write_text(json.dumps(news_texts(args.limit)))
     emb = str(work / "emb.npy")
-    run_isolated(embed_once, docs=str(docs), out=emb)
+    if not args.skip_from_emb:
+        run_isolated(embed_once, docs=str(docs), out=emb)
     run_isolated(warm_kernels)
     record = {"bench": "topics", "data": NEWS, "documents": len(json.loads(docs.read_text())), "reps": args.reps,
               "model": "minilm", "umap": UMAP_KW, "min_cluster_size": MIN_CLUSTER, "vectorizer": VEC}
-    base = {"docs": str(docs), "seed": args.seed}
+    base = {"docs": str(docs), "seed": args.seed, "threads": args.threads}
+    record["threads"] = args.threads
     def pick(trials: dict, only: str | None) -> dict:
         return {k: v for k, v in trials.items() if not only or k in only.split(",")}
 
     if not args.skip_e2e:
         e2e = alternate(pick(sides(base, None), args.only_e2e or args.only), args.reps)
         record["e2e"] = ratios({k: summary(v) for k, v in e2e.items()})
-    fe = alternate(pick(sides(base, emb), args.only), args.reps)
-    record["from_embeddings"] = ratios({k: summary(v) for k, v in fe.items()})
+    if not args.skip_from_emb:
+        fe = alternate(pick(sides(base, emb), args.only), args.reps)
+        record["from_embeddings"] = ratios({k: summary(v) for k, v in fe.items()})
     emit(record)
 
 
