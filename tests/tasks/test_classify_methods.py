@@ -16,8 +16,8 @@ from lmforge.embeddings import SentenceEncoder
 from lmforge.errors import LmforgeError
 from lmforge.tasks import build_task, load_task, task_class
 from lmforge.tasks.classify import ClassifyTask
-from lmforge.tasks.classify_heads import (SklearnHead, cached_encode, embedding_cache_path, linear_probs,
-                                          sample_per_class, setfit_pairs)
+from lmforge.embeddings.disk_cache import cached_encode, embedding_cache_path
+from lmforge.tasks.classify_heads import SklearnHead, linear_probs, sample_per_class, setfit_pairs
 from lmforge.tasks.classify_methods import EmbeddingLRTask, SetFitTask, ZeroShotTask
 from lmforge.tasks.classify_prompt import PromptTask, answer_ids, choice_logprobs
 from lmforge.device import Placement

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..embeddings.disk_cache import cached_encode, embedding_cache_path  # noqa: F401  (classify_methods' import)
 from ..errors import LmforgeError
 from ..rundir import write_bytes, write_text
 from .base import Task

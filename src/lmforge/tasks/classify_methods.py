@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.schema import label_ids, read_labels, require_columns, text_values
+from ..embeddings.disk_cache import cached_encode
 from ..errors import LmforgeError
 from .classify import ClassifyTask, classify_method
-from .classify_heads import (PairTask, SklearnHead, VectorHeadTask, cached_encode, sample_per_class,
-                             setfit_pairs)
+from .classify_heads import PairTask, SklearnHead, VectorHeadTask, sample_per_class, setfit_pairs
 from .common import open_run, write_json
 
 
