@@ -7,7 +7,11 @@ AMX / AVX512-BF16: autocast over fp32 weights while training, or weights stored 
 ``to_inference`` for pure inference), pooled in fp32 and written back in input order. Stock BERT
 backbones (MiniLM ...) run there on :mod:`lmforge.fast_encode` (fused QKV, prepacked oneDNN
 weights with fused GELU on CPU, packed rows, attention per sequence), the same function as
-transformers' forward; ``encoder.fast_path = False`` keeps transformers' path.
+transformers' forward; ``encoder.fast_path = False`` keeps transformers' path. On CPU with torch
+at n >= 2 threads the fast path's batches run on n worker threads at 1 intra-op thread each
+(:func:`lmforge.device.run_batches`: the 1-thread vectors bit for bit, at the 1-thread CPU cost);
+long texts are tokenised from a character prefix with the full text's ids
+(:mod:`lmforge.embeddings.prefix_tokens`).
 """
 from __future__ import annotations
 
