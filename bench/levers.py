@@ -121,7 +121,7 @@ def lever_prompt(steps: int) -> dict:
     rows = [_json.loads(line)["sentence"] for line in open(sst2, encoding="utf-8")]
     random.Random(0).shuffle(rows)
     place = Placement.resolve("cpu", "bf16")
-    from lmforge import unpad
+    from lmforge import unpad_kernels as unpad  # the kernels whose dropout the variants swap
     from lmforge.fast_dropout import disable_fast_dropout
 
     variants = {"padded": {}, "unpadded_torch_dropout": {"unpad": True, "torch_dropout": True, "full_last": True},
