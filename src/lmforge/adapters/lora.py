@@ -21,6 +21,7 @@ from lmforge.adapters.base import (PEFT_PREFIX, AdapterLayer, ModulesToSave, ada
                                    adapter_state_dict, autocast_on, disable_adapters, format_trainable,
                                    is_linear_like, linear_targets, merge_adapters, replace_module,
                                    suffix_match, trainable_parameters, unmerge_adapters, unwrap_adapters)
+from lmforge import packed_train
 from lmforge.adapters.registry import AdapterKind, apply_adapter, register_adapter
 from lmforge.errors import LmforgeError
 
@@ -97,7 +98,8 @@ class LoraLinear(AdapterLayer):
         return self.lora_dropout(x) if self.lora_dropout is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
+        # a frozen bf16 base on the CPU in training: oneDNN-prepacked GEMMs (lmforge.packed_train)
+        y = packed_train.frozen_linear(self.base, x) if packed_train.applies(self.base, x) else self.base(x)
         if self.disabled or self.merged:
             return y
         a = self.lora_A(self._lora_input(x))  # (..., in) -> (..., r)
@@ -141,6 +143,7 @@ class LoraKind(AdapterKind):
         for name in targets:
             replace_module(model, name, self.layer_cls(modules[name], spec.r, spec.alpha, spec.dropout,
                                                        use_rslora=spec.use_rslora))
+        packed_train.enable(model)  # Llama attention in training: per packed sequence (no-op elsewhere)
         return targets
 
     def claims(self, config: dict) -> bool:
