@@ -187,27 +187,33 @@ def main() -> None:
     p.add_argument("--index", default=None, help="dense trial: reuse this index's chunk vectors (bench/rag_boolq.py's)")
     p.add_argument("--only", default="build,dense,bm25")
     p.add_argument("--build-batch", type=int, default=64, help="build trial: lmforge's and the peer-best batch size")
+    p.add_argument("--build-trials", default="lmforge,st_default,st_best,st_best_eager",
+                   help="build trials to run (lmforge and one st_best* at least)")
     args = p.parse_args()
     parts = args.only.split(",")
     if "build" in parts:
-        res = alternate({"lmforge": (lm_build, {"n": args.n_build, "threads": args.threads, "batch": args.build_batch}),
+        res = alternate({k: v for k, v in {"lmforge": (lm_build, {"n": args.n_build, "threads": args.threads, "batch": args.build_batch}),
                          "st_default": (st_build, {"n": args.n_build, "threads": args.threads, "best": False}),
                          "st_best": (st_build, {"n": args.n_build, "threads": args.threads, "best": True,
                                                  "batch": args.build_batch}),
                          "st_best_eager": (st_build, {"n": args.n_build, "threads": args.threads, "best": True,
-                                                       "batch": args.build_batch, "attn": "eager"})}, args.reps)
-        lm, sd = (median(res[k], "seconds") for k in ("lmforge", "st_default"))
-        cl, csd = (median(res[k], "cpu_seconds") for k in ("lmforge", "st_default"))
-        sb = min(median(res[k], "seconds") for k in ("st_best", "st_best_eager"))  # the peer's faster kernel
-        csb = min(median(res[k], "cpu_seconds") for k in ("st_best", "st_best_eager"))
+                                                       "batch": args.build_batch, "attn": "eager"})}.items()
+                               if k in args.build_trials.split(",")}, args.reps)
+        nan = [{"seconds": float("nan"), "cpu_seconds": float("nan"), "peak_rss_mb": float("nan")}]
+        lm, sd = (median(res.get(k, nan), "seconds") for k in ("lmforge", "st_default"))
+        cl, csd = (median(res.get(k, nan), "cpu_seconds") for k in ("lmforge", "st_default"))
+        best = [k for k in ("st_best", "st_best_eager") if k in res]
+        sb = min(median(res[k], "seconds") for k in best)  # the peer's faster kernel
+        csb = min(median(res[k], "cpu_seconds") for k in best)
         emit({"bench": "search_build", "passages": args.n_build, "batch": args.build_batch, "lmforge_s": round(lm, 2),
               "st_default_s": round(sd, 2), "st_best_s": round(sb, 2), "ratio_default": round(sd / lm, 3),
               "ratio_best": round(sb / lm, 3), "lmforge_cpu_s": round(cl, 2), "st_default_cpu_s": round(csd, 2),
               "st_best_cpu_s": round(csb, 2), "st_best_sdpa_eager_cpu_s": [round(median(res[k], "cpu_seconds"), 2)
-                                                                           for k in ("st_best", "st_best_eager")], "ratio_default_cpu": round(csd / cl, 3), "ratio_best_cpu": round(csb / cl, 3),
+                                                                           for k in best], "ratio_default_cpu": round(csd / cl, 3), "ratio_best_cpu": round(csb / cl, 3),
               "threads": args.threads, "peak_rss_mb": {k: round(median(v, "peak_rss_mb"), 1) for k, v in res.items()},
               "lmforge_metrics": _m(res["lmforge"][0]),
-              "st_default_metrics": _m(res["st_default"][0]), "st_best_metrics": _m(res["st_best"][0])})
+              "st_default_metrics": _m(res["st_default"][0]) if "st_default" in res else None,
+              "st_best_metrics": _m(res[best[0]][0])})
     if "dense" in parts:
         import numpy as np
 
