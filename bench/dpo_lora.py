@@ -27,7 +27,8 @@ order, so the losses are comparable step for step):
 - ``trl_bf16`` / ``trl_bf16w_eager``: TRL at its best here: bf16 autocast with SDPA, or the frozen
   base in bf16 (LoRA fp32) with eager attention (padding-free needs flash attention in TRL's DPO);
 - ``lmforge_default``: lmforge's defaults (chosen and rejected in one packed forward, chunked
-  log-probs over completion tokens, ``auto`` precision = bf16 autocast, frozen weights in bf16).
+  log-probs over completion tokens, ``auto`` precision = bf16 autocast, frozen weights in bf16);
+- ``lmforge_plain``: the same with ``lmforge.packed_train`` off (blocked attention, packed bases).
 ``ratio_default`` = lmforge_default / trl_default, ``ratio_best`` = fastest lmforge / fastest TRL
 trial, in pairs/s.
 
@@ -54,9 +55,12 @@ BETA = 0.1
 
 
 def run_lmforge(pairs: str, steps: int, warmup: int, precompute: bool, batch: int, max_len: int, lr: float,
-                threads, profile: bool, precision: str = "auto") -> dict:
+                threads, profile: bool, precision: str = "auto", fast: bool = True) -> dict:
     set_threads(threads)
+    from lmforge import packed_train
     from lmforge.api import config, train_config
+
+    packed_train.ENABLED = fast  # lmforge.packed_train (the default: on)
 
     out = tempfile.mkdtemp()
     cfg = config({
@@ -185,6 +189,7 @@ def main() -> None:
         "lmforge_default": (run_lmforge, common),
         "trl_bf16": (run_trl, common | {"bf16": True}),
         "trl_bf16w_eager": (run_trl, common | {"bf16_weights": True, "attn": "eager"}),
+        "lmforge_plain": (run_lmforge, common | {"fast": False}),
     }, args)
     fig = figures(res, "pairs_per_s", ("train_loss",))
     n, L, d = flops["n"], flops["layers"], flops["attn_dim"]

@@ -25,7 +25,10 @@ function for every trial, bf16 autocast):
   + padding-free), SDPA; the second with the frozen base loaded in bf16 (LoRA fp32);
 - ``lmforge_default``: lmforge's defaults (``precision: auto`` = bf16 autocast with bf16 frozen
   weights, no packing);
-- ``lmforge_packed``: with ``sft.packing: true``.
+- ``lmforge_packed``: with ``sft.packing: true``;
+- ``lmforge_packed_plain`` / ``lmforge_packed_pack``: the same with ``lmforge.packed_train`` off /
+  with its opt-in prepacked frozen bases (``PACK_BASE``) on top of its blocked attention;
+- ``lmforge_packed_c128``: the same with ``sft.chunk_size: 128`` (LM-head tile of 128 rows).
 ``ratio_default`` = lmforge_default / trl_default, ``ratio_best`` = fastest lmforge / fastest TRL
 trial, both in real tokens/s.
 
@@ -50,15 +53,21 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 
 def run_lmforge(docs: str, heldout: str, steps: int, warmup: int, batch: int, max_len: int, lr: float, threads,
-                profile: bool, packing: bool = False) -> dict:
+                profile: bool, packing: bool = False, fast: str = "on", chunk_size: int | None = None) -> dict:
     set_threads(threads)
+    from lmforge import packed_train
     from lmforge.api import config, train_config
+
+    packed_train.ENABLED = fast != "off"  # lmforge.packed_train (the default: on)
+    if fast == "pack":  # + the opt-in prepacked frozen bases
+        packed_train.PACK_BASE = True
 
     cfg = config({
         "task": "sft", "name": "bench", "output_dir": tempfile.mkdtemp(), "seed": 0,
         "model": {"name": "smollm2", "precision": "auto"},
         "data": {"train": docs, "eval_fraction": 0.0, "columns": {"text": "document"}, "max_length": max_len},
-        "sft": {"mode": "lora", "format": "text", "template": "raw", "train_on": "all", "packing": packing},
+        "sft": {"mode": "lora", "format": "text", "template": "raw", "train_on": "all", "packing": packing}
+        | ({"chunk_size": chunk_size} if chunk_size else {}),
         "lora": LORA | {"target_modules": TARGETS},
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": lr, "progress": False,
                   "log_every": 10_000, "max_grad_norm": 1.0},
@@ -173,6 +182,9 @@ def main() -> None:
         "trl_bf16_packed": (run_trl, common | {"bf16": True, "packing": True}),
         "lmforge_packed": (run_lmforge, common | {"packing": True}),
         "trl_bf16w_packed": (run_trl, common | {"bf16_weights": True, "packing": True}),
+        "lmforge_packed_plain": (run_lmforge, common | {"packing": True, "fast": "off"}),
+        "lmforge_packed_pack": (run_lmforge, common | {"packing": True, "fast": "pack"}),
+        "lmforge_packed_c128": (run_lmforge, common | {"packing": True, "chunk_size": 128}),
     }, args)
     fig = figures(res, "tokens_per_s", ("heldout_loss",))
     add_mfu(fig, res, flops, peak)

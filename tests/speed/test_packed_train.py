@@ -28,9 +28,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(autouse=True)
 def _switch():
-    pt.ENABLED = True
+    default = pt.PACK_BASE
+    pt.ENABLED = pt.PACK_BASE = True  # lever 1 is opt-in: the tests switch it on
     yield
-    pt.ENABLED = True
+    pt.ENABLED, pt.PACK_BASE = True, default
 
 
 def frozen(out_f=48, in_f=32, bias=False, seed=0) -> nn.Linear:
@@ -95,7 +96,9 @@ def test_refused_for_fp32_trainable_eval_hooked_and_switched_off():
     assert not pt.applies(lin.eval(), x)
     lin.train().register_forward_hook(lambda *a: None)
     assert not pt.applies(lin, x)
-    pt.ENABLED = False
+    pt.PACK_BASE = False
+    assert not pt.applies(frozen(), x)
+    pt.ENABLED, pt.PACK_BASE = False, True
     assert not pt.applies(frozen(), x)
 
 
