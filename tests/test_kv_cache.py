@@ -1,8 +1,8 @@
 """The preallocated-KV-cache decode step (kv_cache.LlamaDecoder) against the model's own forward
 with transformers' DynamicCache: logits per step (fp32, GQA, left padding, sdpa and eager), the
 decoding loop's tokens with the fast path on and off, prepacked bf16 weights (equal to the
-unpacked step, repacked after an in-place update or a swapped tensor), LoRA (unmerged: module
-calls; merged: packed), and the models the step must refuse."""
+unpacked step, repacked after an in-place update or a swapped tensor), LoRA (fp32: module
+calls; bf16: merged into the packs), and the models the step must refuse."""
 from __future__ import annotations
 
 import pytest
@@ -60,6 +60,18 @@ def decoder_steps(model, ids, mask, n, pack=True, tokens=None):
     return out
 
 
+def lean_steps(model, ids, mask, n, pack=True, tokens=None):
+    """decoder_steps with the prompt prefilled through LlamaDecoder.feed (no model forward)."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    dec = kv_cache.LlamaDecoder(model, None, mask, n, pack=pack)
+    out, p = [dec.feed(ids, mask, pos)], pos[:, -1:]
+    for i in range(n):
+        tok = out[-1].argmax(-1, keepdim=True) if tokens is None else tokens[i]
+        p = p + 1
+        out.append(dec.step(tok, p))
+    return out
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @torch.no_grad()
 def test_decoder_logits_equal_the_models_forward(attn):
@@ -68,6 +80,9 @@ def test_decoder_logits_equal_the_models_forward(attn):
     want = reference_steps(model, IDS, MASK, 8)
     got = decoder_steps(model, IDS, MASK, 8)
     for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    lean = lean_steps(model, IDS, MASK, 8)  # the prompt through feed(): its logits and cache
+    for a, b in zip(lean, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     assert len({t for step in want for t in step.argmax(-1).tolist()}) > 3  # non-trivial decoding
     cache = DynamicCache(config=model.config)
@@ -151,17 +166,17 @@ def test_lora_unmerged_and_merged():
     bf_off = decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8, fast_decode=False))
     kv_cache.drop_packed(model)
     assert decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8)) == bf_off
-    assert len(kv_cache.packed_linears(model).entries) == 2 * 4 + 1  # unmerged: bases packed, + x A^T B^T
-    ref = decoder_steps(model, IDS, MASK, 4, pack=False)  # module calls
-    got = decoder_steps(model, IDS, MASK, 4, tokens=[r.argmax(-1, keepdim=True) for r in ref[:-1]])
-    for x, y in zip(got, ref, strict=True):
-        torch.testing.assert_close(x, y, atol=3e-2, rtol=2e-2)
+    assert len(kv_cache.packed_linears(model).entries) == 2 * 4 + 1  # qkv, o, gate/up, down per layer + the head
+    got = lean_steps(model, IDS, MASK, 4)  # active LoRA: W + s B A packed
     with merged_adapters(model) as folded:
         assert folded
+        ref = lean_steps(model, IDS, MASK, 4, pack=False, tokens=[r.argmax(-1, keepdim=True) for r in got[:-1]])
         kv_cache.drop_packed(model)
         merged = decode(model, IDS, MASK, GenerationConfig(max_new_tokens=8))
         packed = kv_cache.packed_linears(model).entries
-        assert len(packed) == 2 * 4 + 1  # qkv, o, gate/up, down per layer + the head: the LoRA layers packed
+        assert len(packed) == 2 * 4 + 1  # the merged copies packed
+    for x, y in zip(got, ref, strict=True):  # the same bf16 weights W + s B A (module calls on the merged copies)
+        assert torch.equal(x, y)
     assert merged == bf_off
     assert len(kv_cache.packed_linears(model).entries) == 1  # the merged copies' packs freed, the head's kept
 

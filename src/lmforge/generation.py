@@ -162,6 +162,10 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache" if _accepts(model, "cache") else "past_key_values": cache}
 
 
+def _feed(ids: Tensor, mask: Tensor, pos: Tensor, dec: LlamaDecoder) -> Tensor:
+    return dec.feed(ids, mask, pos)
+
+
 class _CausalSteps:
     """Next-token logits of a causal LM over a growing left-padded batch."""
 
@@ -181,9 +185,11 @@ class _CausalSteps:
     def logits(self) -> Tensor:
         if self.fast is not None:
             return self.fast.step(self.step_ids, self.step_pos)  # (B, V)
-        if self.fast_new > 0:  # prefill (a prefix all rows share: once), then the preallocated cache
-            logits, cache, mask = prefill(self._forward, self.step_ids, self.mask, self.step_pos, self.cache)
-            self.fast, self.cache = LlamaDecoder(self.model, cache, mask, self.fast_new), None
+        if self.fast_new > 0:  # prefill through the lean path into the preallocated cache (distinct
+            # prompts once each, a prefix all rows share once), then one-token steps
+            dec = LlamaDecoder(self.model, None, self.mask, self.fast_new)
+            logits, _, _ = prefill(_feed, self.step_ids, self.mask, self.step_pos, dec)
+            self.fast, self.cache = dec, None
             return logits
         return self._forward(self.step_ids, self.mask, self.step_pos, self.cache)
 

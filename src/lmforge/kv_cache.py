@@ -26,16 +26,13 @@ batch 1-8, kept across calls while the weight tensor is unchanged).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
 
-_PACKS: "weakref.WeakKeyDictionary[nn.Module, PackedLinears]" = weakref.WeakKeyDictionary()
+from .packed_linears import PackedLinears, _hooked, _Unpacked, blocked_layout, drop_packed, packed_linears
 
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+__all__ = ["supports", "folds_adapters", "LlamaDecoder", "prefill", "shared_prefix", "rms_norm", "rope", "PackedLinears",
+           "packed_linears", "drop_packed", "blocked_layout"]
 
 
 def supports(model: nn.Module) -> bool:
@@ -62,111 +59,14 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-# ---- projections: the model's modules, plain bf16 linears through one prepacked oneDNN weight --------
-def _plain(m: nn.Module) -> tuple[nn.Linear | None, nn.Module | None]:
-    """``(linear, lora)``: the ``nn.Linear`` that computes ``m(x)`` (``m`` itself, or the base of
-    a LoRA layer that is merged or disabled) and no LoRA; or the base of an active LoRA layer and
-    the layer (``m(x) = base(x) + scale B A x``; eval mode: no dropout); ``(None, None)`` else."""
-    if _hooked(m):
-        return None, None
-    if type(m) is nn.Linear:
-        return m, None
-    from .adapters.lora import LoraLinear
-
-    if isinstance(m, LoraLinear) and type(m).forward is LoraLinear.forward and type(m.base) is nn.Linear \
-            and not m.training and not _hooked(m.base):
-        return m.base, (None if (m.merged or m.disabled) else m)
-    return None, None
-
-
-def _lora_delta(loras: list, outs: list[int], dtype: torch.dtype):
-    """``(A^T, B^T)`` of a group's LoRA updates as one low-rank product: ``A = [A_1; A_2; ...]``
-    (R, in) and ``B`` block-diagonal (sum out, R) with each block ``scale_i B_i``, so that
-    ``x A^T B^T`` is the concatenation of every member's update (zero for members without one)."""
-    a = torch.cat([m.lora_A.weight.detach() for m in loras if m is not None]).to(dtype)  # (R, in)
-    blocks = torch.zeros(sum(outs), a.shape[0], dtype=dtype, device=a.device)
-    row = col = 0
-    for m, n in zip(loras, outs):
-        if m is not None:
-            r = m.lora_A.weight.shape[0]
-            blocks[row:row + n, col:col + r] = (m.lora_B.weight.detach() * m.scale).to(dtype)
-            col += r
-        row += n
-    return a.t(), blocks.t()
-
-
-class PackedLinears:
-    """oneDNN-blocked copies of groups of a model's bf16 ``nn.Linear`` weights, reused across calls.
-
-    A group (q/k/v, gate/up, ...) sharing one input is packed as one weight ``[W_1; W_2; ...]``
-    (one GEMM instead of several; the packed copy exists anyway). An entry is valid while every
-    module still holds the very storage it was packed from (a weak reference: ``weight.data =
-    other`` or freeing the tensor invalidates it) at the same version counter (an in-place update
-    such as an optimizer step bumps it); otherwise the group is packed again. Checked when a
-    :class:`LlamaDecoder` is built (once per :func:`~lmforge.generation.decode` call), not per step.
-    """
-
-    def __init__(self):
-        self.entries: dict[tuple[int, ...], tuple] = {}
-
-    def projection(self, mods: tuple[nn.Module, ...], batch: int, dtype: torch.dtype, device: torch.device):
-        """A function ``x (N, in) -> (N, sum out)`` equal to ``cat([m(x) for m in mods], -1)``:
-        one packed GEMM when every module is a plain bf16 linear or a LoRA layer over one (its
-        update added as one low-rank product for the group) and x will be bf16 on the CPU, else
-        the modules' own calls."""
-        lins, loras = zip(*[_plain(m) for m in mods])
-        if dtype != torch.bfloat16 or device.type != "cpu" or not torch.backends.mkldnn.is_available() \
-                or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-                or any(lin is None or lin.weight.dtype != torch.bfloat16 for lin in lins):
-            return mods[0] if len(mods) == 1 else lambda x: torch.cat([m(x) for m in mods], dim=-1)
-        key = tuple(id(lin) for lin in lins)
-        e = self.entries.get(key)
-        if e is None or any(r() is not lin.weight.untyped_storage() or v != lin.weight._version
-                            for r, v, lin in zip(e[0], e[1], lins)):
-            w = torch.cat([lin.weight.detach() for lin in lins]) if len(lins) > 1 else lins[0].weight.detach()
-            bias = None
-            if any(lin.bias is not None for lin in lins):
-                bias = torch.cat([lin.bias.detach() if lin.bias is not None else w.new_zeros(lin.out_features)
-                                  for lin in lins])
-            e = ([weakref.ref(lin.weight.untyped_storage()) for lin in lins], [lin.weight._version for lin in lins],
-                 torch.ops.mkldnn._reorder_linear_weight(w, batch), bias)
-            self.entries[key] = e
-        packed, bias, op = e[2], e[3], torch.ops.mkldnn._linear_pointwise.default
-        if all(m is None for m in loras):
-            return lambda x: op(x, packed, bias, "none", [], "")
-        # active LoRA layers: the frozen bases stay packed across calls (no merged copies to repack
-        # after every optimizer step), the low-rank updates follow as x A^T B^T (built per call)
-        a_t, b_t = _lora_delta(list(loras), [lin.out_features for lin in lins], dtype)
-        return lambda x: torch.addmm(op(x, packed, bias, "none", [], ""), x @ a_t, b_t)
-
-
-class _Unpacked:
-    """:class:`PackedLinears`' interface with the modules' own calls (no packing)."""
-
-    @staticmethod
-    def projection(mods, batch, dtype, device):
-        return mods[0] if len(mods) == 1 else lambda x: torch.cat([m(x) for m in mods], dim=-1)
-
-
-def packed_linears(model: nn.Module) -> PackedLinears:
-    """The model's :class:`PackedLinears` (kept while the model lives; see :func:`drop_packed`)."""
-    packs = _PACKS.get(model)
-    if packs is None:
-        packs = _PACKS[model] = PackedLinears()
-    return packs
-
-
-def drop_packed(model: nn.Module, stale_only: bool = False) -> None:
-    """Free the model's packed weights; ``stale_only``: those whose source tensors are gone (e.g.
-    after a rollout sampled with merged copies of the weights, before its training steps)."""
-    packs = _PACKS.get(model)
-    if packs is None:
-        return
-    if not stale_only:
-        del _PACKS[model]
-        return
-    for key in [k for k, e in packs.entries.items() if any(r() is None for r in e[0])]:
-        del packs.entries[key]
+def folds_adapters(model: nn.Module) -> bool:
+    """Whether decoding ``model`` (fast path) runs its active LoRA layers merged into prepacked bf16
+    weights (:class:`PackedLinears`): a :func:`supports`-ed model with bf16 embeddings on a CPU
+    with oneDNN. Folding the adapters into copies of the weights first then gains nothing."""
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    return emb is not None and emb.weight.dtype == torch.bfloat16 and emb.weight.device.type == "cpu" \
+        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+        and supports(model)
 
 
 # ---- the decoder ------------------------------------------------------------------------------------
@@ -210,18 +110,20 @@ class LlamaDecoder:
         self.sdpa = getattr(cfg, "_attn_implementation", None) == "sdpa"
         b, t = mask.shape
         self.t, self.tmax = t, t + max_new
-        self.k, self.v = [], []
-        for i in range(len(self.inner.layers)):
-            k0, v0 = _layer_kv(prefill, i)  # (B, H_kv, T, d)
-            k = k0.new_empty(b, self.hkv, self.tmax, self.d)
-            v = v0.new_empty(b, self.hkv, self.tmax, self.d)
-            k[:, :, :t].copy_(k0)
-            v[:, :, :t].copy_(v0)
-            self.k.append(k)
-            self.v.append(v)
-        dtype = self.k[0].dtype
-        self.bias = torch.zeros(b, 1, 1, self.tmax, dtype=dtype, device=mask.device)  # M
-        self.bias[:, 0, 0, :t].masked_fill_(mask == 0, float("-inf"))
+        self.k, self.v, self.bias = [], [], None
+        if prefill is None:  # empty: the prompts come through feed() (the buffers are made then)
+            self.t = 0
+        else:
+            for i in range(len(self.inner.layers)):
+                k0, v0 = _layer_kv(prefill, i)  # (B, H_kv, T, d)
+                k = k0.new_empty(b, self.hkv, self.tmax, self.d)
+                v = v0.new_empty(b, self.hkv, self.tmax, self.d)
+                k[:, :, :t].copy_(k0)
+                v[:, :, :t].copy_(v0)
+                self.k.append(k)
+                self.v.append(v)
+            self.bias = torch.zeros(b, 1, 1, self.tmax, dtype=self.k[0].dtype, device=mask.device)  # M
+            self.bias[:, 0, 0, :t].masked_fill_(mask == 0, float("-inf"))
         # the hidden state's dtype (the embedding's) is what reaches the projections
         act = self.inner.embed_tokens.weight.dtype
         packs = packed_linears(model) if pack else _Unpacked()
@@ -229,12 +131,75 @@ class LlamaDecoder:
         def proj(*mods):
             return packs.projection(mods, b, act, mask.device)
 
-        self.layers = [(layer, proj(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                        proj(layer.self_attn.o_proj), proj(layer.mlp.gate_proj, layer.mlp.up_proj),
-                        proj(layer.mlp.down_proj), layer.mlp.act_fn, self.k[i], self.v[i])
-                       for i, layer in enumerate(self.inner.layers)]
+        self.projs = [(layer, proj(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                       proj(layer.self_attn.o_proj), proj(layer.mlp.gate_proj, layer.mlp.up_proj),
+                       proj(layer.mlp.down_proj), layer.mlp.act_fn) for layer in self.inner.layers]
         self.head = proj(model.lm_head)
         self.inter = cfg.intermediate_size
+        self._bind()
+
+    def _bind(self) -> None:
+        self.layers = [p + (k, v) for p, k, v in zip(self.projs, self.k, self.v)]
+
+    # the cache interface kv_cache.prefill uses: rows of the buffers selected or repeated
+    def batch_select_indices(self, index: Tensor) -> None:
+        self.k, self.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        self.bias = self.bias[index]
+        self._bind()
+
+    def batch_repeat_interleave(self, n: int) -> None:
+        self.batch_select_indices(torch.arange(self.bias.shape[0], device=self.bias.device).repeat_interleave(n))
+
+    def feed(self, tokens: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        """Prefill: run (B, n) tokens (``mask`` (B, t+n), the attention mask of every column so far
+        as a model's forward takes it, 0 on padding; rotary ``positions`` (B, n)) into columns
+        ``t .. t+n-1`` of the cache through the same modules as :meth:`step`;
+        returns the last column's logits (B, V) float32. Query column ``t+i`` attends to the real
+        columns ``<= t+i`` (and to itself, so padding rows stay finite: they are never read)."""
+        b, n = tokens.shape
+        t, g, d, hq, hkv = self.t, self.hq // self.hkv, self.d, self.hq, self.hkv
+        if t + n > self.tmax:
+            raise RuntimeError("the KV cache is full")
+        if mask.shape != (b, t + n):
+            raise ValueError(f"feed: mask {tuple(mask.shape)} does not cover the {t} + {n} columns")
+        nqk, inter, dev = (hq + hkv) * d, self.inter, tokens.device
+        h = self.inner.embed_tokens(tokens).view(b * n, -1)  # (B n, H)
+        cos, sin = self.inner.rotary_emb(h, position_ids=positions)  # (B, n, d)
+        sin = torch.cat((-sin[..., :d // 2], sin[..., d // 2:]), dim=-1)[:, :, None]
+        cos = cos[:, :, None]  # (B, n, 1, d)
+        seen = torch.arange(t + n, device=dev)[None] <= torch.arange(t, t + n, device=dev)[:, None]  # (n, t+n)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        att = None
+        for i, (layer, qkv, o_proj, gate_up, down, act) in enumerate(self.projs):
+            y = qkv(rms_norm(layer.input_layernorm, h))  # (B n, (H_q + 2 H_kv) d)
+            qk = rope(y[:, :nqk].view(b, n, hq + hkv, d), cos, sin)  # (B, n, H_q + H_kv, d)
+            if att is None:
+                if self.bias is None:  # the first feed: buffers in the keys' dtype
+                    shape = (b, hkv, self.tmax, d)
+                    self.k = [qk.new_empty(shape) for _ in self.projs]
+                    self.v = [qk.new_empty(shape) for _ in self.projs]
+                    self.bias = torch.zeros(b, 1, 1, self.tmax, dtype=qk.dtype, device=dev)
+                    self._bind()
+                self.bias[:, 0, 0, t:t + n].masked_fill_(mask[:, t:] == 0, float("-inf"))
+                att = self.bias[:, :, 0, :t + n][:, :, None].expand(b, 1, n, t + n).masked_fill(~seen, float("-inf"))
+                att[:, :, torch.arange(n, device=dev), torch.arange(t, t + n, device=dev)] = 0
+                att = att.repeat(1, 1, g, 1)  # (B, 1, g n, t+n): rows (head in group, query)
+            kc, vc = self.k[i], self.v[i]
+            kc[:, :, t:t + n] = qk[:, :, hq:].transpose(1, 2)
+            vc[:, :, t:t + n] = y[:, nqk:].view(b, n, hkv, d).transpose(1, 2)
+            q = qk[:, :, :hq].reshape(b, n, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
+            keys, values = kc[:, :, :t + n], vc[:, :, :t + n]  # (B, H_kv, t+n, d)
+            if self.sdpa:
+                o = sdpa(q, keys, values, attn_mask=att, scale=self.scale)  # (B, H_kv, g n, d)
+            else:
+                s = torch.matmul(q, keys.transpose(2, 3)) * self.scale + att
+                o = torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), values)
+            o = o.view(b, hkv, g, n, d).permute(0, 3, 1, 2, 4).reshape(b * n, hq * d)
+            h = h + o_proj(o)
+            y = gate_up(rms_norm(layer.post_attention_layernorm, h))  # (B n, 2 I)
+            h = h + down(act(y[:, :inter]) * y[:, inter:])
+        self.t += n
+        return self.head(rms_norm(self.inner.norm, h.view(b, n, -1)[:, -1])).float()  # (B, V)
 
     def step(self, token: Tensor, position: Tensor) -> Tensor:
         """Logits (B, V) float32 of the next token after feeding ``token`` (B, 1) at rotary

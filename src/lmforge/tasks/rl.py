@@ -34,6 +34,7 @@ from torch import nn
 from ..data.schema import field_column, load_splits
 from ..device import move
 from ..errors import LmforgeError
+from ..kv_cache import folds_adapters
 from ..losses import rl as L
 from ..rl.fast import merged_adapters
 from ..rl.guards import check_rollout, new_collapse_state
@@ -211,7 +212,9 @@ class RlTask(CausalTask):
         eos = eos_token_ids(self.policy, self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         gen = torch.Generator(device=self.placement.device).manual_seed(seed)
-        with self.placement.autocast(), (merged_adapters(self.policy) if o.merged_generation else nullcontext()):
+        # the fast decode merges LoRA into its packed weights itself (in place, no copies)
+        fold = o.merged_generation and not folds_adapters(self.policy)
+        with self.placement.autocast(), (merged_adapters(self.policy) if fold else nullcontext()):
             return sample_responses(self.policy, [p["input_ids"] for p in prompts], gcfg, eos_ids=eos, pad_id=pad,
                                     generator=gen)
 
