@@ -370,7 +370,10 @@ class RlTask(CausalTask):
     @torch.no_grad()
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
         """Held-out prompts, one sampled response each (the training sampler, a fixed seed): reward
-        mean/std, KL to the reference (k1, summed per response), response length, distinct-2."""
+        mean/std, KL to the reference (k1, summed per response), response length, distinct-2, and
+        ``objective = reward_mean - rl.kl_coef * kl`` (the KL-regularised reward, with the configured
+        coefficient so steps compare; ``train.best_metric: objective`` keeps the step that balances
+        reward and drift, and its checkpoint survives rotation)."""
         items = list(self.eval_items if items is None else items)
         if not items:
             raise LmforgeError("no evaluation prompts")
@@ -383,8 +386,9 @@ class RlTask(CausalTask):
         seq_kl = L.kl_penalty(batch["old_logps"], batch["ref_logps"], mask, estimator="k1").sum(1)
         self.last_generations = [{"prompt": it["prompt"], "response": it["text"], "reward": float(s)}
                                  for it, s in zip(out, scores.tolist())]
-        return {"reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(out) > 1 else 0.0,
-                "kl": float(seq_kl.mean()), "response_length": float(mask.sum(1).mean()),
+        reward, kl = float(scores.mean()), float(seq_kl.mean())
+        return {"reward_mean": reward, "reward_std": float(scores.std()) if len(out) > 1 else 0.0,
+                "kl": kl, "objective": reward - self.opts.kl_coef * kl, "response_length": float(mask.sum(1).mean()),
                 "distinct_2": distinct_n([it["text"] for it in out], 2), "n": len(out)}
 
     # ---- saving ------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
     window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
     step = start_step = state["step"]
-    save_due = False  # on-policy: a save_every step fell inside a phase; saved at its end
+    save_due = eval_due = False  # on-policy: a save/eval_every step fell inside a phase; done at its end
     items, phase_metrics = task.train_items, {}
     try:
         while step < total:
@@ -252,7 +252,11 @@ def fit(task: Task, cfg: RunConfig, run_dir: Path, on_step=None) -> dict:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.1f}")
                     window_t0, window_samples, window_tokens = time.perf_counter(), 0, 0
                     acc_loss, acc_n, acc_metrics = 0.0, 0, {}
-                if (tc.eval_every and step % tc.eval_every == 0) or step == total:
+                # on-policy: an eval_every step inside a phase evaluates at the phase's end (as a save does), so a
+                # best step is always a checkpointed step (and rotation keeps it)
+                eval_due = eval_due or bool(tc.eval_every and step % tc.eval_every == 0)
+                if (eval_due and not (on_policy and state["batch"])) or step == total:
+                    eval_due = False
                     eval_metrics = _evaluate(task, env, logger, step, tc, state, run_dir)
                 save_due = save_due or bool(tc.save_every and step % tc.save_every == 0)
                 if save_due and step < total and not (on_policy and state["batch"]):
