@@ -43,8 +43,9 @@ class RlConfig(CausalSection):
                                                                 "reward stds (the largest seen) below its best (None: off)")
     collapse_patience: int = Field(3, gt=0)
     log_samples: int = Field(4, ge=0, description="generations per rollout written to samples/")
-    merged_generation: bool = Field(True, description="sample with the adapters folded into copies of the base "
-                                                      "weights (faster; the originals are restored after)")
+    merged_generation: bool = Field(True, description="sample with the adapters folded into the base weights: "
+                                                      "into the decode's packed weights when generation's fast "
+                                                      "path applies, else into copies (restored after)")
     sampler: Literal["multinomial", "inverse_cdf"] = Field("inverse_cdf", description="rollout sampling draws: "
                                                            "inverse_cdf (same distribution, cheaper) or multinomial")
     fast_rollout: bool = Field(True, description="skip the old-log-prob forward when a rollout is exactly one "
