@@ -210,7 +210,7 @@ def run_batches(fn, jobs, device: torch.device, context=contextlib.nullcontext, 
     Each job then runs the same 1-thread kernels as a sequential run at 1 thread, so results
     are bit-identical to it. The caller's thread count is restored afterwards (``set_num_threads``
     also sets the default new threads start with). The first exception stops the other workers
-    and is raised here."""
+    and is raised here. Afterwards the C heap's free pages go back to the OS (once per call)."""
     jobs = list(jobs)
     n = inference_workers(device, len(jobs)) if parallel else 1
     if n == 1:
@@ -236,14 +236,17 @@ def run_batches(fn, jobs, device: torch.device, context=contextlib.nullcontext, 
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             errors.append(exc)
 
-    pool = [threading.Thread(target=worker, name=f"lmforge-infer-{i}", daemon=True) for i in range(n)]
+    # the calling thread is worker 0: one C-heap arena fewer (each new thread gets its own)
+    pool = [threading.Thread(target=worker, name=f"lmforge-infer-{i}", daemon=True) for i in range(1, n)]
     try:
         for t in pool:
             t.start()
+        worker()
         for t in pool:
             t.join()
     finally:
         torch.set_num_threads(threads_before)
+        release_host_memory(device)  # the finished workers' arenas keep their batches' pages otherwise
     if errors:
         raise errors[0]
 

@@ -50,7 +50,7 @@ def test_run_batches_workers_run_single_threaded_and_restore(threads, monkeypatc
     run_batches(fn, range(40), torch.device("cpu"), context)
     assert sorted(j for j, *_ in seen) == list(range(40))
     assert {n for _, _, n, _ in seen} == {1}
-    assert sorted(entered) == ["lmforge-infer-0", "lmforge-infer-1"]
+    assert sorted(entered) == sorted([threading.current_thread().name, "lmforge-infer-1"])  # caller = worker 0
     assert torch.get_num_threads() == 2
     seen.clear()
     run_batches(fn, range(5), torch.device("cpu"), context, parallel=False)  # in order, this thread
