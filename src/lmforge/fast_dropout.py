@@ -38,7 +38,9 @@ def keep_bits(shape: torch.Size | tuple[int, ...], itemsize: int, p: float,
     # each lane takes its low 15 bits, so bit 63 (always 0) is never read
     words = torch.empty(-(-numel * itemsize // 8), dtype=torch.int64, device=device).random_()
     u = words.view(it)[:numel].bitwise_and_(2 ** BITS - 1)  # (numel,) uniform on [0, 2^15)
-    m = u.sub_(k).bitwise_right_shift_(8 * itemsize - 1).bitwise_not_()  # u < k: 0, else all ones
+    # (k - 1 - u) >> (w - 1): u < k gives 0 (drop), u >= k all ones (keep), = ~((u - k) >> (w - 1))
+    # in one elementwise pass fewer
+    m = torch.rsub(u, k - 1).bitwise_right_shift_(8 * itemsize - 1)
     return m.view(shape), k / 2 ** BITS
 
 

@@ -162,3 +162,19 @@ def test_roberta_positions_and_mpnet_refusal():
     mpnet = MPNetModel._from_config(MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
                                                 num_attention_heads=4, intermediate_size=64))
     assert not enable_unpadding(mpnet)
+
+
+def test_keep_bits_equals_the_hand_formula_on_the_same_words():
+    """keep = ~((u - k) >> (w - 1)) with u the low 15 bits of each lane of the seeded int64 words
+    (the two-pass formula the one-pass (k - 1 - u) >> (w - 1) replaced), at the edges of k too."""
+    for itemsize, it in ((2, torch.int16), (4, torch.int32)):
+        for p in (0.1, 2 ** -15, 1 - 2 ** -15, 0.5):
+            torch.manual_seed(3)
+            m, p_q = keep_bits((1001,), itemsize, p)
+            torch.manual_seed(3)
+            words = torch.empty(-(-1001 * itemsize // 8), dtype=torch.int64).random_()
+            u = words.view(it)[:1001].long() & (2 ** 15 - 1)
+            k = round(p * 2 ** 15)
+            ref = torch.where(u < k, 0, -1).to(it)
+            assert torch.equal(m, ref), (itemsize, p)
+            assert p_q == k / 2 ** 15
