@@ -33,6 +33,15 @@ order, so the losses are comparable step for step):
 trial, in pairs/s.
 
     .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
+
+Measured (s5, 2026-11-30, load ~7-8, medians of 2 reps; raw /tmp/ts/out/dpo_t1.json):
+``bench/dpo_lora.py --max-length 256 --batch 2 --steps 2 --warmup 1 --reps 2 --threads 1
+--only trl_bf16,trl_bf16w_eager,lmforge_default,lmforge_plain``: tokens per CPU-s lmforge_default
+107.9 (113.7 / 102.0), lmforge_plain 109.8 (112.4 / 107.2: packed_train brings nothing at these
+rows of 25-245 tokens), trl_bf16w_eager 43.6, trl_bf16 40.9: 2.47x per CPU-s, ratio_best 2.43x
+(pairs/s wall); peak RSS 1667 vs 3607 MB (0.46x); MFU per CPU-s 46 % vs 19 %; mean DPO loss of
+the timed steps 0.6719 / plain 0.6908 / TRL 0.6731 (bf16w) / 0.6883 (bf16): step-to-step noise of
+2 steps (at B = 0 both lmforge paths give exactly log 2; with B != 0 pair losses agree to 5e-3).
 """
 from __future__ import annotations
 

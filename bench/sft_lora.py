@@ -33,6 +33,26 @@ function for every trial, bf16 autocast):
 trial, both in real tokens/s.
 
     .venv/bin/python bench/sft_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
+
+Measured (s5, 2026-11-30, load 4-8 on the 2 cores, per CPU second of the trial process, medians of
+2 reps; raw: /tmp/ts/out/sft_t1b.json):
+``bench/sft_lora.py --max-length 512 --batch 1 --steps 2 --warmup 1 --reps 2 --threads 1 --heldout 1
+--only trl_bf16_packed,trl_bf16w_packed,lmforge_packed,lmforge_packed_plain,lmforge_packed_c128``
+
+| trial | tokens/CPU-s [wall/s] | MFU per CPU-s | peak RSS MB | held-out loss |
+|---|---|---|---|---|
+| trl_bf16_packed | 101.1 [41.7] | 32.4 % | 2585 | 2.9645 |
+| trl_bf16w_packed | 98.5 [42.3] | 31.6 % | 2055 | 2.9616 |
+| lmforge_packed_plain (packed_train off) | 143.0 [57.1] | 44.9 % | 1565 | 2.9618 |
+| lmforge_packed (default: blocked attention) | 170.3 [69.0] | 53.5 % | 1607 | 2.9637 |
+| lmforge_packed_c128 (+ sft.chunk_size 128) | 182.6 [81.3] | 57.3 % | 1640 | 2.9637 |
+
+ratio_best 1.81x per CPU-s (c128 vs TRL bf16 packed; 1.92x wall), 1.68x with the default chunk
+size; RSS 0.63x. bf16 matmul peak 197 GFLOP/s per CPU-s (193-197). Prepacked frozen bases
+(``lmforge_packed_pack``, opt-in) measured -0.5 % / +12 % in two reps and 1 % in-process
+interleaved, for +425 MB RSS. At ``--threads 2`` (one rep, load 5-7.5, where OpenMP threads wait
+on a busy core: ~5x the CPU per token of 1 thread on both sides): lmforge_packed 29.7 tokens/CPU-s
+[16.8/s], TRL bf16w 20.2 [9.4/s], TRL bf16 17.3 [9.4/s]: 1.47x per CPU-s, 1.79x wall.
 """
 from __future__ import annotations
 
