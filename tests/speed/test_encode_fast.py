@@ -158,3 +158,19 @@ def test_encoder_built_under_inference_mode(tiny_bert_dir):
     place = Placement.resolve("cpu", "fp32")
     got = enc.encode(sentences(5, seed=2), placement=place)
     assert enc._fast_path(place) is not None and np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_pooled_on_packed_rows_equals_padded_pooling(dtype):
+    """Mean pooling summed on the packed rows == padding the states and pooling them (fp32 sums
+    in another order: 1e-6), with padding and without."""
+    from lmforge.embeddings.encoder import pool
+
+    fast = FastBert(_bert(), dtype)
+    ids, mask, tt = _batch()
+    with torch.no_grad():
+        for m in (mask, torch.ones_like(mask)):
+            want = pool(fast.hidden(ids, m, tt), m, "mean")
+            got = fast.mean_pooled(ids, m, tt)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -258,7 +258,9 @@ class SentenceEncoder(nn.Module):
 
         def one(idx: list[int]) -> None:
             batch = {k: v.to(place.device) for k, v in self.collate([ids[i] for i in idx]).items()}
-            if fast is not None:
+            if fast is not None and self.pooling == "mean":
+                emb = fast.mean_pooled(batch["input_ids"], batch["attention_mask"])  # (b, D) fp32
+            elif fast is not None:
                 hidden = fast.hidden(batch["input_ids"], batch["attention_mask"])  # (b, T, D)
                 emb = pool(hidden, batch["attention_mask"], self.pooling)  # (b, D) fp32
             else:
