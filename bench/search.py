@@ -14,6 +14,17 @@ Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
 
+Measured (session 5, load 4-7 on the 2 cores; per CPU second, wall in brackets):
+``--only build --reps 2 --n-build 400 --threads 1``: lmforge 9.05 CPU-s [31.4 s], ST bf16 SDPA 12.60 [68.8],
+ST bf16 eager 15.60, ST fp32 21.24 [109.0]: ratio_best **1.39x CPU** [2.19x wall: the load hit the peer's
+trials harder], ratio_default 2.35x CPU [3.47x]; peak RSS 743 MB vs 825 (0.90x); MRR@10 0.9451 / 0.9452,
+nDCG@10 0.9563 / 0.9563, recall@10 0.9901 / 0.9901.
+``--only build --reps 2 --n-build 400 --threads 2 --build-trials lmforge,st_best`` (torch's default 2
+threads, what ``lmforge index build`` runs at; lmforge: two worker threads at 1 intra-op thread each):
+lmforge 9.63 CPU-s [31.4 s], ST bf16 SDPA 22.82 [70.1]: ratio_best **2.37x CPU [2.23x wall]**; peak RSS 903
+vs 811 MB (before the packed-rows mean pooling and the trim after the workers; the same build measured
+alone after them: 803 MB at 2 threads, 761 at 1); same metrics.
+
 Measured (session 4, after lmforge.fast_encode; 1 thread, load 6-8 on the 2 cores):
 ``--only build --reps 2 --n-build 400 --threads 1`` (SDPA peer only): lmforge 9.12 CPU-s [29.1 s], ST bf16
 12.42 [37.6], ST fp32 22.07 [67.9]: ratio_best **1.36x CPU [1.29x wall]** (session 3: ~1.0x), ratio_default
