@@ -18,6 +18,23 @@ padded batches: the unpadding lever's share).
 
     .venv/bin/python bench/adapters.py [--kinds lora,dora,ia3,prompt,bottleneck] [--steps 20] [--reps 3] [--threads 1] [--profile]
     .venv/bin/python bench/adapters.py --interleaved --steps 12     # one process, models stepping in turn
+
+Two threads (session 5; load 6-9 on the 2 cores, other engineers' jobs): with libgomp's default
+wait policy every OpenMP fork/join of a 2-thread trial spin-waits for the descheduled thread, which
+costs both sides 3-7x their CPU per step (in process, lmforge's unpadded MiniLM LoRA step:
+4351 CPU ms / 10.5 s wall, OMP_WAIT_POLICY=PASSIVE: 595 / 1.8 s; padded: 5408 -> 1751). Both sides'
+best 2-thread figures are therefore with ``OMP_WAIT_POLICY=PASSIVE`` exported for the whole bench
+(children inherit it; it is a setting either side's user has). Per CPU second, [wall]:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/adapters.py --kinds prompt,lora,dora --steps 8 --warmup 2 \
+        --reps 2 --threads 2 --dev 128 --only lmforge_default,peer_bf16w_eager,peer_bf16
+
+- prompt: lmforge 60.4 samples/CPU-s [23.8/s] vs peer bf16w eager 36.7 [11.7] / bf16 31.3 [12.3]:
+  **ratio_best 1.645x [1.93x]**, RSS 0.70x; accuracy (128 dev, 8 steps) 0.555 / 0.547.
+- LoRA: 90.5 [37.1] vs bf16w eager 50.2 [21.2]: **1.80x [1.75x]**, RSS 0.75x; 0.555 / 0.594.
+- DoRA: 86.8 [33.7] vs bf16w eager 41.7 [15.2]: **2.08x [2.21x]**, RSS 0.70x; 0.555 / 0.578.
+  DoRA/LoRA CPU step time 1.04.
+(1 thread, same code, the lead's figures: prompt 1.565x, LoRA 2.20x, DoRA 2.27x.)
 """
 from __future__ import annotations
 
