@@ -29,6 +29,14 @@ Measured (session 4, 1 thread, load 7-9 on the 2 cores; wall only: the training 
   ratio_best 0.73x per pair, ratio_default 1.84x, but unequal work: lmforge draws 28 distinct pairs
   (2 steps), setfit 80 (5 steps), so fixed costs dominate lmforge's 6.95 s (setfit bf16 14.46 s for
   80); accuracy 0.608 / 0.618 (bf16) / 0.620 (fp32); inference 87.4 vs 35.8 samples/s.
+
+Two threads (session 5, load 7-10; both sides with ``OMP_WAIT_POLICY=PASSIVE`` exported for the whole
+bench: libgomp's default spin-wait costs both sides 3-7x CPU per step at 2 threads on this loaded
+machine, see bench/adapters.py):
+- ``OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/setfit.py --reps 2 --per-class 16 --iterations 5 --eval-limit 200 --threads 2 --only lmforge_default,setfit_bf16``
+  (320 pairs each side): lmforge 18.45 pairs/s (17.3 s) vs setfit bf16 7.19 (44.7 s): **ratio_best 2.57x wall**,
+  peak RSS 0.76x; accuracy 0.658 (0.595, 0.72) / 0.670 (0.62, 0.72); inference 91.7 vs 32.0 samples/s.
+  (lmforge's two train_s were 17.3442 and 17.3443 s on different samples: suspiciously equal, not checked.)
 """
 from __future__ import annotations
 
