@@ -30,6 +30,17 @@ Prints one JSON line: median wall seconds and CPU seconds (all threads of the tr
 steadier figure on a shared machine), peak RSS, NPMI, diversity, outlier rate and topic count for
 each, and the ratios (BERTopic time / lmforge time; lmforge RSS / BERTopic RSS).
 
+Measured (session 5, load 5-7 on the 2 cores): lmforge's encode runs two worker threads at 1 intra-op
+thread each at torch's 2 threads (lmforge.device.run_batches), long articles are tokenised from a prefix,
+mean pooling sums the packed rows.
+``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2``: e2e lmforge (seeded)
+42.37 CPU-s [109.9 s wall] vs BERTopic best 87.04 [253.1]: **2.05x CPU [2.30x wall]**, peak RSS 1,032 vs
+1,050 MB (0.98x); NPMI 0.246 / 0.230, diversity 0.840 / 0.816, outliers 0.185 / 0.204, topics 9 / 9.
+The same command before the packed-rows pooling and the heap trim (vectors differ at ~1e-7; UMAP and
+HDBSCAN amplify it): 42.15 vs 82.85 CPU-s, **1.97x CPU [1.92x wall]**, RSS 1,074 vs 1,023 MB (1.05x);
+NPMI 0.241 / 0.243 (BERTopic's unseeded reps 0.235 and 0.251), diversity 0.824 / 0.815, outliers 0.143 /
+0.206, topics 10 / 9.5.
+
 Measured (session 4, default torch threads = 2 on both sides, load 6-8 on the 2 cores), after the
 inference fast path (lmforge.fast_encode):
 ``--reps 2 --limit 500 --only lmforge,bertopic_best --only-e2e lmforge,bertopic_best``:
