@@ -93,12 +93,17 @@ def load_sentences(path: str, n: int) -> list[str]:
 
 
 def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, bf16: bool = False,
-           attn: str = "sdpa", procs: int = 0) -> dict:
+           attn: str = "sdpa", procs: int = 0, passive: bool = False) -> dict:
     """sentence-transformers' encode; ``procs`` > 0: its multi-process pool (``pool=``) of that many
     CPU processes at 1 intra-op thread each (started and warmed up untimed; CPU time and peak RSS
-    include the workers')."""
-    set_threads(threads)
+    include the workers'). ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of
+    spinning while they wait: on a loaded machine the default spin costs 2-thread runs several times
+    their CPU)."""
     import os
+
+    if passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch's OpenMP starts (not imported yet)
+    set_threads(threads)
 
     import numpy as np
     import psutil
@@ -183,9 +188,11 @@ def main() -> None:
         "lmforge_transformers": (run_lmforge, common | {"fast": False}),
         # the peer's own parallel encode: one process per core at 1 thread each (2+ threads only)
         "st_bf16w_pool": (run_st, common | {"bf16": True, "procs": args.threads or 2}),
+        "st_bf16w_sdpa_passive": (run_st, common | {"bf16": True, "passive": True}),
     }
     if (args.threads or 2) < 2 and not args.only:
         trials.pop("st_bf16w_pool")
+        trials.pop("st_bf16w_sdpa_passive")
     trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
     res = run_trials(trials, args)
     fig = figures(res, "sentences_per_s")
