@@ -19,6 +19,22 @@ training, the same for every trial):
 fastest peer trial.
 
     .venv/bin/python bench/classify_lora.py [--steps 20] [--warmup 2] [--reps 3] [--threads 1] [--profile]
+
+Measured (session 5, load 7-10 on the 2 cores; per CPU second, [wall]):
+- 1 thread: ``--steps 8 --warmup 2 --reps 2 --threads 1 --dev 128 --only lmforge_default,peer_bf16w_grouped_eager``:
+  lmforge 86.5 samples/CPU-s vs peer bf16w grouped eager 62.1: **1.39x** [0.98x: load noise, the
+  peer's reps ran 25/s wall, lmforge's 14.4 and 35.2], RSS 0.91x; accuracy 0.602 / 0.609. (The lead's 1-thread figure at
+  lower load: 1.86x; s4: 1.61x at load 7-8.)
+- 2 threads, libgomp's default wait policy: ``--steps 8 --warmup 2 --reps 2 --threads 2 --dev 128 --only
+  lmforge_default,peer_bf16w_grouped_eager,peer_bf16_grouped_sdpa``: lmforge 14.6 vs peer 10.5: 1.39x [1.27x].
+  Both sides spend 3-7x their CPU spin-waiting at OpenMP joins for a descheduled thread (in process,
+  lmforge's step 4351 CPU ms / 10.5 s wall vs 595 / 1.8 s with OMP_WAIT_POLICY=PASSIVE).
+- 2 threads, ``OMP_WAIT_POLICY=PASSIVE`` exported for the bench (both sides): the same command with
+  ``--reps 3``: lmforge 84.3 [35.8/s] vs peer bf16w grouped eager 57.9 [23.2] / bf16 grouped SDPA 53.7
+  [22.1]: **ratio_best 1.46x [1.54x]**, RSS 0.92x; accuracy 0.602 / 0.609 (an earlier 2-rep run: 1.42x [1.17x]).
+  With PASSIVE each side's step costs the same CPU at 1 and 2 threads (in process, dispatch-mode
+  CPU per op: lmforge 7.21 vs 6.79 s per 10 steps, padded peer-like 19.1 vs 18.3), so the 2-thread
+  ratio is the 1-thread one; the shortfall from 1.5x is not a 2-thread effect.
 """
 from __future__ import annotations
 
