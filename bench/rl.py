@@ -11,9 +11,11 @@ at temperature 1, clip 0.2, beta 0 on both (TRL's default), same AdamW learning 
 schedule, same number of steps. With one optimizer step per rollout and beta 0 neither side runs
 an old-policy or reference forward (TRL: num_iterations=1 reuses the log-probs, beta 0 loads no
 reference; lmforge: ``rl.fast_rollout``), and lmforge samples with the LoRA update folded into
-copies of the base weights (``rl.merged_generation``); ``--plain`` adds a trial without both. lmforge's
-sampling decodes through ``kv_cache.py`` (each distinct prompt prefilled once for its k samples, a
-preallocated KV cache, a lean step, the merged bf16 weights prepacked for oneDNN once per rollout).
+the base weights (``rl.merged_generation``); ``--plain`` adds a trial without both. lmforge's
+sampling runs through ``kv_cache.py``: each distinct prompt prefilled once for its k samples
+through the lean path, a preallocated KV cache, a lean step per token, and the weights prepacked
+for oneDNN with the LoRA update merged in (``packed_linears.py``: after each optimizer step the
+merged weights are written into the same packed buffers by one strided copy).
 
 Each step generates a fresh rollout on both sides. Timed: the steps after the first (warm-up)
 step. Figures (medians over ``--reps``, each trial a fresh process, trials alternating):
@@ -28,11 +30,15 @@ Trials: ``trl_default`` (TRL's defaults on CPU: fp32, gradient checkpointing on)
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rl.py [--steps 6] [--reps 2] [--threads 1] [--plain] [--profile]
 
-Measured (``--steps 3 --reps 2 --threads 1``, shared 2-core machine at load 5-8): prompts per CPU second
-lmforge 0.802, TRL default 0.350, TRL best 0.416 (ratio_default_cpu 2.29, ratio_best_cpu 1.93; wall
-ratio_default 2.29, ratio_best 1.99); peak RSS 1414 vs 1538 / 1881 MB; reward 0.0099 vs 0.0110. Before
-kv_cache.py (s3): 0.583 prompts per CPU second (1.80 / 1.41); without the rollout fast paths
-(``--plain``, an earlier run) 0.365.
+Measured (s5: ``--steps 3 --reps 3 --threads 1``, twice, shared 2-core machine at load 6-8; outputs
+``runs/rl5/t1*.json``): prompts per CPU second lmforge 0.913 / 0.942, TRL default 0.360 / 0.366, TRL best
+0.447 / 0.461 (ratio_best_cpu 2.04 / 2.05, ratio_default_cpu 2.53 / 2.58; wall ratio_best 1.74 / 2.05, the
+wall figures follow the load); over the 6 reps pooled lmforge 0.871-0.982 (median 0.916), TRL best 0.442-0.485
+(median 0.455): 2.01x. Peak RSS 1401 / 1403 vs TRL 1486-1535 (default) and 1886-1900 MB (best).
+Reward over the timed steps 0.0099 vs 0.0110 (16 completions, noise). Before (s4): 0.802 vs 0.416 (1.93x).
+2 threads (``--threads 2``): not measurable on the loaded 2-core machine (load ~8: OpenMP threads spin, ~10x the
+CPU of a 1-thread run on both sides); a trl_best + lmforge subset, 2 timed steps, 1 rep: 0.082 vs 0.042 prompts
+per CPU s (1.95x), wall 0.040 vs 0.017 (2.44x), peak RSS 1382 vs 1896 MB. Measure it on a quiet machine.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from .packed_linears import PackedLinears, _hooked, _Unpacked, blocked_layout, drop_packed, packed_linears
 
-__all__ = ["supports", "folds_adapters", "LlamaDecoder", "prefill", "shared_prefix", "rms_norm", "rope", "PackedLinears",
-           "packed_linears", "drop_packed", "blocked_layout"]
+__all__ = ["supports", "folds_adapters", "LlamaDecoder", "prefill", "shared_prefix", "rms_norm", "rope",
+           "PackedLinears", "packed_linears", "drop_packed", "blocked_layout"]
 
 
 def supports(model: nn.Module) -> bool:
