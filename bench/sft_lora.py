@@ -52,7 +52,10 @@ size; RSS 0.63x. bf16 matmul peak 197 GFLOP/s per CPU-s (193-197). Prepacked fro
 (``lmforge_packed_pack``, opt-in) measured -0.5 % / +12 % in two reps and 1 % in-process
 interleaved, for +425 MB RSS. At ``--threads 2`` (one rep, load 5-7.5, where OpenMP threads wait
 on a busy core: ~5x the CPU per token of 1 thread on both sides): lmforge_packed 29.7 tokens/CPU-s
-[16.8/s], TRL bf16w 20.2 [9.4/s], TRL bf16 17.3 [9.4/s]: 1.47x per CPU-s, 1.79x wall.
+[16.8/s], TRL bf16w 20.2 [9.4/s], TRL bf16 17.3 [9.4/s]: 1.47x per CPU-s, 1.79x wall. An
+in-process A/B at 2 threads (load 7-8) then measured the blocked attention slower (14.6 vs 9.1
+CPU-s per step), so it now runs at 1 intra-op thread only (``packed_train.MAX_THREADS``): at 2
+threads lmforge_packed is lmforge_packed_plain (29.2 [12.0/s]: 1.45x per CPU-s, 1.28x wall).
 """
 from __future__ import annotations
 

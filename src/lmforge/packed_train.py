@@ -46,6 +46,9 @@ ENABLED = True  # the one switch: False keeps every layer on the plain path
 # steps (bench trials: -0.5 % to +12 %, load noise) for +425 MB peak RSS (two packs of every base).
 PACK_BASE = False
 BLOCK = 128  # queries per attention block (measured 512-token rows: 128/256 best, 64 slower)
+# Lever 2 runs at most at this many intra-op threads: its many small parallel regions lost at 2
+# threads on a loaded 2-core machine (SFT step 14.6 vs 9.1 CPU-s in-process; at 1 thread 2.6 vs 3.3)
+MAX_THREADS = 1
 
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -232,7 +235,7 @@ def _fast_attention(self, *args, **kwargs):
     mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
     pe = args[1] if len(args) > 1 else kwargs.get("position_embeddings")
     cache = kwargs.get("cache", kwargs.get("past_key_values", args[3] if len(args) > 3 else None))
-    if not (ENABLED and self.training and cache is None and pe is not None and hidden is not None
+    if not (ENABLED and self.training and torch.get_num_threads() <= MAX_THREADS and cache is None and pe is not None and hidden is not None
             and hidden.device.type == "cpu" and not (self.attention_dropout and self.training)
             and getattr(self.config, "sliding_window", None) is None and (mask is None or mask.dim() == 4)):
         return plain(self, *args, **kwargs)

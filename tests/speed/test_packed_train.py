@@ -28,10 +28,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(autouse=True)
 def _switch():
-    default = pt.PACK_BASE
+    default, threads = pt.PACK_BASE, torch.get_num_threads()
     pt.ENABLED = pt.PACK_BASE = True  # lever 1 is opt-in: the tests switch it on
+    torch.set_num_threads(1)  # lever 2 runs at <= MAX_THREADS intra-op threads
     yield
     pt.ENABLED, pt.PACK_BASE = True, default
+    torch.set_num_threads(threads)
 
 
 def frozen(out_f=48, in_f=32, bias=False, seed=0) -> nn.Linear:
@@ -215,6 +217,16 @@ def test_padding_masks_fp32_eval_and_the_switch_keep_the_plain_path():
         pt.ENABLED = False
         off = model.model(input_ids=IDS, position_ids=POS, use_cache=False).last_hidden_state
     assert torch.equal(on, off) and not pt._PACKS
+
+
+def test_more_threads_than_max_threads_keep_the_plain_attention():
+    model = tiny()
+    torch.set_num_threads(pt.MAX_THREADS + 1)
+    pt._SPANS.clear()
+    a = run(model, True)
+    assert "last" not in pt._SPANS  # attention not routed
+    torch.set_num_threads(1)
+    assert close(a[0], run(model, False)[0], 2e-2)
 
 
 def test_merge_repacks_and_routing_survives_deepcopy_and_disable():
