@@ -235,8 +235,8 @@ def _fast_attention(self, *args, **kwargs):
     mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
     pe = args[1] if len(args) > 1 else kwargs.get("position_embeddings")
     cache = kwargs.get("cache", kwargs.get("past_key_values", args[3] if len(args) > 3 else None))
-    if not (ENABLED and self.training and torch.get_num_threads() <= MAX_THREADS and cache is None and pe is not None and hidden is not None
-            and hidden.device.type == "cpu" and not (self.attention_dropout and self.training)
+    if not (ENABLED and self.training and torch.get_num_threads() <= MAX_THREADS and cache is None
+            and pe is not None and hidden is not None and hidden.device.type == "cpu" and not (self.attention_dropout and self.training)
             and getattr(self.config, "sliding_window", None) is None and (mask is None or mask.dim() == 4)):
         return plain(self, *args, **kwargs)
     bf16 = hidden.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
