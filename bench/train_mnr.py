@@ -30,6 +30,10 @@ best 2-thread figures are therefore with ``OMP_WAIT_POLICY=PASSIVE`` exported fo
 lmforge 50.0 pairs/CPU-s [20.5/s] vs ST bf16 eager 29.8 [13.0] / bf16 SDPA 28.6 [11.0]:
 **ratio_best 1.68x [1.58x]**, RSS 0.80x; STS-B dev Spearman 0.9332 / 0.9342.
 (1 thread, the lead's figure: 1.83x.)
+Default wait policy (spin), same command without the env var, ``--only lmforge_default,st_bf16_eager``:
+lmforge 6.2 vs 8.4 pairs/CPU-s, **0.74x [0.76x]** at load 7-9: lmforge's step has more (smaller) parallel
+regions, so it spins more. A trial that happened to run at load 1.3 gave lmforge 44.0 pairs/CPU-s
+[87.1/s wall] with the default policy, i.e. the spin is a load artifact.
 """
 from __future__ import annotations
 
