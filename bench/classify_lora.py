@@ -35,6 +35,8 @@ Measured (session 5, load 7-10 on the 2 cores; per CPU second, [wall]):
   With PASSIVE each side's step costs the same CPU at 1 and 2 threads (in process, dispatch-mode
   CPU per op: lmforge 7.21 vs 6.79 s per 10 steps, padded peer-like 19.1 vs 18.3), so the 2-thread
   ratio is the 1-thread one; the shortfall from 1.5x is not a 2-thread effect.
+  At load ~3 (19:13), ``--reps 2 --only lmforge_default,peer_bf16w_grouped_eager`` (the SDPA peer
+  was slower in every run above): lmforge 93.5 [73.6/s] vs 59.5 [38.8/s]: **1.57x [1.91x]**, RSS 0.91x.
 """
 from __future__ import annotations
 
