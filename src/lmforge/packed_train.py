@@ -243,7 +243,9 @@ def _fast_attention(self, *args, **kwargs):
                                                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     bsz, length = hidden.shape[:2]
     spans = _spans_for(kwargs.get("position_ids"), mask, bsz, length, hidden.device) if bf16 else None
-    if spans is None:
+    if spans is None or (length <= BLOCK and all(len(row) <= 1 for row in spans)):
+        # one sequence per row within one block: the block loop would compute SDPA's full causal
+        # attention in B calls instead of one (RL's 8 x 22-token loss rows: 1.18 vs 1.07 s)
         return plain(self, *args, **kwargs)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
