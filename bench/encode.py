@@ -46,6 +46,12 @@ Measured (session 5, load 4-7 on the 2 cores; per CPU second, wall in brackets):
   ratio_best_cpu **1.40x** [1.19x wall, at load ~7: 0.24 cores per trial]; 1.86x [1.63x] against ST's own
   2 threads; cosine to the 1-thread run's ST fp32 vectors min 0.99993 (pool 0.99991); lmforge's vectors are
   bit-identical to its 1-thread run's; peak RSS 688 MB vs 757 (ST 2 threads) and 675 + ~850 MB (pool).
+- The peer with ``OMP_WAIT_POLICY=PASSIVE`` (``st_bf16w_sdpa_passive``, its best 2-thread setting here),
+  load 1.4-2.5: ``--n 1000 --reps 2 --threads 2 --only st_bf16w_sdpa_passive,lmforge_default,st_bf16w_pool``
+  (STS-B): lmforge 696 [704/s], ST passive 452 [415/s], pool 405 [404/s]: ratio_best_cpu **1.54x** [1.70x];
+  ``--data news --n 128 --reps 2 --threads 2 --only st_bf16w_sdpa_passive,lmforge_default,st_bf16w_pool``:
+  lmforge 30.05 [29.6/s], ST passive 21.82 [21.8/s], pool 20.82 [20.9/s]: ratio_best_cpu **1.38x** [1.36x];
+  peak RSS 654 vs 761 MB (0.86x).
 
 Measured (session 4, 1 thread, load 6-9 on the 2 cores; per CPU second, wall in brackets):
 - ``--n 1000 --reps 3 --threads 1`` (STS-B): lmforge_default 589 sentences/CPU-s, lmforge_padded 596,

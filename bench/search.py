@@ -22,8 +22,9 @@ nDCG@10 0.9563 / 0.9563, recall@10 0.9901 / 0.9901.
 ``--only build --reps 2 --n-build 400 --threads 2 --build-trials lmforge,st_best`` (torch's default 2
 threads, what ``lmforge index build`` runs at; lmforge: two worker threads at 1 intra-op thread each):
 lmforge 9.63 CPU-s [31.4 s], ST bf16 SDPA 22.82 [70.1]: ratio_best **2.37x CPU [2.23x wall]**; peak RSS 903
-vs 811 MB (before the packed-rows mean pooling and the trim after the workers; the same build measured
-alone after them: 803 MB at 2 threads, 761 at 1); same metrics.
+vs 811 MB (before the packed-rows mean pooling and the trim after the workers); same metrics.
+The same command after them: lmforge 10.05 CPU-s [18.4 s], ST bf16 SDPA 19.91 [39.3]: **1.98x CPU
+[2.13x wall]**; peak RSS 862 vs 849 MB (1.015x: not lower); same metrics.
 
 Measured (session 4, after lmforge.fast_encode; 1 thread, load 6-8 on the 2 cores):
 ``--only build --reps 2 --n-build 400 --threads 1`` (SDPA peer only): lmforge 9.12 CPU-s [29.1 s], ST bf16

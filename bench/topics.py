@@ -36,7 +36,10 @@ mean pooling sums the packed rows.
 ``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2``: e2e lmforge (seeded)
 42.37 CPU-s [109.9 s wall] vs BERTopic best 87.04 [253.1]: **2.05x CPU [2.30x wall]**, peak RSS 1,032 vs
 1,050 MB (0.98x); NPMI 0.246 / 0.230, diversity 0.840 / 0.816, outliers 0.185 / 0.204, topics 9 / 9.
-The same command before the packed-rows pooling and the heap trim (vectors differ at ~1e-7; UMAP and
+``... --threads 1`` (load ~2.5): lmforge 38.25 CPU-s [43.1 s] vs BERTopic best 57.71 [67.9]: **1.51x CPU
+[1.58x wall]**, RSS 951 vs 1,047 MB (0.91x); NPMI 0.246 / 0.239, diversity 0.840 / 0.812, outliers 0.185 /
+0.214, topics 9 / 10.5 (lmforge's topics are the same at 1 and 2 threads: the same vectors bit for bit).
+The 2-thread command before the packed-rows pooling and the heap trim (vectors differ at ~1e-7; UMAP and
 HDBSCAN amplify it): 42.15 vs 82.85 CPU-s, **1.97x CPU [1.92x wall]**, RSS 1,074 vs 1,023 MB (1.05x);
 NPMI 0.241 / 0.243 (BERTopic's unseeded reps 0.235 and 0.251), diversity 0.824 / 0.815, outliers 0.143 /
 0.206, topics 10 / 9.5.
