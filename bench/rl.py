@@ -35,6 +35,10 @@ Measured (s5: ``--steps 3 --reps 3 --threads 1``, twice, shared 2-core machine a
 0.447 / 0.461 (ratio_best_cpu 2.04 / 2.05, ratio_default_cpu 2.53 / 2.58; wall ratio_best 1.74 / 2.05, the
 wall figures follow the load); over the 6 reps pooled lmforge 0.871-0.982 (median 0.916), TRL best 0.442-0.485
 (median 0.455): 2.01x. Peak RSS 1401 / 1403 vs TRL 1486-1535 (default) and 1886-1900 MB (best).
+After b01b2c7 (packed_train keeps SDPA for one short sequence per row: RL's loss rows), same command, load
+1-3: lmforge 1.077 (reps 5.57 / 5.46 / 5.60 CPU-s), TRL best 0.492, TRL default 0.406 prompts per CPU s:
+**ratio_best_cpu 2.19** [wall 2.18], ratio_default_cpu 2.65; peak RSS 1411 vs 1900 / 1508 MB; reward 0.0099
+vs 0.0110. (``runs/rl5/t_lead.json``.)
 Reward over the timed steps 0.0099 vs 0.0110 (16 completions, noise). Before (s4): 0.802 vs 0.416 (1.93x).
 2 threads (``--threads 2``): not measurable on the loaded 2-core machine (load ~8: OpenMP threads spin, ~10x the
 CPU of a 1-thread run on both sides); a trl_best + lmforge subset, 2 timed steps, 1 rep: 0.082 vs 0.042 prompts
