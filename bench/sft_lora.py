@@ -56,6 +56,12 @@ on a busy core: ~5x the CPU per token of 1 thread on both sides): lmforge_packed
 in-process A/B at 2 threads (load 7-8) then measured the blocked attention slower (14.6 vs 9.1
 CPU-s per step), so it now runs at 1 intra-op thread only (``packed_train.MAX_THREADS``): at 2
 threads lmforge_packed is lmforge_packed_plain (29.2 [12.0/s]: 1.45x per CPU-s, 1.28x wall).
+QUIET machine (s5, load < 1.5; ``runs/lead5/sft2t.json``), ``--threads 2``, 2 reps:
+``python bench/sft_lora.py --max-length 512 --batch 1 --steps 2 --warmup 1 --reps 2 --threads 2 --heldout 1 --only trl_bf16_packed,trl_bf16w_packed,lmforge_packed,lmforge_packed_c128``:
+lmforge_packed_c128 141.3 tokens/CPU-s [280.6/s], lmforge_packed 132.8 [263.4/s], TRL bf16w 91.2
+[178.7/s], TRL bf16 88.0 [172.0/s]: **ratio_best 1.55x per CPU-s [1.57x wall]** (default chunk size:
+1.46x [1.47x]); MFU per CPU-s 44 % vs 29 % (2-thread bf16 peak 196 GFLOP/s per CPU-s, 391 wall); peak
+RSS 1570 vs 2123 MB (0.74x); held-out loss 2.9618 / 2.9616.
 """
 from __future__ import annotations
 
