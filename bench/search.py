@@ -14,6 +14,12 @@ Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
 
+Measured (session 5, QUIET machine, load < 1; ``runs/lead5/search2t.json``):
+``--only build --reps 2 --n-build 400 --threads 2 --build-trials lmforge,st_best``: lmforge 8.78 CPU-s
+[4.76 s] vs ST bf16 SDPA 13.17 [6.65 s]: **1.50x per CPU-s [1.40x wall]**; MRR@10 0.9451 / 0.9452, nDCG@10
+0.9563 / 0.9563, R@10 0.9901 / 0.9901; peak RSS 861 vs 833 MB (1.03x). The 1.98-2.37x below (load 4-7) was
+mostly the peer's OpenMP spin-wait on a loaded machine.
+
 Measured (session 5, load 4-7 on the 2 cores; per CPU second, wall in brackets):
 ``--only build --reps 2 --n-build 400 --threads 1``: lmforge 9.05 CPU-s [31.4 s], ST bf16 SDPA 12.60 [68.8],
 ST bf16 eager 15.60, ST fp32 21.24 [109.0]: ratio_best **1.39x CPU** [2.19x wall: the load hit the peer's
