@@ -42,6 +42,11 @@ rows of 25-245 tokens), trl_bf16w_eager 43.6, trl_bf16 40.9: 2.47x per CPU-s, ra
 (pairs/s wall); peak RSS 1667 vs 3607 MB (0.46x); MFU per CPU-s 46 % vs 19 %; mean DPO loss of
 the timed steps 0.6719 / plain 0.6908 / TRL 0.6731 (bf16w) / 0.6883 (bf16): step-to-step noise of
 2 steps (at B = 0 both lmforge paths give exactly log 2; with B != 0 pair losses agree to 5e-3).
+QUIET machine, 2 threads (s5, load ~1; ``runs/lead5/dpo2t.json``):
+``python bench/dpo_lora.py --max-length 256 --batch 2 --steps 2 --warmup 1 --reps 2 --threads 2 --only trl_bf16,trl_bf16w_eager,lmforge_default``:
+lmforge 0.899 pairs/s [217.7 tokens/s] vs TRL bf16w eager 0.339 [82.0]: **ratio_best 2.66x wall** (MFU per
+CPU-s 45.8 % vs 17.6 %: 2.60x per CPU-s); train loss over the timed steps 0.691 / 0.673 (TRL bf16 0.688);
+peak RSS 1995 vs 3600 MB (0.55x).
 """
 from __future__ import annotations
 

@@ -32,6 +32,11 @@ ratio_default 2.82x [3.03x]; batch 1 23.0 / 20.4 vs hf_bf16w_sdpa 13.2: 1.74x [1
 1.82x [2.03x]. lmforge_plain (the decode step before kv_cache.py) 73.0 / 13.9. Agreement with the fp32
 greedy tokens b8 / b1: lmforge 0.84 / 0.61 (bf16w 0.79 / 0.73), HF bf16 0.67-0.74 / 0.61-0.73. Peak
 RSS 1181 vs 1184 MB.
+QUIET machine, 2 threads (s5, load ~1; ``runs/lead5/gen2t.json``):
+``python bench/generate.py --new-tokens 16 --reps 2 --threads 2 --only hf_default,lmforge_default,lmforge_bf16w,hf_bf16w_eager,hf_bf16w_sdpa``:
+b8 lmforge_default 107.3 tokens/CPU-s [213.8/s] vs hf_bf16w_sdpa 62.1 [123.5/s]: **ratio_best 1.73x per CPU-s
+[1.73x wall]**; b1 18.83 [37.5/s] vs 11.54 [22.9/s]: **1.63x [1.64x]**; ratio_default 3.37x; agreement with HF
+fp32 greedy b8 0.84 / 0.67, b1 0.61 / 0.61; peak RSS 1182 vs 1184 MB (1.0x).
 """
 from __future__ import annotations
 
