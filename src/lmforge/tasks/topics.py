@@ -7,7 +7,6 @@ or an ``embed`` run) and are cached on disk, keyed by model files, texts and poo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LmforgeError
-from ..rundir import write_array, write_json
+from ..rundir import write_json
 from .base import Task, register_task
 from .common import open_run
 from .topics_config import TopicsConfig, TopicsRun  # noqa: F401  (the settings live there)
@@ -32,12 +31,6 @@ def encoder_ref(ref: str) -> str:
             raise LmforgeError(f"{ref}: this run has no sentence-embedding model (no model/modules.json)")
         return str(art)
     return ref
-
-
-def _model_fingerprint(folder: Path) -> str:
-    from ..fingerprint import model_fingerprint
-
-    return model_fingerprint(folder)
 
 
 @register_task("topics", config=TopicsRun)
@@ -127,31 +120,17 @@ class TopicsTask(Task):
         return self._encoder
 
     def embed(self, texts: list[str], *, cache: bool | None = None) -> np.ndarray:
-        """``(N, D)`` embeddings, read from / written to the cache (keyed by model, texts, pooling,
-        placement and the encoder's code path: a cached run from another path keeps other vectors)."""
-        from ..models import cache_dir, resolve_model
+        """``(N, D)`` embeddings, read from / written to the embedding disk cache
+        (:func:`lmforge.embeddings.disk_cache.cached_encode`: keyed by model, texts, pooling, placement
+        and the encoder's code path)."""
+        from ..embeddings.disk_cache import cached_encode
+        from ..models import resolve_model
 
-        enc = self.encoder
-        use_cache = self.tc.encoder.cache if cache is None else cache
-        if not use_cache:
-            return enc.encode(texts, batch_size=self.tc.encoder.batch_size, placement=self.placement)
-        h = hashlib.sha256()
+        enc, bs = self.encoder, self.tc.encoder.batch_size
+        if not (self.tc.encoder.cache if cache is None else cache):
+            return enc.encode(texts, batch_size=bs, placement=self.placement)
         folder = resolve_model(encoder_ref(self.cfg.model.name))
-        h.update(f"{folder.resolve()}|{_model_fingerprint(folder)}|{enc.pooling}|{enc.normalize}|{enc.max_length}|"
-                 f"{self.placement.describe()}|{next(enc.parameters()).dtype}|{enc.code_path(self.placement)}".encode())
-        for t in texts:
-            h.update(t.encode("utf-8") + b"\x00")
-        path = cache_dir() / "topic-embeddings" / f"{h.hexdigest()[:32]}.npy"
-        if path.is_file():
-            try:
-                arr = np.load(path, allow_pickle=False)
-                if arr.shape[0] == len(texts):
-                    return arr
-            except (OSError, ValueError):
-                pass  # unreadable: embed again and overwrite
-        arr = enc.encode(texts, batch_size=self.tc.encoder.batch_size, placement=self.placement)
-        write_array(path, arr)
-        return arr
+        return cached_encode(enc, texts, folder, batch_size=bs, placement=self.placement)
 
     def word_embed(self, words: list[str]) -> np.ndarray:
         return self.encoder.encode(words, batch_size=256, placement=self.placement)

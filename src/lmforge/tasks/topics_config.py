@@ -13,7 +13,7 @@ class EncoderSettings(Section):
     normalize: bool | None = None
     max_length: int | None = Field(None, gt=0, description="tokens per document (default: the model's)")
     batch_size: int = Field(64, gt=0)
-    cache: bool = Field(True, description="cache document embeddings in ~/.cache/lmforge/topic-embeddings")
+    cache: bool = Field(True, description="cache document embeddings in ~/.cache/lmforge/embeddings")
 
 
 class ReductionSettings(Section):
