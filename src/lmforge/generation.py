@@ -33,13 +33,13 @@ from torch import Tensor
 
 from .errors import LmforgeError
 from .kv_cache import LlamaDecoder, prefill, supports
+from .prompt_ids import Prompt, encode_prompts, eos_token_ids, render_chat  # noqa: F401 (public here too)
 from .streaming import TextTracker
 from .sampling import (mask_disallowed, repetition_penalty, seen_tokens, temperature_scale,  # noqa: F401
                        top_k_filter, top_p_filter)
 
 log = logging.getLogger(__name__)
 
-Prompt = str | list[dict]  # a text, or chat messages [{"role": ..., "content": ...}]
 # constrained decoding: (tokens generated so far per row, finished rows (B,)) -> allowed (B, V) bool or None
 LogitsMask = Callable[[list[list[int]], Tensor], "Tensor | None"]
 
@@ -311,53 +311,6 @@ def decode(model, input_ids: Tensor, attention_mask: Tensor, cfg: GenerationConf
             break
         steps.advance(token)
     return out
-
-
-# ---- text in, text out -----------------------------------------------------------------------------
-def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The prompt text for chat ``messages``: the tokenizer's chat template with the generation
-    prompt, or a plain ``User: ... / Assistant:`` transcript when it has none."""
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise LmforgeError(f"message {i + 1} must be an object with text 'role' and 'content'")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
-def encode_prompts(tokenizer, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
-    """Token ids of each prompt: chat messages (or a text, when ``chat``) through :func:`render_chat`,
-    a raw text through the tokenizer (with its special tokens, e.g. BOS)."""
-    encoded = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if not p.strip():
-                raise LmforgeError(f"prompt {i + 1} is empty")
-            if chat:
-                p = [{"role": "user", "content": p}]
-        elif not isinstance(p, list) or not p:
-            raise LmforgeError(f"prompt {i + 1} must be a text or a non-empty list of chat messages")
-        if isinstance(p, list):
-            ids = tokenizer(render_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(p)["input_ids"]
-        if not ids:
-            raise LmforgeError(f"prompt {i + 1} encodes to no tokens")
-        encoded.append(list(ids))
-    return encoded
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the tokenizer's EOS and the model's generation-config EOS (int or list)."""
-    found: list[int] = []
-    sources = [getattr(tokenizer, "eos_token_id", None),
-               getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-    for value in sources:
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and v not in found:
-                found.append(v)
-    return found
 
 
 def _device(model) -> torch.device:
