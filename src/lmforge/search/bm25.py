@@ -2,8 +2,9 @@
 
 Tokens: lower-cased word characters (``\\w+``) minus bm25s' English stop words. BM25 (Lucene
 variant, bm25s' default: ``k1 = 1.5``, ``b = 0.75``):
-``score(q, d) = sum_{t in q} idf(t) * tf(t, d) (k1 + 1) / (tf(t, d) + k1 (1 - b + b |d| / avgdl))``
-with ``idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))``. bm25s precomputes every
+``score(q, d) = sum_{t in q} idf(t) * tf(t, d) / (tf(t, d) + k1 (1 - b + b |d| / avgdl))``
+with ``idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5))`` (Lucene >= 8 drops the classic constant
+factor ``k1 + 1``, which never changes a ranking; ``tests/search/test_bm25.py`` checks it by hand). bm25s precomputes every
 ``(t, d)`` term into a sparse matrix, so a query is a sum of a few sparse rows.
 """
 from __future__ import annotations
@@ -21,9 +22,7 @@ _WORD = re.compile(r"\w+")
 
 
 def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
+    return frozenset(_bm25s().stopwords.STOPWORDS_EN)
 
 
 def tokenize(texts: Sequence[str], stopwords: frozenset[str] | None = None) -> list[list[str]]:
@@ -33,6 +32,29 @@ def tokenize(texts: Sequence[str], stopwords: frozenset[str] | None = None) -> l
 
 
 def _bm25s():
+    """bm25s, imported without numba unless numba is loaded already.
+
+    bm25s imports numba at import time for its optional ``backend="numba"``; lmforge uses the
+    numpy backend (bm25s' default, what :func:`build_bm25` and saved indexes name), so that import
+    is pure cost: ~0.2-0.3 CPU-s, ~190 modules and ~25k objects every later full garbage collection
+    walks (with torch + transformers loaded, a full pass is ~0.2 CPU-s), and ~50 MB at the peak of
+    an index build. ``None`` in ``sys.modules`` makes bm25s' ``import numba`` fail as if numba were
+    absent (bm25s catches that); the entry is removed right after, so a later ``import numba``
+    (UMAP, HDBSCAN) works as usual.
+    """
+    import sys
+
+    if "bm25s" not in sys.modules and "numba" not in sys.modules:
+        sys.modules["numba"] = None  # type: ignore[assignment]
+        try:
+            return _import_bm25s()
+        finally:
+            if sys.modules.get("numba", 0) is None:
+                del sys.modules["numba"]
+    return _import_bm25s()
+
+
+def _import_bm25s():
     try:
         import bm25s
     except ImportError:
