@@ -13,11 +13,11 @@ tokens (``N = sum_b len_b``; no compute on padding, no re-padding between layers
 Levers against transformers' path (measured in ``bench/encode.py``'s docstring): the fused QKV
 projection (one GEMM of N = 3D instead of three of D); on CPU, oneDNN-prepacked bf16 weights
 (``torch.ops.mkldnn._linear_pointwise``) with GELU fused into the first FFN GEMM; attention per
-group of sequences of similar length (no mask at all for a group of one; a key-padding mask
-otherwise), eager bf16 on CPU at 1 thread (the CPU flash kernel is slower at head size 32), one
-batched SDPA call with 2+ threads and on other devices;
-head split and merge as views of the packed rows. Every other device (CUDA) runs the same
-function with ``F.linear`` and SDPA. Only non-causal ``BertModel``-like encoders with absolute
+group of sequences of similar length, eager bf16 on CPU at 1 thread (the CPU flash kernel is slower
+at head size 32; :class:`_Eager`: q, k, v gathered head-major, keys padded to a multiple of 32
+columns with an additive mask, scores/softmax/outputs in buffers reused by every group and layer),
+one batched SDPA call with 2+ threads and on other devices (head split and merge as views).
+Every other device (CUDA) runs the same function with ``F.linear`` and SDPA. Only non-causal ``BertModel``-like encoders with absolute
 positions are handled (:func:`supported`); anything else keeps the plain path.
 """
 from __future__ import annotations
@@ -29,10 +29,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # a group of sequences attends together while its (c, H, L, L) scores stay under this many
-# elements (~1.5 MB in bf16: the scores of one 256-token MiniLM sequence stay in the L2 cache)
+# elements (1.5 MB in bf16: one 256-token MiniLM sequence). Smaller chunks (heads in chunks that
+# stay in the 1 MB L2 of this EPYC) measured slower once allocations are steady (1 thread, bf16, 32
+# x 256 x 12 heads x 32, per layer: all 12 heads 41.7 ms, chunks of 6 44.2, 4 46.3, 2 52.6; the
+# 61 ms -> 44 ms seen with chunks came from page faults of fresh 1.5 MB score tensors, which the
+# reused buffers of _Eager avoid at any chunking)
 GROUP_SCORES = 12 * 256 * 256
+# eager attention: key columns padded to a multiple of this. torch's bf16 softmax runs rows in
+# 32-wide vectors and the rest element by element (1 thread, ns per element: 20 columns 4.7, 31
+# 6.3, 32 1.45, 48 2.7, 63 3.5, 64 0.98, 256 0.84); the padded keys get weight exactly 0
+KEY_BLOCK = 32
 # bump when the fast path's numerics change (caches of its vectors key on it: topics embeddings)
-VERSION = 3  # 3: mean pooling summed on the packed rows (vectors differ from 2 by ~1e-7)
+VERSION = 4  # 4: eager groups with padded keys (bf16 vectors differ from 3 by cosine >= 0.99993)
+# 3: mean pooling summed on the packed rows (vectors differ from 2 by ~1e-7)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -211,12 +220,17 @@ class FastBert:
             x = F.layer_norm(layer.down(layer.up(x)).add_(x), (self.dim,), *layer.ln2)
         return x, cu, flat
 
-    def _layout(self, cu: list[int], device) -> list[tuple]:
-        """Per attention group (:func:`_groups`): ``(start, end)`` rows for a single sequence, or
-        ``(start, end, dest, keep)`` for several: ``dest`` (n_g,) their rows' slots in the padded
-        ``(c * m)`` layout, ``keep`` (c, 1, 1, m) the key-padding mask."""
+    def _layout(self, cu: list[int], device) -> list:
+        """Per attention group (:func:`_groups`). Eager: an :class:`_Eager` (gather/scatter indices,
+        key bias, sizes). SDPA: ``(start, end)`` rows for a single sequence, or ``(start, end, dest,
+        keep)`` for several: ``dest`` (n_g,) their rows' slots in the padded ``(c * m)`` layout,
+        ``keep`` (c, 1, 1, m) the key-padding mask."""
+        eager = self.attention == "eager"
         out = []
-        for g0, g1 in _groups(cu, self.heads, GROUP_SCORES if self.attention == "eager" else None):
+        for g0, g1 in _groups(cu, self.heads, GROUP_SCORES if eager else None):
+            if eager:
+                out.append(_Eager.make(cu[g0:g1 + 1], self.heads, self.dtype, device))
+                continue
             if g1 - g0 == 1:
                 out.append((cu[g0], cu[g1]))
                 continue
@@ -228,43 +242,35 @@ class FastBert:
             out.append((cu[g0], cu[g1], dest, valid[:, None, None, :]))
         return out
 
-    def _attention(self, qkv: Tensor, groups: list[tuple]) -> Tensor:
+    def _attention(self, qkv: Tensor, groups: list) -> Tensor:
         """``(N, 3D)`` packed projections -> ``(N, D)`` attention output, per group of sequences."""
         h, d = self.heads, self.head_dim
         out = qkv.new_empty(qkv.shape[0], self.dim)
         scale = d ** -0.5
+        if groups and isinstance(groups[0], _Eager):
+            bufs = _Eager.buffers(groups, h, d, qkv)
+            for g in groups:
+                g.run(qkv, out, bufs, h, d, scale)
+            return out
         for g in groups:
             s, e = g[0], g[1]
             if len(g) == 2:  # one sequence: views of its rows, no mask
                 blk = qkv[s:e].view(e - s, 3, h, d)
                 q, k, v = (blk[:, i].transpose(0, 1) for i in range(3))  # (H, L, d) views
-                o = self._kernel(q, k, v, None, scale)  # (H, L, d)
+                o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (H, L, d)
                 out[s:e].view(e - s, h, d).copy_(o.transpose(0, 1))
                 continue
             dest, keep = g[2], g[3]
             c, m = keep.shape[0], keep.shape[-1]
             if e - s == c * m:  # equal lengths: views, no mask
                 q, k, v = (qkv[s:e].view(c, m, 3, h, d)[:, :, i].transpose(1, 2) for i in range(3))
-                out[s:e].view(c, m, h, d).copy_(self._kernel(q, k, v, None, scale).transpose(1, 2))
+                out[s:e].view(c, m, h, d).copy_(F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2))
                 continue
             pad = qkv.new_zeros(c * m, 3 * self.dim).index_copy_(0, dest, qkv[s:e]).view(c, m, 3, h, d)
             q, k, v = (pad[:, :, i].transpose(1, 2) for i in range(3))  # (c, H, m, d) views
-            o = self._kernel(q, k, v, keep, scale)  # (c, H, m, d)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)  # (c, H, m, d)
             out[s:e] = o.transpose(1, 2).reshape(c * m, self.dim).index_select(0, dest)
         return out
-
-    def _kernel(self, q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float) -> Tensor:
-        """``softmax(q k^T * scale + mask) v`` for ``(..., H, L, d)`` inputs; ``keep`` (..., 1, 1, L)."""
-        if self.attention == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
-        if q.dim() == 3:  # (H, L, d): the scale inside the GEMM (measured 54 -> 48 ms per MiniLM layer, 32 x 256)
-            w = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(-1, -2),
-                              beta=0, alpha=scale)  # (H, L, L)
-            return torch.bmm(torch.softmax(w, -1), v)
-        w = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (..., H, L, L)
-        if keep is not None:
-            w = w.masked_fill_(~keep, torch.finfo(w.dtype).min)
-        return torch.matmul(torch.softmax(w, -1), v)
 
 
 def _groups(cu: list[int], heads: int, budget: int | None) -> list[tuple[int, int]]:
@@ -283,3 +289,97 @@ def _groups(cu: list[int], heads: int, budget: int | None) -> list[tuple[int, in
     if n:
         out.append((g0, n))
     return out
+
+
+def _key_cols(m: int) -> int:
+    """Key columns of a group whose longest sequence has ``m`` tokens: ``m`` rounded up to a
+    multiple of :data:`KEY_BLOCK` (the padded keys are masked by the bias)."""
+    return -(-m // KEY_BLOCK) * KEY_BLOCK
+
+
+@dataclass
+class _Eager:
+    """One eager attention group of ``c`` consecutive sequences (rows ``[s, e)`` of the packed
+    layout, ``n_g = e - s``), the longest ``m`` tokens, keys padded to ``mk = _key_cols(m)``:
+
+        [q | k | v] = qkv[s:e].view(n_g * 3 * H, d)[gather]     (c*H*m + 2*c*H*mk, d), head-major
+        w = softmax(q k^T * scale + bias)                         (c*H, m, mk), bias 0 | dtype min
+        o = w v                                                    (c*H, m, d)
+        out[s:e].view(n_g * H, d) = o.view(c*H*m, d)[scatter]     the real rows back, heads merged
+
+    A padded query slot repeats its sequence's last row (its output is never scattered back); a
+    padded key slot does too, and its bias (dtype min) gives it weight exactly 0. One sequence
+    with ``m = mk`` (``gather`` None) is a permute copy instead of a gather.
+    """
+
+    s: int
+    e: int
+    c: int
+    m: int
+    mk: int
+    gather: Tensor | None
+    bias: Tensor | None
+    scatter: Tensor | None
+
+    @classmethod
+    def make(cls, cu: list[int], heads: int, dtype, device) -> "_Eager":
+        s, e, c = cu[0], cu[-1], len(cu) - 1
+        lens = [cu[i + 1] - cu[i] for i in range(c)]
+        m = max(lens)
+        mk = _key_cols(m)
+        if c == 1 and mk == m:
+            return cls(s, e, 1, m, m, None, None, None)
+        lt = torch.tensor(lens, device=device)  # (c,)
+        start = torch.tensor(cu[:-1], device=device)[:, None] - s  # (c, 1)
+        hh = torch.arange(heads, device=device)[None, :, None]  # (1, H, 1)
+
+        def rows(width: int, j: int) -> Tensor:  # (c, H, width) rows of the (n_g * 3 * H, d) view
+            t = torch.minimum(torch.arange(width, device=device)[None, :], lt[:, None] - 1) + start  # (c, width)
+            return ((t[:, None, :] * 3 + j) * heads + hh).reshape(-1)
+
+        gather = torch.cat([rows(m, 0), rows(mk, 1), rows(mk, 2)])
+        valid = torch.arange(mk, device=device)[None, :] < lt[:, None]  # (c, mk)
+        bias = None
+        if not bool(valid.all()):
+            bias = torch.zeros(c, heads, 1, mk, dtype=dtype, device=device)
+            bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+            bias = bias.view(c * heads, 1, mk)
+        b = torch.repeat_interleave(torch.arange(c, device=device), lt)  # (n_g,) sequence of each row
+        t = torch.arange(e - s, device=device) - start[:, 0].repeat_interleave(lt)  # (n_g,) its position
+        scatter = ((b[:, None] * heads + hh[0, :, 0]) * m + t[:, None]).reshape(-1)  # (n_g * H,)
+        return cls(s, e, c, m, mk, gather, bias, scatter)
+
+    @staticmethod
+    def buffers(groups: list["_Eager"], heads: int, d: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One flat buffer each for the gathered q|k|v, the scores and the outputs, sized for the
+        largest group, reused by every group and layer of one forward."""
+        qkv = max(g.c * heads * (g.m + 2 * g.mk) * d for g in groups)
+        scores = max(g.c * heads * g.m * g.mk for g in groups)
+        outs = max(g.c * heads * g.m * d for g in groups)
+        return like.new_empty(qkv), like.new_empty(scores), like.new_empty(outs)
+
+    def run(self, qkv: Tensor, out: Tensor, bufs: tuple[Tensor, Tensor, Tensor], h: int, d: int, scale: float):
+        """Attention of this group: ``qkv`` (N, 3D) -> its rows of ``out`` (N, D)."""
+        n, m, mk = self.c * h, self.m, self.mk
+        rows = qkv[self.s:self.e]
+        if self.gather is None:  # one sequence of mk tokens: (3, H, L, d) by one permute copy
+            t = bufs[0][:3 * n * m * d].view(3, n, m, d)
+            t.copy_(rows.view(m, 3, h, d).permute(1, 2, 0, 3))
+            q, k, v = t[0], t[1], t[2]
+        else:
+            t = bufs[0][:self.gather.numel() * d].view(-1, d)
+            torch.index_select(rows.reshape(-1, d), 0, self.gather, out=t)
+            q = t[:n * m].view(n, m, d)
+            k, v = t[n * m:].view(2, n, mk, d)
+        w = bufs[1][:n * m * mk].view(n, m, mk)
+        if self.bias is None:
+            torch.baddbmm(w, q, k.transpose(1, 2), beta=0, alpha=scale, out=w)
+        else:
+            torch.baddbmm(self.bias, q, k.transpose(1, 2), alpha=scale, out=w)
+        torch.softmax(w, -1, out=w)
+        o = bufs[2][:n * m * d].view(n, m, d)
+        torch.bmm(w, v, out=o)
+        if self.gather is None:
+            out[self.s:self.e].view(m, h, d).copy_(o.transpose(0, 1))
+        else:
+            torch.index_select(o.view(-1, d), 0, self.scatter, out=out[self.s:self.e].view(-1, d))
