@@ -106,6 +106,40 @@ def quality(texts: list[str], topic_words: list[list[str]], assignments) -> dict
             "outlier_rate": outlier_rate(assignments), "n_topics": len(topic_words)}
 
 
+def _process_cpu_wall() -> tuple[float, float]:
+    """This process's CPU seconds (all threads, user + system) and wall seconds since it started:
+    interpreter start, the bench module, every import, the data and the fit (the whole trial process)."""
+    import os
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields 3.. (comm may hold spaces)
+    started = int(stat[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks after boot
+    return ru.ru_utime + ru.ru_stime, float(Path("/proc/uptime").read_text().split()[0]) - started
+
+
+def _timed(out: dict) -> dict:
+    cpu, wall = _process_cpu_wall()
+    return out | {"process_cpu_seconds": cpu, "process_seconds": wall}
+
+
+# The library modules each side's run imports, imported before the clock starts ("imports are not
+# timed, for either side"). BERTopic's own imports (bertopic, sentence_transformers) load
+# transformers' modeling_utils, torch._dynamo, scipy.optimize and sklearn; lmforge imports its
+# heavy modules inside functions (blueprint), so without this list its timed region paid ~2 CPU-s
+# of transformers' modeling imports that the peer paid untimed. Both load the same BertModel class.
+SHARED_IMPORTS = ("umap", "transformers.models.bert.modeling_bert", "sklearn.feature_extraction.text")
+LMFORGE_IMPORTS = SHARED_IMPORTS + ("sklearn.cluster", "lmforge.embeddings.encoder", "lmforge.tasks.topics",
+                                    "lmforge.topics.pipeline", "lmforge.topics.plots")
+
+
+def _preimport(names: tuple[str, ...]) -> None:
+    import importlib
+
+    for n in names:
+        importlib.import_module(n)
+
+
 def _threads(threads: int | None) -> None:
     """``--threads``: torch's intra-op threads and numba's (UMAP's parallel kernels) in a trial."""
     if threads:
@@ -132,7 +166,7 @@ def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, 
                    "reduction": {"method": "umap", **UMAP_KW, "deterministic": not fast}, "clustering": {"min_cluster_size": MIN_CLUSTER},
                    "vectorizer": VEC, "keywords": {"candidates": 0}, "top_n_words": 10,
                    "stability_seeds": 0, "pictures": False}})
-    import umap  # noqa: F401  (imports are not timed, for either side)
+    _preimport(LMFORGE_IMPORTS)  # imports are not timed, for either side (the process figures count them)
 
     t0, c0 = time.perf_counter(), time.process_time()
     if emb_path is None:
@@ -145,11 +179,13 @@ def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, 
         emb = np.load(emb_path)
         model, _ = P.fit(texts, emb, cfg.topics.model_dump(mode="json"), seed)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    res = _timed({"seconds": seconds, "cpu_seconds": cpu})
     words = [[w for w, _ in model.words[t][:25]] for t in model.real_topics]
-    return {"seconds": seconds, "cpu_seconds": cpu} | quality(texts, words, model.assignments)
+    return res | quality(texts, words, model.assignments)
 
 
-def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads: int | None = None) -> dict:
+def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads: int | None = None,
+                 folder: str = "") -> dict:
     _threads(threads)
     import numpy as np
     from bertopic import BERTopic
@@ -158,10 +194,8 @@ def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads
     from sklearn.feature_extraction.text import CountVectorizer
     from umap import UMAP
 
-    from lmforge.models import resolve_model
-
-    texts = json.loads(Path(docs).read_text())
-    folder = str(resolve_model("minilm"))
+    _preimport(SHARED_IMPORTS)
+    texts = json.loads(Path(docs).read_text())  # (the model folder is resolved by the parent: no lmforge import here)
     t0, c0 = time.perf_counter(), time.process_time()
     emb = np.load(emb_path) if emb_path else None
     st = None
@@ -176,9 +210,10 @@ def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads
                   vectorizer_model=CountVectorizer(**VEC), top_n_words=25, verbose=False)
     topics, _ = tm.fit_transform(texts, embeddings=emb)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    res = _timed({"seconds": seconds, "cpu_seconds": cpu})
     ids = sorted(t for t in set(topics) if t != -1)
     words = [[w for w, _ in tm.get_topic(t)][:25] for t in ids]
-    return {"seconds": seconds, "cpu_seconds": cpu} | quality(texts, words, np.asarray(topics))
+    return res | quality(texts, words, np.asarray(topics))
 
 
 def _jsonl(texts: list[str]) -> str:
@@ -212,17 +247,18 @@ def embed_once(docs: str, out: str) -> dict:
 
 def summary(rs: list[dict]) -> dict:
     m = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-    return {"seconds": round(m("seconds"), 2), "cpu_seconds": round(m("cpu_seconds"), 2),
+    proc = {k: round(m(k), 2) for k in ("process_cpu_seconds", "process_seconds") if all(k in r for r in rs)}
+    return {"seconds": round(m("seconds"), 2), "cpu_seconds": round(m("cpu_seconds"), 2), **proc,
             "peak_rss_mb": round(m("peak_rss_mb"), 1),
             "npmi": round(m("npmi"), 4), "diversity": round(m("diversity"), 4),
             "outlier_rate": round(m("outlier_rate"), 4), "n_topics": m("n_topics")}
 
 
-def sides(base: dict, emb: str | None) -> dict:
+def sides(base: dict, emb: str | None, folder: str) -> dict:
     return {"lmforge": (run_lmforge, base | {"emb_path": emb}),
-            "bertopic": (run_bertopic, base | {"emb_path": emb, "best": False}),
+            "bertopic": (run_bertopic, base | {"emb_path": emb, "best": False, "folder": folder}),
             "lmforge_fast": (run_lmforge, base | {"emb_path": emb, "fast": True}),
-            "bertopic_best": (run_bertopic, base | {"emb_path": emb, "best": True})}
+            "bertopic_best": (run_bertopic, base | {"emb_path": emb, "best": True, "folder": folder})}
 
 
 def ratios(s: dict) -> dict:
@@ -236,6 +272,9 @@ def ratios(s: dict) -> dict:
             out[name] = round(s[peer]["seconds"] / s[ours]["seconds"], 3)
             out["cpu_" + name] = round(s[peer]["cpu_seconds"] / s[ours]["cpu_seconds"], 3)
             out["rss_" + name] = round(s[ours]["peak_rss_mb"] / s[peer]["peak_rss_mb"], 3)
+            if "process_cpu_seconds" in s[peer] and "process_cpu_seconds" in s[ours]:  # the whole trial process
+                out["process_cpu_" + name] = round(s[peer]["process_cpu_seconds"] / s[ours]["process_cpu_seconds"], 3)
+                out["process_" + name] = round(s[peer]["process_seconds"] / s[ours]["process_seconds"], 3)
     return out
 
 
@@ -247,12 +286,21 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-from-emb", action="store_true", help="e2e trials only")
     ap.add_argument("--threads", type=int, default=None, help="torch and numba threads per trial (default: theirs)")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE in every trial, both sides (set before torch loads; for a loaded machine)")
     ap.add_argument("--only", default=None,
                     help="comma-separated sides (lmforge, bertopic, lmforge_fast, bertopic_best; default: all)")
     ap.add_argument("--only-e2e", default=None, help="sides for the e2e trials only (default: --only)")
     args = ap.parse_args()
+    import os
+
     from _common import run_isolated
 
+    from lmforge.models import resolve_model
+
+    if args.omp_passive:  # inherited by the spawned trials; libgomp reads it when torch loads there
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    folder = str(resolve_model("minilm"))
     work = Path(tempfile.mkdtemp())
     docs = work / "docs.json"
     docs.write_text(json.dumps(news_texts(args.limit)))
@@ -264,14 +312,15 @@ def main() -> None:
               "model": "minilm", "umap": UMAP_KW, "min_cluster_size": MIN_CLUSTER, "vectorizer": VEC}
     base = {"docs": str(docs), "seed": args.seed, "threads": args.threads}
     record["threads"] = args.threads
+    record["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "default")
     def pick(trials: dict, only: str | None) -> dict:
         return {k: v for k, v in trials.items() if not only or k in only.split(",")}
 
     if not args.skip_e2e:
-        e2e = alternate(pick(sides(base, None), args.only_e2e or args.only), args.reps)
+        e2e = alternate(pick(sides(base, None, folder), args.only_e2e or args.only), args.reps)
         record["e2e"] = ratios({k: summary(v) for k, v in e2e.items()})
     if not args.skip_from_emb:
-        fe = alternate(pick(sides(base, emb), args.only), args.reps)
+        fe = alternate(pick(sides(base, emb, folder), args.only), args.reps)
         record["from_embeddings"] = ratios({k: summary(v) for k, v in fe.items()})
     emit(record)
 
