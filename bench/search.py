@@ -78,23 +78,25 @@ def metrics(rankings, gold, doc_of=None) -> dict:
 
 
 # ---- 1. index build + dense search -------------------------------------------------------------------
-def lm_build(n: int, threads: int, batch: int = 64) -> dict:
+def lm_build(n: int, threads: int, batch: int | None = None) -> dict:
+    """lmforge's index build (``batch`` None: ``IndexSettings``' default) + dense search of the questions."""
     set_threads(threads)
     from lmforge.search import IndexSettings, SearchIndex, SearchOptions, build_index, search_rows
     from lmforge.search.index import load_encoder
 
     passages, qs, gold = boolq(n)
     enc, place = load_encoder("minilm")
+    settings = IndexSettings(chunking="none", **({"batch_size": batch} if batch else {}))
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), time.process_time()
-        build_index([(str(i), p) for i, p in enumerate(passages)], "minilm", Path(tmp) / "ix",
-                    IndexSettings(chunking="none", batch_size=batch), encoder=enc, placement=place)
+        build_index([(str(i), p) for i, p in enumerate(passages)], "minilm", Path(tmp) / "ix", settings,
+                    encoder=enc, placement=place)
         ix = SearchIndex.load(Path(tmp) / "ix")
         ix._encoder, ix.placement = enc, place  # noqa: SLF001: the encoder just used (no reload)
         rows = search_rows(ix, qs, SearchOptions(mode="dense", k=10))
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": dt, "cpu_seconds": cpu, "texts_per_s": (len(passages) + len(qs)) / dt, "precision": place.name,
-            **metrics([[int(ix.chunks[i]["doc_id"]) for i, _ in r] for r in rows], gold)}
+            "batch": settings.batch_size, **metrics([[int(ix.chunks[i]["doc_id"]) for i, _ in r] for r in rows], gold)}
 
 
 def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdpa") -> dict:
@@ -204,34 +206,45 @@ def main() -> None:
     p.add_argument("--cache", default="runs/bench_search", help="folder for the embedded BoolQ vectors")
     p.add_argument("--index", default=None, help="dense trial: reuse this index's chunk vectors (bench/rag_boolq.py's)")
     p.add_argument("--only", default="build,dense,bm25")
-    p.add_argument("--build-batch", type=int, default=64, help="build trial: lmforge's and the peer-best batch size")
+    p.add_argument("--build-batch", type=int, default=None,
+                   help="build trial: lmforge's batch size (default: IndexSettings' default)")
+    p.add_argument("--peer-batches", default="32,64",
+                   help="build trial: batch sizes of the peer-best trials (its best is the fastest of them)")
+    p.add_argument("--lm-batches", default="", help="build trial: extra lmforge trials at these batch sizes (lmforge_b<N>)")
     p.add_argument("--build-trials", default="lmforge,st_default,st_best,st_best_eager",
-                   help="build trials to run (lmforge and one st_best* at least)")
+                   help="build trials to run (lmforge and one st_best* at least); st_best: one per --peer-batches")
     args = p.parse_args()
     parts = args.only.split(",")
     if "build" in parts:
-        res = alternate({k: v for k, v in {"lmforge": (lm_build, {"n": args.n_build, "threads": args.threads, "batch": args.build_batch}),
-                         "st_default": (st_build, {"n": args.n_build, "threads": args.threads, "best": False}),
-                         "st_best": (st_build, {"n": args.n_build, "threads": args.threads, "best": True,
-                                                 "batch": args.build_batch}),
-                         "st_best_eager": (st_build, {"n": args.n_build, "threads": args.threads, "best": True,
-                                                       "batch": args.build_batch, "attn": "eager"})}.items()
-                               if k in args.build_trials.split(",")}, args.reps)
+        chosen = args.build_trials.split(",")
+        base = {"n": args.n_build, "threads": args.threads}
+        peer_b = [int(b) for b in args.peer_batches.split(",") if b]
+        trials = {"lmforge": (lm_build, base | {"batch": args.build_batch})}
+        trials |= {f"lmforge_b{b}": (lm_build, base | {"batch": int(b)}) for b in args.lm_batches.split(",") if b}
+        if "st_default" in chosen:
+            trials["st_default"] = (st_build, base | {"best": False})
+        if "st_best" in chosen:
+            trials |= {f"st_best_b{b}": (st_build, base | {"best": True, "batch": b}) for b in peer_b}
+        if "st_best_eager" in chosen:
+            trials[f"st_best_eager_b{peer_b[0]}"] = (st_build, base | {"best": True, "batch": peer_b[0], "attn": "eager"})
+        res = alternate(trials, args.reps)
         nan = [{"seconds": float("nan"), "cpu_seconds": float("nan"), "peak_rss_mb": float("nan")}]
         lm, sd = (median(res.get(k, nan), "seconds") for k in ("lmforge", "st_default"))
         cl, csd = (median(res.get(k, nan), "cpu_seconds") for k in ("lmforge", "st_default"))
-        best = [k for k in ("st_best", "st_best_eager") if k in res]
-        sb = min(median(res[k], "seconds") for k in best)  # the peer's faster kernel
-        csb = min(median(res[k], "cpu_seconds") for k in best)
-        emit({"bench": "search_build", "passages": args.n_build, "batch": args.build_batch, "lmforge_s": round(lm, 2),
-              "st_default_s": round(sd, 2), "st_best_s": round(sb, 2), "ratio_default": round(sd / lm, 3),
-              "ratio_best": round(sb / lm, 3), "lmforge_cpu_s": round(cl, 2), "st_default_cpu_s": round(csd, 2),
-              "st_best_cpu_s": round(csb, 2), "st_best_sdpa_eager_cpu_s": [round(median(res[k], "cpu_seconds"), 2)
-                                                                           for k in best], "ratio_default_cpu": round(csd / cl, 3), "ratio_best_cpu": round(csb / cl, 3),
+        best = [k for k in res if k.startswith("st_best")]
+        sb = min(median(res[k], "seconds") for k in best)  # the peer's fastest kernel and batch
+        csb, best_cpu = min((median(res[k], "cpu_seconds"), k) for k in best)
+        emit({"bench": "search_build", "passages": args.n_build, "batch": res["lmforge"][0]["batch"],
+              "lmforge_s": round(lm, 2), "st_default_s": round(sd, 2), "st_best_s": round(sb, 2),
+              "ratio_default": round(sd / lm, 3), "ratio_best": round(sb / lm, 3), "lmforge_cpu_s": round(cl, 2),
+              "st_default_cpu_s": round(csd, 2), "st_best_cpu_s": round(csb, 2), "st_best_trial": best_cpu,
+              "cpu_s": {k: round(median(v, "cpu_seconds"), 2) for k, v in res.items()},
+              "ratio_default_cpu": round(csd / cl, 3), "ratio_best_cpu": round(csb / cl, 3),
               "threads": args.threads, "peak_rss_mb": {k: round(median(v, "peak_rss_mb"), 1) for k, v in res.items()},
+              "rss_ratio_vs_st_best": round(median(res["lmforge"], "peak_rss_mb") / median(res[best_cpu], "peak_rss_mb"), 3),
               "lmforge_metrics": _m(res["lmforge"][0]),
               "st_default_metrics": _m(res["st_default"][0]) if "st_default" in res else None,
-              "st_best_metrics": _m(res[best[0]][0])})
+              "st_best_metrics": _m(res[best_cpu][0])})
     if "dense" in parts:
         import numpy as np
 

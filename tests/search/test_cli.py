@@ -103,3 +103,12 @@ def test_bad_inputs_are_one_line_exit_2(files, tiny_bert_dir, capsys, tmp_path):
         fh.truncate(64)
     code, _, err = run(capsys, "search", ix, "good")
     assert code == 2 and "truncated" in err and err.count("\n") == 1
+
+
+def test_cli_batch_size_default_is_the_index_settings_default():
+    """``index build --batch-size`` is spelled out in the parser (commands import lazily): same value."""
+    from lmforge.cli import build_parser
+    from lmforge.search import IndexSettings
+
+    args = build_parser().parse_args(["index", "build", "--docs", "d.jsonl", "--model", "m", "--out", "o"])
+    assert args.batch_size == IndexSettings().batch_size

@@ -192,7 +192,7 @@ def register(sub) -> None:
     ix.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
     ix.add_argument("--binary", action="store_true", help="also store binary codes")
     ix.add_argument("--faiss", action="store_true", help="also build a FAISS HNSW index (faiss-cpu)")
-    ix.add_argument("--batch-size", type=int, default=64)
+    ix.add_argument("--batch-size", type=int, default=32, help="encoder batch size (IndexSettings.batch_size)")
     ix.add_argument("--overwrite", action="store_true")
     input_help(ix, "--docs JSONL/CSV/Parquet with a text column (--text-column) and an optional id column, or "
                    ".txt",
