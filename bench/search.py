@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument("--only", default="build,dense,bm25")
     p.add_argument("--build-batch", type=int, default=None,
                    help="build trial: lmforge's batch size (default: IndexSettings' default)")
-    p.add_argument("--peer-batches", default="32,64",
+    p.add_argument("--peer-batches", default="16,32,64",
                    help="build trial: batch sizes of the peer-best trials (its best is the fastest of them)")
     p.add_argument("--lm-batches", default="", help="build trial: extra lmforge trials at these batch sizes (lmforge_b<N>)")
     p.add_argument("--build-trials", default="lmforge,st_default,st_best,st_best_eager",

@@ -101,3 +101,21 @@ def test_rrf_weights_change_the_ranking():
 def test_first_per_group_keeps_the_best_chunk_of_each_document():
     got = first_per_group([4, 1, 3, 0, 2], [0.9, 0.8, 0.7, 0.6, 0.5], ["x", "y", "x", "z", "y"], 2)
     assert got == [("y", 0.9), ("z", 0.7)]  # rows 4 -> y, 1 -> y (skipped), 3 -> z
+
+
+def test_blocked_normalize_and_int8_equal_the_whole_array_formulas_bit_for_bit():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(103, 24)).astype(np.float32)
+    x[7] = 0.0  # a zero row stays zero
+    whole = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    got = V.normalize_rows(x, block=10)
+    assert got is not x and np.array_equal(got, whole) and not got[7].any()
+    ro = x.copy()
+    ro.flags.writeable = False  # a read-only array (a memmap) is never written, even when asked
+    assert np.array_equal(V.normalize_rows(ro, inplace=True, block=10), whole) and np.array_equal(ro, x)
+    mine = x.copy()
+    assert V.normalize_rows(mine, inplace=True, block=10) is mine and np.array_equal(mine, whole)
+    r = V.int8_ranges(whole)
+    lo, hi = r
+    by_formula = (np.clip(np.rint((whole - lo) / ((hi - lo) / 255.0)), 0, 255) - 128).astype(np.int8)
+    assert np.array_equal(V.quantize_int8(whole, r, block=10), by_formula)

@@ -98,10 +98,10 @@ def load_encoder(ref: str, placement=None):
 
 
 def embed_texts(encoder, placement, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Normalised float32 vectors of ``texts``: (N, D)."""
+    """Normalised float32 vectors of ``texts``: (N, D) (normalised in place: no second copy)."""
     if not texts:
         return np.zeros((0, encoder.dim), np.float32)
-    return V.normalize_rows(encoder.encode(list(texts), batch_size=batch_size, placement=placement))
+    return V.normalize_rows(encoder.encode(list(texts), batch_size=batch_size, placement=placement), inplace=True)
 
 
 def read_documents(path: str, *, id_column: str | None = None, text_column: str = "text") -> list[tuple[str, str]]:

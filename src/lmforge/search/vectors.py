@@ -28,11 +28,21 @@ from ..errors import LmforgeError
 DTYPES = ("float32", "float16", "int8")
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """``x / |x|`` row-wise in float32; zero rows stay zero. (N, D) -> (N, D)."""
+ROW_BLOCK = 8192  # rows per block of the row-wise passes below: temporaries O(block x D), not O(N x D)
+
+
+def normalize_rows(x: np.ndarray, *, inplace: bool = False, block: int = ROW_BLOCK) -> np.ndarray:
+    """``x / |x|`` row-wise in float32; zero rows stay zero. (N, D) -> (N, D).
+
+    In row blocks (``np.linalg.norm`` squares a whole block first), so the extra memory is one
+    block, not a second (N, D) array; ``inplace`` writes into ``x`` itself (float32, writeable:
+    an array the caller owns, e.g. fresh from ``encode``). The same bits either way."""
     x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    out = x if inplace and x.flags.writeable else np.empty_like(x)
+    for a in range(0, len(x), block):
+        rows = x[a:a + block]
+        np.divide(rows, np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12), out=out[a:a + block])
+    return out
 
 
 def int8_ranges(x: np.ndarray) -> np.ndarray:
@@ -42,11 +52,15 @@ def int8_ranges(x: np.ndarray) -> np.ndarray:
     return np.stack([lo, hi]).astype(np.float32)
 
 
-def quantize_int8(x: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """``c = round((x - lo) / s) - 128`` clipped to [-128, 127]; (N, D) -> (N, D) int8."""
+def quantize_int8(x: np.ndarray, ranges: np.ndarray, block: int = ROW_BLOCK) -> np.ndarray:
+    """``c = round((x - lo) / s) - 128`` clipped to [-128, 127]; (N, D) -> (N, D) int8 (in row
+    blocks: float temporaries of one block, not four (N, D) float arrays)."""
     lo, hi = ranges
     step = (hi - lo) / 255.0
-    return (np.clip(np.rint((x - lo) / step), 0, 255) - 128).astype(np.int8)
+    out = np.empty(np.shape(x), dtype=np.int8)
+    for a in range(0, len(x), block):
+        out[a:a + block] = np.clip(np.rint((x[a:a + block] - lo) / step), 0, 255) - 128
+    return out
 
 
 def dequantize_int8(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
