@@ -3,12 +3,13 @@ padded-key kernel against plain per-sequence attention."""
 import pytest
 import torch
 
-from lmforge.fast_encode import KEY_BLOCK, _Eager, _groups, _key_cols
+from lmforge.fast_encode import KEY_BLOCK, KEY_TAIL, _Eager, _groups, _key_cols
 
 
 def test_key_cols_by_hand():
-    assert KEY_BLOCK == 32
-    assert [_key_cols(m) for m in (1, 20, 32, 33, 256)] == [32, 32, 32, 64, 256]
+    assert (KEY_BLOCK, KEY_TAIL) == (32, 4)
+    assert [_key_cols(m) for m in (1, 4, 20, 32, 33, 36, 37, 70, 256, 260, 261)] == \
+        [32, 32, 32, 32, 33, 36, 64, 96, 256, 260, 288]
 
 
 def test_indices_by_hand():
@@ -45,7 +46,7 @@ def test_groups_equal_per_sequence_attention(budget):
     sequence, and a mix; fp32 within 1e-5 of per-sequence fp64 attention."""
     torch.manual_seed(0)
     h, d = 2, 4
-    lens = [32, 40, 1, 7, 33, 31, 32]
+    lens = [32, 40, 1, 7, 33, 31, 32, 70]
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
