@@ -27,6 +27,25 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+Measured (session 6, after fast_encode's eager groups with keys padded to 32-column blocks, load 2.3-5
+on the 2 cores from other engineers' jobs; per CPU second, wall in brackets; the same-code spread is
+~5-9 % at this load, larger than the change on news):
+- ``--n 1000 --reps 3 --threads 1`` (STS-B): lmforge_default 673 sentences/CPU-s [445/s] (another run
+  692), lmforge_padded 665, lmforge_transformers 531, st_bf16w_eager 503 [291/s] (another run 489),
+  st_bf16w_sdpa 450, st_default 270: ratio_best_cpu 1.34x (the other run 1.415x) [wall 1.57x];
+  cosine to ST fp32 min 0.999901 / ST bf16 0.999909, mean 0.999955 / 0.99995; peak RSS 0.81x.
+  In process, the forward alone on the same 1,000 sentences (32 per batch): 1364 -> 1282 CPU ms (best
+  of 6, interleaved with the session-5 code): -6 %.
+- ``--data news --n 256 --reps 2 --threads 1 --only st_default,st_bf16w_sdpa,st_bf16w_eager,lmforge_default``:
+  lmforge_default 29.55 articles/CPU-s [20.86/s], st_bf16w_sdpa 22.52 [15.59/s], st_bf16w_eager 16.65:
+  ratio_best_cpu **1.31x** [1.34x] (unchanged: the forward of a 32 x 256 batch gains 1.5 %); cosine
+  min 0.999929 / 0.999913; peak RSS 0.83x.
+- ``--n 1000 --reps 2 --threads 2 --only st_default,st_bf16w_sdpa_passive,lmforge_default,st_bf16w_pool``:
+  lmforge 673 [535/s], ST passive 454 [452/s], pool 382 [282/s]: ratio_best_cpu 1.48x [1.18x].
+- ``--data news --n 128 --reps 2 --threads 2 --only st_default,st_bf16w_sdpa_passive,lmforge_default,st_bf16w_pool``:
+  lmforge 29.66 [15.64/s], ST passive 20.26 [9.71/s], pool 20.10 [10.12/s]: ratio_best_cpu 1.46x
+  [1.55x]; cosine min 0.999932 / 0.999913; peak RSS 653 vs 743 MB.
+
 Measured (session 5, load 4-7 on the 2 cores; per CPU second, wall in brackets):
 - ``--n 1000 --reps 3 --threads 1`` (STS-B): lmforge_default 633 sentences/CPU-s [373/s], st_bf16w_eager
   482 [275], st_bf16w_sdpa 437 [240], st_default 258: ratio_best_cpu 1.43x (lmforge_padded, the same code,
