@@ -30,6 +30,28 @@ Prints one JSON line: median wall seconds and CPU seconds (all threads of the tr
 steadier figure on a shared machine), peak RSS, NPMI, diversity, outlier rate and topic count for
 each, and the ratios (BERTopic time / lmforge time; lmforge RSS / BERTopic RSS).
 
+Timing (session 6): ``cpu_seconds``/``seconds`` cover the fit (load the model, embed, reduce, cluster,
+describe; lmforge also writes its run folder and eval.json), with every library module either side
+imports loaded before the clock (SHARED_IMPORTS / LMFORGE_IMPORTS; before session 6 lmforge's clock
+included ~2 CPU-s of transformers' modeling imports that BERTopic's ``import sentence_transformers``
+paid untimed). ``process_cpu_seconds``/``process_seconds`` cover the whole trial process from its start
+(interpreter, imports, data, fit): what a user's run costs. BERTopic does no eval and writes nothing;
+lmforge's eval (NPMI, diversity, silhouette: 0.03 CPU-s) and writes (0.06) stay in its clock.
+
+Measured (session 6, commit 88b1130, load 3-5, ``OMP_WAIT_POLICY=PASSIVE`` both sides, ``/tmp/topics6/out``):
+``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2 --omp-passive``: lmforge
+38.18 CPU-s [76.8 s] vs BERTopic best 61.04 [111.2]: **1.60x CPU [1.45x wall]**; whole process 44.73 vs 69.04
+CPU-s: **1.54x**; peak RSS 1,044 vs 1,115 MB (0.94x); NPMI 0.248 / 0.237, diversity 0.824 / 0.821, outliers
+0.171 / 0.208, topics 10 / 9.5. ``... --threads 1 --omp-passive`` (commit 5034d56 + attn's 20:18 kernel):
+37.17 vs 59.71 CPU-s, **1.61x CPU**, process 1.53x, RSS 0.95x.
+Where lmforge's 1-thread trial goes (1,000 articles, in-process markers, /tmp/topics6/breakdown.py): embed
+34.1 CPU-s (tokenize 0.56 of it), UMAP 1.0 (500-epoch layout 0.86; numba's disk cache loads 3 kernels in
+0.1, no compile), read + vectorize 0.28, model load 0.5 once imports are done (2.2 with transformers'
+modeling imports), HDBSCAN 0.01, describe + measure 0.06, writes 0.06. Process start + imports: ~6.3
+CPU-s (torch+numba 1.35, umap with sklearn/pynndescent 1.95, transformers + BertModel chain 2.4). BERTopic
+best, same settings: embed 44.0, UMAP 11.8 (kernel compile + umap-learn's own neighbour graph), c-TF-IDF +
+representative docs 0.55; imports ~7.
+
 Measured (session 5, QUIET machine, load < 1.5, the same code; ``runs/lead5/topics2t_spin.json``):
 ``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2``: lmforge 38.99 CPU-s
 [21.5 s wall] vs BERTopic best 62.90 [38.0 s]: **1.61x CPU [1.76x wall]**; NPMI 0.246 / 0.231, diversity
