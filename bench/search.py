@@ -1,10 +1,15 @@
 """Search speed, side by side on BoolQ (question -> its passage), each trial in a fresh process.
 
-1. ``build``: lmforge ``build_index`` (embed every passage, write the index) + dense search of the
-   questions, against sentence-transformers ``encode`` (corpus and questions) + ``util.semantic_search``.
-   Peer default: fp32, batch 32 (its defaults); peer best: bf16 weights at ``--build-batch`` (64, what
-   lmforge uses; 16-32 is ~10-15 % faster per CPU-second than 64 on 1 thread for both, sorted batches),
-   SDPA or eager attention, whichever is faster (``st_best`` / ``st_best_eager``).
+1. ``build``: lmforge ``build_index`` + dense search of the questions, against sentence-transformers
+   ``encode`` (corpus and questions) + ``util.semantic_search``. Equal work, checked (session 6): both embed
+   the same 400 passages (``chunking="none"``: one chunk per passage, the same texts) and all their
+   questions with MiniLM in bf16, and both search exactly (full inner products, top 10). lmforge's timed
+   region does MORE: it also builds and writes the BM25 index, writes docs/chunks/vectors/manifest, embeds
+   the manifest's probe sentence and loads the folder back. Imports and model loads are outside both timed
+   regions. Peer default: fp32, batch 32 (its defaults); peer best: bf16 weights, SDPA (``st_best_b<N>``,
+   one trial per ``--peer-batches``, default 16,32,64) or eager (``st_best_eager_b<N>``): the fastest per
+   CPU second is the peer's best. ST pads each batch to its longest text, so it is 4-12 % faster at 16-32
+   than at 64; lmforge packs rows (no padding) and runs ``IndexSettings``' default batch (32).
 2. ``dense_query``: exact top-k over the same float32 vectors: lmforge ``exact_topk`` against
    ``util.semantic_search`` (queries/s).
 3. ``bm25``: indexing and queries, bm25s through lmforge against rank-bm25's ``BM25Okapi`` with the same
@@ -13,6 +18,25 @@
 Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report``; one JSON line each.
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
+
+Measured (session 6, load 3-5 on the 2 cores, after bm25s without numba, batch 32 and attn's fast_encode
+88b1130; per CPU second, wall in brackets; ``/tmp/search6/out/b*_final.json``):
+``--only build --reps 2 --n-build 400 --threads 1 --build-trials lmforge,st_best --lm-batches 64``: lmforge 7.95
+CPU-s (batch 64: 7.67) vs ST bf16 SDPA batch 16 11.16 (32: 11.78, 64: 12.58): **ratio_best 1.40x CPU** [1.60x
+wall] (1.58x against the batch-64 peer the earlier figures used); peak RSS 720 vs 690 MB (1.044x); MRR@10 0.9451
+/ 0.9451, nDCG@10 0.9563 / 0.9563, R@10 0.9901 / 0.9901.
+``OMP_WAIT_POLICY=PASSIVE python bench/search.py --only build --reps 2 --n-build 400 --threads 2 --build-trials
+lmforge,st_best --lm-batches 64``: lmforge 8.19 CPU-s (batch 64: 8.10) vs ST batch 16 11.54 (32: 11.56, 64:
+12.95): **1.41x CPU [1.52x wall]**; peak RSS 740 vs 718 MB (1.031x; lmforge at batch 64: 889); same metrics.
+The RSS gap is fast_encode's: oneDNN keeps a primitive plus an output-sized buffer per distinct row count, and
+packed rows give every batch its own (~12 MB per (4000, 1536) GELU linear, never released; with
+ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 LRU_CACHE_CAPACITY=8 the 1-thread build peaks at 589 MB instead of 720).
+Where lmforge's timed CPU goes (1 thread, ``/tmp/search6/prof_build.py``): encoding the passages ~7.0 and the
+questions ~0.78 (tokenisation 0.09 + 0.015 of it), BM25 index 0.035 + write 0.005, other writes 0.01, probe 0.011,
+reload 0.005, exact search 0.015-0.03. Before session 6 the BM25 step cost 0.37 (bm25s imported numba: 0.2-0.3
+CPU-s, and the ~25k objects it adds pushed Python into a full garbage collection of ~420k objects, 0.22 CPU-s)
+and peak RSS was 50 MB higher (1 thread: 8.49 -> 8.22 CPU-s, 762 -> 712 MB, same peer run).
+The earlier figures below compare against the peer at batch 64 only, which is not its best.
 
 Measured (session 5, QUIET machine, load < 1; ``runs/lead5/search2t.json``):
 ``--only build --reps 2 --n-build 400 --threads 2 --build-trials lmforge,st_best``: lmforge 8.78 CPU-s
