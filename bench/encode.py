@@ -34,8 +34,10 @@ on the 2 cores from other engineers' jobs; per CPU second, wall in brackets; the
   692), lmforge_padded 665, lmforge_transformers 531, st_bf16w_eager 503 [291/s] (another run 489),
   st_bf16w_sdpa 450, st_default 270: ratio_best_cpu 1.34x (the other run 1.415x) [wall 1.57x];
   cosine to ST fp32 min 0.999901 / ST bf16 0.999909, mean 0.999955 / 0.99995; peak RSS 0.81x.
-  In process, the forward alone on the same 1,000 sentences (32 per batch): 1364 -> 1282 CPU ms (best
-  of 6, interleaved with the session-5 code): -6 %.
+  In process, interleaved with the session-5 code: the forward alone on 1,000 STS-B sentences batched
+  by character length 1364 -> 1282 CPU ms (best of 6, -6 %); the whole ``encode`` (batches sorted by
+  token length: most have one length, which the old code ran unmasked) median of 10 1.417 -> 1.392
+  CPU-s (-1.8 %, minima equal), its softmax 119-137 -> 58-60 ms, at load 4-5.
 - ``--data news --n 256 --reps 2 --threads 1 --only st_default,st_bf16w_sdpa,st_bf16w_eager,lmforge_default``:
   lmforge_default 29.55 articles/CPU-s [20.86/s], st_bf16w_sdpa 22.52 [15.59/s], st_bf16w_eager 16.65:
   ratio_best_cpu **1.31x** [1.34x] (unchanged: the forward of a 32 x 256 batch gains 1.5 %); cosine
