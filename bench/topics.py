@@ -42,8 +42,11 @@ Measured (session 6, commit 88b1130, load 3-5, ``OMP_WAIT_POLICY=PASSIVE`` both 
 ``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2 --omp-passive``: lmforge
 38.18 CPU-s [76.8 s] vs BERTopic best 61.04 [111.2]: **1.60x CPU [1.45x wall]**; whole process 44.73 vs 69.04
 CPU-s: **1.54x**; peak RSS 1,044 vs 1,115 MB (0.94x); NPMI 0.248 / 0.237, diversity 0.824 / 0.821, outliers
-0.171 / 0.208, topics 10 / 9.5. ``... --threads 1 --omp-passive`` (commit 5034d56 + attn's 20:18 kernel):
-37.17 vs 59.71 CPU-s, **1.61x CPU**, process 1.53x, RSS 0.95x.
+0.171 / 0.208, topics 10 / 9.5. ``... --threads 1 --omp-passive`` (same commit, load 2-4): 36.78 vs 57.96 CPU-s,
+**1.58x CPU [1.19x wall]**, process 43.54 vs 64.86 (**1.49x**), RSS 963 vs 1,085 MB (0.89x); NPMI 0.248 / 0.224,
+diversity 0.824 / 0.831 (lower by 0.007: BERTopic's unseeded reps gave 0.196 / 0.252 NPMI), outliers 0.171 / 0.192
+(lmforge's topics are the same at 1 and 2 threads). Not 2x: the encode forward (~33.5 CPU-s) needs to be ~1.2x
+faster for 2x of the fit clock, ~1.3x for 2x of the whole process.
 Where lmforge's 1-thread trial goes (1,000 articles, in-process markers, /tmp/topics6/breakdown.py): embed
 34.1 CPU-s (tokenize 0.56 of it), UMAP 1.0 (500-epoch layout 0.86; numba's disk cache loads 3 kernels in
 0.1, no compile), read + vectorize 0.28, model load 0.5 once imports are done (2.2 with transformers'
