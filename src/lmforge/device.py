@@ -33,8 +33,40 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+ONEDNN_CACHE_CAPACITY = 64  # oneDNN primitives (and torch's ideep LRU) kept per process
+
+
+def bound_onednn_caches(capacity: int | None = None) -> bool:
+    """Bound oneDNN's primitive cache and torch's ideep LRU cache (env vars read at their first
+    use, so this only acts before the process's first oneDNN op; a user's own setting wins).
+
+    Why: a oneDNN linear keeps a primitive plus an output-sized buffer per distinct row count M,
+    and unpadded/packed batches give nearly every batch its own M. With the default capacity
+    (1024) they are never evicted: measured +472 MB for 40 new M near 4,000 rows of a
+    (1536 x 384) bf16 linear, +949 MB for 80; with both caches at 8, +153 / +131 MB, and the
+    first call at a new M is faster (27 vs 30 ms: fewer fresh pages). Capacity 64 keeps every
+    primitive a training step cycles through (classify LoRA step: 16 measured 8 % slower, 64 the
+    same speed as the default; SFT at 512 tokens the same speed and RSS) and cut a 400-passage
+    index build's peak from 719 to 651 MB at the same CPU. The bound is a count: up to 64
+    output-sized buffers (~12 MB each at 4,000 x 1,536 bf16) can stay. Returns True when both variables were ours to set."""
+    ours = False
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        if var not in os.environ:
+            os.environ[var] = str(ONEDNN_CACHE_CAPACITY if capacity is None else capacity)
+            ours = True
+    return ours
+
+
 def pick_device(requested: str = "auto") -> torch.device:
-    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N`` honouring LOCAL_RANK under torchrun."""
+    """Resolve ``auto``/``cpu``/``cuda``/``cuda:N`` honouring LOCAL_RANK under torchrun; on CPU
+    also bounds oneDNN's caches (:func:`bound_onednn_caches`)."""
+    dev = _pick_device(requested)
+    if dev.type == "cpu":
+        bound_onednn_caches()
+    return dev
+
+
+def _pick_device(requested: str) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

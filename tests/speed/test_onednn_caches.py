@@ -1,0 +1,68 @@
+"""device.bound_onednn_caches: oneDNN keeps a primitive and an output-sized buffer per distinct row
+count; unbounded, packed encoder batches (a new M almost every batch) grow the process by ~12 MB per
+batch. Each check runs in a fresh interpreter, because the caches read their capacity at first use."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmforge.device import bound_onednn_caches, pick_device
+
+_PROBE = r"""
+import os, sys, torch
+import lmforge.device as device
+from lmforge.device import Placement
+device.ONEDNN_CACHE_CAPACITY = int(sys.argv[1])  # the mechanism at a small bound
+torch.set_num_threads(1)
+Placement.resolve("cpu", "bf16")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w = torch.randn(1536, 384).bfloat16(); b = torch.randn(1536).bfloat16()
+pw = torch.ops.mkldnn._reorder_linear_weight(w, 8192)
+x = torch.randn(9000, 384).bfloat16()  # (the retention shows with a large live input, as in an encode)
+lin = lambda n: torch.ops.mkldnn._linear_pointwise(x[:n], pw, b, "gelu", [], "none")
+lin(4000)
+r0 = rss()
+for n in range(4001, 4041):  # 40 new row counts
+    lin(n)
+print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], rss() - r0)
+"""
+
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and sys.platform.startswith("linux")),
+    reason="oneDNN CPU linear and /proc needed")
+
+
+def _growth(env: dict) -> tuple[str, float]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, "8"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cap, mb = out.stdout.split()
+    return cap, float(mb)
+
+
+@needs_onednn
+def test_bounded_caches_stop_the_growth_and_a_user_setting_wins():
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    cap, ours = _growth(env)
+    user_cap, unbounded = _growth(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    assert cap == "8" and user_cap == "1024"
+    # 40 output-sized (4000 x 1536 bf16 = 12 MB) buffers kept vs. the cache's 8 (measured 472 vs 130-153 MB)
+    assert unbounded > 300, unbounded
+    assert ours < 0.5 * unbounded, (ours, unbounded)
+
+
+def test_pick_device_sets_the_default_bound(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    assert pick_device("cpu").type == "cpu"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "64"
+
+
+def test_bound_sets_only_what_the_user_left_unset(monkeypatch):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert bound_onednn_caches(32) is True
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32" and os.environ["LRU_CACHE_CAPACITY"] == "7"
+    assert bound_onednn_caches(16) is False
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
