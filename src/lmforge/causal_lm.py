@@ -192,10 +192,10 @@ def collate_seq2seq(items: Sequence[dict], pad_id: int, start_id: int) -> dict[s
     Returns ``input_ids``/``attention_mask`` (B, S); with labels, ``targets`` (B, T; -100 on padding)
     and ``decoder_input_ids`` (B, T) = ``[start, y_0 .. y_{T-2}]`` (padding fed as ``pad_id``).
     """
-    from .data.batching import pad_sequences
+    from .data.batching import attention_mask, pad_sequences
 
     batch = {"input_ids": pad_sequences([it["input_ids"] for it in items], pad_id),  # (B, S)
-             "attention_mask": pad_sequences([[1] * len(it["input_ids"]) for it in items], 0)}
+             "attention_mask": attention_mask([it["input_ids"] for it in items])}
     if "labels" in items[0]:
         targets = pad_sequences([it["labels"] for it in items], -100)  # (B, T)
         batch["targets"] = targets

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from lmforge.data.batching import collate_tokens, length_grouped_batches, pad_sequences, random_batches
+from lmforge.data.batching import attention_mask, collate_tokens, length_grouped_batches, pad_sequences, random_batches
 
 
 def _lengths(n=500, seed=0):
@@ -117,3 +117,24 @@ def test_old_and_new_agree_without_accumulation():
     lengths = [(i * 37) % 23 for i in range(72)]  # whole batches: the same order as before
     assert step_batches(lengths, 72, 8, seed=3, epoch=2) == length_grouped_batches(lengths, 8, seed=3, epoch=2)
     assert step_batches(None, 70, 8, seed=3, epoch=2) == random_batches(70, 8, seed=3, epoch=2)
+
+
+def _pad_by_rows(seqs, pad, left):  # the per-row reference
+    width = max(len(s) for s in seqs)
+    rows = [[pad] * (width - len(s)) + list(s) if left else list(s) + [pad] * (width - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_pad_sequences_and_attention_mask_equal_the_per_row_padding(left):
+    rng = random.Random(3)
+    for trial in range(20):
+        seqs = [[rng.randrange(50_000) for _ in range(rng.randint(0, 40))] for _ in range(rng.randint(1, 9))]
+        if trial % 5 == 0:
+            seqs.append([])
+        want = _pad_by_rows(seqs, 7, left)
+        assert torch.equal(pad_sequences(seqs, 7, left=left), want)
+        assert torch.equal(pad_sequences([tuple(s) for s in seqs], 7, left=left), want)
+        assert torch.equal(pad_sequences([torch.tensor(s, dtype=torch.long) for s in seqs], 7, left=left), want)
+        mask = attention_mask(seqs, left=left)
+        assert mask.dtype == torch.long and torch.equal(mask, _pad_by_rows([[1] * len(s) for s in seqs], 0, left))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.batching import pad_sequences
+from ..data.batching import attention_mask, pad_sequences
 from ..device import Placement
 from ..errors import LmforgeError
 
@@ -95,7 +95,7 @@ class CrossEncoder(nn.Module):
     def collate(self, items: Sequence[dict]) -> dict[str, Tensor]:
         ids = [it["input_ids"] for it in items]
         batch = {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),  # (B, T)
-                 "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0)}  # (B, T)
+                 "attention_mask": attention_mask(ids)}  # (B, T)
         if "token_type_ids" in items[0]:
             batch["token_type_ids"] = pad_sequences([it["token_type_ids"] for it in items], 0)  # (B, T)
         return batch

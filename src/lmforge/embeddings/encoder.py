@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.batching import pad_sequences
+from ..data.batching import attention_mask, pad_sequences
 from ..device import Placement, run_batches
 from ..errors import LmforgeError
 from ..unpad import enable_unpadding
@@ -195,7 +195,7 @@ class SentenceEncoder(nn.Module):
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """Right-pad token id lists: ``input_ids`` and ``attention_mask``, both ``(B, T)``."""
         return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
-                "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0)}
+                "attention_mask": attention_mask(ids)}
 
     def pooled(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """``(B, T)`` token batch -> ``(B, D)`` pooled vectors (fp32), never normalised."""

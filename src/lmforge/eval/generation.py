@@ -57,7 +57,7 @@ def perplexity_of_texts(model, tokenizer, texts: Sequence[str], *, batch_size: i
     """
     import torch.nn.functional as F
 
-    from ..data.batching import length_grouped_batches, pad_sequences
+    from ..data.batching import attention_mask, length_grouped_batches, pad_sequences
     from ..losses.lm import chunked_cross_entropy, shift_labels
     from .metrics import perplexity_report
 
@@ -75,7 +75,7 @@ def perplexity_of_texts(model, tokenizer, texts: Sequence[str], *, batch_size: i
     batches = length_grouped_batches([len(w) for w in windows], batch_size, seed=0, epoch=0, shuffle=False)
     for idx in batches:
         ids = pad_sequences([windows[i] for i in idx], 0).to(device)  # (B, T)
-        mask = pad_sequences([[1] * len(windows[i]) for i in idx], 0).to(device)  # (B, T)
+        mask = attention_mask([windows[i] for i in idx]).to(device)  # (B, T)
         labels = shift_labels(ids.masked_fill(mask == 0, -100))  # (B, T): t predicts t + 1
         with autocast() if autocast is not None else contextlib.nullcontext():
             if head is not None:

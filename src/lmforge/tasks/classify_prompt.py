@@ -124,13 +124,13 @@ def choice_logprobs(model, prompts: Sequence[Sequence[int]], choices: Sequence[S
     Returns:
         ``(B, K)`` fp32 summed log-probabilities.
     """
-    from ..data.batching import pad_sequences
+    from ..data.batching import attention_mask, pad_sequences
     from ..generation import _new_cache, cache_kwargs
 
     body = model.base_model
     device = next(model.parameters()).device
     ids = pad_sequences(prompts, pad_id, left=True).to(device)  # (B, T)
-    mask = pad_sequences([[1] * len(p) for p in prompts], 0, left=True).to(device)  # (B, T)
+    mask = attention_mask(prompts, left=True).to(device)  # (B, T)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, T)
     batch = ids.shape[0]
     cache = _new_cache(model)

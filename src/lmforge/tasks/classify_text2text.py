@@ -131,7 +131,7 @@ class Text2TextTask(TextMethod):
     def _scores(self, sources: list[list[int]]) -> np.ndarray:
         """(N, C) label probabilities from the scored label words."""
         from ..causal_lm import decoder_start_id
-        from ..data.batching import pad_sequences
+        from ..data.batching import attention_mask, pad_sequences
 
         pad = self.tokenizer.pad_token_id
         start = decoder_start_id(self.model)
@@ -143,7 +143,7 @@ class Text2TextTask(TextMethod):
         for s in range(0, len(order), bs):
             idx = order[s:s + bs]
             ids = pad_sequences([sources[i] for i in idx], pad).to(device)  # (b, S)
-            mask = pad_sequences([[1] * len(sources[i]) for i in idx], 0).to(device)
+            mask = attention_mask([sources[i] for i in idx]).to(device)
             with self.placement.autocast():
                 scores = seq2seq_choice_logprobs(self.model, ids, mask, [w for _, w in self.choices], start, pad)
             per_label = torch.stack([scores[:, label_of == c].logsumexp(-1) for c in range(len(self.labels))], -1)
@@ -169,7 +169,7 @@ class Text2TextTask(TextMethod):
 
     def _generate(self, sources: list[list[int]]) -> list[str]:
         """Greedy answers (a few tokens longer than the longest label word) to the tokenised questions."""
-        from ..data.batching import pad_sequences
+        from ..data.batching import attention_mask, pad_sequences
         from ..generation import GenerationConfig, decode, eos_token_ids
 
         longest = max(len(w) for _, w in self.choices)
@@ -180,7 +180,7 @@ class Text2TextTask(TextMethod):
         for s in range(0, len(sources), bs):
             rows = sources[s:s + bs]
             ids = pad_sequences(rows, pad, left=True).to(device)  # (b, S)
-            mask = pad_sequences([[1] * len(r) for r in rows], 0, left=True).to(device)
+            mask = attention_mask(rows, left=True).to(device)
             with self.placement.autocast():
                 out = decode(self.model, ids, mask, gcfg, eos_ids=eos, pad_id=pad)
             answers += [self.tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True) for o in out]

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import RunConfig, Section
-from ..data.batching import length_grouped_batches, pad_sequences
+from ..data.batching import attention_mask, length_grouped_batches, pad_sequences
 from ..data.masking import mask_batch, seed_of
 from ..data.readers import Table, read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns, text_values
@@ -183,7 +183,7 @@ class MlmTask(Task):
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         ids = [it["input_ids"] for it in items]
-        batch = {"attention_mask": pad_sequences([[1] * len(s) for s in ids], 0)}  # (B, T)
+        batch = {"attention_mask": attention_mask(ids)}  # (B, T)
         if "labels" in items[0]:  # pre-masked held-out items
             batch["input_ids"] = pad_sequences(ids, self.tokenizer.pad_token_id)
             batch["labels"] = pad_sequences([it["labels"] for it in items], -100)
