@@ -27,6 +27,12 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+Measured (session 6, QUIET machine, load < 1, lead; ``runs/lead6/{news1t,stsb1t,stsb1t_b}.json``):
+- ``--data news --n 256 --reps 2 --threads 1 --only st_bf16w_sdpa,lmforge_default``: 30.71 vs 22.82
+  articles/CPU-s, **1.35x** [1.34x wall]; RSS 0.80x.
+- ``--n 1000 --reps 3 --threads 1 --only st_bf16w_eager,lmforge_default``: 718.6 vs 521.0 sentences/CPU-s,
+  **1.38x**; after the vectorised collate (42038b9) 725.1 vs 550.5, 1.32x (the peer's own spread is ~5 %).
+
 Measured (session 6, after fast_encode's eager groups with keys padded to 32-column blocks, load 2.3-5
 on the 2 cores from other engineers' jobs; per CPU second, wall in brackets; the same-code spread is
 ~5-9 % at this load, larger than the change on news):

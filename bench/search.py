@@ -19,6 +19,13 @@ Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
 
+Measured (session 6, QUIET machine, load < 1.5, lead, after the oneDNN cache bound b80c286;
+``runs/lead6/search{1t,2t}.json``), ``--only build --reps 2 --n-build 400 --threads N --build-trials lmforge,st_best``:
+- 1 thread: lmforge 7.57 CPU-s [7.51 s], ST best (bf16 SDPA, batch 16) 10.73 [10.71]: **1.42x CPU [1.43x wall]**;
+  peak RSS 650 vs 718 MB (0.91x; 719 MB before the cache bound).
+- 2 threads: lmforge 7.79 [4.02 s], ST best batch 16 11.57 [5.84 s]: **1.485x CPU [1.45x wall]**; RSS 753 vs
+  718 MB (1.05x). Metrics equal on both sides (MRR@10 0.9451, nDCG@10 0.9563, R@10 0.9901).
+
 Measured (session 6, load 3-5 on the 2 cores, after bm25s without numba, batch 32 and attn's fast_encode
 88b1130; per CPU second, wall in brackets; ``/tmp/search6/out/b*_final.json``):
 ``--only build --reps 2 --n-build 400 --threads 1 --build-trials lmforge,st_best --lm-batches 64``: lmforge 7.95

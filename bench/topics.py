@@ -38,6 +38,14 @@ paid untimed). ``process_cpu_seconds``/``process_seconds`` cover the whole trial
 (interpreter, imports, data, fit): what a user's run costs. BERTopic does no eval and writes nothing;
 lmforge's eval (NPMI, diversity, silhouette: 0.03 CPU-s) and writes (0.06) stay in its clock.
 
+Measured (session 6, QUIET machine, load < 1, lead, commit b80c286; ``runs/lead6/topics2t.json``):
+``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2`` (default OMP wait):
+lmforge 19.0 s wall / 36.19 CPU-s, BERTopic best 37.04 s / 61.76 CPU-s: **wall 1.95x, CPU 1.71x**; whole
+process 24.7 vs 43.6 s (1.77x wall), 42.1 vs 68.5 CPU-s (1.63x); peak RSS 1,072 vs 1,077 MB (0.995x);
+NPMI 0.248 / 0.242, diversity 0.824 / 0.825, outliers 0.171 / 0.260, topics 10 / 8.5. lmforge's wall at 2
+threads (a breakdown run): encode 17.5 s (34.7 CPU-s: both workers busy), UMAP layout 1.0 s (seeded, so
+one thread), model load 0.5, read + vectorize 0.25, the rest 0.2.
+
 Measured (session 6, commit 88b1130, load 3-5, ``OMP_WAIT_POLICY=PASSIVE`` both sides, ``/tmp/topics6/out``):
 ``--reps 2 --limit 1000 --only-e2e lmforge,bertopic_best --skip-from-emb --threads 2 --omp-passive``: lmforge
 38.18 CPU-s [76.8 s] vs BERTopic best 61.04 [111.2]: **1.60x CPU [1.45x wall]**; whole process 44.73 vs 69.04
