@@ -1,5 +1,13 @@
 """Shared benchmark plumbing: run each trial in a fresh child process, alternate peers,
-collect throughput and peak RSS, print one JSON line with medians and ratios."""
+collect throughput and peak RSS, print one JSON line with medians and ratios.
+
+Two threads on a loaded machine (measured in session 5 at load 6-9 on the 2 cores): with
+libgomp's default wait policy every OpenMP fork/join of a 2-thread trial spin-waits for the
+descheduled thread, which costs both sides 3-7x their CPU per step (in process, lmforge's unpadded
+MiniLM LoRA step: 4351 CPU ms / 10.5 s wall, OMP_WAIT_POLICY=PASSIVE: 595 / 1.8 s; padded: 5408 ->
+1751). The benches' best 2-thread figures are therefore with ``OMP_WAIT_POLICY=PASSIVE`` exported
+for the whole bench (children inherit it; it is a setting either side's user has), or taken on a
+quiet machine, and say which."""
 from __future__ import annotations
 
 import json

@@ -17,12 +17,8 @@ Trials (pairs/s; quality = Spearman of cosine vs gold on 300 STS-B dev pairs aft
 
     .venv/bin/python bench/train_mnr.py [--steps 20] [--warmup 2] [--batch 32] [--reps 3] [--threads 1] [--profile]
 
-Two threads (session 5; load 6-9 on the 2 cores, other engineers' jobs): with libgomp's default
-wait policy every OpenMP fork/join of a 2-thread trial spin-waits for the descheduled thread, which
-costs both sides 3-7x their CPU per step (in process, lmforge's unpadded MiniLM LoRA step:
-4351 CPU ms / 10.5 s wall, OMP_WAIT_POLICY=PASSIVE: 595 / 1.8 s; padded: 5408 -> 1751). Both sides'
-best 2-thread figures are therefore with ``OMP_WAIT_POLICY=PASSIVE`` exported for the whole bench
-(children inherit it; it is a setting either side's user has). Per CPU second, [wall]:
+Two threads: both sides' best 2-thread figures are with ``OMP_WAIT_POLICY=PASSIVE`` exported for
+the whole bench (why: ``bench/_common.py``). Per CPU second, [wall]:
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/train_mnr.py --steps 6 --warmup 2 --reps 2 --threads 2 \
         --only lmforge_default,st_bf16_eager,st_bf16_sdpa
