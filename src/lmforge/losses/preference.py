@@ -1,4 +1,4 @@
-"""Preference losses: DPO (+ cDPO, IPO, hinge), ORPO's odds-ratio term, Bradley-Terry.
+"""Preference losses: DPO (+ cDPO, IPO, hinge), RPO's NLL term, ORPO's odds-ratio term, Bradley-Terry.
 
 All functions are pure: they take per-sequence scores (sums or means of token
 log-probabilities, see :mod:`lmforge.losses.lm`) and return per-example losses, so the
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 
-__all__ = ["bradley_terry_loss", "dpo_loss", "orpo_loss", "orpo_nll", "preference_metrics"]
+__all__ = ["bradley_terry_loss", "dpo_loss", "orpo_loss", "orpo_nll", "preference_metrics", "rpo_loss"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -164,6 +164,42 @@ def orpo_nll(chosen_logps_sum: Tensor, chosen_counts: Tensor) -> Tensor:
     """
     total = chosen_counts.sum().clamp(min=1).to(chosen_logps_sum.dtype)
     return -chosen_logps_sum.float() * chosen_logps_sum.shape[0] / total
+
+
+def rpo_loss(
+    dpo_losses: Tensor, chosen_logps_sum: Tensor, chosen_counts: Tensor, *, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """RPO: the DPO losses plus ``alpha`` times the NLL of the chosen reply under the policy
+    (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 3; the reference stays
+    the model DPO starts from):
+
+        L_i   = L_DPO,i + alpha * nll_i
+        nll_i = -S_i * B / N,   S_i = sum_t log pi(y_w,i,t | x_i, y_w,i,<t),   N = sum_j n_j
+
+    so that ``mean_i(L_i) = mean_i(L_DPO,i) - alpha * (sum_i S_i) / N``: the NLL is the token mean
+    over every scored (response) token of the batch's chosen replies, pooled across the batch, as
+    TRL computes it (``DPOConfig.rpo_alpha`` before TRL 1.0: ``F.cross_entropy`` over the chosen
+    labels; TRL 1.x: ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``, whose ``"sft"`` term
+    is ``-chosen_per_token_logps[chosen_mask].mean()``). The paper divides each sequence's
+    log-likelihood by its own length (prompt and reply) instead; the pooled mean weighs a long chosen
+    reply more than a short one. ``alpha = 0`` returns ``dpo_losses`` unchanged.
+
+    Args:
+        dpo_losses: ``(B,)`` per-pair DPO losses (:func:`dpo_loss`).
+        chosen_logps_sum: ``(B,)`` summed policy log-probs of each chosen reply's scored tokens.
+        chosen_counts: ``(B,)`` number of scored tokens of each chosen reply.
+        alpha: weight of the NLL term (``>= 0``).
+
+    Returns:
+        ``(losses, nll)``, each ``(B,)``; ``nll`` (detached) is the per-pair NLL term, whose mean
+        is the pooled token-mean NLL of the batch's chosen replies.
+    """
+    if alpha < 0:
+        raise LmforgeError(f"rpo_alpha must be >= 0, got {alpha}")
+    nll = orpo_nll(chosen_logps_sum, chosen_counts)  # (B,) same pooled token mean as ORPO's SFT term
+    if alpha == 0:
+        return dpo_losses, nll.detach()
+    return dpo_losses + alpha * nll, nll.detach()
 
 
 def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | None = None) -> Tensor:

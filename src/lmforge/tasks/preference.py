@@ -1,4 +1,4 @@
-"""Preference tuning of causal LMs: DPO (sigmoid), conservative DPO, IPO, hinge, and ORPO.
+"""Preference tuning of causal LMs: DPO (sigmoid), conservative DPO, IPO, hinge, RPO (DPO + chosen NLL), ORPO.
 
 Data: ``prompt``, ``chosen``, ``rejected`` as texts or chat messages. Each step runs one
 forward over the chosen and rejected sequences concatenated along the batch (2B rows) and
@@ -32,7 +32,7 @@ from ..device import move
 from ..errors import LmforgeError
 from ..eval.preference_pairs import pair_key, pairs_in_file_order
 from ..losses.lm import sequence_logps, token_logps
-from ..losses.preference import dpo_loss, orpo_loss, orpo_nll
+from ..losses.preference import dpo_loss, orpo_loss, orpo_nll, rpo_loss
 from ..models import resolve_model
 from . import refcache
 from .causal import CausalSection, CausalTask, load_base, output_projection
@@ -51,6 +51,9 @@ class PreferenceConfig(CausalSection):
         "response", description="ORPO's SFT term: token-mean NLL (pooled over the batch, as TRL) of the chosen "
                                 "response (the paper), or of prompt and response (what TRL's ORPOTrainer scores)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability a label is flipped")
+    rpo_alpha: float | None = Field(None, ge=0, description="RPO: add alpha x the token-mean NLL of the chosen "
+                                                            "replies (pooled over the batch, as TRL) to the DPO-family "
+                                                            "loss; the reference stays the base model (null/0: off)")
     max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
     precompute_ref: bool = Field(False, description="compute reference log-probs once and cache them on disk")
     packing: bool = Field(True, description="pack a batch's chosen and rejected sequences into shared rows "
@@ -161,6 +164,8 @@ class PreferenceTask(CausalTask):
         o = self.opts
         if o.label_smoothing > 0 and o.loss != "sigmoid":
             raise LmforgeError(f"preference.label_smoothing (cDPO) applies to loss sigmoid, not {o.loss}")
+        if o.rpo_alpha and o.loss == "orpo":
+            raise LmforgeError("preference.rpo_alpha: ORPO already has its NLL term; use it with sigmoid, ipo or hinge")
         if self.uses_reference and not self.adapters and not self._from_run and not o.precompute_ref:
             self._ref = self._freeze(copy.deepcopy(self.model))  # the frozen reference for full fine-tuning
         if self.uses_reference and o.precompute_ref and self.train_items:
@@ -321,6 +326,9 @@ class PreferenceTask(CausalTask):
             lengths = {"chosen_lengths": nc, "rejected_lengths": nr} if o.loss == "ipo" else {}
             losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=o.beta, loss_type=o.loss,
                                       label_smoothing=o.label_smoothing, **lengths)
+            if o.rpo_alpha:
+                losses, nll = rpo_loss(losses, pc, nc, alpha=o.rpo_alpha)  # (B,) DPO + alpha * chosen NLL
+                stats["nll"] = nll
         stats |= {"rewards/chosen": rc, "rewards/rejected": rr}
         return losses, stats
 
