@@ -155,3 +155,25 @@ def test_encode_progress_bar(encoder, capsys):
     assert "encode" in err and "7/7" in err
     encoder.encode(texts, batch_size=3, precision="fp32")
     assert capsys.readouterr().err == ""
+
+
+def test_tokenize_ahead_gives_encode_the_same_ids(encoder):
+    """tokenize_ahead(texts) on a background thread: the next encode() of that very list takes
+    its ids (the same vectors as tokenising there), anything else is tokenised as before."""
+    texts = sentences(40, seed=3)
+    want = encoder.encode(texts, batch_size=8)
+    encoder.tokenize_ahead(texts)
+    assert encoder._ahead[0] is texts
+    np.testing.assert_array_equal(encoder.encode(texts, batch_size=8), want)
+    assert encoder._ahead is None  # taken once
+    encoder.tokenize_ahead(texts)
+    other = list(texts[:5])  # equal texts, another object: tokenised there, the prefetch dropped
+    np.testing.assert_array_equal(encoder.encode(other, batch_size=8), want[:5])
+    assert encoder._ahead is None
+
+
+def test_tokenize_ahead_error_is_raised_by_encode(encoder):
+    texts = ["fine", None]  # the tokenizer rejects None on its thread
+    encoder.tokenize_ahead(texts)
+    with pytest.raises((TypeError, ValueError)):
+        encoder.encode(texts)

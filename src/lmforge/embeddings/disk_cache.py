@@ -25,6 +25,14 @@ def embedding_cache_path(folder: Path, texts: Sequence[str], settings: str) -> P
     return cache_dir() / "embeddings" / f"{h.hexdigest()[:40]}.npy"
 
 
+def cache_file(encoder, texts: Sequence[str], folder: Path, placement) -> Path:
+    """Where :func:`cached_encode` keeps ``encoder.encode(texts)`` (the file may not exist yet)."""
+    weights = next(encoder.parameters()).dtype
+    settings = (f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}|"
+                f"{encoder.code_path(placement)}")
+    return embedding_cache_path(folder, texts, settings)
+
+
 def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, placement) -> np.ndarray:
     """``encoder.encode(texts)``, read from / written to the on-disk cache.
 
@@ -33,10 +41,7 @@ def cached_encode(encoder, texts: list[str], folder: Path, *, batch_size: int, p
     fast path and transformers' agree to ~1e-5, not bit for bit), so any change re-embeds; files are
     written atomically and loaded without pickle.
     """
-    weights = next(encoder.parameters()).dtype
-    settings = (f"{encoder.pooling}|{encoder.normalize}|{encoder.max_length}|{placement.describe()}|{weights}|"
-                f"{encoder.code_path(placement)}")
-    path = embedding_cache_path(folder, texts, settings)
+    path = cache_file(encoder, texts, folder, placement)
     if path.is_file():
         try:
             arr = np.load(path, allow_pickle=False)

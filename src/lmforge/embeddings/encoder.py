@@ -192,6 +192,33 @@ class SentenceEncoder(nn.Module):
 
         return truncated_ids(self.tokenizer, texts, self.max_length)  # long texts from an exact prefix
 
+    def tokenize_ahead(self, texts: Sequence[str]) -> None:
+        """Start :meth:`tokenize` of ``texts`` on a background thread; the next :meth:`encode` of
+        this same sequence object takes its ids from there (an error there is raised there). The
+        tokenizer runs in Rust without the GIL, so the caller's own Python work (reading data,
+        building a vocabulary) runs meanwhile instead of before or after it."""
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                box["ids"] = self.tokenize(texts)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by encode()
+                box["error"] = exc
+
+        thread = threading.Thread(target=work, name="lmforge-tokenize", daemon=True)
+        self._ahead = (texts, thread, box)
+        thread.start()
+
+    def _tokens_of(self, texts: Sequence[str]) -> list[list[int]]:
+        """The ids of :meth:`tokenize_ahead` when it was started for this very object, else tokenised now."""
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is None or ahead[0] is not texts:
+            return self.tokenize(texts)
+        ahead[1].join()
+        if "error" in ahead[2]:
+            raise ahead[2]["error"]
+        return ahead[2]["ids"]
+
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """Right-pad token id lists: ``input_ids`` and ``attention_mask``, both ``(B, T)``."""
         return {"input_ids": pad_sequences(ids, self.tokenizer.pad_token_id),
@@ -236,7 +263,7 @@ class SentenceEncoder(nn.Module):
             raise LmforgeError(f"batch size must be a positive integer, got {batch_size!r:.20}")
         place = placement or Placement.resolve(device, precision)
         unit = self.normalize if normalize is None else normalize
-        ids = self.tokenize(texts)
+        ids = self._tokens_of(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = torch.empty(len(ids), self.dim, dtype=torch.float32)  # (N, D)
         bar = _bar(len(ids), len(ids) >= AUTO_PROGRESS if progress is None else progress)

@@ -84,6 +84,7 @@ class TopicsTask(Task):
             raise LmforgeError(f"{dc.train}: only {distinct} distinct non-empty documents ({len(texts)} with duplicates); "
                                f"the topic pipeline needs at least {need} ({self._why_min()})")
         self.texts = texts
+        self._tokenize_ahead()
         from ..topics.pipeline import vectorize
 
         self.vectorized = vectorize(texts, self.tc.vectorizer.model_dump(mode="json"))  # no words: error now
@@ -92,6 +93,20 @@ class TopicsTask(Task):
             require_columns(table, [tcol])
             self.timestamps = parse_timestamps([table.records[i].get(tcol) for i in keep],
                                                [table.where(i) for i in keep])
+
+    def _tokenize_ahead(self) -> None:
+        """Load the encoder now (a bad model fails before anything is written) and, unless the
+        embeddings are cached, let it tokenise the documents on another thread while this one
+        builds the vocabulary (:meth:`SentenceEncoder.tokenize_ahead`: ~0.3 s of a 2-core
+        1,000-article fit off the serial path)."""
+        from ..embeddings.disk_cache import cache_file
+        from ..models import resolve_model
+
+        enc = self.encoder
+        if self.tc.encoder.cache and cache_file(enc, self.texts, resolve_model(encoder_ref(self.cfg.model.name)),
+                                                self.placement).is_file():
+            return
+        enc.tokenize_ahead(self.texts)
 
     def _min_documents(self) -> int:
         r, c = self.tc.reduction, self.tc.clustering
