@@ -194,9 +194,42 @@ def cosines(a_file: str, b_file: str):
     return float(cos.min()), float(cos.mean())
 
 
+def roofline(texts: list[str], fig: dict, threads) -> dict:
+    """How far any encoder of this model could go on this machine: the matmul FLOPs of the forward
+    (per token ``2 L (4 d^2 + 2 d f)`` for the QKV, output, up and down projections, plus
+    ``4 L d s`` per token of a length-``s`` sequence for the scores and the weighted sum) over the
+    measured bf16 matmul peak per CPU second is a floor no implementation can beat (softmax, GELU
+    and LayerNorm come on top). ``mfu_per_cpu_s`` per trial; ``ratio_ceiling_cpu`` = the fastest
+    peer trial's CPU seconds / that floor: the largest ``ratio_best_cpu`` reachable against it."""
+    import json as _json
+
+    from lmforge.embeddings.files import load_encoder
+    from lmforge.models import resolve_model
+
+    from _common import matmul_peak
+
+    cfg = _json.loads((Path(resolve_model("minilm")) / "config.json").read_text())
+    d, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    lens = [len(i) for i in load_encoder("minilm").tokenize(texts)]
+    flops = sum(2 * layers * (4 * d * d + 2 * d * f) * s + 4 * layers * d * s * s for s in lens)
+    peak = matmul_peak(threads)["gflops_per_cpu_s"] * 1e9
+    floor = flops / peak  # CPU seconds
+    out = {"tokens": sum(lens), "gflop": round(flops / 1e9, 1), "peak_gflops_per_cpu_s": round(peak / 1e9, 1),
+           "floor_cpu_s": round(floor, 3)}
+    for k, v in fig.items():
+        if "sentences_per_cpu_s" in v:
+            v["mfu_per_cpu_s"] = round(floor / (len(texts) / v["sentences_per_cpu_s"]), 3)
+    peers = [v["sentences_per_cpu_s"] for k, v in fig.items() if k.startswith("st") and "sentences_per_cpu_s" in v]
+    if peers:
+        out["ratio_ceiling_cpu"] = round(len(texts) / max(peers) / floor, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
+    ap.add_argument("--roofline", action="store_true",
+                    help="also print the matmul-FLOP floor, each trial's MFU and the ratio ceiling (roofline())")
     ap.add_argument("--data", default=STSB, help="an STS-style jsonl, a .txt file, or 'news'")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -233,8 +266,9 @@ def main() -> None:
     for k in fig:
         if ref.is_file():
             fig[k]["cosine_min"], fig[k]["cosine_mean"] = (round(c, 6) for c in cosines(str(ref), str(tmp / f"{k}.npy")))
+    roof = {"roofline": roofline(texts, fig, args.threads)} if args.roofline else {}
     emit({"bench": "encode", "model": "minilm (all-MiniLM-L6-v2)", "data": args.data, "sentences": args.n, "batch_size": args.batch_size,
-          "reps": args.reps, "threads": args.threads,
+          "reps": args.reps, "threads": args.threads, **roof,
           "quality": "cosine with sentence-transformers' fp32 vectors (min, mean)", "figures": fig,
           **ratios(fig, "sentences_per_s", "lmforge", "st", "lmforge_default", "st_default")})
 
