@@ -67,9 +67,11 @@ def test_umap_on_the_exact_graph_keeps_neighbourhoods():
     assert trustworthiness(x, a, n_neighbors=5) > 0.9
 
 
-def test_umap_kernel_cache_serial_only():
-    """numba's disk cache goes on for serial kernels only (a serial and a parallel kernel of one
-    function would share a cache entry), once per process."""
+def test_umap_kernel_cache_serial_and_parallel_apart():
+    """numba's disk cache goes on once per process for umap-learn's kernels; a function compiled
+    both serial and parallel gets two cache entries (numba keys entries by function name, not by
+    compile options): the serial kernel under its own name, the parallel one rebuilt from a
+    renamed twin of the same code and rebound where umap-learn looks it up."""
     from numba.core.caching import NullCache
 
     import umap.layouts as L
@@ -77,5 +79,9 @@ def test_umap_kernel_cache_serial_only():
 
     cache_umap_kernels()
     assert cache_umap_kernels() == 0  # once per process
-    assert not isinstance(L._nb_optimize_layout_euclidean_single_epoch._cache, NullCache)
-    assert isinstance(L._nb_optimize_layout_euclidean_single_epoch_parallel._cache, NullCache)
+    ser, par = L._nb_optimize_layout_euclidean_single_epoch, L._nb_optimize_layout_euclidean_single_epoch_parallel
+    assert not isinstance(ser._cache, NullCache) and not isinstance(par._cache, NullCache)
+    assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
+    assert par.py_func.__code__ is ser.py_func.__code__
+    assert ser._cache._cache_file._index_name != par._cache._cache_file._index_name
+    assert L._get_optimize_layout_euclidean_single_epoch_fn(True) is par

@@ -103,15 +103,43 @@ def cache_umap_kernels() -> int:
     for group in by_func.values():
         # numba names a cache entry by the Python function and signature, not by the compile
         # options: a serial and a parallel kernel of one function would read each other's code.
-        # A function compiled twice caches only its single serial kernel; the others compile as before.
+        # So the serial kernel caches under the function itself and each other kernel is rebuilt
+        # from a twin of the function with its own name (_cacheable_twin), rebound in its module.
         kernels = list(group.values())
-        if len(kernels) > 1:
-            kernels = [d for d in kernels if not d.targetoptions.get("parallel")]
-        if len(kernels) == 1:
-            kernels[0].enable_caching()
+        serial = [d for d in kernels if not d.targetoptions.get("parallel")] if len(kernels) > 1 else kernels
+        if len(serial) == 1:
+            serial[0].enable_caching()
             n += 1
+        for d in kernels:
+            if d not in serial and len(serial) == 1 and _rebind_cached_twin(d):
+                n += 1
     _kernels_cached = True
     return n
+
+
+def _rebind_cached_twin(kernel) -> bool:
+    """Replace ``kernel`` (a numba dispatcher bound to module names of umap-learn) by the same
+    compile options over a copy of its Python function named ``<name>__<options>``, with numba's
+    disk cache on; returns whether any module name was rebound."""
+    import importlib
+    import types
+
+    import numba
+
+    f = kernel.py_func
+    opts = {k: v for k, v in kernel.targetoptions.items() if k in ("parallel", "fastmath", "nogil", "boundscheck")}
+    tag = "_".join(f"{k}{int(bool(v))}" for k, v in sorted(opts.items()))
+    twin = types.FunctionType(f.__code__, f.__globals__, f"{f.__name__}__{tag}", f.__defaults__, f.__closure__)
+    twin.__qualname__, twin.__module__ = f"{f.__qualname__}__{tag}", f.__module__
+    new = numba.njit(twin, cache=True, **opts)
+    bound = False
+    for name in UMAP_KERNEL_MODULES:
+        mod = importlib.import_module(name)
+        for attr, obj in list(vars(mod).items()):
+            if obj is kernel:
+                setattr(mod, attr, new)
+                bound = True
+    return bound
 
 
 def _topk_low_ids_first(s, k: int):
