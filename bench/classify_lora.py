@@ -20,6 +20,12 @@ fastest peer trial.
 
     .venv/bin/python bench/classify_lora.py [--steps 20] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 7, QUIET machine, lead; ``runs/lead7/final_cls{1t,2t}.json``): ``--steps 20 --warmup 2 --reps 3
+--dev 128 --only lmforge_default,peer_bf16w_grouped_eager --threads N``: 1 thread lmforge 121.4 samples/s [CPU 121.4]
+vs peer 82.2: **1.48x**; 2 threads 196.6/s [98.9 per CPU-s] vs 125.5 [63.1]: **1.57x wall, 1.57x CPU**; RSS 0.67x;
+accuracy 0.531 / 0.531 both. A 1-thread step (--profile): matmuls 63 % (at the bf16 peak), attention 5 %, the rest
+31 %, of which the model's dropout masks (random_ + bitwise ops) ~15 ms of ~330 ms.
+
 Measured (session 5, load 7-10 on the 2 cores; per CPU second, [wall]):
 - 1 thread: ``--steps 8 --warmup 2 --reps 2 --threads 1 --dev 128 --only lmforge_default,peer_bf16w_grouped_eager``:
   lmforge 86.5 samples/CPU-s vs peer bf16w grouped eager 62.1: **1.39x** [0.98x: load noise, the

@@ -27,6 +27,21 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+Measured (session 7, QUIET machine, lead; ``runs/lead7/final_{news1t,stsb1t,stsb2t,news2t}.json``), with ``--roofline``
+(floor = matmul FLOPs / measured bf16 peak per CPU-s; ``ratio_ceiling_cpu`` = fastest peer CPU time / floor):
+| data | threads | lmforge /CPU-s [wall /s] | peer best /CPU-s [wall /s] | ratio_best CPU [wall] | MFU lmforge / peer | ceiling | RSS |
+|---|---|---|---|---|---|---|---|
+| STS-B 1,000 | 1 | 716 [718] | ST bf16 eager 534 [535] | **1.34x** [1.34x] | 0.74 / 0.56 | 1.80x | 0.80x |
+| news 256 | 1 | 31.3 [31.5] | ST bf16 SDPA 22.9 [23.2] | **1.37x** [1.36x] | 0.84 / 0.61 | 1.63x | 0.81x |
+| STS-B 1,000 | 2 | 706 [1347] | ST PASSIVE 452 [732]; pool 410 [783] | **1.56x** [1.72x] | | 2.09x | 0.81x |
+| news 128 | 2 | 31.1 [54.9] | ST pool 21.9 [42.7] | **1.42x** [1.29x] | | 1.80x | 0.98x |
+Commands: ``--data news --n 256 --reps 2 --threads 1 --only st_default,st_bf16w_sdpa,st_bf16w_eager,lmforge_default
+--roofline``; ``--n 1000 --reps 3 --threads 1 --only st_default,st_bf16w_sdpa,st_bf16w_eager,lmforge_default --roofline``;
+2 threads: ``--reps 2 --threads 2 --only st_default,st_bf16w_sdpa_passive,st_bf16w_pool,lmforge_default --roofline``.
+Cosine with ST fp32: min 0.999901-0.999932 (lmforge), 0.999905-0.999913 (ST bf16). At 1 thread lmforge runs at
+74-84 % of the matmul floor; what is left is softmax, GELU and LayerNorm at their measured per-element costs, so
+1.5x at 1 thread is within the ceiling but needs ~10-20 % off a forward that is already 3/4 GEMMs at peak.
+
 Measured (session 6, QUIET machine, load < 1, lead; ``runs/lead6/{news1t,stsb1t,stsb1t_b}.json``):
 - ``--data news --n 256 --reps 2 --threads 1 --only st_bf16w_sdpa,lmforge_default``: 30.71 vs 22.82
   articles/CPU-s, **1.35x** [1.34x wall]; RSS 0.80x.

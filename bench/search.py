@@ -19,6 +19,19 @@ Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
 
+Measured (session 7, QUIET machine, lead; ``runs/lead7/final_search{1t,2t,2t_b}.json``),
+``--only build --reps 3 --n-build 400 --threads N --build-trials lmforge,st_best``:
+- 1 thread: lmforge 7.73 CPU-s [7.69 s], ST best (batch 16) 10.97 [10.96]: **1.42x CPU [1.43x wall]**; RSS 649 vs
+  726 MB (0.89x).
+- 2 threads, two runs: lmforge 7.97 [4.08 s] vs ST best (batch 32) 12.93 [6.53]: 1.62x CPU [1.60x wall], RSS 0.99x;
+  and lmforge 8.13 [4.16] vs 12.24 [6.18]: 1.505x CPU [1.485x wall], RSS 1.01x. Metrics equal (MRR@10 0.9451 /
+  0.9452, nDCG@10 0.9563, R@10 0.9901). The peer's 2-thread CPU moves 11.6-12.9 between quiet runs.
+- Roofline (bench/encode.py --roofline on the same kind of text): the forward is ~77 % packed GEMMs at the core's
+  bf16 peak; of the rest, eager attention (softmax 0.45 CPU-s, score/value GEMMs 0.53, gathers 0.19 per 400
+  passages) is the only item above 0.15 CPU-s. Tried and dropped in session 7: exp-only weights without the max
+  subtraction (MiniLM has attention logits up to ~86, so 3.6 % of groups overflowed and the net was +1-3 %),
+  group budgets x0.5-x4 (flat), batch 16/64/128 (32 best for passages).
+
 Measured (session 6, QUIET machine, load < 1.5, lead, after the oneDNN cache bound b80c286;
 ``runs/lead6/search{1t,2t}.json``), ``--only build --reps 2 --n-build 400 --threads N --build-trials lmforge,st_best``:
 - 1 thread: lmforge 7.57 CPU-s [7.51 s], ST best (bf16 SDPA, batch 16) 10.73 [10.71]: **1.42x CPU [1.43x wall]**;
