@@ -10,7 +10,7 @@ from lmforge.losses.contrastive import (
     uniformity,
 )
 from lmforge.losses.lm import chunked_cross_entropy, sequence_logps, shift_labels, token_logps
-from lmforge.losses.preference import bradley_terry_loss, dpo_loss, orpo_loss, preference_metrics
+from lmforge.losses.preference import bradley_terry_loss, dpo_loss, orpo_loss, orpo_nll, preference_metrics, rpo_loss
 from lmforge.losses.rl import (
     AdaptiveKLController,
     FixedKLController,
@@ -48,9 +48,11 @@ __all__ = [
     "masked_whiten",
     "multiple_negatives_ranking_loss",
     "orpo_loss",
+    "orpo_nll",
     "policy_loss",
     "preference_metrics",
     "rloo_advantages",
+    "rpo_loss",
     "sequence_logps",
     "shift_labels",
     "softmax_nli_logits",
