@@ -156,14 +156,14 @@ def _tiny_causal_lm():
     return model
 
 
-def _dpo_batch(B=3, T=10, seed=1):
+def _dpo_batch(B=3, T=10, seed=1, starts=(3, 4, 2, 5, 3, 4)):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (2 * B, T), generator=g)  # rows: B chosen, then B rejected
     attn = torch.ones_like(ids)
     attn[1, -2:] = 0
     attn[B + 1, -3:] = 0
     completion = torch.zeros_like(ids)
-    for i, start in enumerate([3, 4, 2, 5, 3, 4][: 2 * B]):
+    for i, start in enumerate(starts[: 2 * B]):
         completion[i, start:] = 1
     completion *= attn
     ref = -(torch.rand(2 * B, generator=g) * 10 + 20)

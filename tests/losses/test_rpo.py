@@ -12,6 +12,8 @@ from lmforge.errors import LmforgeError
 from lmforge.losses.lm import sequence_logps, shift_labels
 from lmforge.losses.preference import dpo_loss, rpo_loss
 
+from .test_preference import _dpo_batch
+
 
 def test_rpo_hand():
     # two pairs: chosen replies of 1 and 3 scored tokens with summed log-probs -2 and -6 -> N = 4, B = 2
@@ -61,17 +63,7 @@ def _tiny_causal_lm():
 
 def _batch(B=3, T=10, seed=1):
     """2B rows (B chosen, then B rejected) whose completions differ in length: pooled != per-sequence mean."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2 * B, T), generator=g)
-    attn = torch.ones_like(ids)
-    attn[1, -2:] = 0
-    attn[B + 1, -3:] = 0
-    completion = torch.zeros_like(ids)
-    for i, start in enumerate([3, 6, 2, 5, 3, 4][: 2 * B]):
-        completion[i, start:] = 1
-    completion *= attn
-    ref = -(torch.rand(2 * B, generator=g) * 10 + 20)
-    return ids, attn, completion, ref
+    return _dpo_batch(B, T, seed, starts=(3, 6, 2, 5, 3, 4))
 
 
 def _trl_loss(model, inputs, beta, alpha):
