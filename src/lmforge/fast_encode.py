@@ -15,7 +15,8 @@ projection (one GEMM of N = 3D instead of three of D); on CPU, oneDNN-prepacked 
 (``torch.ops.mkldnn._linear_pointwise``) with GELU fused into the first FFN GEMM; attention per
 group of sequences of similar length, eager bf16 on CPU at 1 thread (the CPU flash kernel is slower
 at head size 32; :class:`_Eager`: q, k, v gathered head-major, keys padded to a multiple of 32
-columns with an additive mask, scores/softmax/outputs in buffers reused by every group and layer),
+columns with an additive mask, scores/softmax/outputs in buffers reused by every group and layer,
+the softmax by :func:`lmforge.cpu_kernels.softmax_`: 1.4x torch's at 256 columns),
 one batched SDPA call with 2+ threads and on other devices (head split and merge as views).
 Every other device (CUDA) runs the same function with ``F.linear`` and SDPA. Only non-causal ``BertModel``-like encoders with absolute
 positions are handled (:func:`supported`); anything else keeps the plain path.
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .cpu_kernels import softmax_
 
 # a group of sequences attends together while its (c, H, L, L) scores stay under this many
 # elements (1.5 MB in bf16: one 256-token MiniLM sequence). Smaller chunks (heads in chunks that
@@ -44,7 +47,8 @@ GROUP_SCORES = 12 * 256 * 256
 KEY_BLOCK = 32
 KEY_TAIL = 4
 # bump when the fast path's numerics change (caches of its vectors key on it: topics embeddings)
-VERSION = 4  # 4: eager groups with padded keys (bf16 vectors differ from 3 by cosine >= 0.99993)
+VERSION = 5  # 5: the C softmax (cpu_kernels; bf16 vectors differ from 4 by cosine >= 0.99997)
+# 4: eager groups with padded keys (bf16 vectors differ from 3 by cosine >= 0.99993)
 # 3: mean pooling summed on the packed rows (vectors differ from 2 by ~1e-7)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -385,7 +389,7 @@ class _Eager:
             torch.baddbmm(w, q, k.transpose(1, 2), beta=0, alpha=scale, out=w)
         else:
             torch.baddbmm(self.bias, q, k.transpose(1, 2), alpha=scale, out=w)
-        torch.softmax(w, -1, out=w)
+        softmax_(w)
         o = bufs[2][:n * m * d].view(n, m, d)
         torch.bmm(w, v, out=o)
         if self.gather is None:

@@ -164,9 +164,13 @@ def test_roberta_positions_and_mpnet_refusal():
     assert not enable_unpadding(mpnet)
 
 
-def test_keep_bits_equals_the_hand_formula_on_the_same_words():
+def test_keep_bits_equals_the_hand_formula_on_the_same_words(monkeypatch):
     """keep = ~((u - k) >> (w - 1)) with u the low 15 bits of each lane of the seeded int64 words
-    (the two-pass formula the one-pass (k - 1 - u) >> (w - 1) replaced), at the edges of k too."""
+    (the two-pass formula the one-pass (k - 1 - u) >> (w - 1) replaced), at the edges of k too.
+    The torch path (without the C kernel of lmforge.cpu_kernels, tested in test_cpu_kernels)."""
+    from lmforge import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_LIB", [None])
     for itemsize, it in ((2, torch.int16), (4, torch.int32)):
         for p in (0.1, 2 ** -15, 1 - 2 ** -15, 0.5):
             torch.manual_seed(3)
