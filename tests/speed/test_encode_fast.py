@@ -39,10 +39,13 @@ def test_groups_by_hand():
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
 @pytest.mark.parametrize("attention,budget", [("eager", 4 * 9 * 9), ("eager", 10 ** 6), ("eager", 1), ("sdpa", None)])
-def test_fp32_equals_transformers(act, attention, budget, monkeypatch):
-    """Every layout (one sequence per group, several with a key mask, one group of all) and both
-    kernels give transformers' last hidden states at the real tokens, zeros at padding."""
+@pytest.mark.parametrize("chunk", [2048, 7])
+def test_fp32_equals_transformers(act, attention, budget, chunk, monkeypatch):
+    """Every layout (one sequence per group, several with a key mask, one group of all), both
+    kernels and the row-chunked tail of each layer (7 rows of 26: chunks and a remainder) give
+    transformers' last hidden states at the real tokens, zeros at padding."""
     monkeypatch.setattr(fast_encode, "GROUP_SCORES", budget)
+    monkeypatch.setattr(fast_encode, "ROW_CHUNK", chunk)
     model = _bert(act)
     ids, mask, tt = _batch()
     with torch.no_grad():

@@ -1,9 +1,9 @@
-"""Eager attention groups of lmforge.fast_encode (_Eager): gather/scatter indices by hand, and the
+"""Eager attention groups of lmforge.fast_encode_attention (_Eager): gather/scatter indices by hand, and the
 padded-key kernel against plain per-sequence attention."""
 import pytest
 import torch
 
-from lmforge.fast_encode import KEY_BLOCK, KEY_TAIL, _Eager, _groups, _key_cols
+from lmforge.fast_encode_attention import KEY_BLOCK, KEY_TAIL, _Eager, _groups, _key_cols
 
 
 def test_key_cols_by_hand():
