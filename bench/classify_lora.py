@@ -20,6 +20,15 @@ fastest peer trial.
 
     .venv/bin/python bench/classify_lora.py [--steps 20] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 8, QUIET machine, lead, with the C dropout masks of lmforge.cpu_kernels; ``runs/lead8/cls{1t_a,1t_b,
+2t_a}.json``), the same command: 1 thread lmforge 107.8 / 109.5 samples/s vs peer 75.5 / 77.1: **1.43x / 1.42x**;
+2 threads 169.3/s vs 126.9: **1.33x**; RSS 0.67x; accuracy 0.531 / 0.531. The same code as session 7 (a copy of
+fe40951) alternated with this one, lmforge only, ``--steps 30 --reps 2`` (``runs/lead8/ab_cls2t.txt``): 2 threads
+155.0 / 165.9 / 169.4 (new) vs 162.5 / 164.2 / 147.9 (old) samples/s; 1 thread 110.4 / 111.2 / 115.6 vs 99.5 /
+99.3 / 111.5: no regression, and the session-7 2-thread figure (196.6/s) did not come back on this day's machine.
+In a 1-thread step (--profile) the masks' ``random_`` (5.2 ms) and the bitwise passes are gone (other: 89.8 ->
+77.1 ms per step); the kernel alone: 0.3 ms vs 3.8 ms per 1.9M bf16 elements.
+
 Measured (session 7, QUIET machine, lead; ``runs/lead7/final_cls{1t,2t}.json``): ``--steps 20 --warmup 2 --reps 3
 --dev 128 --only lmforge_default,peer_bf16w_grouped_eager --threads N``: 1 thread lmforge 121.4 samples/s [CPU 121.4]
 vs peer 82.2: **1.48x**; 2 threads 196.6/s [98.9 per CPU-s] vs 125.5 [63.1]: **1.57x wall, 1.57x CPU**; RSS 0.67x;

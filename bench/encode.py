@@ -27,6 +27,23 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+Measured (session 8, QUIET machine, lead, with the C softmax of lmforge.cpu_kernels and the row-chunked layers;
+``runs/lead8/enc_{stsb1t,news1t,stsb2t,news2t}.json``), the same commands as session 7 below:
+| data | threads | lmforge /CPU-s [wall /s] | peer best /CPU-s [wall /s] | ratio_best CPU [wall] | MFU lmforge / peer | ceiling | RSS |
+|---|---|---|---|---|---|---|---|
+| STS-B 1,000 | 1 | 657 [661] | ST bf16 eager 486 [487] | **1.35x** [1.36x] | 0.68 / 0.51 | 1.98x | 0.80x |
+| news 256 | 1 | 31.6 [31.9] | ST bf16 SDPA 22.5 [22.8] | **1.40x** [1.40x] | 0.83 / 0.59 | | 0.76x |
+| STS-B 1,000 | 2 | 679 [1310] | ST PASSIVE 397 [603]; pool 387 [733] | **1.71x** [1.79x] | 0.70 / 0.41 | | 0.80x |
+| news 128 | 2 | 31.2 [55.4] | ST pool 20.6 [39.9] | **1.52x** [1.39x] | 0.79 / 0.52 | | 0.91x |
+Cosine with ST fp32: min 0.999901-0.999932 (lmforge), 0.999905-0.999913 (ST bf16). The machine ran slower than in
+session 7 for both sides (STS-B 1 thread: lmforge 657 vs 716, ST 486 vs 534). The softmax kernel's own gain, in
+one process alternating (1 thread, 96 news articles x 5 rounds, min CPU-s): 3.06 -> 2.93-2.99 (~3%); on STS-B
+(~10 tokens) none measurable (1.39-1.42 either way). Tried and dropped this session (measured): a C fused
+residual-add + LayerNorm (1.7x torch's in isolation, memory-bound; no gain in the forward), a C attention over
+packed sequences without padding (2-4x slower than the padded eager groups: oneDNN's batched GEMMs win even at
+10-token sequences), a C exact GELU for training (backward 0.8 vs 1.1-1.2 ms per 1.4M elements, forward slower:
+~1% of a classify step, not kept).
+
 Measured (session 7, QUIET machine, lead; ``runs/lead7/final_{news1t,stsb1t,stsb2t,news2t}.json``), with ``--roofline``
 (floor = matmul FLOPs / measured bf16 peak per CPU-s; ``ratio_ceiling_cpu`` = fastest peer CPU time / floor):
 | data | threads | lmforge /CPU-s [wall /s] | peer best /CPU-s [wall /s] | ratio_best CPU [wall] | MFU lmforge / peer | ceiling | RSS |
