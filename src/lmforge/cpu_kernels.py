@@ -42,6 +42,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -111,6 +112,7 @@ KEEP_WORDS(keep_words64, 64)
 """
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 _LIB: list = []  # [the loaded library or None], filled on first use
+_BUILD_LOCK = threading.Lock()
 
 
 def _cpu_id() -> str:
@@ -157,9 +159,12 @@ def _compile() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels (built on the first call), None when unavailable."""
+    """The loaded kernels (built on the first call, once even when inference worker threads
+    ask together), None when unavailable."""
     if not _LIB:
-        _LIB.append(_compile())
+        with _BUILD_LOCK:
+            if not _LIB:
+                _LIB.append(_compile())
     return _LIB[0]
 
 
