@@ -156,3 +156,19 @@ def test_fast_encode_with_the_kernel_matches_its_torch_softmax_path(tiny_bert_di
             cpu_kernels._LIB[:] = saved
     cos = torch.nn.functional.cosine_similarity(a, b)
     assert cos.min() > 0.9999, cos
+
+
+def test_the_library_is_built_once_when_threads_ask_together(monkeypatch):
+    """Inference worker threads call the kernels together on a first run: one build, one entry."""
+    import threading
+
+    builds = []
+    real = cpu_kernels._compile
+    monkeypatch.setattr(cpu_kernels, "_LIB", [])
+    monkeypatch.setattr(cpu_kernels, "_compile", lambda: builds.append(1) or real())
+    threads = [threading.Thread(target=library) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(cpu_kernels._LIB) == 1
