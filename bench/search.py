@@ -20,9 +20,11 @@ Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
 
 Measured (session 8, QUIET machine, lead, after the C softmax of lmforge.cpu_kernels and the row-chunked layers;
-``runs/lead8/search{2t_a,2t_b,2t_c,1t_a}.json``), ``--only build --reps 3 --n-build 400 --threads N
+``runs/lead8/search{2t_a,2t_b,2t_c,2t_d,1t_a}.json``), ``--only build --reps 3 --n-build 400 --threads N
 --build-trials lmforge,st_best``:
-- 2 threads (what ``lmforge index build`` runs at here), three runs: lmforge 8.48 CPU-s [4.37 s] vs ST best (batch
+- 2 threads (what ``lmforge index build`` runs at here), four runs (the fourth, ``search2t_d``, last of the day:
+  lmforge 7.81 [4.01 s] vs ST best (batch 16) 11.38 [5.73]: **1.46x CPU [1.43x wall]**, RSS 1.00x; the peer ran
+  at its session-7 speed there), the first three: lmforge 8.48 CPU-s [4.37 s] vs ST best (batch
   32) 13.08 [6.63]: **1.54x CPU [1.52x wall]**, RSS 0.99x; 9.21 [4.77] vs (batch 16) 14.16 [7.16]: **1.54x [1.50x]**,
   RSS 0.97x; 7.94 [4.07] vs (batch 32) 12.57 [6.35]: **1.58x [1.56x]**, RSS 0.95x.
 - 1 thread: lmforge 7.98 [7.92 s] vs ST best (batch 16) 12.08 [12.06]: **1.51x CPU [1.52x wall]**; RSS 623 vs 716 MB

@@ -38,9 +38,9 @@ paid untimed). ``process_cpu_seconds``/``process_seconds`` cover the whole trial
 (interpreter, imports, data, fit): what a user's run costs. BERTopic does no eval and writes nothing;
 lmforge's eval (NPMI, diversity, silhouette: 0.03 CPU-s) and writes (0.06) stay in its clock.
 
-Measured (session 8, QUIET machine, lead; ``runs/lead8/topics_{a,b,c,d,e}.json``), ``--reps 2`` (a) / ``--reps 3``
-(b-e) ``--limit 1000 --only-e2e lmforge,lmforge_fast,bertopic_best --skip-from-emb --threads 2``; a and b after the
-C softmax of lmforge.cpu_kernels, c-e also after the row-chunked layers (fast_encode.ROW_CHUNK):
+Measured (session 8, QUIET machine, lead; ``runs/lead8/topics_{a,b,c,d,e,f}.json``), ``--reps 2`` (a) / ``--reps 3``
+(b-f) ``--limit 1000 --only-e2e lmforge,lmforge_fast,bertopic_best --skip-from-emb --threads 2``; a and b after the
+C softmax of lmforge.cpu_kernels, c-f also after the row-chunked layers (fast_encode.ROW_CHUNK):
 | run | lmforge seeded / fast (s) | BERTopic best (s) | ratio_best (seeded) | RSS ratio | NPMI lm seeded / fast / BERTopic | diversity |
 |---|---|---|---|---|---|---|
 | a | 19.00 / 18.67 | 38.52 | **2.06x** (2.03x) | 0.97x | 0.245 / 0.250 / 0.235 | 0.840 / 0.840 / 0.821 |
@@ -48,10 +48,11 @@ C softmax of lmforge.cpu_kernels, c-e also after the row-chunked layers (fast_en
 | c | 20.73 / 19.10 | 43.26 | **2.27x** (2.09x) | 0.97x | 0.245 / 0.265 / 0.261 | 0.840 / 0.828 / 0.920 |
 | d | 19.33 / 18.31 | 42.15 | **2.30x** (2.18x) | 0.95x | 0.245 / 0.258 / 0.217 | 0.840 / 0.840 / 0.818 |
 | e | 19.13 / 19.20 | 39.63 | **2.07x** (2.07x) | 0.97x | 0.245 / 0.255 / 0.210 | 0.840 / 0.836 / 0.822 |
+| f | 18.50 / 18.12 | 36.41 | **2.01x** (1.97x) | 0.95x | 0.245 / 0.245 / 0.226 | 0.840 / 0.831 / 0.822 |
 In run c BERTopic's median trial (UMAP without random_state, as its best setting) collapsed to 3 topics with 0.3%
 outliers: diversity over 3 topics is 0.92, NPMI 0.261 (lmforge fast 0.265). Outliers lmforge 0.145 / 0.17-0.19,
 BERTopic 0.18-0.19 (a, b, d). The row-chunked layers took lmforge's peak RSS from 1,046-1,068 MB (a, b) to
-994-1,021 MB (c-e). The peer ran 38.5-43.3 s today against 36.3-38.9 s in session 7 for the same work, lmforge
+994-1,021 MB (c-f). The peer ran 38.5-43.3 s today against 36.3-38.9 s in session 7 for the same work, lmforge
 18.3-20.7 s against 18.4-19.4: both the kernel (~3% of the encode) and the day's machine moved the ratio.
 
 Measured (session 7, QUIET machine, lead; ``runs/lead7/final_topics2t.json``, ``topics2t_c.json``):
