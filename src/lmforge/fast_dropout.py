@@ -38,7 +38,7 @@ def keep_bits(shape: torch.Size | tuple[int, ...], itemsize: int, p: float,
     numel = 1
     for s in shape:
         numel *= s
-    m = keep_mask(numel, itemsize, k, device)  # the numba kernel: ~10x cheaper, same P(0)
+    m = keep_mask(numel, itemsize, k, device)  # the C kernel: ~10x cheaper, same P(0)
     if m is not None:
         return m.view(shape), k / 2 ** BITS
     # random_() on int64: 63 uniform bits per word (no modulo; 10% cheaper than a full-range randint);

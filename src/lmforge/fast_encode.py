@@ -212,19 +212,22 @@ class FastBert:
         x = x + (self.type.index_select(0, tt) if tt is not None else self.type[0])
         x = F.layer_norm(x, (self.dim,), *self.emb_ln)
         groups = self._layout(cu, x.device)
-        rows = ROW_CHUNK if ROW_CHUNK else x.shape[0]
+        rows = ROW_CHUNK or x.shape[0]
         for layer in self.layers:
             a = self._attention(layer.qkv(x), groups)  # (N, D)
             if x.shape[0] <= rows:
-                x = F.layer_norm(layer.out(a).add_(x), (self.dim,), *layer.ln1)
-                x = F.layer_norm(layer.down(layer.up(x)).add_(x), (self.dim,), *layer.ln2)
+                x = self._row_tail(layer, a, x)
                 continue
             y = torch.empty_like(x)
             for r0 in range(0, x.shape[0], rows):  # row-wise from here: chunks keep the FFN's (rows, 4D) small
-                t = F.layer_norm(layer.out(a[r0:r0 + rows]).add_(x[r0:r0 + rows]), (self.dim,), *layer.ln1)
-                y[r0:r0 + rows] = F.layer_norm(layer.down(layer.up(t)).add_(t), (self.dim,), *layer.ln2)
+                y[r0:r0 + rows] = self._row_tail(layer, a[r0:r0 + rows], x[r0:r0 + rows])
             x = y
         return x, cu, flat
+
+    def _row_tail(self, layer: _Layer, a: Tensor, x: Tensor) -> Tensor:
+        """The row-wise rest of a layer: ``(n, D)`` attention output and residual -> ``(n, D)``."""
+        t = F.layer_norm(layer.out(a).add_(x), (self.dim,), *layer.ln1)
+        return F.layer_norm(layer.down(layer.up(t)).add_(t), (self.dim,), *layer.ln2)
 
     def _layout(self, cu: list[int], device) -> list:
         """Per attention group (:func:`_groups`). Eager: an :class:`_Eager` (gather/scatter indices,
