@@ -85,9 +85,12 @@ def _matmul_peak(threads: int | None, n: int, seconds: float, trials: int) -> di
 
     import torch
 
+    from lmforge.device import cpu_has_fast_bf16
+
     set_threads(threads)
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32  # what precision: auto computes in
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     for _ in range(3):  # warm-up (oneDNN kernel selection)
         a @ b
     rates, cpu_rates = [], []
@@ -98,12 +101,14 @@ def _matmul_peak(threads: int | None, n: int, seconds: float, trials: int) -> di
             reps += 1
         rates.append(2.0 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
         cpu_rates.append(2.0 * n ** 3 * reps / (time.process_time() - c0) / 1e9)
-    return {"trials": rates, "cpu_trials": cpu_rates, "threads": torch.get_num_threads()}
+    return {"trials": rates, "cpu_trials": cpu_rates, "threads": torch.get_num_threads(),
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def matmul_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.0, trials: int = 5,
                 log=sys.stderr) -> dict:
-    """Measured bf16 matmul peak (GFLOP/s) of an ``n x n @ n x n`` product at ``threads``: the
+    """Measured matmul peak (GFLOP/s) of an ``n x n @ n x n`` product at ``threads``, in bf16 on a CPU
+    with native bf16 and in fp32 otherwise (AVX2 only: the dtype ``precision: auto`` computes in): the
     denominator of model FLOPs utilisation (MFU). ``trials`` timed windows of ``seconds`` each in a
     fresh child; the best is kept (a shared machine only ever slows a window down) and the spread
     (min / median / max) is printed and returned, so two MFU figures can be compared."""
@@ -111,10 +116,10 @@ def matmul_peak(threads: int | None = None, n: int = 2048, seconds: float = 1.0,
     t = sorted(res["trials"])
     c = sorted(res["cpu_trials"])
     out = {"gflops": t[-1], "min": t[0], "median": statistics.median(t), "max": t[-1], "trials": len(t),
-           "threads": res["threads"], "n": n,
+           "threads": res["threads"], "n": n, "dtype": res["dtype"],
            # per CPU second of the process (a loaded machine stretches wall time, not CPU time)
            "gflops_per_cpu_s": c[-1], "cpu_min": c[0], "cpu_median": statistics.median(c)}
-    print(f"bf16 matmul peak ({out['threads']} threads, {n}^3, best of {len(t)}): {t[-1]:.0f} GFLOP/s "
+    print(f"{res['dtype']} matmul peak ({out['threads']} threads, {n}^3, best of {len(t)}): {t[-1]:.0f} GFLOP/s "
           f"(spread min {t[0]:.0f} / median {out['median']:.0f} / max {t[-1]:.0f}); per CPU second best {c[-1]:.0f} "
           f"(min {c[0]:.0f} / median {out['cpu_median']:.0f})", file=log, flush=True)
     return out

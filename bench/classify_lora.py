@@ -180,6 +180,9 @@ def main() -> None:
         "lmforge_padded": (run_lmforge, common | {"attn": "eager"}),
         "peer_bf16w_grouped_eager": (run_peer, common | {"bf16_weights": True, "sampling": "group_by_length",
                                                          "attn": "eager"}),
+        # fp32 with length grouping: the peer's best on CPUs without native bf16 (AVX2 only)
+        "peer_grouped_sdpa": (run_peer, common | {"sampling": "group_by_length"}),
+        "peer_grouped_eager": (run_peer, common | {"sampling": "group_by_length", "attn": "eager"}),
     }, args)
     fig = figures(res, "samples_per_s", ("accuracy",))
     emit({"bench": "classify_lora", "model": "all-MiniLM-L6-v2", "data": "rotten_tomatoes", "batch": args.batch,

@@ -8,8 +8,11 @@ trials alternate; medians over ``--reps``.
 Trials (sentences/s; quality = cosine of each trial's vectors with sentence-transformers' fp32
 vectors, min and mean over the sentences):
 - ``st_default``: sentence-transformers' defaults (fp32 weights, SDPA);
-- ``st_bf16w_sdpa`` / ``st_bf16w_eager``: its best settings here (weights cast to bf16 with
-  ``model.bfloat16()``, SDPA or eager attention);
+- ``st_bf16w_sdpa`` / ``st_bf16w_eager``: its best settings on a CPU with native bf16 (weights cast to bf16
+  with ``model.bfloat16()``, SDPA or eager attention);
+- ``st_eager`` (and ``st_pool`` at 2+ threads): fp32 with eager attention (its pool in fp32), for CPUs
+  without native bf16 (AVX2 only), where bf16 weights run 4x slower than fp32 (session 9: 49 vs 182
+  sentences/CPU-s) and lmforge's ``precision: auto`` is fp32 too;
 - ``lmforge_default``: ``precision: auto`` (bf16 weights for inference here) with unpadded batches;
 - ``lmforge_padded``: the same on plain padded batches (the unpadding lever's share);
 - ``lmforge_transformers``: transformers' forward instead of :mod:`lmforge.fast_encode` (the
@@ -230,7 +233,7 @@ def roofline(texts: list[str], fig: dict, threads) -> dict:
     """How far any encoder of this model could go on this machine: the matmul FLOPs of the forward
     (per token ``2 L (4 d^2 + 2 d f)`` for the QKV, output, up and down projections, plus
     ``4 L d s`` per token of a length-``s`` sequence for the scores and the weighted sum) over the
-    measured bf16 matmul peak per CPU second is a floor no implementation can beat (softmax, GELU
+    measured matmul peak (bf16, or fp32 without native bf16) per CPU second is a floor no implementation can beat (softmax, GELU
     and LayerNorm come on top). ``mfu_per_cpu_s`` per trial; ``ratio_ceiling_cpu`` = the fastest
     peer trial's CPU seconds / that floor: the largest ``ratio_best_cpu`` reachable against it."""
     import json as _json
@@ -283,14 +286,17 @@ def main() -> None:
         "st_bf16w_sdpa": (run_st, common | {"bf16": True}),
         "lmforge_padded": (run_lmforge, common | {"unpad": False}),
         "st_bf16w_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
+        "st_eager": (run_st, common | {"attn": "eager"}),  # fp32 eager: the peer's best without native bf16
         "lmforge_transformers": (run_lmforge, common | {"fast": False}),
         # the peer's own parallel encode: one process per core at 1 thread each (2+ threads only)
         "st_bf16w_pool": (run_st, common | {"bf16": True, "procs": args.threads or 2}),
         "st_bf16w_sdpa_passive": (run_st, common | {"bf16": True, "passive": True}),
+        "st_pool": (run_st, common | {"procs": args.threads or 2}),  # fp32 pool (CPUs without native bf16)
     }
     if (args.threads or 2) < 2 and not args.only:
         trials.pop("st_bf16w_pool")
         trials.pop("st_bf16w_sdpa_passive")
+        trials.pop("st_pool")
     trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
     res = run_trials(trials, args)
     fig = figures(res, "sentences_per_s")

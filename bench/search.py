@@ -8,7 +8,8 @@
    the manifest's probe sentence and loads the folder back. Imports and model loads are outside both timed
    regions. Peer default: fp32, batch 32 (its defaults); peer best: bf16 weights, SDPA (``st_best_b<N>``,
    one trial per ``--peer-batches``, default 16,32,64) or eager (``st_best_eager_b<N>``): the fastest per
-   CPU second is the peer's best. ST pads each batch to its longest text, so it is 4-12 % faster at 16-32
+   CPU second is the peer's best (``st_best_fp32``: the same sweep in fp32, plus fp32 eager, for CPUs without native bf16,
+   where lmforge's ``auto`` precision is fp32 too). ST pads each batch to its longest text, so it is 4-12 % faster at 16-32
    than at 64; lmforge packs rows (no padding) and runs ``IndexSettings``' default batch (32).
 2. ``dense_query``: exact top-k over the same float32 vectors: lmforge ``exact_topk`` against
    ``util.semantic_search`` (queries/s).
@@ -159,7 +160,7 @@ def lm_build(n: int, threads: int, batch: int | None = None) -> dict:
             "batch": settings.batch_size, **metrics([[int(ix.chunks[i]["doc_id"]) for i, _ in r] for r in rows], gold)}
 
 
-def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdpa") -> dict:
+def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdpa", bf16: bool = True) -> dict:
     set_threads(threads)
     import torch
     from sentence_transformers import SentenceTransformer, util
@@ -169,7 +170,7 @@ def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdp
     passages, qs, gold = boolq(n)
     model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
     bs = batch if best else 32
-    if best:
+    if best and bf16:
         model = model.to(torch.bfloat16)
     t0, c0 = time.perf_counter(), time.process_time()
     c = model.encode(passages, batch_size=bs, convert_to_tensor=True, normalize_embeddings=True).float()
@@ -272,7 +273,8 @@ def main() -> None:
                    help="build trial: batch sizes of the peer-best trials (its best is the fastest of them)")
     p.add_argument("--lm-batches", default="", help="build trial: extra lmforge trials at these batch sizes (lmforge_b<N>)")
     p.add_argument("--build-trials", default="lmforge,st_default,st_best,st_best_eager",
-                   help="build trials to run (lmforge and one st_best* at least); st_best: one per --peer-batches")
+                   help="build trials to run (lmforge and one st_best* at least); st_best: one per --peer-batches; "
+                        "st_best_fp32: the same in fp32 (+ eager), the peer's best on CPUs without native bf16")
     args = p.parse_args()
     parts = args.only.split(",")
     if "build" in parts:
@@ -287,6 +289,10 @@ def main() -> None:
             trials |= {f"st_best_b{b}": (st_build, base | {"best": True, "batch": b}) for b in peer_b}
         if "st_best_eager" in chosen:
             trials[f"st_best_eager_b{peer_b[0]}"] = (st_build, base | {"best": True, "batch": peer_b[0], "attn": "eager"})
+        if "st_best_fp32" in chosen:  # CPUs without native bf16 (AVX2 only): fp32 is the peer's best there
+            trials |= {f"st_best_fp32_b{b}": (st_build, base | {"best": True, "batch": b, "bf16": False}) for b in peer_b}
+            trials[f"st_best_fp32_eager_b{peer_b[0]}"] = (st_build, base | {"best": True, "batch": peer_b[0],
+                                                                             "attn": "eager", "bf16": False})
         res = alternate(trials, args.reps)
         nan = [{"seconds": float("nan"), "cpu_seconds": float("nan"), "peak_rss_mb": float("nan")}]
         lm, sd = (median(res.get(k, nan), "seconds") for k in ("lmforge", "st_default"))

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from lmforge import packed_linears as P
+from lmforge.device import onednn_linear
 from lmforge.adapters.lora import LoraSpec, apply_lora
 
-pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
-                                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                                     and hasattr(torch.ops.mkldnn, "data_ptr")), reason="no oneDNN packing")
+pytestmark = pytest.mark.skipif(not (onednn_linear(torch.bfloat16) and hasattr(torch.ops.mkldnn, "data_ptr")),
+                                reason="no oneDNN bf16 packing (it needs AVX-512 or AMX)")
 OP = torch.ops.mkldnn._linear_pointwise.default
 
 

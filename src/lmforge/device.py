@@ -33,6 +33,19 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_linear(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked linear (``mkldnn._reorder_linear_weight`` + ``_linear_pointwise``)
+    runs ``dtype`` weights on this CPU. bf16 needs AVX512-BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only
+    CPU the reorder raises, so every prepacking fast path asks here first and keeps the plain op."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+            or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
 ONEDNN_CACHE_CAPACITY = 64  # oneDNN primitives (and torch's ideep LRU) kept per process
 
 

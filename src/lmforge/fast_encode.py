@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .device import onednn_linear
 from .fast_encode_attention import GROUP_SCORES, _Eager, _groups
 
 # after attention a layer is row-wise (output projection, LayerNorms, FFN): batches of more rows run
@@ -68,9 +69,8 @@ def supported(backbone: nn.Module) -> bool:
 
 
 def _mkldnn_ok(w: Tensor) -> bool:
-    """oneDNN prepacked linear: CPU, bf16 weights, torch built with mkldnn."""
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN prepacked linear: CPU, bf16 weights, oneDNN able to run them here."""
+    return w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_linear(w.dtype)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .device import onednn_linear
 from .packed_linears import PackedLinears, _hooked, _Unpacked, blocked_layout, drop_packed, packed_linears
 
 __all__ = ["supports", "folds_adapters", "LlamaDecoder", "prefill", "shared_prefix", "rms_norm", "rope",
@@ -65,8 +66,7 @@ def folds_adapters(model: nn.Module) -> bool:
     with oneDNN. Folding the adapters into copies of the weights first then gains nothing."""
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     return emb is not None and emb.weight.dtype == torch.bfloat16 and emb.weight.device.type == "cpu" \
-        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
-        and supports(model)
+        and onednn_linear(torch.bfloat16) and supports(model)
 
 
 # ---- the decoder ------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .device import onednn_linear
+
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, PackedLinears]" = weakref.WeakKeyDictionary()
 
 
@@ -170,8 +172,7 @@ class PackedLinears:
         (to bf16 rounding): one packed GEMM when every module is a plain bf16 linear or a LoRA
         layer over one and x will be bf16 on the CPU, else the modules' own calls."""
         lins, loras = zip(*[_plain(m) for m in mods])
-        if dtype != torch.bfloat16 or device.type != "cpu" or not torch.backends.mkldnn.is_available() \
-                or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
+        if dtype != torch.bfloat16 or device.type != "cpu" or not onednn_linear(torch.bfloat16) \
                 or any(lin is None or lin.weight.dtype != torch.bfloat16 for lin in lins):
             return mods[0] if len(mods) == 1 else lambda x: torch.cat([m(x) for m in mods], dim=-1)
         key = tuple(id(lin) for lin in lins)
