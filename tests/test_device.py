@@ -84,3 +84,26 @@ def test_attention_kernel_follows_precision_and_row_length():
     assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH) == "eager"
     assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH + 1) == "sdpa"  # long rows
     assert bf16.attn_implementation("sdpa", 64) == "sdpa" and fp32.attn_implementation("eager", 4096) == "eager"
+
+
+def test_onednn_linear_says_where_the_bf16_reorder_runs():
+    """``onednn_linear(bf16)`` is True exactly where oneDNN can prepack a bf16 weight: elsewhere
+    (AVX2-only CPUs) the reorder raises, which is why every prepacking fast path asks first."""
+    import pytest
+    import torch
+
+    from lmforge.device import onednn_linear
+
+    if not torch.backends.mkldnn.is_available():
+        assert not onednn_linear(torch.bfloat16) and not onednn_linear(torch.float32)
+        return
+    assert onednn_linear(torch.float32) and not onednn_linear(torch.float16)
+    w = torch.randn(8, 4, dtype=torch.bfloat16)
+    if onednn_linear(torch.bfloat16):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        x = torch.randn(3, 4, dtype=torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        torch.testing.assert_close(y, x @ w.T, atol=2e-2, rtol=2e-2)
+    else:
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._reorder_linear_weight(w, 3)
