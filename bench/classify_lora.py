@@ -10,6 +10,8 @@ training, the same for every trial):
 - ``peer_bf16_grouped_sdpa`` / ``peer_bf16w_grouped_eager``: the peer at its best settings here:
   bf16 autocast, ``train_sampling_strategy="group_by_length"``, SDPA, or bf16 weights (frozen base
   loaded in bf16, fp32 LoRA) with eager attention;
+- ``peer_grouped_sdpa`` / ``peer_grouped_eager``: the same in fp32, the peer's best on a CPU without
+  native bf16 (AVX2 only), where lmforge's ``precision: auto`` is fp32 too;
 - ``lmforge_default``: lmforge's defaults (``precision: auto`` = bf16 autocast with bf16 frozen
   weights here, length-grouped batches, unpadded encoder batches);
 - ``lmforge_padded``: the same with ``attn_implementation: eager`` (plain padded batches): the
@@ -19,6 +21,14 @@ training, the same for every trial):
 fastest peer trial.
 
     .venv/bin/python bench/classify_lora.py [--steps 20] [--warmup 2] [--reps 3] [--threads 1] [--profile]
+
+Measured (session 9, an AVX2-ONLY machine: no native bf16, ``precision: auto`` = fp32 on both sides' best;
+``runs/lead9/cls_1t.json``, a reward-model run on the other core): ``--steps 20 --warmup 2 --reps 2 --threads 1
+--dev 128 --only lmforge_default,peer_default,peer_grouped_sdpa,peer_grouped_eager``: lmforge 48.6 samples/CPU-s
+vs peer grouped eager 40.7 (grouped SDPA 38.9, default 22.9): **ratio_best 1.19x**, ratio_default 2.12x, RSS
+0.80x, accuracy 0.531 on every trial. A profiled run: lmforge 524 ms of matmuls + 181 ms other per step, the peer
+761 + 219: lmforge's lead is the padding it skips and the frozen weights' gradients it never computes; both are
+matmul-bound in fp32 (the fused and prepacked bf16 paths do not apply without native bf16).
 
 Measured (session 8, QUIET machine, lead, with the C dropout masks of lmforge.cpu_kernels; ``runs/lead8/cls{1t_a,1t_b,
 2t_a}.json``), the same command: 1 thread lmforge 107.8 / 109.5 samples/s vs peer 75.5 / 77.1: **1.43x / 1.42x**;

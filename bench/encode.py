@@ -30,6 +30,18 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+Measured (session 9, an AVX2-ONLY machine: the same EPYC family under KVM exposing no AVX-512 flags, so no native
+bf16; ``precision: auto`` computes in fp32 and bf16 weights run 4x slower than fp32 for the peer too (49 vs 182
+sentences/CPU-s), so the peer's best is fp32 here; ``runs/lead9/enc_{stsb,news}_1t.json``, a reward-model run on
+the other core): ``--n 1000 --reps 3 --threads 1 --only st_default,st_eager,lmforge_default --roofline``:
+lmforge 280.0 vs ST fp32 SDPA 231.6 sentences/CPU-s: **1.21x** (another run 289.5 vs 247.3: 1.17x; ST eager
+243.8); fp32 matmul peak 77.6 GFLOP/s per CPU-s, MFU 0.77 vs 0.64, **ratio ceiling 1.57x**: 1.5x would need MFU
+0.96, and oneDNN's fp32 GEMMs alone reach 0.84-0.93 of the peak at these shapes (so ~1.46x at most with every
+non-GEMM op at zero). News (``--data news --n 128 --reps 2``): 10.58 vs 8.16 /CPU-s, **1.30x** [1.375x wall],
+MFU 0.76 vs 0.585, ceiling 1.71x. Cosine with ST fp32: 1.0 on both sides. Tried: oneDNN-prepacked fp32 weights
+with GELU fused (as bf16 does): no measurable gain (in-process A/B, 96 BoolQ passages: 3.90-4.33 vs 3.94-4.05
+CPU-s), not kept.
+
 Measured (session 8, QUIET machine, lead, with the C softmax of lmforge.cpu_kernels and the row-chunked layers;
 ``runs/lead8/enc_{stsb1t,news1t,stsb2t,news2t}.json``), the same commands as session 7 below:
 | data | threads | lmforge /CPU-s [wall /s] | peer best /CPU-s [wall /s] | ratio_best CPU [wall] | MFU lmforge / peer | ceiling | RSS |
