@@ -26,7 +26,8 @@ Measured (session 9, an AVX2-ONLY machine: no native bf16, ``precision: auto`` =
 ``runs/lead9/cls_1t.json``, a reward-model run on the other core): ``--steps 20 --warmup 2 --reps 2 --threads 1
 --dev 128 --only lmforge_default,peer_default,peer_grouped_sdpa,peer_grouped_eager``: lmforge 48.6 samples/CPU-s
 vs peer grouped eager 40.7 (grouped SDPA 38.9, default 22.9): **ratio_best 1.19x**, ratio_default 2.12x, RSS
-0.80x, accuracy 0.531 on every trial. A profiled run: lmforge 524 ms of matmuls + 181 ms other per step, the peer
+0.80x, accuracy 0.531 on every trial. 2 threads, QUIET (``cls_2t.json``, ``--threads 2 --only
+lmforge_default,peer_grouped_eager,peer_grouped_sdpa``): 75.1 vs 62.1 samples/s: **1.21x**, RSS 0.81x. A profiled run: lmforge 524 ms of matmuls + 181 ms other per step, the peer
 761 + 219: lmforge's lead is the padding it skips and the frozen weights' gradients it never computes; both are
 matmul-bound in fp32 (the fused and prepacked bf16 paths do not apply without native bf16).
 

@@ -41,6 +41,9 @@ non-GEMM op at zero). News (``--data news --n 128 --reps 2``): 10.58 vs 8.16 /CP
 MFU 0.76 vs 0.585, ceiling 1.71x. Cosine with ST fp32: 1.0 on both sides. Tried: oneDNN-prepacked fp32 weights
 with GELU fused (as bf16 does): no measurable gain (in-process A/B, 96 BoolQ passages: 3.90-4.33 vs 3.94-4.05
 CPU-s), not kept.
+2 threads, QUIET (``runs/lead9/enc_stsb_2t.json``), ``--n 1000 --reps 2 --threads 2 --only
+st_default,st_pool,lmforge_default --roofline``: lmforge 551 sentences/s [282 /CPU-s] vs ST fp32 pool 394 [205]:
+**1.40x wall [1.38x CPU]** (ST default 355 [180]: 1.55x [1.57x]); MFU 0.80 vs 0.58, ceiling 1.72x; RSS 0.76x.
 
 Measured (session 8, QUIET machine, lead, with the C softmax of lmforge.cpu_kernels and the row-chunked layers;
 ``runs/lead8/enc_{stsb1t,news1t,stsb2t,news2t}.json``), the same commands as session 7 below:

@@ -25,7 +25,11 @@ Measured (session 9, an AVX2-ONLY machine: no native bf16, so ``precision: auto`
 fp32 too, ``--build-trials lmforge,st_best_fp32``; ``runs/lead9/search_1t.json``, a reward-model run on the other
 core): ``--only build --reps 2 --n-build 400 --threads 1 --build-trials lmforge,st_best_fp32 --peer-batches 16,32``:
 lmforge 22.35 CPU-s vs ST fp32 SDPA batch 16 25.96 (batch 32 28.70, eager 32.28): **1.16x**, RSS 624 vs 780 MB
-(0.80x); metrics equal (MRR@10 0.9452, nDCG@10 0.9564, R@10 0.9901 both). Why not 1.5x here: the 400 passages are
+(0.80x); again QUIET (``search_1t_quiet.json``, ``--peer-batches 16``): 19.89 vs 23.53 CPU-s, **1.18x** [1.19x
+wall], RSS 0.79x. 2 threads, QUIET (``search_2t.json``): lmforge 9.64 s [18.84 CPU-s] vs ST fp32 batch 16 13.49 s
+[26.77]: **1.40x wall [1.42x CPU]**, RSS 0.94x; this trial gives the peer intra-op threads, not its
+multi-process pool, which encoded 11% faster than its intra-op threads in ``bench/encode.py`` at 2 threads the
+same hour (394 vs 355 sentences/s), so ~1.26x is the fairer 2-thread reading. Metrics equal (MRR@10 0.9452, nDCG@10 0.9564, R@10 0.9901 both). Why not 1.5x here: the 400 passages are
 47,714 tokens, 1,078 GFLOP of matmuls, a floor of 14.5 CPU-s at the measured fp32 peak (74 GFLOP/s per CPU-s);
 lmforge's profile is 86% ``addmm`` at 0.94 of that peak (softmax 4%, GELU 3%, copies 3%, gathers 2%), the peer
 runs at MFU 0.64: with every non-GEMM op at zero lmforge would reach ~1.45x; the 1.57x ceiling needs GEMMs at
