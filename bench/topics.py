@@ -15,7 +15,8 @@ Trials, each in a fresh process, alternating:
              BERTopic at its default (fp32 sentence-transformers, the `hdbscan` package, seeded UMAP)
              -> ratio_default; lmforge fast (``reduction.deterministic: false``: UMAP's parallel
              layout without a seed) against BERTopic at its best realistic settings (bf16
-             sentence-transformers, multi-threaded UMAP without random_state) -> ratio_best.
+             sentence-transformers where the CPU has native bf16, fp32 on AVX2-only CPUs, where lmforge
+             computes in fp32 too; multi-threaded UMAP without random_state) -> ratio_best.
   from_emb:  fit from the same precomputed embeddings (one .npy shared by both).
 
 lmforge turns on numba's on-disk cache for umap-learn's kernels (topics.cluster.cache_umap_kernels),
@@ -264,7 +265,9 @@ def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads
     if emb is None:
         import torch
 
-        kw = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if best else {}
+        flags = open("/proc/cpuinfo", encoding="utf-8").read() if Path("/proc/cpuinfo").exists() else ""
+        native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags  # AVX2 only: bf16 is 4x slower, fp32 is best
+        kw = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if best and native_bf16 else {}
         st = SentenceTransformer(folder, device="cpu", **kw)
     umap_model = UMAP(**UMAP_KW, low_memory=False, **({} if best else {"random_state": seed}))
     hdb = HDBSCAN(min_cluster_size=MIN_CLUSTER, metric="euclidean", cluster_selection_method="eom", prediction_data=True)

@@ -107,3 +107,24 @@ def test_onednn_linear_says_where_the_bf16_reorder_runs():
     else:
         with pytest.raises(RuntimeError):
             torch.ops.mkldnn._reorder_linear_weight(w, 3)
+
+
+def test_bf16_on_a_cpu_without_it_warns_once(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from lmforge.device import Placement, _warn_slow_bf16, cpu_has_fast_bf16
+
+    for fast, warned in (("1", False), ("0", True)):
+        monkeypatch.setenv("LMFORGE_CPU_BF16", fast)
+        cpu_has_fast_bf16.cache_clear()
+        _warn_slow_bf16.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lmforge"):
+            assert Placement.resolve("cpu", "bf16").dtype == torch.bfloat16
+            Placement.resolve("cpu", "bf16")
+            Placement.resolve("cpu", "auto")
+        hits = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+        assert len(hits) == (1 if warned else 0)
+    cpu_has_fast_bf16.cache_clear()
