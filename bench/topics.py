@@ -39,6 +39,14 @@ paid untimed). ``process_cpu_seconds``/``process_seconds`` cover the whole trial
 (interpreter, imports, data, fit): what a user's run costs. BERTopic does no eval and writes nothing;
 lmforge's eval (NPMI, diversity, silhouette: 0.03 CPU-s) and writes (0.06) stay in its clock.
 
+Measured (session 9, an AVX2-ONLY machine, QUIET: no native bf16, so both sides encode in fp32; BERTopic's best
+now takes fp32 there; ``runs/lead9/topics2t.out``), ``--reps 2 --limit 1000 --only-e2e
+lmforge,lmforge_fast,bertopic_best --skip-from-emb --threads 2``: lmforge fast 50.99 s [100.6 CPU-s], seeded 51.15
+[99.7] vs BERTopic best 71.43 [126.5]: **1.40x wall (seeded 1.40x) [1.26x CPU]**, RSS 0.95x / 0.99x; NPMI 0.254 /
+0.235 vs 0.207, diversity 0.827 / 0.822 vs 0.819, 11 / 9 vs 9.5 topics. The 2x of sessions 7-8 was measured on an
+AVX512-BF16 machine; here the fp32 encode of 1,000 articles is most of both sides' time and lmforge's encoder leads
+fp32 sentence-transformers by ~1.3-1.4x (bench/encode.py), which bounds the end-to-end ratio.
+
 Measured (session 8, QUIET machine, lead; ``runs/lead8/topics_{a,b,c,d,e,f}.json``), ``--reps 2`` (a) / ``--reps 3``
 (b-f) ``--limit 1000 --only-e2e lmforge,lmforge_fast,bertopic_best --skip-from-emb --threads 2``; a and b after the
 C softmax of lmforge.cpu_kernels, c-f also after the row-chunked layers (fast_encode.ROW_CHUNK):
