@@ -79,7 +79,9 @@ def test_attention_kernel_follows_precision_and_row_length():
     from lmforge.device import EAGER_MAX_LENGTH
 
     bf16, fp32 = Placement.resolve("cpu", "bf16"), Placement.resolve("cpu", "fp32")
-    assert fp32.attn_implementation() == "sdpa"
+    assert fp32.attn_implementation() == "sdpa"  # a causal LM in fp32
+    assert fp32.attn_implementation(encoder=True) == "eager"  # encoders train faster with eager in fp32 too
+    assert fp32.attn_implementation("auto", EAGER_MAX_LENGTH + 1, encoder=True) == "sdpa"
     assert bf16.attn_implementation() == "eager"  # callers that do not know the length
     assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH) == "eager"
     assert bf16.attn_implementation("auto", EAGER_MAX_LENGTH + 1) == "sdpa"  # long rows

@@ -150,7 +150,7 @@ class ClassifyTask(Task):
         torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
         model = AutoModelForSequenceClassification.from_pretrained(
             self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
-            attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
+            attn_implementation=self.placement.attn_implementation(mc.attn_implementation, encoder=True))
         if self.placement.unpad(mc.attn_implementation):
             from ..unpad import enable_unpadding
 

@@ -274,7 +274,7 @@ class SetFitTask(EncoderMethod):
         pair_task = PairTask(self.encoder, ids, pairs, self.placement)
         backbone = self.encoder.backbone
         attn = backbone.config._attn_implementation
-        train_attn = self.placement.attn_implementation(cfg.model.attn_implementation)
+        train_attn = self.placement.attn_implementation(cfg.model.attn_implementation, encoder=True)
         if train_attn != attn:
             backbone.set_attn_implementation(train_attn)  # eager trains faster on CPU under bf16 autocast
         fit(pair_task, cfg, run_dir)

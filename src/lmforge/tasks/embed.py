@@ -110,7 +110,7 @@ class EmbedTask(Task):
         self.encoder = SentenceEncoder.from_pretrained(
             cfg.model.name, pooling=ec.pooling, normalize=ec.normalize, dropout=ec.dropout,
             residual_dropout=ec.residual_dropout,
-            attn_implementation=self.placement.attn_implementation(cfg.model.attn_implementation),
+            attn_implementation=self.placement.attn_implementation(cfg.model.attn_implementation, encoder=True),
             trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
         self.tokenizer = self.encoder.tokenizer
         self.max_length = min(cfg.data.max_length, self.encoder.max_length)

@@ -203,7 +203,7 @@ class MlmTask(Task):
         torch.manual_seed(self.cfg.seed)  # a new head depends on the run's seed only
         hf, info = AutoModelForMaskedLM.from_pretrained(
             self.folder, trust_remote_code=mc.trust_remote_code, dtype=torch.float32, output_loading_info=True,
-            attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
+            attn_implementation=self.placement.attn_implementation(mc.attn_implementation, encoder=True))
         model = MaskedLM(hf)
         head_prefix = f"{model.head}." if model.head else "\0"
         if any(k.startswith(head_prefix) for k in info["missing_keys"]):

@@ -222,7 +222,7 @@ class NerTask(Task):
         torch.manual_seed(self.cfg.seed)  # the new head and LoRA weights depend on the run's seed only
         model = AutoModelForTokenClassification.from_pretrained(
             self.folder, config=hf_cfg, trust_remote_code=mc.trust_remote_code, dtype=torch.float32,
-            attn_implementation=self.placement.attn_implementation(mc.attn_implementation))
+            attn_implementation=self.placement.attn_implementation(mc.attn_implementation, encoder=True))
         if adapt and self.cfg.ner.mode in ADAPTER_MODES:
             heads = [h for h in HEADS if any(n.rsplit(".", 1)[-1] == h for n, _ in model.named_modules())]
             add_adapter(model, self.cfg, LORA_DEFAULTS, heads, self.tokenizer)
