@@ -29,7 +29,9 @@ vs peer grouped eager 40.7 (grouped SDPA 38.9, default 22.9): **ratio_best 1.19x
 0.80x, accuracy 0.531 on every trial. 2 threads, QUIET (``cls_2t.json``, ``--threads 2 --only
 lmforge_default,peer_grouped_eager,peer_grouped_sdpa``): 75.1 vs 62.1 samples/s: **1.21x**, RSS 0.81x. A profiled run: lmforge 524 ms of matmuls + 181 ms other per step, the peer
 761 + 219: lmforge's lead is the padding it skips and the frozen weights' gradients it never computes; both are
-matmul-bound in fp32 (the fused and prepacked bf16 paths do not apply without native bf16).
+matmul-bound in fp32 (the fused and prepacked bf16 paths do not apply without native bf16). These figures
+predate 90aa25f (encoders train with eager attention in fp32 too: +21% samples/CPU-s at 1 thread in an A/B of
+lmforge alone, SDPA's Bernoulli attention dropout gone); re-run the command for the current ratio.
 
 Measured (session 8, QUIET machine, lead, with the C dropout masks of lmforge.cpu_kernels; ``runs/lead8/cls{1t_a,1t_b,
 2t_a}.json``), the same command: 1 thread lmforge 107.8 / 109.5 samples/s vs peer 75.5 / 77.1: **1.43x / 1.42x**;
