@@ -31,7 +31,9 @@ lmforge_default,peer_grouped_eager,peer_grouped_sdpa``): 75.1 vs 62.1 samples/s:
 761 + 219: lmforge's lead is the padding it skips and the frozen weights' gradients it never computes; both are
 matmul-bound in fp32 (the fused and prepacked bf16 paths do not apply without native bf16). These figures
 predate 90aa25f (encoders train with eager attention in fp32 too: +21% samples/CPU-s at 1 thread in an A/B of
-lmforge alone, SDPA's Bernoulli attention dropout gone); re-run the command for the current ratio.
+lmforge alone, SDPA's Bernoulli attention dropout gone). After it, QUIET (``cls_{1t,2t}_after.json``, ``--reps 2
+--only lmforge_default,peer_grouped_eager``): 1 thread 54.8 vs 41.0 samples/CPU-s: **1.33x**; 2 threads 104.8 vs
+66.9 samples/s: **1.57x** [1.57x CPU]; RSS 0.75x; accuracy 0.531 both.
 
 Measured (session 8, QUIET machine, lead, with the C dropout masks of lmforge.cpu_kernels; ``runs/lead8/cls{1t_a,1t_b,
 2t_a}.json``), the same command: 1 thread lmforge 107.8 / 109.5 samples/s vs peer 75.5 / 77.1: **1.43x / 1.42x**;
