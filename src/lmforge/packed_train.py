@@ -55,10 +55,6 @@ MAX_THREADS = 1
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _mkldnn() -> bool:
-    return onednn_linear(torch.bfloat16)
-
-
 def applies(base: nn.Module, x: Tensor) -> bool:
     """Whether :func:`frozen_linear` serves ``base(x)``: a plain, unhooked, frozen bf16
     ``nn.Linear`` on the CPU, in training mode, with ``x`` bf16 or under CPU bf16 autocast."""
@@ -71,7 +67,7 @@ def applies(base: nn.Module, x: Tensor) -> bool:
     if x.dtype != torch.bfloat16 and not (torch.is_autocast_enabled("cpu")
                                           and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
-    return _mkldnn()
+    return onednn_linear(torch.bfloat16)
 
 
 def packs(base: nn.Linear, rows: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:

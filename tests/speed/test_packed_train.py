@@ -21,8 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmforge import packed_train as pt
 from lmforge.adapters.lora import LoraSpec, apply_lora, merge_lora
+from lmforge.device import onednn_linear
 
-pytestmark = pytest.mark.skipif(not pt._mkldnn(), reason="needs oneDNN (mkldnn) on the CPU")
+pytestmark = pytest.mark.skipif(not onednn_linear(torch.bfloat16), reason="needs oneDNN bf16 (AVX-512/AMX)")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
