@@ -38,7 +38,19 @@ def test_layout_rewrites_a_pack_bit_for_bit(shape):
 
 
 def test_padded_layouts_are_refused():
-    assert P.blocked_layout(40, 32, 3) is None  # rows not a multiple of the block: padded buffer
+    """40 rows: on AVX512-BF16 oneDNN pads them to its 64-row block (None: no in-place rewrite of a
+    padded buffer); where it packs them unpadded (AVX-512 without BF16: a transposed copy) the
+    layout must rewrite that pack bit for bit."""
+    w0, w1 = torch.randn(40, 32).bfloat16(), torch.randn(40, 32).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(w0, 3)
+    layout = P.blocked_layout(40, 32, 3)
+    if torch.ops.mkldnn._nbytes(packed) != 2 * w0.numel():
+        assert layout is None
+        return
+    assert layout is not None
+    x = torch.randn(3, 32).bfloat16()
+    P._write_packed(P._buffer(packed), w1, layout)
+    assert torch.equal(run(packed, x), run(torch.ops.mkldnn._reorder_linear_weight(w1, 3), x))
 
 
 def lora_model(seed: int = 0) -> nn.Module:
