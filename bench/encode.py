@@ -176,7 +176,7 @@ def load_sentences(path: str, n: int) -> list[str]:
 
 
 def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: bool, bf16: bool = False,
-           attn: str = "sdpa", procs: int = 0, passive: bool = False) -> dict:
+           attn: str = "sdpa", procs: int = 0, passive: bool = False, int8: bool = False) -> dict:
     """sentence-transformers' encode; ``procs`` > 0: its multi-process pool (``pool=``) of that many
     CPU processes at 1 intra-op thread each (started and warmed up untimed; CPU time and peak RSS
     include the workers'). ``passive``: ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP threads sleep instead of
@@ -198,6 +198,10 @@ def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: 
     model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
     if bf16:
         model = model.bfloat16()
+    if int8:  # PyTorch's dynamic quantisation recipe for BERT on CPU: int8 nn.Linear (fbgemm), fp32 elsewhere
+        import torch
+
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     kw = {}
     if procs:
         os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
@@ -307,11 +311,17 @@ def main() -> None:
         "st_bf16w_pool": (run_st, common | {"bf16": True, "procs": args.threads or 2}),
         "st_bf16w_sdpa_passive": (run_st, common | {"bf16": True, "passive": True}),
         "st_pool": (run_st, common | {"procs": args.threads or 2}),  # fp32 pool (CPUs without native bf16)
+        # int8 linear layers on both sides (CPUs with int8 dot products: VNNI)
+        "lmforge_int8": (run_lmforge, common | {"precision": "int8"}),
+        "st_int8": (run_st, common | {"int8": True}),
+        "st_int8_eager": (run_st, common | {"int8": True, "attn": "eager"}),
+        "st_int8_pool": (run_st, common | {"int8": True, "procs": args.threads or 2}),
     }
     if (args.threads or 2) < 2 and not args.only:
         trials.pop("st_bf16w_pool")
         trials.pop("st_bf16w_sdpa_passive")
         trials.pop("st_pool")
+        trials.pop("st_int8_pool")
     trials = {k: (fn, kw | {"vectors_out": str(tmp / f"{k}.npy")}) for k, (fn, kw) in trials.items()}
     res = run_trials(trials, args)
     fig = figures(res, "sentences_per_s")

@@ -51,6 +51,7 @@ from torch import Tensor
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
 
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -109,6 +110,91 @@ void NAME(uint64_t *out, int64_t words, uint64_t seed, uint64_t k) {            
 KEEP_WORDS(keep_words16, 16)
 KEEP_WORDS(keep_words32, 32)
 KEEP_WORDS(keep_words64, 64)
+
+/* per-row symmetric int8: s_r = max_j |x_rj| * (1 / 127), q_rj = rint(x_rj * (127 / max_j |x_rj|)) */
+void quant_rows_f32(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+        uint32_t mb = 0;  /* max |x| on the bits: non-negative floats order as their integer bits (vectorises) */
+        for (int64_t j = 0; j < cols; j++) {
+            uint32_t b = f32_bits(row[j]) & 0x7FFFFFFFu;
+            mb = b > mb ? b : mb;
+        }
+        float m = bits_f32(mb);
+        /* one IEEE division per row, kept whole (volatile: fast-math may neither approximate it nor
+           fold it into the loop's products), so the codes equal the torch fallback's */
+        volatile float inv_row = m > 0.0f ? 127.0f / m : 0.0f;
+        const float inv = inv_row;
+        scale[r] = m * (1.0f / 127.0f);
+        int8_t *out = q + r * cols;
+        for (int64_t j = 0; j < cols; j++)
+            out[j] = (int8_t)__builtin_rintf(row[j] * inv);
+    }
+}
+
+/* 2^t for t <= 0 (0 below -126): t = n + f, 2^f by the softmax's degree-5 polynomial, 2^n in the exponent */
+static inline float exp2_neg(float t) {
+    int keep = t >= -126.0f;
+    t = t > -126.0f ? t : -126.0f;
+    float n = __builtin_floorf(t + 0.5f);
+    float f = t - n;
+    float p = 1.0f + f * (0.6931472f + f * (0.24022211f + f * (0.055503406f
+              + f * (0.009670768f + f * 0.0013395286f))));
+    float e = bits_f32(f32_bits(p) + ((uint32_t)((int32_t)n + 127) << 23) - (127u << 23));
+    return keep ? e : 0.0f;
+}
+
+/* GELU(y) = y (1 + erf(y / sqrt 2)) / 2, erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7) */
+static inline float gelu_erf(float y) {
+    float z = y * 0.70710678f, a = __builtin_fabsf(z);
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    float erf_a = 1.0f - poly * exp2_neg(-a * a * 1.4426950408889634f);
+    float erf_z = z < 0.0f ? -erf_a : erf_a;
+    return 0.5f * y * (1.0f + erf_z);
+}
+
+/* y_rm = act(acc_rm * (s_r * w_m) + b_m), in place over the int32 accumulator (fp32 out, same
+   bytes); act 0: none, 1: GELU (erf), 2: ReLU */
+void dequant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw, const float *b,
+                   int64_t act) {
+    float *y = (float *)acc;
+    for (int64_t r = 0; r < rows; r++) {
+        const float a = sx[r];
+        int32_t *in = acc + r * cols;
+        float *out = y + r * cols;
+        if (act == 1)
+            for (int64_t m = 0; m < cols; m++) out[m] = gelu_erf((float)in[m] * (a * sw[m]) + b[m]);
+        else if (act == 2)
+            for (int64_t m = 0; m < cols; m++) { float v = (float)in[m] * (a * sw[m]) + b[m]; out[m] = v > 0.0f ? v : 0.0f; }
+        else
+            for (int64_t m = 0; m < cols; m++) out[m] = (float)in[m] * (a * sw[m]) + b[m];
+    }
+}
+
+/* fp32 row softmax in place: max on sortable integer keys of the bits, exp(x - max) = 2^t as
+   exp2_neg, summed in fp32, times 1 / sum */
+void softmax_f32(float *a, int64_t rows, int64_t cols) {
+    const float log2e = 1.4426950408889634f;
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = a + r * cols;
+        int32_t key = INT32_MIN;
+        for (int64_t j = 0; j < cols; j++) {
+            int32_t b = (int32_t)f32_bits(row[j]);
+            int32_t kb = b ^ ((b >> 31) & 0x7FFFFFFF);
+            key = kb > key ? kb : key;
+        }
+        float m = bits_f32((uint32_t)(key ^ ((key >> 31) & 0x7FFFFFFF)));
+        float s = 0.0f;
+        for (int64_t j = 0; j < cols; j++) {
+            float e = exp2_neg((row[j] - m) * log2e);
+            row[j] = e;
+            s += e;
+        }
+        float inv = 1.0f / s;
+        for (int64_t j = 0; j < cols; j++) row[j] *= inv;
+    }
+}
 """
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
 _LIB: list = []  # [the loaded library or None], filled on first use
@@ -155,6 +241,9 @@ def _compile() -> ctypes.CDLL | None:
     dll.softmax_bf16.argtypes = [ptr, i64, i64, ptr]
     for width in (16, 32, 64):
         getattr(dll, f"keep_words{width}").argtypes = [ptr, i64, u64, u64]
+    dll.quant_rows_f32.argtypes = [ptr, i64, i64, ptr, ptr]
+    dll.dequant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
+    dll.softmax_f32.argtypes = [ptr, i64, i64]
     return dll
 
 
@@ -169,12 +258,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def softmax_(w: Tensor) -> Tensor:
-    """Softmax over the last dim of ``w`` in place; returns ``w``. The C kernel for a contiguous
-    bf16 CPU tensor outside autograd, ``torch.softmax(w, -1, out=w)`` otherwise."""
-    if (w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() or w.requires_grad
-            or w.numel() == 0 or library() is None):
+    """Softmax over the last dim of ``w`` in place; returns ``w``. The C kernels for a contiguous
+    bf16 or fp32 CPU tensor outside autograd, ``torch.softmax(w, -1, out=w)`` otherwise."""
+    if (w.dtype not in (torch.bfloat16, torch.float32) or w.device.type != "cpu" or not w.is_contiguous()
+            or w.requires_grad or w.numel() == 0 or library() is None):
         return torch.softmax(w, -1, out=w)
     cols = w.shape[-1]
+    if w.dtype == torch.float32:
+        _LIB[0].softmax_f32(w.data_ptr(), w.numel() // cols, cols)
+        return w
     buf = torch.empty(cols, dtype=torch.float32)
     _LIB[0].softmax_bf16(w.data_ptr(), w.numel() // cols, cols, buf.data_ptr())
     return w
@@ -189,3 +281,41 @@ def keep_mask(numel: int, itemsize: int, k: int, device: torch.device | str = "c
     seed = int(torch.empty((), dtype=torch.int64).random_())  # [0, 2^63): one draw of the default generator
     getattr(_LIB[0], f"keep_words{8 * itemsize}")(words.data_ptr(), words.numel(), seed, k)
     return words.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize])[:numel]
+
+
+def _c_ok(*ts: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in ts) \
+        and library() is not None
+
+
+def quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8 of a ``(R, C)`` fp32 tensor: ``(q (R, C) int8, s (R,) fp32)`` with
+    ``s_r = max_j |x_rj| (1 / 127)`` and ``q_rj = round(x_rj * (127 / max_j |x_rj|))`` (half to even;
+    an all-zero row: ``s_r = 0``, ``q_r = 0``), so ``x ≈ s q``. The C kernel reads a row twice
+    and writes it once; the torch fallback makes the same numbers with ~6 passes."""
+    rows, cols = x.shape
+    if _c_ok(x) and x.dtype == torch.float32 and x.numel():
+        q, s = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
+        _LIB[0].quant_rows_f32(x.data_ptr(), rows, cols, q.data_ptr(), s.data_ptr())
+        return q, s
+    m = x.abs().amax(1) if cols else x.new_zeros(rows)  # (R,)
+    inv = torch.where(m > 0, m.new_full(m.shape, 127.0) / m, 0.0)  # a true division (`127.0 / m` is 127 * (1 / m))
+    return torch.round(x * inv[:, None]).to(torch.int8), m * (1.0 / 127)
+
+
+DEQUANT_ACTS = {"none": 0, "gelu": 1, "relu": 2}  # activations dequant_rows applies itself
+
+
+def dequant_rows(acc: Tensor, sx: Tensor, sw: Tensor, bias: Tensor, act: str = "none") -> Tensor:
+    """``y_rm = act(acc_rm (s_r w_m) + b_m)`` for an ``(R, M)`` int32 product of int8 codes, fp32
+    ``sx`` (R,), ``sw`` (M,), ``bias`` (M,), ``act`` one of :data:`DEQUANT_ACTS`, written over
+    ``acc``'s bytes (``acc`` is consumed; the C kernel needs no new buffer) and returned as that
+    fp32 view. The C loop may fuse the multiply-add and computes GELU's erf by Abramowitz-Stegun
+    7.1.26 (|error| <= 1.5e-7): it matches the torch fallback to ~1e-6 relative."""
+    if _c_ok(acc, sx, sw, bias) and acc.dtype == torch.int32 and acc.numel():
+        _LIB[0].dequant_rows_(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
+                              bias.data_ptr(), DEQUANT_ACTS[act])
+        return acc.view(torch.float32)
+    y = torch.addcmul(bias, acc.float(), sx[:, None] * sw)
+    y = torch.nn.functional.gelu(y) if act == "gelu" else y.relu_() if act == "relu" else y
+    return acc.view(torch.float32).copy_(y)

@@ -3,6 +3,10 @@
 ``auto`` precision means: bf16 (or fp16 without bf16 support) autocast on CUDA; on CPU, bf16
 autocast when the CPU has native bf16 matmul (AVX512-BF16 / AMX), where it is several
 times faster than fp32; fp32 otherwise. Master weights stay fp32 in training.
+
+``int8`` (CPU inference of BERT-family encoders only: ``embed``, index builds, topics) runs the
+encoder's linear layers as int8 x int8 -> int32 GEMMs around fp32 activations
+(:mod:`lmforge.fast_encode`); everything else about such a placement is fp32.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 from .errors import LmforgeError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 EAGER_MAX_LENGTH = 256  # longest rows for which CPU autocast training prefers eager attention
 
 
@@ -110,7 +114,7 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Compute dtype for ``precision`` on ``device`` (autocast dtype, or fp32)."""
     if precision not in PRECISIONS:
         raise LmforgeError(f"precision must be one of {PRECISIONS}, got '{precision}'")
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return torch.float32
     if precision == "fp16":
         return torch.float16
@@ -127,13 +131,16 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype
+    int8: bool = False  # encoder inference with int8 linear layers (fp32 otherwise)
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto") -> "Placement":
         dev = pick_device(device)
         if precision == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
             _warn_slow_bf16()
-        return cls(dev, pick_dtype(precision, dev))
+        if precision == "int8" and dev.type != "cpu":
+            raise LmforgeError(f"precision int8 is CPU encoder inference; on {dev.type} use auto, bf16 or fp16")
+        return cls(dev, pick_dtype(precision, dev), precision == "int8")
 
     @property
     def autocast_enabled(self) -> bool:
@@ -227,6 +234,8 @@ class Placement:
 
     @property
     def name(self) -> str:
+        if self.int8:
+            return "int8"
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def describe(self) -> str:

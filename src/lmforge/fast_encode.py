@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cpu_kernels import DEQUANT_ACTS, dequant_rows, quant_rows
 from .device import onednn_linear
 from .fast_encode_attention import GROUP_SCORES, _Eager, _groups
 
@@ -38,7 +39,8 @@ from .fast_encode_attention import GROUP_SCORES, _Eager, _groups
 # (1 thread, chunks of 1024 / 2048 / 4096 / none: 3.18 / 3.08 / 3.04 / 3.09 CPU-s per 96 articles)
 ROW_CHUNK = 2048
 # bump when the fast path's numerics change (caches of its vectors key on it: topics embeddings)
-VERSION = 5  # 5: the C softmax (cpu_kernels; bf16 vectors differ from 4 by cosine >= 0.99997)
+VERSION = 6  # 6: the fp32 C softmax (fp32 vectors differ from 5 by ~1e-7); int8 linears (precision int8)
+# 5: the C softmax (cpu_kernels; bf16 vectors differ from 4 by cosine >= 0.99997)
 # 4: eager groups with padded keys (bf16 vectors differ from 3 by cosine >= 0.99993)
 # 3: mean pooling summed on the packed rows (vectors differ from 2 by ~1e-7)
 _ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -75,28 +77,55 @@ def _mkldnn_ok(w: Tensor) -> bool:
 
 @dataclass
 class _Linear:
-    """``y = act(x W^T + b)``: ``W`` (out, in) prepacked for oneDNN on CPU/bf16, plain otherwise."""
+    """``y = act(x W^T + b)``: ``W`` (out, in) prepacked for oneDNN on CPU/bf16, plain otherwise;
+    with ``scale`` (int8): ``W`` holds per-output-row int8 codes, ``W ≈ diag(scale) W_q``, and
+    ``x`` is quantised per row on the fly (see :meth:`_int8`)."""
 
     weight: Tensor
     bias: Tensor
     act: str = "none"  # none | gelu | gelu_tanh | relu (fused into the GEMM when packed)
     packed: bool = False
+    scale: Tensor | None = None  # (out,) fp32 weight scales: int8 codes in ``weight``
 
     @classmethod
-    def make(cls, weight: Tensor, bias: Tensor, act: str = "none", pack: bool = True, rows: int = 8192) -> "_Linear":
+    def make(cls, weight: Tensor, bias: Tensor, act: str = "none", pack: bool = True, rows: int = 8192,
+             int8: bool = False) -> "_Linear":
+        if int8:
+            codes, scale = quant_rows(weight.float().contiguous())
+            return cls(codes, bias.float().contiguous(), act, False, scale)
         if pack and _mkldnn_ok(weight):
             return cls(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows), bias.contiguous(), act, True)
         return cls(weight.contiguous(), bias.contiguous(), act, False)
 
+    def _int8(self, x: Tensor) -> Tensor:
+        """``x W^T + b ≈ (s_x q_x)(diag(s_w) q_W)^T + b``: ``x`` (N, in) fp32 quantised per row
+        (:func:`lmforge.cpu_kernels.quant_rows`), an int8 x int8 -> int32 GEMM
+        (``torch._int_mm``: oneDNN's VNNI kernels, ~3.8x the fp32 GEMM rate here), then
+        ``y_nm = acc_nm s_x,n s_w,m + b_m`` in place. Rows in chunks of ``ROW_CHUNK`` (the int32
+        product of 8,000 x 1,536 halves the GEMM's rate: out of cache), each chunk's product
+        written into its rows of one buffer and turned into fp32 there (no copies)."""
+        x = x.contiguous()
+        act = self.act if self.act in DEQUANT_ACTS else "none"
+        acc = torch.empty(x.shape[0], self.weight.shape[0], dtype=torch.int32, device=x.device)  # (N, out)
+        for r0 in range(0, x.shape[0], ROW_CHUNK):
+            q, sx = quant_rows(x[r0:r0 + ROW_CHUNK])
+            dequant_rows(torch._int_mm(q, self.weight.t(), out=acc[r0:r0 + ROW_CHUNK]), sx, self.scale, self.bias, act)
+        return acc.view(torch.float32)
+
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
-        if self.packed:
+        if self.scale is not None:
+            y = self._int8(x)
+            if self.act in DEQUANT_ACTS:  # applied by the dequantisation
+                return y
+        elif self.packed:
             if self.act == "none":
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             if self.act in ("gelu", "gelu_tanh"):
                 alg = "none" if self.act == "gelu" else "tanh"
                 return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu", [], alg)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.act, [], "")
-        y = F.linear(x, self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.act == "gelu":
             return F.gelu(y)
         if self.act == "gelu_tanh":
@@ -126,9 +155,15 @@ class FastBert:
         dtype: compute dtype (bf16 on CPUs with native bf16, the placement's dtype).
         pack: use oneDNN prepacked weights where possible (CPU, bf16).
         attention: ``auto`` (eager on CPU, SDPA elsewhere), ``eager`` or ``sdpa``.
+        int8: the six linear layers of every block in int8 (``precision: int8``; fp32 ``dtype``
+            only): per-output-row weight codes, activations quantised per row on the fly, int32
+            products (:meth:`_Linear._int8`); embeddings, LayerNorms, attention and GELU stay fp32.
     """
 
-    def __init__(self, backbone: nn.Module, dtype: torch.dtype, *, pack: bool = True, attention: str = "auto"):
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype, *, pack: bool = True, attention: str = "auto",
+                 int8: bool = False):
+        if int8 and dtype != torch.float32:
+            raise ValueError(f"int8 linears compute around fp32 activations, not {dtype}")
         cfg = backbone.config
         self.heads = int(cfg.num_attention_heads)
         self.dim = int(cfg.hidden_size)
@@ -147,15 +182,17 @@ class FastBert:
                 att, so = layer.attention.self, layer.attention.output
                 w = torch.cat([att.query.weight, att.key.weight, att.value.weight]).to(dtype)  # (3D, D)
                 b = torch.cat([att.query.bias, att.key.bias, att.value.bias]).to(dtype)  # (3D,)
+                lin = dict(pack=pack, int8=int8)
                 self.layers.append(_Layer(
-                    _Linear.make(w, b, pack=pack),
-                    _Linear.make(so.dense.weight.to(dtype), so.dense.bias.to(dtype), pack=pack),
+                    _Linear.make(w, b, **lin),
+                    _Linear.make(so.dense.weight.to(dtype), so.dense.bias.to(dtype), **lin),
                     _ln(so.LayerNorm, dtype),
                     _Linear.make(layer.intermediate.dense.weight.to(dtype), layer.intermediate.dense.bias.to(dtype),
-                                 act, pack=pack),
-                    _Linear.make(layer.output.dense.weight.to(dtype), layer.output.dense.bias.to(dtype), pack=pack),
+                                 act, **lin),
+                    _Linear.make(layer.output.dense.weight.to(dtype), layer.output.dense.bias.to(dtype), **lin),
                     _ln(layer.output.LayerNorm, dtype)))
         self.attention_choice = attention
+        self.int8 = int8
 
     @property
     def attention(self) -> str:

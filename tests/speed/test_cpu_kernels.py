@@ -56,11 +56,29 @@ def test_softmax_falls_back_to_torch_for_other_inputs(torch_only):
 
 
 @needs_cc
-def test_non_contiguous_and_fp32_inputs_take_torch_even_with_the_library():
+def test_non_contiguous_and_fp64_inputs_take_torch_even_with_the_library():
     x = torch.randn(6, 5).bfloat16().t()  # non-contiguous: the kernel would read the wrong rows
     assert torch.equal(softmax_(x.clone()), torch.softmax(x, -1))
-    f = torch.randn(3, 8)
+    f = torch.randn(6, 5).t()
     assert torch.equal(softmax_(f.clone()), torch.softmax(f, -1))
+    d = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(softmax_(d.clone()), torch.softmax(d, -1))
+
+
+@needs_cc
+@pytest.mark.parametrize("cols", [1, 3, 17, 32, 100, 256])
+def test_fp32_softmax_matches_torch_and_masked_keys_weigh_zero(cols):
+    torch.manual_seed(cols)
+    x = torch.randn(3, 7, cols) * 8
+    if cols > 2:
+        x[..., -2:] = torch.finfo(torch.float32).min  # padded keys, as fast_encode's fp32 bias makes them
+    y = x.clone()
+    assert softmax_(y) is y
+    torch.testing.assert_close(y, torch.softmax(x, -1), atol=2e-7, rtol=2e-6)  # polynomial 2^f: 2.3e-7 relative
+    if cols > 2:
+        assert (y[..., -2:] == 0).all()
+    e = softmax_(torch.tensor([[5.0, 5.0, 5.0, 5.0], [-1e4, -1e4 + 120, -1e4, -1e4]]))
+    torch.testing.assert_close(e, torch.tensor([[0.25] * 4, [0.0, 1.0, 0.0, 0.0]]))
 
 
 @needs_cc

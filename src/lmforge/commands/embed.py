@@ -47,7 +47,7 @@ def register(sub) -> None:
     e.add_argument("--out", required=True, help="FILE.npy or FILE.parquet")
     e.add_argument("--column", default="text", help="text column of a table file")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     e.add_argument("--device", default="auto")
     e.add_argument("--pooling", default=None, choices=["mean", "cls", "max", "last"])
     e.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction)

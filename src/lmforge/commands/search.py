@@ -48,7 +48,8 @@ def cmd_index(args) -> int:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
             raise LmforgeError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
         settings = IndexSettings(chunking=args.chunking, size=args.chunk_size, overlap=args.overlap, dtype=args.dtype,
-                                 binary=args.binary, faiss=args.faiss, batch_size=args.batch_size)
+                                 binary=args.binary, faiss=args.faiss, batch_size=args.batch_size,
+                                 precision=args.precision)
         settings.check()
         docs = read_documents(args.docs, id_column=args.id_column, text_column=args.text_column)
         summary = build_index(docs, args.model, out, settings)
@@ -193,6 +194,8 @@ def register(sub) -> None:
     ix.add_argument("--binary", action="store_true", help="also store binary codes")
     ix.add_argument("--faiss", action="store_true", help="also build a FAISS HNSW index (faiss-cpu)")
     ix.add_argument("--batch-size", type=int, default=32, help="encoder batch size (IndexSettings.batch_size)")
+    ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                    help="encoder precision for chunks and later queries (int8: int8 linear layers, CPU)")
     ix.add_argument("--overwrite", action="store_true")
     input_help(ix, "--docs JSONL/CSV/Parquet with a text column (--text-column) and an optional id column, or "
                    ".txt",

@@ -176,7 +176,7 @@ def register(sub) -> None:
     c.add_argument("--column", default="text")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto")
-    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    c.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     c.add_argument("--reduction", default="umap", choices=["umap", "pca", "svd", "none"])
     c.add_argument("--n-neighbors", type=int, default=15)
     c.add_argument("--n-components", type=int, default=5)

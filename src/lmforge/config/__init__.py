@@ -92,7 +92,8 @@ class ModelConfig(Section):
     """Which model, on which device, at which precision."""
 
     name: str = Field(description="local folder, hub id, .gguf file or packaged alias (minilm, smollm2)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="int8: int8 linear layers for CPU encoder inference (task topics only)")
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -217,6 +218,9 @@ def _lora_note() -> None:
                                              "'adapter: {kind: lora, ...}' (read as that now)")
 
 
+INT8_TASKS = ("topics",)  # tasks whose model only encodes (model.precision: int8 allowed)
+
+
 class RunConfig(Section):
     """A run: task, model, data, training and adapter settings."""
 
@@ -246,6 +250,18 @@ class RunConfig(Section):
                 raise PydanticCustomError("adapter", err.errors()[0]["msg"]) from None
             self.__dict__["lora"] = None
         return self
+
+    @field_validator("model")
+    @classmethod
+    def _int8_for_inference(cls, v: ModelConfig, info):
+        """``precision: int8`` runs an encoder's inference only: tasks that train or generate refuse it."""
+        from pydantic_core import PydanticCustomError
+
+        task = str(info.data.get("task"))
+        if v.precision == "int8" and task not in INT8_TASKS:
+            raise PydanticCustomError("precision", f"precision int8 is encoder inference ({', '.join(INT8_TASKS)}); task "
+                                      f"'{task}' trains or generates: use auto, fp32, bf16 or fp16")
+        return v
 
     @field_validator("adapter")
     @classmethod

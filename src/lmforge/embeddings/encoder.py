@@ -16,6 +16,8 @@ long texts are tokenised from a character prefix with the full text's ids
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import threading
 import weakref
 from pathlib import Path
@@ -273,6 +275,8 @@ class SentenceEncoder(nn.Module):
         if first.device != place.device:
             self.to(place.device)
         fast = self._fast_path(place)
+        if place.int8 and not getattr(fast, "int8", False):
+            _warn_no_int8(type(self.backbone).__name__)
         # weights already in low precision (to_inference): run the ops natively, no autocast
         autocast = first.dtype == torch.float32 and fast is None
         lock = threading.Lock()
@@ -321,7 +325,7 @@ class SentenceEncoder(nn.Module):
             return f"transformers-{getattr(self.backbone.config, '_attn_implementation', None)}"
         n = torch.get_num_threads() if place.device.type == "cpu" else 0
         kernels = "1-thread" if n == 1 or inference_workers(place.device, 2) > 1 else f"{n}-threads"
-        return f"fast_encode-{fast_encode.VERSION}-{place.device.type}-{kernels}"
+        return f"fast_encode-{fast_encode.VERSION}-{place.device.type}-{kernels}" + ("-int8" if place.int8 else "")
 
     def train(self, mode: bool = True):
         """Switching to training drops the inference fast path's copy of the weights: optimizer
@@ -343,13 +347,21 @@ class SentenceEncoder(nn.Module):
             return None
         params = list(self.backbone.parameters())
         dtype = params[0].dtype if params[0].dtype != torch.float32 else place.dtype
-        key = (dtype, str(place.device), tuple((p.data_ptr(), _version(p)) for p in params))
+        int8 = place.int8 and dtype == torch.float32
+        key = (dtype, int8, str(place.device), tuple((p.data_ptr(), _version(p)) for p in params))
         if _FAST is None:
             _FAST = weakref.WeakKeyDictionary()
         hit = _FAST.get(self)
         if hit is None or hit[0] != key:
-            _FAST[self] = hit = (key, fast_encode.FastBert(self.backbone, dtype))
+            _FAST[self] = hit = (key, fast_encode.FastBert(self.backbone, dtype, int8=int8))
         return hit[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_int8(backbone: str) -> None:
+    logging.getLogger("lmforge").warning(
+        "precision int8 runs on the fast path of stock BERT-family encoders with fp32 weights; this %s "
+        "encoder computes in fp32", backbone)
 
 
 def _version(p: Tensor) -> int:

@@ -57,6 +57,8 @@ class IndexSettings:
             (400 BoolQ passages: 7.86 vs 7.88 CPU-s at 1 thread, 8.46 vs 8.35 at 2), and at 2 threads
             ~110 MB less peak memory (754 vs 863 MB: two workers each hold a batch's activations);
             ``bench/search.py``.
+        precision: the encoder's precision for chunks, added documents and queries alike
+            (:data:`lmforge.device.PRECISIONS`; ``int8``: int8 linear layers on the CPU).
     """
 
     chunking: str = "sentences"
@@ -66,9 +68,14 @@ class IndexSettings:
     binary: bool = False
     faiss: bool = False
     batch_size: int = 32
+    precision: str = "auto"
 
     def check(self) -> None:
+        from ..device import PRECISIONS
+
         check_chunking(self.chunking, self.size, self.overlap)
+        if self.precision not in PRECISIONS:
+            raise LmforgeError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.dtype not in V.DTYPES:
             raise LmforgeError(f"vector dtype must be one of {', '.join(V.DTYPES)}, got '{self.dtype}'")
         if self.batch_size < 1:
@@ -87,12 +94,13 @@ def model_folder(ref: str) -> str:
     return str(ref)
 
 
-def load_encoder(ref: str, placement=None):
-    """A :class:`SentenceEncoder` for ``ref``, ready for inference on ``placement``."""
+def load_encoder(ref: str, placement=None, precision: str = "auto"):
+    """A :class:`SentenceEncoder` for ``ref``, ready for inference on ``placement`` (default: the
+    default device at ``precision``)."""
     from ..device import Placement
     from ..embeddings import SentenceEncoder
 
-    place = placement or Placement.resolve()
+    place = placement or Placement.resolve("auto", precision)
     enc = SentenceEncoder.from_pretrained(model_folder(ref))
     return enc.to_inference(place), place
 
@@ -196,7 +204,7 @@ def build_index(docs: Sequence[tuple[str, str]], model: str, out: str | Path, se
     docs = [(str(i), t) for i, t in docs]
     _check_docs(docs)
     if encoder is None:
-        encoder, placement = load_encoder(model, placement)
+        encoder, placement = load_encoder(model, placement, s.precision)
     t0 = time.perf_counter()
     chunks = chunk_documents(docs, mode=s.chunking, size=s.size, overlap=s.overlap, tokenizer=encoder.tokenizer)
     if not chunks:
@@ -285,7 +293,7 @@ class SearchIndex:
         (a probe sentence must embed to the stored probe vector; another model is refused)."""
         if self._encoder is None:
             ref = model or self.manifest["model"]
-            enc, place = load_encoder(ref, placement)
+            enc, place = load_encoder(ref, placement, self.settings.precision)
             if enc.dim != int(self.manifest["dim"]):
                 raise LmforgeError(f"{self.folder}: built with {self.manifest['model']} ({self.manifest['dim']}-dim); "
                                    f"{ref} gives {enc.dim}-dim vectors")
