@@ -172,6 +172,37 @@ void dequant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, co
     }
 }
 
+/* q_r = int8 codes of act(acc_r * (s_r * w) + b) (per-row symmetric, as quant_rows_f32), written
+   over the accumulator's first R * M bytes (row r's codes end before row r's int32 data begins for
+   r >= 1; row 0 goes through buf), scale[r] its scale: the FFN's up projection's output becomes the
+   down projection's input without an fp32 (R, M) round trip */
+void dequant_quant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw, const float *b,
+                         int64_t act, float *scale, float *buf) {
+    int8_t *codes = (int8_t *)acc;
+    for (int64_t r = 0; r < rows; r++) {
+        const float a = sx[r];
+        const int32_t *in = acc + r * cols;
+        if (act == 1)  /* one simple loop per activation: each vectorises */
+            for (int64_t m = 0; m < cols; m++) buf[m] = gelu_erf((float)in[m] * (a * sw[m]) + b[m]);
+        else if (act == 2)
+            for (int64_t m = 0; m < cols; m++) { float v = (float)in[m] * (a * sw[m]) + b[m]; buf[m] = v > 0.0f ? v : 0.0f; }
+        else
+            for (int64_t m = 0; m < cols; m++) buf[m] = (float)in[m] * (a * sw[m]) + b[m];
+        uint32_t mb = 0;
+        for (int64_t m = 0; m < cols; m++) {
+            uint32_t bits = f32_bits(buf[m]) & 0x7FFFFFFFu;
+            mb = bits > mb ? bits : mb;
+        }
+        float m = bits_f32(mb);
+        volatile float inv_row = m > 0.0f ? 127.0f / m : 0.0f;
+        const float inv = inv_row;
+        scale[r] = m * (1.0f / 127.0f);
+        int8_t *out = codes + r * cols;
+        for (int64_t j = 0; j < cols; j++)
+            out[j] = (int8_t)__builtin_rintf(buf[j] * inv);
+    }
+}
+
 /* fp32 row softmax in place: max on sortable integer keys of the bits, exp(x - max) = 2^t as
    exp2_neg, summed in fp32, times 1 / sum */
 void softmax_f32(float *a, int64_t rows, int64_t cols) {
@@ -244,6 +275,7 @@ def _compile() -> ctypes.CDLL | None:
     dll.quant_rows_f32.argtypes = [ptr, i64, i64, ptr, ptr]
     dll.dequant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
     dll.softmax_f32.argtypes = [ptr, i64, i64]
+    dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     return dll
 
 
@@ -319,3 +351,17 @@ def dequant_rows(acc: Tensor, sx: Tensor, sw: Tensor, bias: Tensor, act: str = "
     y = torch.addcmul(bias, acc.float(), sx[:, None] * sw)
     y = torch.nn.functional.gelu(y) if act == "gelu" else y.relu_() if act == "relu" else y
     return acc.view(torch.float32).copy_(y)
+
+
+def dequant_quant_rows(acc: Tensor, sx: Tensor, sw: Tensor, bias: Tensor, act: str = "none") -> tuple[Tensor, Tensor]:
+    """:func:`quant_rows` of :func:`dequant_rows`'s result, without materialising it: ``(q (R, M)
+    int8, s (R,))``, the codes written over ``acc``'s bytes (``acc`` is consumed). For a
+    linear layer whose only consumer is another int8 linear (the FFN's up projection feeding its
+    down projection)."""
+    rows, cols = acc.shape
+    if _c_ok(acc, sx, sw, bias) and acc.dtype == torch.int32 and acc.numel():
+        scale, buf = torch.empty(rows, dtype=torch.float32), torch.empty(cols, dtype=torch.float32)
+        _LIB[0].dequant_quant_rows_(acc.data_ptr(), rows, cols, sx.data_ptr(), sw.data_ptr(), bias.data_ptr(),
+                                    DEQUANT_ACTS[act], scale.data_ptr(), buf.data_ptr())
+        return acc.view(torch.int8).view(-1)[:rows * cols].view(rows, cols), scale
+    return quant_rows(dequant_rows(acc, sx, sw, bias, act))

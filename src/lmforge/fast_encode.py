@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cpu_kernels import DEQUANT_ACTS, dequant_rows, quant_rows
+from .cpu_kernels import DEQUANT_ACTS, dequant_quant_rows, dequant_rows, quant_rows
 from .device import onednn_linear
 from .fast_encode_attention import GROUP_SCORES, _Eager, _groups
 
@@ -131,6 +131,19 @@ class _Linear:
         if self.act == "gelu_tanh":
             return F.gelu(y, approximate="tanh")
         return F.relu(y) if self.act == "relu" else y
+
+
+def _ffn_int8(up: _Linear, down: _Linear, t: Tensor) -> Tensor:
+    """``down(up(t))`` for int8 linears: the up projection's activations reach the down projection
+    as int8 codes (:func:`lmforge.cpu_kernels.dequant_quant_rows`: dequantise, GELU, quantise per
+    row in one pass), never as an fp32 ``(n, 4D)`` tensor; the same numbers as ``down(up(t))``."""
+    t = t.contiguous()
+    out = torch.empty(t.shape[0], down.weight.shape[0], dtype=torch.int32, device=t.device)  # (n, D)
+    for r0 in range(0, t.shape[0], ROW_CHUNK):
+        q, sx = quant_rows(t[r0:r0 + ROW_CHUNK])
+        q, sx = dequant_quant_rows(torch._int_mm(q, up.weight.t()), sx, up.scale, up.bias, up.act)
+        dequant_rows(torch._int_mm(q, down.weight.t(), out=out[r0:r0 + ROW_CHUNK]), sx, down.scale, down.bias, down.act)
+    return out.view(torch.float32)
 
 
 @dataclass
@@ -264,6 +277,8 @@ class FastBert:
     def _row_tail(self, layer: _Layer, a: Tensor, x: Tensor) -> Tensor:
         """The row-wise rest of a layer: ``(n, D)`` attention output and residual -> ``(n, D)``."""
         t = F.layer_norm(layer.out(a).add_(x), (self.dim,), *layer.ln1)
+        if layer.up.scale is not None and layer.up.act in DEQUANT_ACTS:
+            return F.layer_norm(_ffn_int8(layer.up, layer.down, t).add_(t), (self.dim,), *layer.ln2)
         return F.layer_norm(layer.down(layer.up(t)).add_(t), (self.dim,), *layer.ln2)
 
     def _layout(self, cu: list[int], device) -> list:

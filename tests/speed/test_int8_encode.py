@@ -67,6 +67,26 @@ def test_dequant_rows_c_matches_torch(act):
     assert dequant_rows(a, sx, sw, b, act).data_ptr() == a.data_ptr()  # written over the accumulator
 
 
+@pytest.mark.parametrize("act", ["none", "gelu", "relu"])
+def test_dequant_quant_rows_equals_quantising_the_dequantised_rows(act):
+    """The fused kernel (codes written over the accumulator) against the two-step composition, on
+    either implementation; and the FFN built on it equals ``down(up(t))`` bit for bit."""
+    from lmforge.cpu_kernels import dequant_quant_rows
+    from lmforge.fast_encode import _ffn_int8
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randint(-40000, 40000, (37, 96), dtype=torch.int32, generator=g)
+    sx, sw, b = torch.rand(37, generator=g) * 1e-3, torch.rand(96, generator=g) * 1e-3, torch.randn(96, generator=g)
+    (qc, sc), (qt, st) = _both(dequant_quant_rows, acc, sx, sw, b, act=act)
+    q2, s2 = quant_rows(dequant_rows(acc.clone(), sx, sw, b, act))
+    assert torch.equal(qc, q2) and torch.equal(sc, s2)
+    assert (qc.int() - qt.int()).abs().max() <= 1 and torch.allclose(sc, st, rtol=1e-5)  # GELU's erf: C vs torch
+    up = _Linear.make(torch.randn(96, 32) * 0.2, torch.randn(96), act, int8=True)
+    down = _Linear.make(torch.randn(32, 96) * 0.2, torch.randn(32), int8=True)
+    t = torch.randn(50, 32)
+    assert torch.equal(_ffn_int8(up, down, t), down(up(t)))
+
+
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_int8_linear_is_close_to_fp32_and_chunks_rows(act, rows, monkeypatch):
