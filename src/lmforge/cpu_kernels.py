@@ -203,12 +203,12 @@ void dequant_quant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *
     }
 }
 
-/* fp32 row softmax in place: max on sortable integer keys of the bits, exp(x - max) = 2^t as
-   exp2_neg, summed in fp32, times 1 / sum */
-void softmax_f32(float *a, int64_t rows, int64_t cols) {
+/* fp32 row softmax in place (rows ``stride`` apart): max on sortable integer keys of the bits,
+   exp(x - max) = 2^t as exp2_neg, summed in fp32, times 1 / sum */
+static void softmax_rows_f32(float *a, int64_t rows, int64_t cols, int64_t stride) {
     const float log2e = 1.4426950408889634f;
     for (int64_t r = 0; r < rows; r++) {
-        float *row = a + r * cols;
+        float *row = a + r * stride;
         int32_t key = INT32_MIN;
         for (int64_t j = 0; j < cols; j++) {
             int32_t b = (int32_t)f32_bits(row[j]);
@@ -224,6 +224,20 @@ void softmax_f32(float *a, int64_t rows, int64_t cols) {
         }
         float inv = 1.0f / s;
         for (int64_t j = 0; j < cols; j++) row[j] *= inv;
+    }
+}
+
+void softmax_f32(float *a, int64_t rows, int64_t cols) { softmax_rows_f32(a, rows, cols, cols); }
+
+/* a key-padded attention group: ``mats`` (m, cols) score matrices, matrix i's rows softmaxed over
+   its first len[i] columns (its real keys), the other columns set to 0 */
+void softmax_keys_f32(float *a, int64_t mats, int64_t m, int64_t cols, const int32_t *len) {
+    for (int64_t i = 0; i < mats; i++) {
+        float *w = a + i * m * cols;
+        int64_t n = len[i];
+        softmax_rows_f32(w, m, n, cols);
+        if (n < cols)
+            for (int64_t r = 0; r < m; r++) memset(w + r * cols + n, 0, (size_t)(cols - n) * sizeof(float));
     }
 }
 """
@@ -275,6 +289,7 @@ def _compile() -> ctypes.CDLL | None:
     dll.quant_rows_f32.argtypes = [ptr, i64, i64, ptr, ptr]
     dll.dequant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
     dll.softmax_f32.argtypes = [ptr, i64, i64]
+    dll.softmax_keys_f32.argtypes = [ptr, i64, i64, i64, ptr]
     dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     return dll
 
@@ -302,6 +317,17 @@ def softmax_(w: Tensor) -> Tensor:
     buf = torch.empty(cols, dtype=torch.float32)
     _LIB[0].softmax_bf16(w.data_ptr(), w.numel() // cols, cols, buf.data_ptr())
     return w
+
+
+def softmax_keys_(w: Tensor, lens: Tensor) -> bool:
+    """Softmax in place of a contiguous fp32 ``(G, m, mk)`` group of attention scores, matrix ``i``
+    over its first ``lens[i]`` (int32) key columns, the rest set to 0: the key-padding mask
+    without a bias pass. False (``w`` untouched) where the C kernel does not apply."""
+    if (w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.requires_grad
+            or lens.dtype != torch.int32 or not lens.is_contiguous() or library() is None):
+        return False
+    _LIB[0].softmax_keys_f32(w.data_ptr(), w.shape[0], w.shape[1], w.shape[2], lens.data_ptr())
+    return True
 
 
 def keep_mask(numel: int, itemsize: int, k: int, device: torch.device | str = "cpu") -> Tensor | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .cpu_kernels import softmax_
+from .cpu_kernels import softmax_, softmax_keys_
 
 # a group of sequences attends together while its (c, H, L, L) scores stay under this many
 # elements (1.5 MB in bf16: one 256-token MiniLM sequence). Smaller chunks (heads in chunks that
@@ -64,6 +64,8 @@ class _Eager:
 
         [q | k | v] = qkv[s:e].view(n_g * 3 * H, d)[gather]     (c*H*m + 2*c*H*mk, d), head-major
         w = softmax(q k^T * scale + bias)                         (c*H, m, mk), bias 0 | dtype min
+                                                                  (fp32 on CPU: the softmax over each
+                                                                  sequence's real keys, the rest 0)
         o = w v                                                    (c*H, m, d)
         out[s:e].view(n_g * H, d) = o.view(c*H*m, d)[scatter]     the real rows back, heads merged
 
@@ -80,6 +82,7 @@ class _Eager:
     gather: Tensor | None
     bias: Tensor | None
     scatter: Tensor | None
+    keys: Tensor | None = None  # (c*H,) int32 real keys per score matrix (fp32: the mask in the softmax)
 
     @classmethod
     def make(cls, cu: list[int], heads: int, dtype, device) -> "_Eager":
@@ -99,15 +102,17 @@ class _Eager:
 
         gather = torch.cat([rows(m, 0), rows(mk, 1), rows(mk, 2)])
         valid = torch.arange(mk, device=device)[None, :] < lt[:, None]  # (c, mk)
-        bias = None
+        bias = keys = None
         if not bool(valid.all()):
             bias = torch.zeros(c, heads, 1, mk, dtype=dtype, device=device)
             bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
             bias = bias.view(c * heads, 1, mk)
+            if dtype == torch.float32 and torch.device(device).type == "cpu":
+                keys = lt.to(torch.int32).repeat_interleave(heads)  # (c*H,)
         b = torch.repeat_interleave(torch.arange(c, device=device), lt)  # (n_g,) sequence of each row
         t = torch.arange(e - s, device=device) - start[:, 0].repeat_interleave(lt)  # (n_g,) its position
         scatter = ((b[:, None] * heads + hh[0, :, 0]) * m + t[:, None]).reshape(-1)  # (n_g * H,)
-        return cls(s, e, c, m, mk, gather, bias, scatter)
+        return cls(s, e, c, m, mk, gather, bias, scatter, keys)
 
     @staticmethod
     def buffers(groups: list["_Eager"], heads: int, d: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,11 +137,14 @@ class _Eager:
             q = t[:n * m].view(n, m, d)
             k, v = t[n * m:].view(2, n, mk, d)
         w = bufs[1][:n * m * mk].view(n, m, mk)
-        if self.bias is None:
+        if self.bias is None or self.keys is not None:
             torch.baddbmm(w, q, k.transpose(1, 2), beta=0, alpha=scale, out=w)
         else:
             torch.baddbmm(self.bias, q, k.transpose(1, 2), alpha=scale, out=w)
-        softmax_(w)
+        if self.keys is None or not softmax_keys_(w, self.keys):
+            if self.keys is not None:  # no C kernel: the bias after all
+                w.add_(self.bias)
+            softmax_(w)
         o = bufs[2][:n * m * d].view(n, m, d)
         torch.bmm(w, v, out=o)
         if self.gather is None:

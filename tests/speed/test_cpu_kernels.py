@@ -190,3 +190,18 @@ def test_the_library_is_built_once_when_threads_ask_together(monkeypatch):
     for t in threads:
         t.join()
     assert len(builds) == 1 and len(cpu_kernels._LIB) == 1
+
+
+@needs_cc
+def test_softmax_keys_masks_each_matrix_to_its_real_keys():
+    from lmforge.cpu_kernels import softmax_keys_
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, 40) * 6
+    lens = torch.tensor([40, 1, 17, 33, 40, 2], dtype=torch.int32)
+    ref = w.masked_fill(torch.arange(40)[None, None, :] >= lens[:, None, None].long(), float("-inf")).softmax(-1)
+    y = w.clone()
+    assert softmax_keys_(y, lens)
+    torch.testing.assert_close(y, ref, atol=2e-7, rtol=2e-6)
+    assert (y[1, :, 1:] == 0).all() and (y[1, :, 0] == 1).all()
+    assert not softmax_keys_(w.clone().bfloat16(), lens)  # fp32 only: the caller keeps its bias path
