@@ -193,7 +193,7 @@ def register(sub) -> None:
     ix.add_argument("--dtype", default="float32", choices=["float32", "float16", "int8"])
     ix.add_argument("--binary", action="store_true", help="also store binary codes")
     ix.add_argument("--faiss", action="store_true", help="also build a FAISS HNSW index (faiss-cpu)")
-    ix.add_argument("--batch-size", type=int, default=32, help="encoder batch size (IndexSettings.batch_size)")
+    ix.add_argument("--batch-size", type=int, default=16, help="encoder batch size (IndexSettings.batch_size)")
     ix.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                     help="encoder precision for chunks and later queries (int8: int8 linear layers, CPU)")
     ix.add_argument("--overwrite", action="store_true")

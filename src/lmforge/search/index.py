@@ -53,10 +53,12 @@ class IndexSettings:
         dtype: dense storage ``float32``, ``float16`` or ``int8``.
         binary: also store sign bits for a Hamming first pass (rescored with the dense vectors).
         faiss: also build an approximate FAISS HNSW index (used by search unless exact is asked).
-        batch_size: encoder batch size. 32: the same CPU seconds as 64 on the packed fast path
-            (400 BoolQ passages: 7.86 vs 7.88 CPU-s at 1 thread, 8.46 vs 8.35 at 2), and at 2 threads
-            ~110 MB less peak memory (754 vs 863 MB: two workers each hold a batch's activations);
-            ``bench/search.py``.
+        batch_size: encoder batch size. 16: on the packed fast path the same CPU seconds as 32 in
+            fp32 and fewer in int8 (400 BoolQ passages, 1 thread, AVX-512 without BF16: fp32 8.24 vs
+            8.27-8.47 CPU-s, int8 3.49-3.61 vs 3.72-3.76: its int32 products stay in cache), 32 the
+            same as 64 (bf16: 7.86 vs 7.88 CPU-s at 1 thread, 8.46 vs 8.35 at 2), and smaller
+            batches hold less memory (2 threads, bf16: 754 MB at 32 vs 863 at 64: two workers each
+            hold a batch's activations); ``bench/search.py``.
         precision: the encoder's precision for chunks, added documents and queries alike
             (:data:`lmforge.device.PRECISIONS`; ``int8``: int8 linear layers on the CPU).
     """
@@ -67,7 +69,7 @@ class IndexSettings:
     dtype: str = "float32"
     binary: bool = False
     faiss: bool = False
-    batch_size: int = 32
+    batch_size: int = 16
     precision: str = "auto"
 
     def check(self) -> None:
