@@ -176,8 +176,13 @@ def lm_build(n: int, threads: int, batch: int | None = None, precision: str = "a
 
 
 def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdpa", bf16: bool = True,
-             int8: bool = False) -> dict:
+             int8: bool = False, procs: int = 0) -> dict:
+    """The peer: encode passages and questions, exact search. ``procs`` > 0: its multi-process pool
+    (one process per core at 1 intra-op thread, started untimed; CPU time counts the workers')."""
+    import os
+
     set_threads(threads)
+    import psutil
     import torch
     from sentence_transformers import SentenceTransformer, util
 
@@ -190,11 +195,21 @@ def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdp
         model = model.to(torch.bfloat16)
     if int8:  # PyTorch's dynamic quantisation recipe for BERT on CPU: int8 nn.Linear (fbgemm), fp32 elsewhere
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    kw = {}
+    if procs:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
+        kw["pool"] = model.start_multi_process_pool(["cpu"] * procs)
+        model.encode(qs[:64], batch_size=bs, **kw)  # warm-up: workers loaded
+    kids = psutil.Process().children(recursive=True)
+    k0 = sum(sum(k.cpu_times()[:2]) for k in kids)
     t0, c0 = time.perf_counter(), time.process_time()
-    c = model.encode(passages, batch_size=bs, convert_to_tensor=True, normalize_embeddings=True).float()
-    q = model.encode(qs, batch_size=bs, convert_to_tensor=True, normalize_embeddings=True).float()
+    c = torch.as_tensor(model.encode(passages, batch_size=bs, normalize_embeddings=True, **kw)).float()
+    q = torch.as_tensor(model.encode(qs, batch_size=bs, normalize_embeddings=True, **kw)).float()
     hits = util.semantic_search(q, c, top_k=10)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if procs:
+        cpu += sum(sum(k.cpu_times()[:2]) for k in kids) - k0
+        model.stop_multi_process_pool(kw["pool"])
     return {"seconds": dt, "cpu_seconds": cpu, "texts_per_s": (len(passages) + len(qs)) / dt,
             **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold)}
 
@@ -294,7 +309,8 @@ def main() -> None:
                    help="build trials to run (lmforge and one st_best* at least); st_best: one per --peer-batches; "
                         "st_best_fp32: the same in fp32 (+ eager), the peer's best on CPUs without native bf16; "
                         "lmforge_int8 / st_best_int8: int8 linear layers on both sides (precision int8 / "
-                        "torch.ao.quantization.quantize_dynamic, per --peer-batches)")
+                        "torch.ao.quantization.quantize_dynamic, per --peer-batches); st_best_fp32_pool: the peer's "
+                        "multi-process pool (2+ threads; it cannot start with an int8 model)")
     args = p.parse_args()
     parts = args.only.split(",")
     if "build" in parts:
@@ -308,6 +324,11 @@ def main() -> None:
         if "st_best_int8" in chosen:
             trials |= {f"st_best_int8_b{b}": (st_build, base | {"best": True, "batch": b, "bf16": False, "int8": True})
                        for b in peer_b}
+        # no int8 pool: sentence-transformers' pool cannot start workers with a quantize_dynamic model
+        # ("ValueError: bad value(s) in fds_to_keep" when spawning them, session 10)
+        if "st_best_fp32_pool" in chosen:  # 2+ threads: the peer's own multi-process pool
+            trials[f"st_best_fp32_pool_b{peer_b[0]}"] = (st_build, base | {"best": True, "batch": peer_b[0],
+                                                                          "bf16": False, "procs": args.threads or 2})
         if "st_default" in chosen:
             trials["st_default"] = (st_build, base | {"best": False})
         if "st_best" in chosen:

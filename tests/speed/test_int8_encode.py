@@ -196,3 +196,30 @@ def test_cli_embed_and_index_build_in_int8(tiny_bert_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(ix), "good film", "--k", "1"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["rank"] == 1
+
+
+def test_topics_task_runs_its_encoder_in_int8(tiny_bert_dir, tmp_path):
+    """``model.precision: int8`` in a topics recipe: the documents are embedded on the int8 path
+    (the placement says so, the embeddings differ from fp32's) and the fit completes."""
+    import yaml
+
+    from conftest import write_jsonl
+    from lmforge.config import build_config
+    from lmforge.tasks import build_task
+    from topics._helpers import corpus, recipe
+
+    data = write_jsonl(tmp_path / "docs.jsonl", corpus(12))
+    out = {}
+    for prec in ("int8", "fp32"):
+        rec = recipe(tmp_path, str(tiny_bert_dir), str(data), pictures=False, stability_seeds=0) | {"name": prec}
+        rec["model"]["precision"] = prec
+        task = build_task(build_config(yaml.safe_load(yaml.safe_dump(rec))))
+        assert task.placement.int8 == (prec == "int8")
+        (tmp_path / prec).mkdir()
+        task.train_direct(tmp_path / prec)
+        assert len(task.model.assignments) == 48
+        assert task.encoder.code_path(task.placement).endswith("-int8") == (prec == "int8")  # the cache key
+        out[prec] = task.embed([r["text"] for r in corpus(3)], cache=False)
+    a, b = out["int8"], out["fp32"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.99 and not np.allclose(a, b, atol=1e-5)
