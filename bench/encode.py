@@ -30,6 +30,28 @@ batches of topics and index builds) instead of STS-B sentences.
   parent's only). lmforge's counterpart is its default at 2 threads: one worker thread per torch thread,
   each at 1 intra-op thread (:func:`lmforge.device.run_batches`, the 1-thread vectors bit for bit).
 
+- ``lmforge_int8`` / ``st_int8`` (``st_int8_eager``): int8 linear layers on both sides, for CPUs with int8 dot
+  products (VNNI): lmforge ``precision: int8`` (per-token activation scales, per-output-channel weights,
+  ``torch._int_mm``) against the peer with PyTorch's ``quantize_dynamic`` of every ``nn.Linear`` (per-tensor
+  activation scale, fbgemm). Quality: cosine with the peer's fp32 vectors.
+
+Measured (session 10, QUIET, an Intel Xeon with AVX-512 + VNNI and NO BF16: bf16 weights 5.7x slower than fp32, int8
+GEMMs 3.8x faster; ``runs/lead10/enc*_quiet.json``, ``enc2t.json``, ``enc_news2t.json``):
+| data | threads | lmforge int8 /s [/CPU-s] | ST int8 /s [/CPU-s] | best/best wall [CPU] | lmforge fp32 | ST fp32 best | cosine min lm int8 / ST int8 | RSS |
+|---|---|---|---|---|---|---|---|---|
+| STS-B 1,000 | 1 | 1388 [1363] | 877 [876] | **1.58x [1.56x]** | 593 | 454 (SDPA) | 0.9953 / 0.9026 | 0.65x |
+| news 128 | 1 | 48.2 [47.7] | 29.2 [28.4] | **1.65x [1.68x]** | 24.3 | 18.9 | 0.9960 / 0.8935 | 0.58x |
+| STS-B 1,000 | 2 | 2462 [1318] | 1358 [693] | **1.81x [1.90x]** | 1134 | 802 (pool 608) | same | 0.66x |
+| news 128 | 2 | 81.5 [47.1] | 49.9 [25.5] | **1.63x [1.85x]** | 42.4 | 39.0 (pool) | same | 0.72x |
+Commands: ``--n 1000 --reps 3 --threads 1 --only st_default,st_eager,st_int8,st_int8_eager,lmforge_default,lmforge_int8``;
+``--data news --n 128 --reps 2 --threads 1 --only st_default,st_int8,lmforge_default,lmforge_int8``; 2 threads:
+``--reps 2 --threads 2 --only st_default,st_pool,st_int8,lmforge_default,lmforge_int8`` (news: the same with
+``--data news --n 128``). Cosine mean 0.9974 / 0.9520 (STS-B), 0.9978 / 0.9317 (news); STS-B dev Spearman with
+lmforge int8 0.8659 vs fp32 0.8672. The peer's per-channel variant (``per_channel_dynamic_qconfig``) is slower
+(811 vs 877 /s, 1 thread) and still at cosine min 0.959. fp32 against fp32: 1.26-1.31x at 1 thread (matmul-bound
+at the fp32 peak: see session 9). The peer's ONNX int8 backend (``backend="onnx"``) needs ``optimum-onnx``, which
+pins ``transformers<4.58`` and cannot be installed beside this project's transformers 5.x: not measured.
+
 Measured (session 9, an AVX2-ONLY machine: the same EPYC family under KVM exposing no AVX-512 flags, so no native
 bf16; ``precision: auto`` computes in fp32 and bf16 weights run 4x slower than fp32 for the peer too (49 vs 182
 sentences/CPU-s), so the peer's best is fp32 here; ``runs/lead9/enc_{stsb,news}_1t.json``, a reward-model run on

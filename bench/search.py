@@ -11,7 +11,8 @@
    CPU second is the peer's best (``st_best_fp32``: the same sweep in fp32, plus fp32 eager, for CPUs
    without native bf16, where lmforge's ``auto`` precision is fp32 too). ST pads each batch to its longest
    text, so it is 4-12 % faster at 16-32 than at 64; lmforge packs rows (no padding) and runs
-   ``IndexSettings``' default batch (32).
+   ``IndexSettings``' default batch (16 since session 10; 32 before). ``lmforge_int8`` / ``st_best_int8``:
+   int8 linear layers on both sides (``precision: int8`` / ``quantize_dynamic``).
 2. ``dense_query``: exact top-k over the same float32 vectors: lmforge ``exact_topk`` against
    ``util.semantic_search`` (queries/s).
 3. ``bm25``: indexing and queries, bm25s through lmforge against rank-bm25's ``BM25Okapi`` with the same
@@ -20,6 +21,28 @@
 Every side reports MRR@10 / nDCG@10 / recall@10 from the same ``retrieval_report``; one JSON line each.
 
     python bench/search.py --reps 3 --n-build 800 --n-queries 500
+
+Measured (session 10, an Intel Xeon with AVX-512 and VNNI but NO BF16: ``precision: auto`` is fp32 and bf16 weights
+run 5.7x slower than fp32 (32 vs 183 GFLOP/s at 2048^3), while int8 x int8 -> int32 GEMMs run at ~700 GOP/s
+(``torch._int_mm``, 3.8x fp32); QUIET machine; ``runs/lead10/search{1t_quiet,2t}.json``). Both sides' int8:
+lmforge ``--precision int8`` (``lmforge_int8``) vs the peer with PyTorch's dynamic quantisation of every
+``nn.Linear`` (``st_best_int8_b<N>``, per-tensor activations, fbgemm), which is the peer's fastest trial here.
+``--only build --reps 3 --n-build 400 --threads 1 --build-trials lmforge,lmforge_int8,st_best_int8,st_best_fp32
+--peer-batches 8,16,32``:
+| threads | lmforge int8 | ST int8 best | best/best | lmforge fp32 | ST fp32 best | fp32/fp32 | MRR@10 lm int8 / ST int8 / fp32 | RSS |
+|---|---|---|---|---|---|---|---|---|
+| 1 | 3.91 s [3.95 CPU-s] | b16 6.23 s [6.24] | **1.60x wall [1.58x CPU]** | 8.95 s [9.00] | b8 11.31 CPU-s | 1.26x | 0.9463 / 0.9398 / 0.9452 | 0.64x |
+| 2 | 2.33 s [4.43 CPU-s] | b16 3.77 s [7.44] | **1.61x wall [1.68x CPU]** | 4.88 s [9.48] | b16 12.07 CPU-s; pool b8 14.11 | | same | 0.69x |
+(2 threads: ``--reps 2 --threads 2 --build-trials lmforge,lmforge_int8,st_best_int8,st_best_fp32,st_best_fp32_pool``;
+the peer's pool cannot start its workers with an int8 model, so its int8 trial uses intra-op threads.) nDCG@10
+0.9572 / 0.9518 / 0.9564, R@10 0.9901 / 0.9881 / 0.9901: lmforge's int8 (per-token activation scales) keeps
+fp32's retrieval quality, the peer's (one scale per tensor) loses 1 point of MRR. With a reward-model training on
+the other core, 1 thread measured 1.43-1.53x (``search{2,3,4}.json``: the peer's batch 8 and lmforge's batch 16
+are each side's best; lmforge's index batch default became 16 after this). Levers, in-process A/B on 400 BoolQ
+passages, 1 thread: naive torch quantise/dequantise 5.04 CPU-s -> C kernels (one pass each) 4.53 -> dequantise
+with GELU fused and the fp32 C softmax 4.03 -> the FFN's GELU output handed to the down projection as int8
+codes 3.78-3.89 -> the key mask inside the softmax (no bias pass) 3.72-3.76 (batch 32; batch 16 3.49-3.61).
+What is left: ``_int_mm`` ~48 %, attention ~25 % (score/value GEMMs, gathers, softmax), LayerNorm/adds ~5 %.
 
 Measured (session 9, an AVX2-ONLY machine: no native bf16, so ``precision: auto`` is fp32 and the peer's best is
 fp32 too, ``--build-trials lmforge,st_best_fp32``; ``runs/lead9/search_1t.json``, a reward-model run on the other
