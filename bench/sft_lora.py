@@ -23,6 +23,8 @@ function for every trial, bf16 autocast):
   default is on, which is slower);
 - ``trl_bf16_packed`` / ``trl_bf16w_packed``: TRL at its best here: bf16 autocast, its packing (BFD
   + padding-free), SDPA; the second with the frozen base loaded in bf16 (LoRA fp32);
+- ``trl_fp32_packed``: TRL's packing in fp32, its best on CPUs without native bf16 (where lmforge's ``auto``
+  is fp32 too);
 - ``lmforge_default``: lmforge's defaults (``precision: auto`` = bf16 autocast with bf16 frozen
   weights, no packing);
 - ``lmforge_packed``: with ``sft.packing: true``;
@@ -209,6 +211,8 @@ def main() -> None:
         "trl_default": (run_trl, common),
         "lmforge_default": (run_lmforge, common),
         "trl_bf16_packed": (run_trl, common | {"bf16": True, "packing": True}),
+        # its best on a CPU without native bf16 (AVX2 / AVX-512 without BF16: bf16 runs 4-6x slower there)
+        "trl_fp32_packed": (run_trl, common | {"packing": True}),
         "lmforge_packed": (run_lmforge, common | {"packing": True}),
         "trl_bf16w_packed": (run_trl, common | {"bf16_weights": True, "packing": True}),
         "lmforge_packed_plain": (run_lmforge, common | {"packing": True, "fast": "off"}),
