@@ -203,6 +203,7 @@ def main() -> None:
         "lmforge_default": (run_lmforge, common),
         "trl_bf16": (run_trl, common | {"bf16": True}),
         "trl_bf16w_eager": (run_trl, common | {"bf16_weights": True, "attn": "eager"}),
+        "trl_eager": (run_trl, common | {"attn": "eager"}),  # fp32 eager: a best on CPUs without native bf16
         "lmforge_plain": (run_lmforge, common | {"fast": False}),
     }, args)
     fig = figures(res, "pairs_per_s", ("train_loss",))

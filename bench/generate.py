@@ -180,6 +180,7 @@ def main() -> None:
         "hf_bf16w_sdpa": (run_hf, {"bf16": True}),
         "lmforge_bf16w": (run_lmforge, {"bf16_weights": True}),
         "hf_bf16w_eager": (run_hf, {"bf16": True, "attn": "eager"}),
+        "hf_eager": (run_hf, {"attn": "eager"}),  # fp32 eager: a best on CPUs without native bf16
         "lmforge_plain": (run_lmforge, {"fast": False}),
         "hf_bf16w_static": (run_hf, {"bf16": True, "cache": "static"}),
     }

@@ -147,6 +147,7 @@ def main() -> None:
         "st_bf16_sdpa": (run_st, common | {"bf16": True}),
         "lmforge_ungrouped": (run_lmforge, common | {"group": False}),
         "st_bf16_eager": (run_st, common | {"bf16": True, "attn": "eager"}),
+        "st_eager": (run_st, common | {"attn": "eager"}),  # fp32 eager: a best on CPUs without native bf16
         "lmforge_padded": (run_lmforge, common | {"group": False, "attn": "eager"}),
     }, args)
     fig = figures(res, "pairs_per_s", ("spearman",))
