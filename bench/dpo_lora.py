@@ -34,6 +34,11 @@ trial, in pairs/s.
 
     .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: ``auto`` = fp32, the peer's best is fp32 too; a
+reward-model training on the other core; ``runs/lead10/dpo1t.log``): ``--only trl_default,trl_eager,lmforge_default
+--steps 4 --warmup 1 --reps 2 --threads 1``: lmforge 0.343 pairs/s vs TRL fp32 eager 0.173 (SDPA 0.151):
+**1.99x** (default 2.28x), MFU 0.52 vs 0.26, peak RSS 4.2 vs 9.1 GB (0.46x), train loss 0.6934 both.
+
 Measured (s5, 2026-11-30, load ~7-8, medians of 2 reps; raw /tmp/ts/out/dpo_t1.json):
 ``bench/dpo_lora.py --max-length 256 --batch 2 --steps 2 --warmup 1 --reps 2 --threads 1
 --only trl_bf16,trl_bf16w_eager,lmforge_default,lmforge_plain``: tokens per CPU-s lmforge_default

@@ -25,6 +25,13 @@ transformers' fp32 greedy tokens: the mean share of each row's tokens up to the 
 
     .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: fp32 both sides, where lmforge's prepacked bf16
+decode path does not apply; ``runs/lead10/gen1t.log``, a training run on the other core): ``--new-tokens 16 --reps
+2 --threads 1 --only hf_default,hf_eager,lmforge_default``: batch 8 49.3 vs HF SDPA 47.1 tokens/s (eager 42.4):
+**1.05x**; batch 1 14.4 vs 15.6: **0.92x**; agreement 1.0. fp32 decoding here is weight-bandwidth bound (540 MB of
+fp32 weights per token at batch 1): lmforge has no lever for it yet on a CPU without bf16 (int8 weights would be
+the next one).
+
 Measured (``--new-tokens 16 --reps 2 --threads 1``, shared 2-core machine at load 6-8; tokens per CPU
 second, wall in brackets): batch 8 lmforge_bf16w 124.6 / lmforge_default 116.1 vs the peer's best
 hf_bf16w_eager 65.9 (sdpa 63.8, static cache 65.0, fp32 default 41.2): ratio_best 1.89x [1.89x],

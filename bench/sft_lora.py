@@ -36,6 +36,12 @@ trial, both in real tokens/s.
 
     .venv/bin/python bench/sft_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: ``auto`` = fp32 on both sides, bf16 5.7x slower;
+a reward-model training on the other core; ``runs/lead10/sft1t.log``): ``--only trl_fp32_packed,lmforge_packed
+--steps 4 --warmup 1 --reps 2 --threads 1 --heldout 2``: lmforge packed 124.5 tokens/s [125.9 /CPU-s] vs TRL fp32
+packed 65.3 [66.3]: **1.91x wall [1.90x CPU]**, MFU 0.47 vs 0.25 of the fp32 peak, peak RSS 5.55 vs 8.47 GB
+(0.66x), held-out loss 3.1593 vs 3.1616.
+
 Measured (s5, 2026-11-30, load 4-8 on the 2 cores, per CPU second of the trial process, medians of
 2 reps; raw: /tmp/ts/out/sft_t1b.json):
 ``bench/sft_lora.py --max-length 512 --batch 1 --steps 2 --warmup 1 --reps 2 --threads 1 --heldout 1
