@@ -26,11 +26,13 @@ transformers' fp32 greedy tokens: the mean share of each row's tokens up to the 
     .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
 
 Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: fp32 both sides, where lmforge's prepacked bf16
-decode path does not apply; ``runs/lead10/gen1t.log``, a training run on the other core): ``--new-tokens 16 --reps
-2 --threads 1 --only hf_default,hf_eager,lmforge_default``: batch 8 49.3 vs HF SDPA 47.1 tokens/s (eager 42.4):
-**1.05x**; batch 1 14.4 vs 15.6: **0.92x**; agreement 1.0. fp32 decoding here is weight-bandwidth bound (540 MB of
-fp32 weights per token at batch 1): lmforge has no lever for it yet on a CPU without bf16 (int8 weights would be
-the next one).
+decode path does not apply; QUIET, ``runs/lead10/gen1t_quiet.log``): ``--new-tokens 16 --reps 2 --threads 1 --only
+hf_default,hf_eager,lmforge_default``: batch 8 49.3 vs HF SDPA 41.1 tokens/s (eager 39.5): **1.20x**; batch 1 14.99
+vs 15.03: **1.00x**; agreement 1.0 (with a training run on the other core: 1.05x / 0.92x, ``gen1t.log``). fp32
+decoding at batch 1 is weight-bandwidth bound (540 MB of fp32 weights per token; the 113 MB LM head alone 10 ms):
+the lean decode loop saves nothing there. int8 weights would be the lever, but torch's ``_weight_int8pack_mm``
+with fp32 activations runs 2.4-4.7x SLOWER than the fp32 ``linear`` at batch 1 here (576 x 1536: 676-701 vs 148
+us; LM head 24.3 vs 10.2 ms): it needs a kernel of its own, not built.
 
 Measured (``--new-tokens 16 --reps 2 --threads 1``, shared 2-core machine at load 6-8; tokens per CPU
 second, wall in brackets): batch 8 lmforge_bf16w 124.6 / lmforge_default 116.1 vs the peer's best
