@@ -27,6 +27,14 @@ every process, as it does for its users.
     .venv/bin/python bench/topics.py [--reps 3] [--limit N] [--seed 42] [--only SIDES] [--only-e2e SIDES]
         [--threads N] [--skip-from-emb]
 
+Measured (session 10, QUIET, an Intel Xeon with AVX-512 + VNNI and NO BF16; ``runs/lead10/topics2t.log``): int8 on
+both sides (``lmforge_int8``: ``model.precision: int8``; ``bertopic_int8``: BERTopic best with its
+sentence-transformers model through ``quantize_dynamic``), ``--reps 2 --limit 1000 --only-e2e
+lmforge,lmforge_int8,bertopic_best,bertopic_int8 --skip-from-emb --threads 2``: lmforge int8 16.8 s [31.4 CPU-s]
+vs BERTopic int8 40.3 s [65.6]: **ratio_best 2.40x wall [2.09x CPU]**, RSS 0.79x, NPMI 0.243 vs 0.225, diversity
+0.832 vs 0.820, outliers 0.186 vs 0.176; fp32 against fp32: lmforge 29.4 s vs BERTopic best 47.5 s: 1.62x wall
+(NPMI 0.254 vs 0.210).
+
 Prints one JSON line: median wall seconds and CPU seconds (all threads of the trial process: the
 steadier figure on a shared machine), peak RSS, NPMI, diversity, outlier rate and topic count for
 each, and the ratios (BERTopic time / lmforge time; lmforge RSS / BERTopic RSS).
@@ -221,7 +229,8 @@ def _threads(threads: int | None) -> None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, threads: int | None = None) -> dict:
+def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, threads: int | None = None,
+                precision: str = "auto") -> dict:
     _threads(threads)
     import numpy as np
 
@@ -232,7 +241,7 @@ def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, 
     texts = json.loads(Path(docs).read_text())
     cfg = build_config({
         "task": "topics", "name": "bench", "seed": seed, "output_dir": tempfile.mkdtemp(),
-        "model": {"name": "minilm"}, "data": {"train": _jsonl(texts), "columns": {"text": "text"}},
+        "model": {"name": "minilm", "precision": precision}, "data": {"train": _jsonl(texts), "columns": {"text": "text"}},
         "topics": {"encoder": {"batch_size": 32, "cache": False},
                    "reduction": {"method": "umap", **UMAP_KW, "deterministic": not fast}, "clustering": {"min_cluster_size": MIN_CLUSTER},
                    "vectorizer": VEC, "keywords": {"candidates": 0}, "top_n_words": 10,
@@ -256,7 +265,7 @@ def run_lmforge(docs: str, seed: int, emb_path: str | None, fast: bool = False, 
 
 
 def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads: int | None = None,
-                 folder: str = "") -> dict:
+                 folder: str = "", int8: bool = False) -> dict:
     _threads(threads)
     import numpy as np
     from bertopic import BERTopic
@@ -277,6 +286,8 @@ def run_bertopic(docs: str, seed: int, emb_path: str | None, best: bool, threads
         native_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags  # AVX2 only: bf16 is 4x slower, fp32 is best
         kw = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if best and native_bf16 else {}
         st = SentenceTransformer(folder, device="cpu", **kw)
+        if int8:  # PyTorch's dynamic quantisation of every nn.Linear (fbgemm): the int8 counterpart
+            st = torch.ao.quantization.quantize_dynamic(st, {torch.nn.Linear}, dtype=torch.qint8)
     umap_model = UMAP(**UMAP_KW, low_memory=False, **({} if best else {"random_state": seed}))
     hdb = HDBSCAN(min_cluster_size=MIN_CLUSTER, metric="euclidean", cluster_selection_method="eom", prediction_data=True)
     tm = BERTopic(embedding_model=st, umap_model=umap_model, hdbscan_model=hdb,
@@ -328,10 +339,14 @@ def summary(rs: list[dict]) -> dict:
 
 
 def sides(base: dict, emb: str | None, folder: str) -> dict:
-    return {"lmforge": (run_lmforge, base | {"emb_path": emb}),
-            "bertopic": (run_bertopic, base | {"emb_path": emb, "best": False, "folder": folder}),
-            "lmforge_fast": (run_lmforge, base | {"emb_path": emb, "fast": True}),
-            "bertopic_best": (run_bertopic, base | {"emb_path": emb, "best": True, "folder": folder})}
+    out = {"lmforge": (run_lmforge, base | {"emb_path": emb}),
+           "bertopic": (run_bertopic, base | {"emb_path": emb, "best": False, "folder": folder}),
+           "lmforge_fast": (run_lmforge, base | {"emb_path": emb, "fast": True}),
+           "bertopic_best": (run_bertopic, base | {"emb_path": emb, "best": True, "folder": folder})}
+    if emb is None:  # int8 linear layers on both sides (lmforge precision int8 / quantize_dynamic): end to end only
+        out["lmforge_int8"] = (run_lmforge, base | {"emb_path": emb, "precision": "int8"})
+        out["bertopic_int8"] = (run_bertopic, base | {"emb_path": emb, "best": True, "folder": folder, "int8": True})
+    return out
 
 
 def ratios(s: dict) -> dict:
@@ -341,7 +356,8 @@ def ratios(s: dict) -> dict:
     default was the faster one in session 7); ratio_best_seeded: BERTopic best / lmforge default."""
     out = dict(s)
     fastest = {side: min((k for k in group if k in s), key=lambda k: s[k]["seconds"], default=None)
-               for side, group in (("peer", ("bertopic", "bertopic_best")), ("ours", ("lmforge", "lmforge_fast")))}
+               for side, group in (("peer", ("bertopic", "bertopic_best", "bertopic_int8")),
+                                   ("ours", ("lmforge", "lmforge_fast", "lmforge_int8")))}
     pairs = {"ratio_default": ("bertopic", "lmforge"), "ratio_best": (fastest["peer"], fastest["ours"]),
              "ratio_best_seeded": ("bertopic_best", "lmforge")}
     if fastest["peer"] and fastest["ours"]:
