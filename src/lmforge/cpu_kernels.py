@@ -56,6 +56,18 @@ SOURCE = r"""
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
+/* 2^t for t <= 0 (0 below -126): t = n + f, 2^f by a degree-5 polynomial, 2^n added to the exponent bits */
+static inline float exp2_neg(float t) {
+    int keep = t >= -126.0f;
+    t = t > -126.0f ? t : -126.0f;
+    float n = __builtin_floorf(t + 0.5f);
+    float f = t - n;
+    float p = 1.0f + f * (0.6931472f + f * (0.24022211f + f * (0.055503406f
+              + f * (0.009670768f + f * 0.0013395286f))));
+    float e = bits_f32(f32_bits(p) + ((uint32_t)((int32_t)n + 127) << 23) - (127u << 23));
+    return keep ? e : 0.0f;
+}
+
 void softmax_bf16(uint16_t *a, int64_t rows, int64_t cols, float *buf) {
     const float log2e = 1.4426950408889634f;
     for (int64_t r = 0; r < rows; r++) {
@@ -68,15 +80,7 @@ void softmax_bf16(uint16_t *a, int64_t rows, int64_t cols, float *buf) {
         float m = bits_f32((uint32_t)((key & 0x8000) ? key ^ 0x8000 : key ^ 0xFFFF) << 16);
         float s = 0.0f;
         for (int64_t j = 0; j < cols; j++) {
-            float t = (bits_f32((uint32_t)row[j] << 16) - m) * log2e;
-            int keep = t >= -126.0f;
-            t = t > -126.0f ? t : -126.0f;
-            float n = __builtin_floorf(t + 0.5f);
-            float f = t - n;
-            float p = 1.0f + f * (0.6931472f + f * (0.24022211f + f * (0.055503406f
-                      + f * (0.009670768f + f * 0.0013395286f))));
-            float e = bits_f32(f32_bits(p) + ((uint32_t)((int32_t)n + 127) << 23) - (127u << 23));
-            e = keep ? e : 0.0f;
+            float e = exp2_neg((bits_f32((uint32_t)row[j] << 16) - m) * log2e);
             buf[j] = e;
             s += e;
         }
@@ -111,37 +115,26 @@ KEEP_WORDS(keep_words16, 16)
 KEEP_WORDS(keep_words32, 32)
 KEEP_WORDS(keep_words64, 64)
 
-/* per-row symmetric int8: s_r = max_j |x_rj| * (1 / 127), q_rj = rint(x_rj * (127 / max_j |x_rj|)) */
-void quant_rows_f32(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * cols;
-        uint32_t mb = 0;  /* max |x| on the bits: non-negative floats order as their integer bits (vectorises) */
-        for (int64_t j = 0; j < cols; j++) {
-            uint32_t b = f32_bits(row[j]) & 0x7FFFFFFFu;
-            mb = b > mb ? b : mb;
-        }
-        float m = bits_f32(mb);
-        /* one IEEE division per row, kept whole (volatile: fast-math may neither approximate it nor
-           fold it into the loop's products), so the codes equal the torch fallback's */
-        volatile float inv_row = m > 0.0f ? 127.0f / m : 0.0f;
-        const float inv = inv_row;
-        scale[r] = m * (1.0f / 127.0f);
-        int8_t *out = q + r * cols;
-        for (int64_t j = 0; j < cols; j++)
-            out[j] = (int8_t)__builtin_rintf(row[j] * inv);
+/* per-row symmetric int8 of one row: s = max_j |x_j| * (1 / 127), q_j = rint(x_j * (127 / max_j |x_j|)) */
+static inline void quant_row(const float *row, int64_t cols, int8_t *out, float *scale) {
+    uint32_t mb = 0;  /* max |x| on the bits: non-negative floats order as their integer bits (vectorises) */
+    for (int64_t j = 0; j < cols; j++) {
+        uint32_t b = f32_bits(row[j]) & 0x7FFFFFFFu;
+        mb = b > mb ? b : mb;
     }
+    float m = bits_f32(mb);
+    /* one IEEE division per row, kept whole (volatile: fast-math may neither approximate it nor
+       fold it into the loop's products), so the codes equal the torch fallback's */
+    volatile float inv_row = m > 0.0f ? 127.0f / m : 0.0f;
+    const float inv = inv_row;
+    *scale = m * (1.0f / 127.0f);
+    for (int64_t j = 0; j < cols; j++)
+        out[j] = (int8_t)__builtin_rintf(row[j] * inv);
 }
 
-/* 2^t for t <= 0 (0 below -126): t = n + f, 2^f by the softmax's degree-5 polynomial, 2^n in the exponent */
-static inline float exp2_neg(float t) {
-    int keep = t >= -126.0f;
-    t = t > -126.0f ? t : -126.0f;
-    float n = __builtin_floorf(t + 0.5f);
-    float f = t - n;
-    float p = 1.0f + f * (0.6931472f + f * (0.24022211f + f * (0.055503406f
-              + f * (0.009670768f + f * 0.0013395286f))));
-    float e = bits_f32(f32_bits(p) + ((uint32_t)((int32_t)n + 127) << 23) - (127u << 23));
-    return keep ? e : 0.0f;
+void quant_rows_f32(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale) {
+    for (int64_t r = 0; r < rows; r++)
+        quant_row(x + r * cols, cols, q + r * cols, scale + r);
 }
 
 /* GELU(y) = y (1 + erf(y / sqrt 2)) / 2, erf by Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7) */
@@ -154,22 +147,23 @@ static inline float gelu_erf(float y) {
     return 0.5f * y * (1.0f + erf_z);
 }
 
-/* y_rm = act(acc_rm * (s_r * w_m) + b_m), in place over the int32 accumulator (fp32 out, same
-   bytes); act 0: none, 1: GELU (erf), 2: ReLU */
+/* one row of act(acc_m * (a * w_m) + b_m) (act 0: none, 1: GELU (erf), 2: ReLU); ``out`` may be ``in``'s
+   bytes; one simple loop per activation, each vectorises */
+static inline void dequant_row(const int32_t *in, float *out, int64_t cols, float a, const float *sw, const float *b,
+                               int64_t act) {
+    if (act == 1)
+        for (int64_t m = 0; m < cols; m++) out[m] = gelu_erf((float)in[m] * (a * sw[m]) + b[m]);
+    else if (act == 2)
+        for (int64_t m = 0; m < cols; m++) { float v = (float)in[m] * (a * sw[m]) + b[m]; out[m] = v > 0.0f ? v : 0.0f; }
+    else
+        for (int64_t m = 0; m < cols; m++) out[m] = (float)in[m] * (a * sw[m]) + b[m];
+}
+
+/* y_rm = act(acc_rm * (s_r * w_m) + b_m), in place over the int32 accumulator (fp32 out, same bytes) */
 void dequant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw, const float *b,
                    int64_t act) {
-    float *y = (float *)acc;
-    for (int64_t r = 0; r < rows; r++) {
-        const float a = sx[r];
-        int32_t *in = acc + r * cols;
-        float *out = y + r * cols;
-        if (act == 1)
-            for (int64_t m = 0; m < cols; m++) out[m] = gelu_erf((float)in[m] * (a * sw[m]) + b[m]);
-        else if (act == 2)
-            for (int64_t m = 0; m < cols; m++) { float v = (float)in[m] * (a * sw[m]) + b[m]; out[m] = v > 0.0f ? v : 0.0f; }
-        else
-            for (int64_t m = 0; m < cols; m++) out[m] = (float)in[m] * (a * sw[m]) + b[m];
-    }
+    for (int64_t r = 0; r < rows; r++)
+        dequant_row(acc + r * cols, (float *)acc + r * cols, cols, sx[r], sw, b, act);
 }
 
 /* q_r = int8 codes of act(acc_r * (s_r * w) + b) (per-row symmetric, as quant_rows_f32), written
@@ -178,28 +172,9 @@ void dequant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, co
    down projection's input without an fp32 (R, M) round trip */
 void dequant_quant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw, const float *b,
                          int64_t act, float *scale, float *buf) {
-    int8_t *codes = (int8_t *)acc;
     for (int64_t r = 0; r < rows; r++) {
-        const float a = sx[r];
-        const int32_t *in = acc + r * cols;
-        if (act == 1)  /* one simple loop per activation: each vectorises */
-            for (int64_t m = 0; m < cols; m++) buf[m] = gelu_erf((float)in[m] * (a * sw[m]) + b[m]);
-        else if (act == 2)
-            for (int64_t m = 0; m < cols; m++) { float v = (float)in[m] * (a * sw[m]) + b[m]; buf[m] = v > 0.0f ? v : 0.0f; }
-        else
-            for (int64_t m = 0; m < cols; m++) buf[m] = (float)in[m] * (a * sw[m]) + b[m];
-        uint32_t mb = 0;
-        for (int64_t m = 0; m < cols; m++) {
-            uint32_t bits = f32_bits(buf[m]) & 0x7FFFFFFFu;
-            mb = bits > mb ? bits : mb;
-        }
-        float m = bits_f32(mb);
-        volatile float inv_row = m > 0.0f ? 127.0f / m : 0.0f;
-        const float inv = inv_row;
-        scale[r] = m * (1.0f / 127.0f);
-        int8_t *out = codes + r * cols;
-        for (int64_t j = 0; j < cols; j++)
-            out[j] = (int8_t)__builtin_rintf(buf[j] * inv);
+        dequant_row(acc + r * cols, buf, cols, sx[r], sw, b, act);
+        quant_row(buf, cols, (int8_t *)acc + r * cols, scale + r);
     }
 }
 

@@ -17,14 +17,6 @@ from lmforge.fast_encode import FastBert, _Linear
 needs_cc = pytest.mark.skipif(library() is None, reason="no C compiler here: the torch fallback is all there is")
 
 
-@pytest.fixture
-def torch_only():
-    saved = list(cpu_kernels._LIB)
-    cpu_kernels._LIB[:] = [None]
-    yield
-    cpu_kernels._LIB[:] = saved
-
-
 def _both(fn, *args, **kw):
     """``fn`` with the C kernels, then on the torch fallback."""
     c = fn(*[a.clone() for a in args], **kw)
