@@ -80,6 +80,36 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def peer_sentence_transformer(attn: str = "sdpa", bf16: bool = False, int8: bool = False, procs: int = 0):
+    """The peer's packaged MiniLM ``SentenceTransformer`` on the CPU with ``attn`` attention, bf16 weights
+    (``bf16``) or PyTorch's dynamic quantisation recipe for BERT on CPU (``int8``: every ``nn.Linear`` int8,
+    fbgemm, fp32 elsewhere), and with ``procs`` > 0 its multi-process pool of that many processes at 1
+    intra-op thread each. Returns ``(model, encode kwargs)`` (``{"pool": ...}`` or ``{}``)."""
+    import os
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from lmforge.models import resolve_model
+
+    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
+    if bf16:
+        model = model.to(torch.bfloat16)
+    if int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if not procs:
+        return model, {}
+    os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
+    return model, {"pool": model.start_multi_process_pool(["cpu"] * procs)}
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live children (a multi-process pool's workers)."""
+    import psutil
+
+    return sum(sum(k.cpu_times()[:2]) for k in psutil.Process().children(recursive=True))
+
+
 def _matmul_peak(threads: int | None, n: int, seconds: float, trials: int) -> dict:
     import time
 

@@ -172,7 +172,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_args, emit, figures, ratios, run_trials, set_threads, timed_call  # noqa: E402
+from _common import (add_common_args, children_cpu_seconds, emit, figures, peer_sentence_transformer,  # noqa: E402
+                     ratios, run_trials, set_threads, timed_call)
 
 STSB = "../shared/data/stsb/train.jsonl"
 
@@ -212,29 +213,16 @@ def run_st(sentences_file: str, batch: int, vectors_out: str, threads, profile: 
 
     import numpy as np
     import psutil
-    from sentence_transformers import SentenceTransformer
-
-    from lmforge.models import resolve_model
 
     texts = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
-    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
-    if bf16:
-        model = model.bfloat16()
-    if int8:  # PyTorch's dynamic quantisation recipe for BERT on CPU: int8 nn.Linear (fbgemm), fp32 elsewhere
-        import torch
-
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    kw = {}
-    if procs:
-        os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
-        kw["pool"] = model.start_multi_process_pool(["cpu"] * procs)
+    model, kw = peer_sentence_transformer(attn, bf16, int8, procs)
     model.encode(texts[:64], batch_size=batch, **kw)  # warm-up
-    kids = psutil.Process().children(recursive=True)
-    cpu0 = sum(sum(k.cpu_times()[:2]) for k in kids)
+    cpu0 = children_cpu_seconds()
     vecs, out = timed_call(lambda: model.encode(texts, batch_size=batch, show_progress_bar=False, **kw), profile,
                            steps=-(-len(texts) // batch), unit="sentences", items=len(texts))
     if procs:
-        cpu = out["cpu_seconds"] + sum(sum(k.cpu_times()[:2]) for k in kids) - cpu0
+        cpu = out["cpu_seconds"] + children_cpu_seconds() - cpu0
+        kids = psutil.Process().children(recursive=True)
         rss = sum(k.memory_full_info().uss for k in kids) / 2 ** 20  # workers' own pages (weights shared)
         model.stop_multi_process_pool(kw["pool"])
         out.update(cpu_seconds=cpu, sentences_per_cpu_s=len(texts) / cpu, workers_uss_mb=rss)

@@ -149,7 +149,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, emit, median, set_threads  # noqa: E402
+from _common import alternate, children_cpu_seconds, emit, median, peer_sentence_transformer, set_threads  # noqa: E402
 
 
 def boolq(n: int | None = None, n_queries: int | None = None) -> tuple[list[str], list[str], list[int]]:
@@ -202,36 +202,23 @@ def st_build(n: int, threads: int, best: bool, batch: int = 64, attn: str = "sdp
              int8: bool = False, procs: int = 0) -> dict:
     """The peer: encode passages and questions, exact search. ``procs`` > 0: its multi-process pool
     (one process per core at 1 intra-op thread, started untimed; CPU time counts the workers')."""
-    import os
-
     set_threads(threads)
-    import psutil
     import torch
-    from sentence_transformers import SentenceTransformer, util
-
-    from lmforge.models import resolve_model
+    from sentence_transformers import util
 
     passages, qs, gold = boolq(n)
-    model = SentenceTransformer(str(resolve_model("minilm")), device="cpu", model_kwargs={"attn_implementation": attn})
+    model, kw = peer_sentence_transformer(attn, best and bf16, int8, procs)
     bs = batch if best else 32
-    if best and bf16:
-        model = model.to(torch.bfloat16)
-    if int8:  # PyTorch's dynamic quantisation recipe for BERT on CPU: int8 nn.Linear (fbgemm), fp32 elsewhere
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    kw = {}
     if procs:
-        os.environ["OMP_NUM_THREADS"] = "1"  # the spawned workers' torch reads it at start
-        kw["pool"] = model.start_multi_process_pool(["cpu"] * procs)
         model.encode(qs[:64], batch_size=bs, **kw)  # warm-up: workers loaded
-    kids = psutil.Process().children(recursive=True)
-    k0 = sum(sum(k.cpu_times()[:2]) for k in kids)
+    k0 = children_cpu_seconds()
     t0, c0 = time.perf_counter(), time.process_time()
     c = torch.as_tensor(model.encode(passages, batch_size=bs, normalize_embeddings=True, **kw)).float()
     q = torch.as_tensor(model.encode(qs, batch_size=bs, normalize_embeddings=True, **kw)).float()
     hits = util.semantic_search(q, c, top_k=10)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     if procs:
-        cpu += sum(sum(k.cpu_times()[:2]) for k in kids) - k0
+        cpu += children_cpu_seconds() - k0
         model.stop_multi_process_pool(kw["pool"])
     return {"seconds": dt, "cpu_seconds": cpu, "texts_per_s": (len(passages) + len(qs)) / dt,
             **metrics([[h["corpus_id"] for h in hs] for hs in hits], gold)}
