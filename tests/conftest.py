@@ -11,6 +11,16 @@ import torch
 # tiny models gain nothing from threads, and parallel test runs on 2 cores thrash with them
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A task run sets torch's thread count for its own run; the next test starts at the suite's 1
+    again (encoder paths differ with the thread count, so a leaked count made tests order-dependent)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
 WORDS = ("good great fine lovely superb nice bad awful poor boring dull terrible movie film plot actor "
          "story scene the a an is was very quite really not and but this that it of to in").split()
 EXTRA = [f"w{i}" for i in range(60)]
