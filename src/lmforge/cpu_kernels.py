@@ -204,6 +204,82 @@ static void softmax_rows_f32(float *a, int64_t rows, int64_t cols, int64_t strid
 
 void softmax_f32(float *a, int64_t rows, int64_t cols) { softmax_rows_f32(a, rows, cols, cols); }
 
+/* y (M, N; rows ldy apart) = x (M, K) W^T + b for bf16 weights W (N, K) and fp32 x, y: the weights are
+   read once per 4 output columns (as bf16: half the bytes of fp32), widened to fp32 exactly (a 16-bit
+   shift) and multiplied in fp32 with fp32 sums. Output columns split over ``nt`` OpenMP threads. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 bf16_widen(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 bf16_widen_tail(const uint16_t *p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+/* 4 columns n..n+3 (cols of them real; the others repeat column n) for rows m0..m0+mm-1 (mm <= 4) */
+static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K, const uint16_t *w0,
+                              const uint16_t *w1, const uint16_t *w2, const uint16_t *w3, __m512 acc[4][4]) {
+    for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 a0 = bf16_widen(w0 + k), a1 = bf16_widen(w1 + k), a2 = bf16_widen(w2 + k), a3 = bf16_widen(w3 + k);
+        for (int64_t i = 0; i < mm; i++) {
+            __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
+            acc[i][0] = _mm512_fmadd_ps(a0, xv, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(a1, xv, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(a2, xv, acc[i][2]);
+            acc[i][3] = _mm512_fmadd_ps(a3, xv, acc[i][3]);
+        }
+    }
+    if (k < K) {
+        __mmask16 km = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 a0 = bf16_widen_tail(w0 + k, km), a1 = bf16_widen_tail(w1 + k, km);
+        __m512 a2 = bf16_widen_tail(w2 + k, km), a3 = bf16_widen_tail(w3 + k, km);
+        for (int64_t i = 0; i < mm; i++) {
+            __m512 xv = _mm512_maskz_loadu_ps(km, x + (m0 + i) * K + k);
+            acc[i][0] = _mm512_fmadd_ps(a0, xv, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(a1, xv, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(a2, xv, acc[i][2]);
+            acc[i][3] = _mm512_fmadd_ps(a3, xv, acc[i][3]);
+        }
+    }
+}
+static void bf16w_cols(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t n, int64_t cols,
+                       const float *b, float *y, int64_t ldy) {
+    const uint16_t *w0 = w + n * K, *w1 = w0 + (cols > 1) * K, *w2 = w0 + (cols > 2) * 2 * K, *w3 = w0 + (cols > 3) * 3 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        int64_t mm = M - m0 < 4 ? M - m0 : 4;
+        __m512 acc[4][4];
+        bf16w_tile(x, m0, mm, K, w0, w1, w2, w3, acc);
+        for (int64_t i = 0; i < mm; i++)
+            for (int64_t j = 0; j < cols; j++)
+                y[(m0 + i) * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]) + (b ? b[n + j] : 0.0f);
+    }
+}
+#else
+static void bf16w_cols(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t n, int64_t cols,
+                       const float *b, float *y, int64_t ldy) {
+    for (int64_t j = 0; j < cols; j++) {
+        const uint16_t *wr = w + (n + j) * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += bits_f32((uint32_t)wr[k] << 16) * xr[k];
+            y[m * ldy + n + j] = s + (b ? b[n + j] : 0.0f);
+        }
+    }
+}
+#endif
+
+void linear_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *b, float *y,
+                  int64_t ldy, int64_t nt) {
+    int64_t blocks = (N + 3) / 4;
+    #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t n = 4 * i;
+        bf16w_cols(x, M, K, w, n, N - n < 4 ? N - n : 4, b, y, ldy);
+    }
+}
+
 /* a key-padded attention group: ``mats`` (m, cols) score matrices, matrix i's rows softmaxed over
    its first len[i] columns (its real keys), the other columns set to 0 */
 void softmax_keys_f32(float *a, int64_t mats, int64_t m, int64_t cols, const int32_t *len) {
@@ -241,21 +317,27 @@ def _compile() -> ctypes.CDLL | None:
     from .models.packaged import cache_dir
 
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:20]
-    lib = cache_dir() / "kernels" / f"cpu_kernels_{key}.so"
-    if not lib.exists():
+    dll = None
+    for flags in ([*FLAGS, "-fopenmp"], FLAGS):  # OpenMP splits linear_bf16w's columns; without it, one thread
+        key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:20]
+        lib = cache_dir() / "kernels" / f"cpu_kernels_{key}.so"
+        if not lib.exists():
+            try:
+                lib.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+                    src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                    src.write_text(SOURCE)
+                    subprocess.run([cc, *flags, str(src), "-o", str(out)], check=True, capture_output=True,
+                                   timeout=120)
+                    os.replace(out, lib)  # atomic: a reader sees no library or the whole one
+            except (OSError, subprocess.SubprocessError):
+                continue
         try:
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
-                src.write_text(SOURCE)
-                subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
-                os.replace(out, lib)  # atomic: a reader sees no library or the whole one
-        except (OSError, subprocess.SubprocessError):
-            return None
-    try:
-        dll = ctypes.CDLL(str(lib))
-    except OSError:
+            dll = ctypes.CDLL(str(lib))
+            break
+        except OSError:
+            continue
+    if dll is None:
         return None
     i64, u64, ptr = ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p
     dll.softmax_bf16.argtypes = [ptr, i64, i64, ptr]
@@ -266,6 +348,7 @@ def _compile() -> ctypes.CDLL | None:
     dll.softmax_f32.argtypes = [ptr, i64, i64]
     dll.softmax_keys_f32.argtypes = [ptr, i64, i64, i64, ptr]
     dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    dll.linear_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     return dll
 
 
@@ -366,3 +449,22 @@ def dequant_quant_rows(acc: Tensor, sx: Tensor, sw: Tensor, bias: Tensor, act: s
                                     DEQUANT_ACTS[act], scale.data_ptr(), buf.data_ptr())
         return acc.view(torch.int8).view(-1)[:rows * cols].view(rows, cols), scale
     return quant_rows(dequant_rows(acc, sx, sw, bias, act))
+
+
+def linear_bf16w(x: Tensor, w: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor | None:
+    """``x W^T + b`` for a contiguous fp32 ``x (M, K)`` and bf16 ``w (N, K)`` (``bias`` fp32 (N,)),
+    computed in fp32 with the weights widened exactly: ``x @ w.float().T + b`` to fp32 summation
+    order. ``out``: an fp32 ``(M, N)`` view whose rows may be further apart (a column slice of a
+    wider output). Runs on torch's intra-op thread count. None where the C kernel does not apply
+    (the caller computes it another way)."""
+    if not (_c_ok(x, w) and x.dtype == torch.float32 and w.dtype == torch.bfloat16 and x.dim() == w.dim() == 2
+            and x.shape[1] == w.shape[1]) or (bias is not None and not (_c_ok(bias) and bias.dtype == torch.float32)):
+        return None
+    m, n = x.shape[0], w.shape[0]
+    if out is None:
+        out = x.new_empty(m, n)
+    elif out.shape != (m, n) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"linear_bf16w: out must be an fp32 ({m}, {n}) view with unit column stride")
+    _LIB[0].linear_bf16w(x.data_ptr(), m, x.shape[1], w.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), out.stride(0), torch.get_num_threads())
+    return out

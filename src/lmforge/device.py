@@ -4,6 +4,9 @@
 autocast when the CPU has native bf16 matmul (AVX512-BF16 / AMX), where it is several
 times faster than fp32; fp32 otherwise. Master weights stay fp32 in training.
 
+On a CPU without native bf16, ``auto`` inference of a causal LM stores its linear weights in bf16
+and computes in fp32 (:mod:`lmforge.bf16_weights`); ``fp32`` keeps them fp32.
+
 ``int8`` (CPU inference of BERT-family encoders only: ``embed``, index builds, topics) runs the
 encoder's linear layers as int8 x int8 -> int32 GEMMs around fp32 activations
 (:mod:`lmforge.fast_encode`); everything else about such a placement is fp32.
@@ -132,6 +135,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     int8: bool = False  # encoder inference with int8 linear layers (fp32 otherwise)
+    bf16_weights: bool = False  # causal-LM inference stores linear weights in bf16, computes fp32 (for_inference)
 
     @classmethod
     def resolve(cls, device: str = "auto", precision: str = "auto") -> "Placement":
@@ -140,7 +144,9 @@ class Placement:
             _warn_slow_bf16()
         if precision == "int8" and dev.type != "cpu":
             raise LmforgeError(f"precision int8 is CPU encoder inference; on {dev.type} use auto, bf16 or fp16")
-        return cls(dev, pick_dtype(precision, dev), precision == "int8")
+        dtype = pick_dtype(precision, dev)
+        weights16 = precision == "auto" and dev.type == "cpu" and dtype == torch.float32
+        return cls(dev, dtype, precision == "int8", weights16)
 
     @property
     def autocast_enabled(self) -> bool:
@@ -197,9 +203,16 @@ class Placement:
         computes in bf16/fp16, store its floating-point parameters in that dtype, so autocast does
         not re-cast every weight at every forward (one forward per generated token: on CPU the
         casts cost as much as the matmuls at batch 1). Buffers (rotary frequencies ...) are kept.
-        Do not train the model afterwards. Returns the number of parameters cast."""
+        ``auto`` on a CPU without native bf16 (fp32 compute): a causal LM's linear weights are
+        stored in bf16 and applied in fp32 (:mod:`lmforge.bf16_weights`: decoding reads half the
+        bytes); ``fp32`` asked for explicitly keeps every weight fp32.
+        Do not train the model afterwards. Returns the number of parameters (layers) cast."""
         if not self.autocast_enabled:
-            return 0
+            if not self.bf16_weights:
+                return 0
+            from . import bf16_weights
+
+            return bf16_weights.store_bf16_weights(model) if bf16_weights.applies(model) else 0
         n = 0
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != self.dtype:

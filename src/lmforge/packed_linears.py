@@ -171,6 +171,12 @@ class PackedLinears:
         """A function ``x (N, in) -> (N, sum out)`` equal to ``cat([m(x) for m in mods], -1)``
         (to bf16 rounding): one packed GEMM when every module is a plain bf16 linear or a LoRA
         layer over one and x will be bf16 on the CPU, else the modules' own calls."""
+        if dtype == torch.float32 and device.type == "cpu":
+            from .bf16_weights import group
+
+            run = group(mods)  # bf16-stored weights applied in fp32 (a CPU without native bf16)
+            if run is not None:
+                return run
         lins, loras = zip(*[_plain(m) for m in mods])
         if dtype != torch.bfloat16 or device.type != "cpu" or not onednn_linear(torch.bfloat16) \
                 or any(lin is None or lin.weight.dtype != torch.bfloat16 for lin in lins):
