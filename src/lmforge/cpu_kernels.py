@@ -52,6 +52,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <limits.h>
+#include <math.h>
 
 static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -221,6 +222,13 @@ static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K,
     for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
+        if (m0 == 0 && (k & 31) == 0) {  /* the first pass over these rows streams them from memory: 512 bytes
+                                            ahead in each of the 4 row streams (22.4 vs 26.8 ms per SmolLM2 token) */
+            _mm_prefetch((const char *)(w0 + k) + 512, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + k) + 512, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w2 + k) + 512, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w3 + k) + 512, _MM_HINT_T0);
+        }
         __m512 a0 = bf16_widen(w0 + k), a1 = bf16_widen(w1 + k), a2 = bf16_widen(w2 + k), a3 = bf16_widen(w3 + k);
         for (int64_t i = 0; i < mm; i++) {
             __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
@@ -269,6 +277,19 @@ static void bf16w_cols(const float *x, int64_t M, int64_t K, const uint16_t *w, 
     }
 }
 #endif
+
+/* y_r = w * (x_r / sqrt(mean_j x_rj^2 + eps)) for fp32 rows (LlamaRMSNorm in fp32: one pass for the sum
+   of squares, one for the product) */
+void rms_norm_f32(const float *x, int64_t rows, int64_t cols, const float *w, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float ss = 0.0f;
+        for (int64_t j = 0; j < cols; j++) ss += xr[j] * xr[j];
+        float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+        for (int64_t j = 0; j < cols; j++) yr[j] = w[j] * (xr[j] * inv);
+    }
+}
 
 void linear_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *b, float *y,
                   int64_t ldy, int64_t nt) {
@@ -349,6 +370,7 @@ def _compile() -> ctypes.CDLL | None:
     dll.softmax_keys_f32.argtypes = [ptr, i64, i64, i64, ptr]
     dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     dll.linear_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
+    dll.rms_norm_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     return dll
 
 
@@ -468,3 +490,15 @@ def linear_bf16w(x: Tensor, w: Tensor, bias: Tensor | None = None, out: Tensor |
     _LIB[0].linear_bf16w(x.data_ptr(), m, x.shape[1], w.data_ptr(), n, None if bias is None else bias.data_ptr(),
                          out.data_ptr(), out.stride(0), torch.get_num_threads())
     return out
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor | None:
+    """``w * (x / sqrt(mean(x^2, -1) + eps))`` for a contiguous fp32 ``x (..., C)`` and fp32
+    ``w (C,)`` (LlamaRMSNorm in fp32, to summation order) in one C call; None where it does not
+    apply (the caller uses torch)."""
+    if not (_c_ok(x, w) and x.dtype == w.dtype == torch.float32 and x.numel() and w.shape == x.shape[-1:]):
+        return None
+    y = torch.empty_like(x)
+    cols = x.shape[-1]
+    _LIB[0].rms_norm_f32(x.data_ptr(), x.numel() // cols, cols, w.data_ptr(), eps, y.data_ptr())
+    return y

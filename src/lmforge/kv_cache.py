@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import cpu_kernels
 from .device import onednn_linear
 from .packed_linears import PackedLinears, _hooked, _Unpacked, blocked_layout, drop_packed, packed_linears
 
@@ -74,6 +75,10 @@ def rms_norm(norm: nn.Module, h: Tensor) -> Tensor:
     """``LlamaRMSNorm``: ``w * (h / sqrt(mean(h^2) + eps))``, the normalisation in float32 and
     rounded to h's dtype before the weight (transformers' order). torch's fused ``rms_norm``
     accumulates a bf16 input in float32 and rounds once: the same values (tested)."""
+    if h.dtype == torch.float32 and h.device.type == "cpu" and not torch.is_grad_enabled():
+        y = cpu_kernels.rms_norm(h, norm.weight.detach(), norm.variance_epsilon)  # one C call (fp32 decoding)
+        if y is not None:
+            return y
     return norm.weight * torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=norm.variance_epsilon)
 
 

@@ -205,3 +205,19 @@ def test_softmax_keys_masks_each_matrix_to_its_real_keys():
     torch.testing.assert_close(y, ref, atol=2e-7, rtol=2e-6)
     assert (y[1, :, 1:] == 0).all() and (y[1, :, 0] == 1).all()
     assert not softmax_keys_(w.clone().bfloat16(), lens)  # fp32 only: the caller keeps its bias path
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernel is not built")
+@pytest.mark.parametrize("shape", [(5, 64), (2, 3, 77), (1, 576)])
+def test_rms_norm_equals_llama_rmsnorm_in_fp32(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(shape[-1])
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(shape, generator=g) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight.detach(), 1e-5), norm(x), rtol=2e-6, atol=2e-6)
+    assert cpu_kernels.rms_norm(x.bfloat16(), norm.weight.detach().bfloat16(), 1e-5) is None
+    assert cpu_kernels.rms_norm(x, norm.weight, 1e-5) is None  # a weight that needs its gradient: torch's op
