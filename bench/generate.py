@@ -112,7 +112,7 @@ def _run(gen, tok, new_tokens: int, profile: bool, tokens_out: str) -> dict:
 
 
 def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool = False, attn: str = "sdpa",
-           cache: str | None = None) -> dict:
+           cache: str | None = None, int8: bool = False) -> dict:
     set_threads(threads)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,6 +125,12 @@ def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if bf16 else torch.float32,
                                                  attn_implementation=attn).eval()
+    if int8:  # PyTorch's dynamic int8 quantisation of every nn.Linear (per-tensor activation scale, fbgemm)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
     def gen(x, m):
         with torch.inference_mode():
@@ -138,7 +144,7 @@ def run_hf(new_tokens: int, tokens_out: str, threads, profile: bool, bf16: bool 
 
 
 def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_weights: bool = False,
-                fast: bool = True) -> dict:
+                fast: bool = True, precision: str = "auto") -> dict:
     set_threads(threads)
     import contextlib
 
@@ -148,7 +154,7 @@ def run_lmforge(new_tokens: int, tokens_out: str, threads, profile: bool, bf16_w
     from lmforge.device import Placement
     from lmforge.generation import GenerationConfig, decode
 
-    place = Placement.resolve("cpu", "auto")
+    place = Placement.resolve("cpu", precision)
     model, tok, _ = load_causal_lm(resolve_source("smollm2", None), device=place.device)
     if bf16_weights:  # everything in bf16, no autocast
         model.to(torch.bfloat16)
@@ -192,6 +198,8 @@ def main() -> None:
         "hf_eager": (run_hf, {"attn": "eager"}),  # fp32 eager: a best on CPUs without native bf16
         "lmforge_plain": (run_lmforge, {"fast": False}),
         "hf_bf16w_static": (run_hf, {"bf16": True, "cache": "static"}),
+        "hf_int8": (run_hf, {"int8": True}),  # the peer's CPU int8 (torch dynamic quantisation)
+        "lmforge_fp32": (run_lmforge, {"precision": "fp32"}),  # fp32 weights (auto: bf16-stored without native bf16)
     }
     trials = {k: (fn, kw | {"new_tokens": args.new_tokens, "tokens_out": str(tmp / f"{k}.json")})
               for k, (fn, kw) in trials.items()}

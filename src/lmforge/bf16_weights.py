@@ -165,20 +165,38 @@ def store_bf16_weights(model: nn.Module) -> int:
 def group(mods: tuple[nn.Module, ...]):
     """``x (M, K) -> cat([m(x) for m in mods], -1)`` for :class:`Bf16Linear` layers sharing one
     input (q/k/v, gate/up), each writing its own columns of one output (no concatenation), or
-    None when a module is not a plain :class:`Bf16Linear`."""
+    None when a module is not a plain :class:`Bf16Linear`. Made once per decoding call (the
+    weights must not change meanwhile): a decode step's rows go straight to the C kernel, ~2 us
+    of Python per projection instead of ~15."""
     if not all(type(m) is Bf16Linear and not (m._forward_hooks or m._forward_pre_hooks)
-               and m.weight.dtype == torch.bfloat16 for m in mods):
+               and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() and m.weight.device.type == "cpu"
+               and (m.bias is None or (m.bias.dtype == torch.float32 and m.bias.is_contiguous())) for m in mods):
         return None
     widths = [m.out_features for m in mods]
-    total = sum(widths)
+    total, k = sum(widths), mods[0].in_features
+    if any(m.in_features != k for m in mods):
+        return None
+    lib = cpu_kernels.library()
+    calls, c0 = [], 0
+    for m, n in zip(mods, widths):
+        calls.append((m.weight.data_ptr(), n, None if m.bias is None else m.bias.data_ptr(), 4 * c0))
+        c0 += n
 
     def run(x: Tensor) -> Tensor:
         if x.dtype != torch.float32:
             return torch.cat([m(x) for m in mods], dim=-1)
-        out, c0 = x.new_empty(x.shape[0], total), 0
-        for m, n in zip(mods, widths):
-            project(x, m.weight, m.bias, out[:, c0:c0 + n])
-            c0 += n
+        rows = x.shape[0]
+        if lib is None or rows > ROWS_KERNEL or x.requires_grad or x.shape[1] != k:
+            out, c = x.new_empty(rows, total), 0
+            for m, n in zip(mods, widths):
+                project(x, m.weight, m.bias, out[:, c:c + n])
+                c += n
+            return out
+        x = x.contiguous()
+        out = x.new_empty(rows, total)
+        xp, op, nt = x.data_ptr(), out.data_ptr(), torch.get_num_threads()
+        for wp, n, bp, off in calls:
+            lib.linear_bf16w(xp, rows, k, wp, n, bp, op + off, total, nt)
         return out
 
     return run

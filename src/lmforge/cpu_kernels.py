@@ -291,6 +291,69 @@ void rms_norm_f32(const float *x, int64_t rows, int64_t cols, const float *w, fl
     }
 }
 
+/* out = silu(y[:, :I]) * y[:, I:] for fp32 rows of 2I (a Llama MLP's gate/up output), silu(g) = g sigmoid(g),
+   sigmoid by exp(-|g|) (exp2_neg: no overflow on either side) */
+void silu_mul_f32(const float *y, int64_t rows, int64_t inter, float *out) {
+    const float log2e = 1.4426950408889634f;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = y + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+        for (int64_t j = 0; j < inter; j++) {
+            float a = g[j], e = exp2_neg(-(a > 0.0f ? a : -a) * log2e);
+            float sig = a >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            o[j] = a * sig * u[j];
+        }
+    }
+}
+
+/* One decode step's attention for fp32 rows (kv_cache.LlamaDecoder.step): y (B, (Hq + 2 Hkv) D) holds the
+   projected q, k, v heads; q and k get the rotary embedding in place (x cos + rotate_half(x) sin, cos/sin
+   (B, D)); k and v go to column t of the caches kc, vc (B, Hkv, tmax, D); query head h = j G + i (G = Hq / Hkv)
+   attends over columns 0..t of key/value head j with the additive mask bias (B, tmax) (-inf on padding):
+   out (B, Hq D) = softmax(scale q K^T + bias) V, the softmax in fp32 (max, exp2_neg, sum, divide); buf >= t + 1 */
+void decode_attend_f32(float *y, int64_t B, int64_t hq, int64_t hkv, int64_t D, const float *cos_, const float *sin_,
+                       float *kc, float *vc, int64_t tmax, int64_t t, const float *bias, float scale, float *out,
+                       float *buf) {
+    const float log2e = 1.4426950408889634f;
+    int64_t half = D / 2, width = (hq + 2 * hkv) * D, G = hq / hkv;
+    for (int64_t b = 0; b < B; b++) {
+        float *yb = y + b * width;
+        const float *c = cos_ + b * D, *sn = sin_ + b * D;
+        for (int64_t h = 0; h < hq + hkv; h++) {
+            float *x = yb + h * D;
+            for (int64_t i = 0; i < half; i++) {
+                float x1 = x[i], x2 = x[i + half];
+                x[i] = x1 * c[i] - x2 * sn[i];
+                x[i + half] = x2 * c[i + half] + x1 * sn[i + half];
+            }
+        }
+        for (int64_t j = 0; j < hkv; j++) {
+            memcpy(kc + ((b * hkv + j) * tmax + t) * D, yb + (hq + j) * D, (size_t)D * sizeof(float));
+            memcpy(vc + ((b * hkv + j) * tmax + t) * D, yb + (hq + hkv + j) * D, (size_t)D * sizeof(float));
+        }
+        const float *bb = bias + b * tmax;
+        for (int64_t h = 0; h < hq; h++) {
+            int64_t j = h / G;
+            const float *q = yb + h * D, *K = kc + (b * hkv + j) * tmax * D, *V = vc + (b * hkv + j) * tmax * D;
+            float m = -INFINITY;
+            for (int64_t s = 0; s <= t; s++) {
+                float acc = 0.0f;
+                for (int64_t i = 0; i < D; i++) acc += q[i] * K[s * D + i];
+                buf[s] = acc * scale + bb[s];
+                m = buf[s] > m ? buf[s] : m;
+            }
+            float sum = 0.0f;
+            for (int64_t s = 0; s <= t; s++) { buf[s] = exp2_neg((buf[s] - m) * log2e); sum += buf[s]; }
+            float inv = 1.0f / sum, *o = out + b * hq * D + h * D;
+            for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+            for (int64_t s = 0; s <= t; s++) {
+                float w = buf[s] * inv;
+                for (int64_t i = 0; i < D; i++) o[i] += w * V[s * D + i];
+            }
+        }
+    }
+}
+
 void linear_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, const float *b, float *y,
                   int64_t ldy, int64_t nt) {
     int64_t blocks = (N + 3) / 4;
@@ -371,6 +434,9 @@ def _compile() -> ctypes.CDLL | None:
     dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     dll.linear_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64]
     dll.rms_norm_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    dll.silu_mul_f32.argtypes = [ptr, i64, i64, ptr]
+    dll.decode_attend_f32.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr,
+                                      ptr]
     return dll
 
 
@@ -502,3 +568,29 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor | None:
     cols = x.shape[-1]
     _LIB[0].rms_norm_f32(x.data_ptr(), x.numel() // cols, cols, w.data_ptr(), eps, y.data_ptr())
     return y
+
+
+def silu_mul(y: Tensor, inter: int) -> Tensor | None:
+    """``silu(y[:, :inter]) * y[:, inter:]`` of a contiguous fp32 ``(R, 2 inter)`` tensor in one C
+    call (the Llama MLP between its gate/up and down projections); None where it does not apply."""
+    if not (_c_ok(y) and y.dtype == torch.float32 and y.dim() == 2 and y.shape[1] == 2 * inter and y.numel()):
+        return None
+    out = y.new_empty(y.shape[0], inter)
+    _LIB[0].silu_mul_f32(y.data_ptr(), y.shape[0], inter, out.data_ptr())
+    return out
+
+
+def decode_attend(y: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, t: int, bias: Tensor, scale: float,
+                  hq: int, hkv: int, buf: Tensor) -> Tensor:
+    """One decode step's rotary embedding, cache write and attention in one C call (see
+    ``decode_attend_f32`` in the source): ``y (B, (hq + 2 hkv) d)`` fp32 (q, k rotated in place),
+    ``cos``/``sin`` (B, d), caches ``(B, hkv, tmax, d)``, ``bias (B, tmax)``, ``buf`` >= t + 1
+    floats; returns ``(B, hq d)``. The caller checks :func:`library` and the layouts."""
+    b, d = y.shape[0], kc.shape[-1]
+    if not all(x.dtype == torch.float32 and x.is_contiguous() for x in (y, cos, sin, kc, vc, bias, buf)) \
+            or y.shape[1] != (hq + 2 * hkv) * d or buf.numel() <= t or t >= kc.shape[2]:
+        raise ValueError("decode_attend: fp32 contiguous tensors of the documented shapes expected")
+    out = y.new_empty(b, hq * d)
+    _LIB[0].decode_attend_f32(y.data_ptr(), b, hq, hkv, d, cos.data_ptr(), sin.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+                              kc.shape[2], t, bias.data_ptr(), scale, out.data_ptr(), buf.data_ptr())
+    return out

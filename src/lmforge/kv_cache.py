@@ -215,6 +215,8 @@ class LlamaDecoder:
         nqk, inter = (hq + hkv) * d, self.inter
         h = self.inner.embed_tokens(token).view(b, -1)  # (B, H)
         cos, sin = self.inner.rotary_emb(h, position_ids=position)  # (B, 1, d)
+        if self._c_step(h):
+            return self._step_c(h, cos.reshape(b, d).contiguous(), sin.reshape(b, d).contiguous())
         sin = torch.cat((-sin[..., :d // 2], sin[..., d // 2:]), dim=-1)
         bias = self.bias[..., :t + 1]  # (B, 1, 1, t + 1)
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -233,6 +235,36 @@ class LlamaDecoder:
             h = h + o_proj(o.reshape(b, hq * d))
             y = gate_up(rms_norm(layer.post_attention_layernorm, h))  # (B, 2 I)
             h = h + down(act(y[:, :inter]) * y[:, inter:])
+        self.t += 1
+        return self.head(rms_norm(self.inner.norm, h)).float()  # (B, V)
+
+    def _c_step(self, h: Tensor) -> bool:
+        """Whether :meth:`step` runs as :meth:`_step_c`: fp32 on a CPU with the C kernels, no
+        autocast, SiLU MLPs, contiguous caches (checked once per cache layout)."""
+        if h.dtype != torch.float32 or h.device.type != "cpu" or cpu_kernels.library() is None or self.d % 2 \
+                or torch.is_autocast_enabled("cpu"):
+            return False
+        key = (id(self.k[0]), self.bias.data_ptr())
+        if getattr(self, "_c_key", None) != key:
+            self._c_key = key
+            self._c_ok = getattr(self.model.config, "hidden_act", None) == "silu" and self.bias.is_contiguous() \
+                and all(x.is_contiguous() and x.dtype == torch.float32 for x in self.k + self.v)
+            self._buf = torch.empty(self.tmax)
+        return self._c_ok
+
+    def _step_c(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """:meth:`step` with each layer's rotary embedding, cache write and attention in one C call
+        (:func:`lmforge.cpu_kernels.decode_attend`) and the MLP's ``silu(gate) * up`` in another:
+        the same arithmetic to fp32 rounding, ~25 fewer torch calls a layer (a SmolLM2 step at
+        batch 1 spent ~1.4 ms in SDPA's CPU kernel alone)."""
+        t, hq, hkv, inter = self.t, self.hq, self.hkv, self.inter
+        bias, buf = self.bias.view(h.shape[0], self.tmax), self._buf
+        for layer, qkv, o_proj, gate_up, down, act, kc, vc in self.layers:
+            y = qkv(rms_norm(layer.input_layernorm, h)).contiguous()  # (B, (H_q + 2 H_kv) d)
+            o = cpu_kernels.decode_attend(y, cos, sin, kc, vc, t, bias, self.scale, hq, hkv, buf)
+            h = h + o_proj(o)
+            y = gate_up(rms_norm(layer.post_attention_layernorm, h)).contiguous()  # (B, 2 I)
+            h = h + down(cpu_kernels.silu_mul(y, inter))
         self.t += 1
         return self.head(rms_norm(self.inner.norm, h)).float()  # (B, V)
 

@@ -221,3 +221,13 @@ def test_rms_norm_equals_llama_rmsnorm_in_fp32(shape):
         torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight.detach(), 1e-5), norm(x), rtol=2e-6, atol=2e-6)
     assert cpu_kernels.rms_norm(x.bfloat16(), norm.weight.detach().bfloat16(), 1e-5) is None
     assert cpu_kernels.rms_norm(x, norm.weight, 1e-5) is None  # a weight that needs its gradient: torch's op
+
+
+@needs_cc
+def test_silu_mul_equals_torch():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 2 * 77, generator=g) * 8  # large |g| on both sides: no overflow in the sigmoid
+    y[0, 0], y[1, 1] = 100.0, -100.0
+    want = torch.nn.functional.silu(y[:, :77]) * y[:, 77:]
+    torch.testing.assert_close(cpu_kernels.silu_mul(y, 77), want, rtol=2e-6, atol=2e-6)
+    assert cpu_kernels.silu_mul(y.bfloat16(), 77) is None and cpu_kernels.silu_mul(y, 76) is None
