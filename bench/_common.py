@@ -162,7 +162,7 @@ def matmul_peak_gflops(threads: int | None = None, n: int = 2048, seconds: float
 
 # ---- one timed window per trial (and its profile) ----------------------------------------------
 PROFILE_GROUPS = ("matmul", "attention", "optimizer", "data", "other")
-_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
+_MATMUL = ("aten::mm", "aten::_int_mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
            "aten::_weight_int4pack_mm", "aten::mkldnn", "aten::_mkl", "onednn")
 _ATTN = ("softmax", "scaled_dot_product", "flash_attention", "attention")
 

@@ -96,13 +96,13 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def run_lmforge(data: str, dev: str, steps: int, warmup: int, batch: int, max_len: int, threads, profile: bool,
-                attn: str = "auto") -> dict:
+                attn: str = "auto", precision: str = "auto") -> dict:
     set_threads(threads)
     from lmforge.api import config, train_config
 
     cfg = config({
         "task": "classify", "name": "bench", "output_dir": tempfile.mkdtemp(), "seed": 0,
-        "model": {"name": "minilm", "precision": "auto", "attn_implementation": attn},
+        "model": {"name": "minilm", "precision": precision, "attn_implementation": attn},
         "data": {"train": data, "eval": dev, "labels": list(LABELS), "max_length": max_len},
         "classify": {"mode": "lora"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": TARGETS},
         "train": {"max_steps": steps + warmup, "batch_size": batch, "lr": LR, "progress": False,
@@ -193,6 +193,7 @@ def main() -> None:
         "lmforge_default": (run_lmforge, common),
         "peer_bf16_grouped_sdpa": (run_peer, common | {"bf16": True, "sampling": "group_by_length"}),
         "lmforge_padded": (run_lmforge, common | {"attn": "eager"}),
+        "lmforge_int8": (run_lmforge, common | {"precision": "int8"}),  # the frozen base's products in int8
         "peer_bf16w_grouped_eager": (run_peer, common | {"bf16_weights": True, "sampling": "group_by_length",
                                                          "attn": "eager"}),
         # fp32 with length grouping: the peer's best on CPUs without native bf16 (AVX2 only)

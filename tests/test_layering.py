@@ -27,7 +27,7 @@ LAYERS: dict[str, int] = {
     "lmforge.errors": 0,
     "lmforge.config": 1, "lmforge.rundir": 1, "lmforge.device": 1, "lmforge.models": 1, "lmforge.data": 1,
     "lmforge.adapters": 1, "lmforge.losses": 1, "lmforge.quant": 1, "lmforge.progress": 1,
-    "lmforge.fingerprint": 1, "lmforge.unpad": 1, "lmforge.unpad_kernels": 1, "lmforge.fast_dropout": 1, "lmforge.cpu_kernels": 1, "lmforge.bf16_weights": 1, "lmforge.fast_encode": 1, "lmforge.fast_encode_attention": 1, "lmforge.packed_train": 1, "lmforge.streaming": 1,
+    "lmforge.fingerprint": 1, "lmforge.unpad": 1, "lmforge.unpad_kernels": 1, "lmforge.fast_dropout": 1, "lmforge.cpu_kernels": 1, "lmforge.bf16_weights": 1, "lmforge.int8_frozen": 1, "lmforge.fast_encode": 1, "lmforge.fast_encode_attention": 1, "lmforge.packed_train": 1, "lmforge.streaming": 1,
     "lmforge.train": 2, "lmforge.eval": 2, "lmforge.embeddings": 2, "lmforge.generation": 2, "lmforge.kv_cache": 2, "lmforge.packed_linears": 2, "lmforge.prompt_ids": 2,
     "lmforge.sampling": 2, "lmforge.merge": 2, "lmforge.causal_lm": 2, "lmforge.topics": 2, "lmforge.search": 2, "lmforge.report": 2,
     "lmforge.inspection": 2, "lmforge.prompting": 2, "lmforge.rl": 2,

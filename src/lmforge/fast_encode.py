@@ -75,6 +75,22 @@ def _mkldnn_ok(w: Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.bfloat16 and onednn_linear(w.dtype)
 
 
+def int8_product(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor, act: str = "none") -> Tensor:
+    """``act(x W^T + b) ≈ act((s_x q_x)(diag(s_w) q_W)^T + b)`` for fp32 ``x (N, in)``, int8 ``codes``
+    (out, in) with per-row scales ``scale`` (``W ≈ diag(scale) codes``, :func:`quant_rows`) and fp32
+    ``bias`` (out,): ``x`` quantised per row (:func:`lmforge.cpu_kernels.quant_rows`), an int8 x int8
+    -> int32 GEMM (``torch._int_mm``: oneDNN's VNNI kernels, ~3.8x the fp32 GEMM rate here), then
+    ``y_nm = act(acc_nm s_x,n s_w,m + b_m)`` in place (``act`` one of ``DEQUANT_ACTS``). Rows in
+    chunks of ``ROW_CHUNK`` (the int32 product of 8,000 x 1,536 halves the GEMM's rate: out of
+    cache), each chunk's product written into its rows of one buffer and turned into fp32 there."""
+    x = x.contiguous()
+    acc = torch.empty(x.shape[0], codes.shape[0], dtype=torch.int32, device=x.device)  # (N, out)
+    for r0 in range(0, x.shape[0], ROW_CHUNK):
+        q, sx = quant_rows(x[r0:r0 + ROW_CHUNK])
+        dequant_rows(torch._int_mm(q, codes.t(), out=acc[r0:r0 + ROW_CHUNK]), sx, scale, bias, act)
+    return acc.view(torch.float32)
+
+
 @dataclass
 class _Linear:
     """``y = act(x W^T + b)``: ``W`` (out, in) prepacked for oneDNN on CPU/bf16, plain otherwise;
@@ -98,19 +114,8 @@ class _Linear:
         return cls(weight.contiguous(), bias.contiguous(), act, False)
 
     def _int8(self, x: Tensor) -> Tensor:
-        """``x W^T + b ≈ (s_x q_x)(diag(s_w) q_W)^T + b``: ``x`` (N, in) fp32 quantised per row
-        (:func:`lmforge.cpu_kernels.quant_rows`), an int8 x int8 -> int32 GEMM
-        (``torch._int_mm``: oneDNN's VNNI kernels, ~3.8x the fp32 GEMM rate here), then
-        ``y_nm = acc_nm s_x,n s_w,m + b_m`` in place. Rows in chunks of ``ROW_CHUNK`` (the int32
-        product of 8,000 x 1,536 halves the GEMM's rate: out of cache), each chunk's product
-        written into its rows of one buffer and turned into fp32 there (no copies)."""
-        x = x.contiguous()
         act = self.act if self.act in DEQUANT_ACTS else "none"
-        acc = torch.empty(x.shape[0], self.weight.shape[0], dtype=torch.int32, device=x.device)  # (N, out)
-        for r0 in range(0, x.shape[0], ROW_CHUNK):
-            q, sx = quant_rows(x[r0:r0 + ROW_CHUNK])
-            dequant_rows(torch._int_mm(q, self.weight.t(), out=acc[r0:r0 + ROW_CHUNK]), sx, self.scale, self.bias, act)
-        return acc.view(torch.float32)
+        return int8_product(x, self.weight, self.scale, self.bias, act)
 
     def __call__(self, x: Tensor) -> Tensor:  # (N, in) -> (N, out)
         if self.scale is not None:

@@ -154,17 +154,17 @@ def test_encoder_int8_vectors_and_code_path(tiny_bert_dir, caplog):
     np.testing.assert_allclose(v, v32, atol=1e-5)
 
 
-def test_training_tasks_refuse_int8(tmp_path):
+def test_tasks_without_an_int8_path_refuse_it(tmp_path):
     from lmforge.config import load_config
     from lmforge.errors import LmforgeError
 
-    for task, ok in (("classify", False), ("topics", True)):
+    for task, ok in (("sft", False), ("preference", False), ("topics", True), ("classify", True)):
         y = tmp_path / f"{task}.yaml"
         y.write_text(f"task: {task}\nmodel: {{name: minilm, precision: int8}}\ndata: {{train: x.jsonl}}\n")
         if ok:
             assert load_config(y).model.precision == "int8"
         else:
-            with pytest.raises(LmforgeError, match="precision int8 is encoder inference"):
+            with pytest.raises(LmforgeError, match="precision int8 is for encoder tasks"):
                 load_config(y)
 
 

@@ -93,7 +93,8 @@ class ModelConfig(Section):
 
     name: str = Field(description="local folder, hub id, .gguf file or packaged alias (minilm, smollm2)")
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="int8: int8 linear layers for CPU encoder inference (task topics only)")
+        "auto", description="int8: int8 products of an encoder's frozen linear layers on the CPU (tasks topics "
+                            "and classify)")
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
@@ -218,7 +219,7 @@ def _lora_note() -> None:
                                              "'adapter: {kind: lora, ...}' (read as that now)")
 
 
-INT8_TASKS = ("topics",)  # tasks whose model only encodes (model.precision: int8 allowed)
+INT8_TASKS = ("topics", "classify")  # encoder tasks with int8 products of frozen layers (model.precision: int8)
 
 
 class RunConfig(Section):
@@ -254,13 +255,14 @@ class RunConfig(Section):
     @field_validator("model")
     @classmethod
     def _int8_for_inference(cls, v: ModelConfig, info):
-        """``precision: int8`` runs an encoder's inference only: tasks that train or generate refuse it."""
+        """``precision: int8`` runs the products of an encoder's frozen linear layers in int8 (topics: all of
+        them; classify: the base under the adapter or head); other tasks refuse it."""
         from pydantic_core import PydanticCustomError
 
         task = str(info.data.get("task"))
         if v.precision == "int8" and task not in INT8_TASKS:
-            raise PydanticCustomError("precision", f"precision int8 is encoder inference ({', '.join(INT8_TASKS)}); task "
-                                      f"'{task}' trains or generates: use auto, fp32, bf16 or fp16")
+            raise PydanticCustomError("precision", f"precision int8 is for encoder tasks ({', '.join(INT8_TASKS)}); task "
+                                      f"'{task}': use auto, fp32, bf16 or fp16")
         return v
 
     @field_validator("adapter")

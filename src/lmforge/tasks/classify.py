@@ -70,6 +70,12 @@ class ClassifyTask(Task):
         self.trainable = trainable_parameters(self.model) if adapt else None
         if cfg.model.frozen_in_compute_dtype:
             self.placement.cast_frozen(self.model)
+        if self.placement.int8 and adapt:  # the frozen base's products in int8 (adapters, heads train in fp32)
+            from ..int8_frozen import int8_frozen
+
+            if not int8_frozen(self.model):
+                log.warning("precision int8: no frozen linear layer to run in int8 (classify.mode %s): fp32",
+                            cfg.classify.mode)
 
     @classmethod
     def for_config(cls, cfg) -> type["ClassifyTask"]:
@@ -263,7 +269,24 @@ class ClassifyTask(Task):
 
         task.bias = read_decision(art, len(labels))
         ready_for_inference(task)
+        if task.placement.int8:  # as in training: the layers that were frozen run in int8, the rest fp32
+            task._int8_as_trained()
         return task
+
+    def _int8_as_trained(self) -> None:
+        """``precision: int8`` on a reloaded run: the linear layers that were frozen while it
+        trained (not the head, the adapter's own layers, or the last blocks ``unfreeze_last``
+        trained) run their products in int8, the same as during training and evaluation."""
+        from ..int8_frozen import int8_frozen
+        from .common import layer_stack
+
+        names = dict((id(m), n) for n, m in self.model.named_modules())
+        keep = [n for n, _ in self.model.named_modules() if n.rsplit(".", 1)[-1] in HEADS]
+        last = self.cfg.classify.unfreeze_last if self.cfg.classify.mode == "frozen" else 0
+        stack = layer_stack(self.model)
+        if last and stack is not None:
+            keep += [names[id(b)] for b in list(stack)[-last:]]
+        int8_frozen(self.model, tuple(keep))
 
     # ---- files for eval/predict ------------------------------------------------------------
     def read_eval_file(self, path: str) -> list[dict]:
