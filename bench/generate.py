@@ -19,11 +19,24 @@ transformers' fp32 greedy tokens: the mean share of each row's tokens up to the 
   36-42 tokens, at batch 8);
 - ``lmforge_bf16w``: lmforge's loop with the whole model cast to bf16 (buffers too), no autocast;
 - ``lmforge_plain``: the default path with ``fast_decode=False`` (every step through the model's
-  forward and transformers' ``DynamicCache``: the decode step before ``kv_cache.py``).
+  forward and transformers' ``DynamicCache``: the decode step before ``kv_cache.py``);
+- ``lmforge_fp32``: ``precision: fp32`` (every weight fp32; on a CPU without native bf16 ``auto``
+  stores the linear weights in bf16 and applies them in fp32, :mod:`lmforge.bf16_weights`);
+- ``hf_int8``: the peer with PyTorch's dynamic int8 quantisation of every ``nn.Linear`` (per-tensor
+  activation scales): fast, but its greedy tokens leave the fp32 model's at once (agreement ~0.04).
+``ratio_best`` compares the fastest trials whose tokens keep to the fp32 model's (agreement >= 0.5,
+``SAME_WORK``); ``ratio_best_any`` the fastest of any quality.
 ``warmup_s`` is each trial's untimed first generation (kernel selection; lmforge's weight packing).
 ``ratio_default`` / ``ratio_best`` are given for batch 8 (and ``*_b1`` for batch 1).
 
     .venv/bin/python bench/generate.py [--new-tokens 32] [--reps 3] [--threads 1] [--profile]
+
+Measured (session 11, the same kind of CPU as session 10: AVX-512 + VNNI, no BF16; bf16-stored weights applied
+in fp32 by a C kernel, the decode step's RMSNorm, rotary + attention and SiLU gate in C): ``--new-tokens 16 --reps 2
+--threads 1 --only hf_default,hf_eager,hf_int8,lmforge_default,lmforge_fp32`` with a training run on the other core
+(``runs/lead11/gen1t_busy.log``): batch 8 109.3 vs HF fp32 SDPA 55.7 tokens/s: **1.96x**; batch 1 29.8 vs 17.8:
+**1.68x**; RSS 821 vs 967 MB (0.85x); agreement with HF fp32 greedy 0.945 (lmforge_fp32: 1.0, 68.6 / 21.5 tokens/s,
+1.23x / 1.21x). ``hf_int8`` 144.2 / 34.7 tokens/s at agreement 0.039 / 0.047 (ratio_best_any 0.76x / 0.86x).
 
 Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: fp32 both sides, where lmforge's prepacked bf16
 decode path does not apply; QUIET, ``runs/lead10/gen1t_quiet.log``): ``--new-tokens 16 --reps 2 --threads 1 --only
