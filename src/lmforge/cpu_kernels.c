@@ -82,7 +82,8 @@ static inline void quant_row(const float *row, int64_t cols, int8_t *out, float 
         out[j] = (int8_t)__builtin_rintf(row[j] * inv);
 }
 
-void quant_rows_f32(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale) {
+void quant_rows_f32(const float *x, int64_t rows, int64_t cols, int8_t *q, float *scale, int64_t nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++)
         quant_row(x + r * cols, cols, q + r * cols, scale + r);
 }
@@ -111,7 +112,8 @@ static inline void dequant_row(const int32_t *in, float *out, int64_t cols, floa
 
 /* y_rm = act(acc_rm * (s_r * w_m) + b_m), in place over the int32 accumulator (fp32 out, same bytes) */
 void dequant_rows_(int32_t *acc, int64_t rows, int64_t cols, const float *sx, const float *sw, const float *b,
-                   int64_t act) {
+                   int64_t act, int64_t nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && rows * cols >= 65536)
     for (int64_t r = 0; r < rows; r++)
         dequant_row(acc + r * cols, (float *)acc + r * cols, cols, sx[r], sw, b, act);
 }

@@ -102,8 +102,8 @@ def _compile() -> ctypes.CDLL | None:
     dll.softmax_bf16.argtypes = [ptr, i64, i64, ptr]
     for width in (16, 32, 64):
         getattr(dll, f"keep_words{width}").argtypes = [ptr, i64, u64, u64]
-    dll.quant_rows_f32.argtypes = [ptr, i64, i64, ptr, ptr]
-    dll.dequant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64]
+    dll.quant_rows_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64]
+    dll.dequant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64]
     dll.softmax_f32.argtypes = [ptr, i64, i64]
     dll.softmax_keys_f32.argtypes = [ptr, i64, i64, i64, ptr]
     dll.dequant_quant_rows_.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
@@ -175,7 +175,7 @@ def quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     rows, cols = x.shape
     if _c_ok(x) and x.dtype == torch.float32 and x.numel():
         q, s = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
-        _LIB[0].quant_rows_f32(x.data_ptr(), rows, cols, q.data_ptr(), s.data_ptr())
+        _LIB[0].quant_rows_f32(x.data_ptr(), rows, cols, q.data_ptr(), s.data_ptr(), torch.get_num_threads())
         return q, s
     m = x.abs().amax(1) if cols else x.new_zeros(rows)  # (R,)
     inv = torch.where(m > 0, m.new_full(m.shape, 127.0) / m, 0.0)  # a true division (`127.0 / m` is 127 * (1 / m))
@@ -193,7 +193,7 @@ def dequant_rows(acc: Tensor, sx: Tensor, sw: Tensor, bias: Tensor, act: str = "
     7.1.26 (|error| <= 1.5e-7): it matches the torch fallback to ~1e-6 relative."""
     if _c_ok(acc, sx, sw, bias) and acc.dtype == torch.int32 and acc.numel():
         _LIB[0].dequant_rows_(acc.data_ptr(), acc.shape[0], acc.shape[1], sx.data_ptr(), sw.data_ptr(),
-                              bias.data_ptr(), DEQUANT_ACTS[act])
+                              bias.data_ptr(), DEQUANT_ACTS[act], torch.get_num_threads())
         return acc.view(torch.float32)
     y = torch.addcmul(bias, acc.float(), sx[:, None] * sw)
     y = torch.nn.functional.gelu(y) if act == "gelu" else y.relu_() if act == "relu" else y

@@ -104,3 +104,21 @@ def test_a_lora_classification_run_in_int8_learns_and_reloads(tmp_path, tiny_ber
     assert any(type(m) is Int8FrozenLinear for m in reloaded.model.modules())
     torch.testing.assert_close(reloaded.predict_items(task.eval_items), task.predict_items(task.eval_items),
                                rtol=0, atol=1e-5)
+
+
+def test_the_row_kernels_give_the_same_codes_on_two_threads():
+    from lmforge.cpu_kernels import dequant_rows, quant_rows
+
+    x = torch.randn(300, 384, generator=torch.Generator().manual_seed(5))  # above the kernels' threading size
+    acc = torch.randint(-2**20, 2**20, (300, 384), dtype=torch.int32, generator=torch.Generator().manual_seed(6))
+    sw, b = torch.rand(384) + 0.5, torch.randn(384)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            q, s = quant_rows(x)
+            out.append((q, s, dequant_rows(acc.clone(), s, sw, b, "gelu")))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
