@@ -181,3 +181,25 @@ def test_a_memory_mapped_checkpoint_converts_without_corrupting_what_is_kept(tmp
             assert torch.equal(p, q), name
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_decoding_with_an_active_lora_adapter():
+    from lmforge.adapters.lora import LoraSpec, apply_lora
+
+    model = _tiny(seed=5)
+    ref = _rounded(model)
+    for m in (model, ref):
+        torch.manual_seed(9)
+        apply_lora(m, LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+        m.eval()
+    store_bf16_weights(model)
+    ids = torch.tensor([[0, 4, 9, 12, 7], [3, 8, 4, 11, 6]])
+    mask = (ids != 0).long()
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert decode(model, ids, mask, cfg) == decode(ref, ids, mask, cfg)
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
+                               rtol=1e-4, atol=1e-4)
