@@ -54,6 +54,7 @@ def _load(args, purpose: str = "chat"):
     placement = Placement.resolve(getattr(args, "device", "auto"), getattr(args, "precision", "auto"))
     src = resolve_source(args.model, getattr(args, "adapter", None))
     model, tokenizer, _ = load_causal_lm(src, device=placement.device, purpose=purpose)
+    placement.for_inference(model)  # as lmforge.api.generate: weights stored for decoding (bf16 where it pays)
     return model, tokenizer, placement
 
 
