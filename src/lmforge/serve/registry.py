@@ -121,6 +121,8 @@ def load_registry(opts: ServeOptions) -> Registry:
     else:
         src = resolve_source(opts.model)
         base, tok, _ = load_causal_lm(src, device=placement.device)
+        if placement.bf16_weights:  # a CPU without native bf16: linear weights stored bf16, applied in fp32;
+            placement.for_inference(base)  # the adapters' copies below share them (their own weights stay fp32)
         add(reg.generators, opts.name or model_id(opts.model), _served(base, tok))
         for ad in opts.adapters:
             if src.adapter is not None:
