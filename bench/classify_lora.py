@@ -33,6 +33,10 @@ model.precision=P``, 1 thread): int8 selection accuracy 0.864, held-out test 0.8
 0.858 / 0.868 in 3:44. A 1-thread int8 step (``--profile``): ``_int_mm`` 63.5 ms, the fp32 matmuls 24.5 (LoRA,
 attention), other ~150 of ~256 ms (fp32 default: 237 ms of matmuls of ~389).
 
+QUIET (session 11; ``runs/lead11/cls{1t_quiet,2t}.log``): 1 thread, the same command: int8 146.1 vs 64.7 samples/s:
+**2.26x**, fp32 92.7 (1.43x), RSS 0.77x; 2 threads (``--threads 2 --only lmforge_default,lmforge_int8,peer_grouped_eager``):
+int8 241.7 vs 112.8: **2.14x** [2.14x CPU], fp32 169.5 (1.50x), RSS 0.77x; accuracy 0.531 on every trial.
+
 Measured (session 9, an AVX2-ONLY machine: no native bf16, ``precision: auto`` = fp32 on both sides' best;
 ``runs/lead9/cls_1t.json``, a reward-model run on the other core): ``--steps 20 --warmup 2 --reps 2 --threads 1
 --dev 128 --only lmforge_default,peer_default,peer_grouped_sdpa,peer_grouped_eager``: lmforge 48.6 samples/CPU-s

@@ -34,6 +34,10 @@ trial, in pairs/s.
 
     .venv/bin/python bench/dpo_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 11, the same kind of CPU, QUIET, 2 threads; ``runs/lead11/dpo2t.log``): ``--only
+trl_eager,trl_default,lmforge_default --steps 4 --warmup 1 --reps 2 --threads 2``: lmforge 0.753 pairs/s vs TRL fp32
+SDPA 0.391 (eager 0.390): **ratio_best 1.93x**, RSS 0.55x (4.2 vs 7.7 GB), MFU 0.48 vs 0.25; train loss 0.6934 both.
+
 Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: ``auto`` = fp32, the peer's best is fp32 too; a
 reward-model training on the other core; ``runs/lead10/dpo1t.log``): ``--only trl_default,trl_eager,lmforge_default
 --steps 4 --warmup 1 --reps 2 --threads 1``: lmforge 0.343 pairs/s vs TRL fp32 eager 0.173 (SDPA 0.151):

@@ -21,6 +21,11 @@ Trials (pairs/s = contrastive pairs / training seconds; quality = SST-2 dev accu
 Prints one JSON line: median training seconds and pairs/s, mean accuracy over the repetitions,
 inference samples/s, peak RSS and the ratios.
 
+Measured (session 11, AVX-512 without BF16, QUIET, 2 threads; ``runs/lead11/setfit2t.log``): ``--reps 2 --per-class 16
+--iterations 5 --eval-limit 200 --threads 2 --only lmforge_default,setfit_default``: lmforge 67.0 pairs/s (4.8 s)
+vs setfit fp32 26.2 (12.4 s): **ratio_best 2.56x**, RSS 0.66x; accuracy 0.65 (0.59, 0.71) / 0.67 (0.625, 0.715);
+inference 379.5 vs 266.2 samples/s.
+
 Measured (session 4, 1 thread, load 7-9 on the 2 cores; wall only: the training time is the task's):
 - equal work, ``--reps 2 --per-class 16 --iterations 5 --eval-limit 200 --threads 1 --only lmforge_default,setfit_bf16``
   (320 pairs each side): lmforge 13.24 pairs/s (24.2 s) vs setfit bf16 5.74 (56.0 s): **ratio_best 2.31x**,

@@ -36,6 +36,11 @@ trial, both in real tokens/s.
 
     .venv/bin/python bench/sft_lora.py [--steps 10] [--warmup 2] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 11, the same kind of CPU, QUIET, 2 threads; ``runs/lead11/sft2t.log``): ``--only
+trl_fp32_packed,lmforge_packed --steps 4 --warmup 1 --reps 2 --threads 2 --heldout 2``: lmforge 290.9 tokens/s vs TRL
+fp32 packed 159.4: **ratio_best 1.83x** [1.77x CPU], RSS 0.71x (5.6 vs 7.9 GB), MFU 0.53 vs 0.29 of the measured
+2-thread fp32 peak (342 GFLOP/s, best of 5); held-out loss 3.1570 / 3.1606.
+
 Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: ``auto`` = fp32 on both sides, bf16 5.7x slower;
 a reward-model training on the other core; ``runs/lead10/sft1t.log``): ``--only trl_fp32_packed,lmforge_packed
 --steps 4 --warmup 1 --reps 2 --threads 1 --heldout 2``: lmforge packed 124.5 tokens/s [125.9 /CPU-s] vs TRL fp32

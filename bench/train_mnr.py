@@ -17,6 +17,10 @@ Trials (pairs/s; quality = Spearman of cosine vs gold on 300 STS-B dev pairs aft
 
     .venv/bin/python bench/train_mnr.py [--steps 20] [--warmup 2] [--batch 32] [--reps 3] [--threads 1] [--profile]
 
+Measured (session 11, AVX-512 without BF16: fp32 both sides, QUIET, 2 threads, default wait policy;
+``runs/lead11/mnr2t.log``): ``--reps 2 --threads 2 --only st_default,st_eager,lmforge_default``: lmforge 84.9 pairs/s
+vs ST fp32 eager 47.0 (SDPA 46.6): **ratio_best 1.81x** [1.81x CPU], RSS 0.81x; STS-B dev Spearman 0.9326 / 0.9327.
+
 Two threads: both sides' best 2-thread figures are with ``OMP_WAIT_POLICY=PASSIVE`` exported for
 the whole bench (why: ``bench/_common.py``). Per CPU second, [wall]:
 
