@@ -104,6 +104,22 @@ def test_corrupted_and_half_written_indexes_are_refused(built, tmp_path):
         SearchIndex.load(bad)
 
 
+def test_a_manifest_with_an_unknown_setting_is_refused_by_name(built, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(built, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["settings"]["exec_hook"] = "x"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmforgeError, match=r"manifest.json: unknown index setting 'exec_hook'"):
+        SearchIndex.load(bad)
+    manifest["settings"] = ["not", "an", "object"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LmforgeError, match="'settings' is not an object"):
+        SearchIndex.load(bad)
+
+
 def test_a_failed_build_writes_nothing(tiny_bert_dir, tmp_path):
     with pytest.raises(LmforgeError, match="empty"):
         build_index([], str(tiny_bert_dir), tmp_path / "x")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -262,6 +262,12 @@ class SearchIndex:
             raise LmforgeError(f"{mpath}: corrupted manifest ({type(exc).__name__}: {exc})") from None
         if fmt != FORMAT:
             raise LmforgeError(f"{mpath}: index format {fmt} is not supported (expected {FORMAT})")
+        if not isinstance(settings, dict):
+            raise LmforgeError(f"{mpath}: corrupted manifest ('settings' is not an object)")
+        known = {f.name for f in fields(IndexSettings)}
+        unknown = sorted(k for k in settings if k not in known)
+        if unknown:
+            raise LmforgeError(f"{mpath}: unknown index setting '{unknown[0]}' (known: {', '.join(sorted(known))})")
         for name, size in files.items():
             p = folder / name
             if not p.is_file() or p.stat().st_size != size:
