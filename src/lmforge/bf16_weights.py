@@ -10,10 +10,11 @@ inputs in fp32:
 
     y = x W^T + b,   W = widen(W_bf16) exactly (a 16-bit shift),   x, y, sums in fp32
 
-- rows ``M <= ROWS_KERNEL`` (decode steps): :func:`lmforge.cpu_kernels.linear_bf16w` reads each
-  weight row once as bf16 (measured, 1 thread, SmolLM2's 211 projections per token: 13.2 ms vs
-  22.5 ms in fp32 at M = 1, 32.4 vs 69.5 ms at M = 8; at M = 32 fp32 GEMM wins: 105 vs 92 ms);
-- wider inputs (a prompt's prefill): the weight widened in chunks into a reused fp32 scratch, each
+- rows ``M <= ROWS_KERNEL`` (decode steps, short prompts): :func:`lmforge.cpu_kernels.linear_bf16w`
+  reads each weight row once as bf16 (measured, 1 thread, SmolLM2's 211 projections per token: 13.2 ms
+  vs 22.5 ms in fp32 at M = 1 with the weights in cache, ~24 vs ~35-45 ms streamed from memory;
+  a 40-token prefill 253 vs 302 ms through the chunked path below, equal at 80 tokens);
+- wider inputs (long prefills): the weight widened in chunks into a reused fp32 scratch, each
   chunk an fp32 GEMM (+14-30 % over fp32 weights at M = 32-320, for half the resident bytes).
 
 Numerics: the exact product of fp32 activations with bf16-rounded weights (relative weight error
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from . import cpu_kernels
 
-ROWS_KERNEL = 16  # the C kernel up to this many input rows; chunked fp32 GEMMs above
+ROWS_KERNEL = 64  # the C kernel up to this many input rows; chunked fp32 GEMMs above
 SCRATCH_ELEMS = 1 << 21  # fp32 scratch (8 MB) per thread for the widened weight chunks
 _SCRATCH = threading.local()
 

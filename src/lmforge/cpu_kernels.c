@@ -168,9 +168,13 @@ static inline __m512 bf16_widen_tail(const uint16_t *p, __mmask16 k) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
 }
 /* 4 columns n..n+3 (cols of them real; the others repeat column n) for rows m0..m0+mm-1 (mm <= 4) */
-static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K, const uint16_t *w0,
-                              const uint16_t *w1, const uint16_t *w2, const uint16_t *w3, __m512 acc[4][4]) {
-    for (int i = 0; i < 4; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+/* rows m0..m0+MM-1 (MM <= 4, a constant at each call: the 4 x MM accumulators stay in registers) times 4 weight
+   rows (cols of them real; the others repeat row n), written with the bias */
+static inline __attribute__((always_inline)) void bf16w_tile(const float *x, int64_t m0, int64_t K,
+        const uint16_t *w0, const uint16_t *w1, const uint16_t *w2, const uint16_t *w3, int64_t n, int64_t cols,
+        const float *b, float *y, int64_t ldy, const int MM) {
+    __m512 acc[4][4];
+    for (int i = 0; i < MM; i++) for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
         if (m0 == 0 && (k & 31) == 0) {  /* the first pass over these rows streams them from memory: 512 bytes
@@ -181,7 +185,7 @@ static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K,
             _mm_prefetch((const char *)(w3 + k) + 512, _MM_HINT_T0);
         }
         __m512 a0 = bf16_widen(w0 + k), a1 = bf16_widen(w1 + k), a2 = bf16_widen(w2 + k), a3 = bf16_widen(w3 + k);
-        for (int64_t i = 0; i < mm; i++) {
+        for (int i = 0; i < MM; i++) {
             __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
             acc[i][0] = _mm512_fmadd_ps(a0, xv, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(a1, xv, acc[i][1]);
@@ -193,7 +197,7 @@ static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K,
         __mmask16 km = (__mmask16)((1u << (K - k)) - 1u);
         __m512 a0 = bf16_widen_tail(w0 + k, km), a1 = bf16_widen_tail(w1 + k, km);
         __m512 a2 = bf16_widen_tail(w2 + k, km), a3 = bf16_widen_tail(w3 + k, km);
-        for (int64_t i = 0; i < mm; i++) {
+        for (int i = 0; i < MM; i++) {
             __m512 xv = _mm512_maskz_loadu_ps(km, x + (m0 + i) * K + k);
             acc[i][0] = _mm512_fmadd_ps(a0, xv, acc[i][0]);
             acc[i][1] = _mm512_fmadd_ps(a1, xv, acc[i][1]);
@@ -201,17 +205,20 @@ static inline void bf16w_tile(const float *x, int64_t m0, int64_t mm, int64_t K,
             acc[i][3] = _mm512_fmadd_ps(a3, xv, acc[i][3]);
         }
     }
+    for (int i = 0; i < MM; i++)
+        for (int64_t j = 0; j < cols; j++)
+            y[(m0 + i) * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]) + (b ? b[n + j] : 0.0f);
 }
 static void bf16w_cols(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t n, int64_t cols,
                        const float *b, float *y, int64_t ldy) {
     const uint16_t *w0 = w + n * K, *w1 = w0 + (cols > 1) * K, *w2 = w0 + (cols > 2) * 2 * K, *w3 = w0 + (cols > 3) * 3 * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        int64_t mm = M - m0 < 4 ? M - m0 : 4;
-        __m512 acc[4][4];
-        bf16w_tile(x, m0, mm, K, w0, w1, w2, w3, acc);
-        for (int64_t i = 0; i < mm; i++)
-            for (int64_t j = 0; j < cols; j++)
-                y[(m0 + i) * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]) + (b ? b[n + j] : 0.0f);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) bf16w_tile(x, m0, K, w0, w1, w2, w3, n, cols, b, y, ldy, 4);
+    switch (M - m0) {
+        case 3: bf16w_tile(x, m0, K, w0, w1, w2, w3, n, cols, b, y, ldy, 3); break;
+        case 2: bf16w_tile(x, m0, K, w0, w1, w2, w3, n, cols, b, y, ldy, 2); break;
+        case 1: bf16w_tile(x, m0, K, w0, w1, w2, w3, n, cols, b, y, ldy, 1); break;
+        default: break;
     }
 }
 #else

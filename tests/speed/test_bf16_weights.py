@@ -61,7 +61,7 @@ def test_kernel_declines_what_it_does_not_compute():
     assert cpu_kernels.linear_bf16w(x.requires_grad_(), w.bfloat16()) is None
 
 
-@pytest.mark.parametrize("m", [2, 17, 40])
+@pytest.mark.parametrize("m", [2, 17, 40, 70, 129])  # the kernel up to ROWS_KERNEL (64), widened chunks above
 def test_project_small_and_wide_inputs(m, monkeypatch):
     monkeypatch.setattr(bf16_weights, "SCRATCH_ELEMS", 5 * 24)  # several widened chunks of 5 rows
     g = torch.Generator().manual_seed(m)
