@@ -38,12 +38,15 @@ in fp32 by a C kernel, the decode step's RMSNorm, rotary + attention and SiLU ga
 **1.68x**; RSS 821 vs 967 MB (0.85x); agreement with HF fp32 greedy 0.945 (lmforge_fp32: 1.0, 68.6 / 21.5 tokens/s,
 1.23x / 1.21x). ``hf_int8`` 144.2 / 34.7 tokens/s at agreement 0.039 / 0.047 (ratio_best_any 0.76x / 0.86x).
 
-QUIET (session 11; ``runs/lead11/gen{1t_quiet,1t_quiet_pinned,2t}.log``): 1 thread, the same command: batch 8 94.4 vs
-52.0 tokens/s: **1.82x**; batch 1 24.9 vs 17.7: **1.40x** (a pinned re-run, ``taskset -c 0``, ``--only
-hf_default,lmforge_default``: 1.85x / 1.45x); 2 threads (``--threads 2 --only hf_default,hf_int8,lmforge_default``):
-batch 8 183.7 vs 101.0: **1.82x**; batch 1 50.3 vs 30.0: **1.68x**; RSS 0.84x; hf_int8 212.2 / 47.8 at agreement
-0.04 (ratio_best_any 0.87x / 1.05x). The batch-1 figure moves with the machine's memory bandwidth (the busy run above
-read 1.68x): a batch-1 step reads 270 MB of bf16 weights (~24 ms of a 25-32 ms step at 11-14 GB/s here).
+QUIET (session 11, after the kernel's register tiles and the short-prompt prefill through it, 9524984;
+``runs/lead11/gen{1t_quiet2,2t_b,1t_int8}.log``): 1 thread, ``--new-tokens 16 --reps 3 --threads 1 --only
+hf_default,lmforge_default``: batch 8 111.3 vs 51.7 tokens/s: **2.15x**; batch 1 29.6 vs
+17.8: **1.66x**, RSS 0.85x; 2 threads (``--reps 2 --threads 2 --only hf_default,hf_int8,lmforge_default``):
+batch 8 195.8 vs 95.5: **2.05x**, batch 1 51.6 vs 27.9: **1.85x**, RSS 0.84x; agreement 0.945. Against ``hf_int8``
+(agreement 0.04): 2 threads 1.00x / 1.16x, 1 thread 0.83x / 0.87x (``--reps 1 --only hf_int8,lmforge_default``).
+Earlier the same day (before 9524984): 1 thread 1.82x / 1.40x (pinned 1.85x / 1.45x), 2 threads 1.82x / 1.68x. The
+batch-1 figure moves with the machine's memory bandwidth: a batch-1 step reads 270 MB of bf16 weights (~24 ms of a
+25-32 ms step at 11-14 GB/s here).
 
 Measured (session 10, an Intel Xeon with AVX-512 but NO BF16: fp32 both sides, where lmforge's prepacked bf16
 decode path does not apply; QUIET, ``runs/lead10/gen1t_quiet.log``): ``--new-tokens 16 --reps 2 --threads 1 --only
