@@ -17,7 +17,9 @@ EVAL_TASKS = ("perplexity", "generation")
 def _add_model_args(p) -> None:
     p.add_argument("model", help="model folder, hub id, .gguf file, packaged alias (smollm2) or run directory")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder or run directory")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 where the CPU (or GPU) runs it natively; on a CPU without it, linear weights "
+                        "stored in bf16 and applied in fp32 (half the bytes per token); fp32: every weight fp32")
     p.add_argument("--device", default="auto")
 
 
