@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lmforge import bf16_weights, cpu_kernels, kv_cache
 from lmforge.bf16_weights import Bf16Linear, project, store_bf16_weights
 from lmforge.device import Placement
 from lmforge.generation import GenerationConfig, decode
+from test_kv_cache import tiny
 
 C = cpu_kernels.library() is not None
 needs_c = pytest.mark.skipif(not C, reason="no C compiler: the kernel is not built")
@@ -90,16 +91,7 @@ def test_bf16_linear_forward_dtypes_and_gradients():
 
 
 def _tiny(seed=0):
-    cfg = LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return tiny(seed=seed)  # test_kv_cache's 2-layer GQA Llama with spread weights
 
 
 def _rounded(model):
