@@ -108,3 +108,93 @@ def interpolate_weights(base: dict[str, torch.Tensor], tuned: dict[str, torch.Te
             continue
         out[k] = ((1.0 - alpha) * b.float().to(t.device) + alpha * t.float()).to(t.dtype)
     return out
+
+
+AVERAGED = "averaged.json"
+# Task extras carried into an averaged run: they describe the task, not one member's weights, and
+# must be the same file in every member (``decision.json``, fitted to one set of weights, is not).
+_SHARED_EXTRAS = ("labels.json",)
+
+
+def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
+            weights: list[float] | None = None, overwrite: bool = False) -> dict:
+    """Average LoRA runs (or adapter folders) trained alike into one (a weight-averaged model, WARM).
+
+    Each layer's update becomes the weighted mean of the members' updates, written exactly as one
+    LoRA of rank ``n r`` (:mod:`lmforge.adapters.average`); task heads are averaged element-wise.
+
+    Args:
+        sources: two or more run directories of one task and base, or two or more adapter folders.
+        out: the new run directory (members are runs: ``config.yaml`` of the first member with
+            this name, ``adapter/``, shared task extras, ``averaged.json``), else an adapter folder.
+        checkpoint: which weights of each run: ``final`` or ``best``.
+        weights: member weights (normalised; default equal).
+        overwrite: replace ``out`` when it is an earlier averaged run or adapter folder.
+
+    Returns:
+        ``{"out", "members", "weights", "r", "lora_alpha"}``.
+    """
+    from .adapters.average import average_lora, member_weights, read_lora_folder
+    from .adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+    from .rundir import atomic_dir, write_json, write_safetensors
+    from .rundir.layout import CONFIG
+
+    if checkpoint not in ("final", "best"):
+        raise LmforgeError(f"checkpoint '{checkpoint}': averaging takes final or best")
+    if len(sources) < 2:
+        raise LmforgeError("average: give two or more runs or adapter folders")
+    paths = [Path(s).expanduser() for s in sources]
+    runs = [is_run_dir(p) for p in paths]
+    if any(runs) and not all(runs):
+        odd = paths[runs.index(False)]
+        raise LmforgeError(f"{odd}: not a run directory; average runs with runs, adapter folders with folders")
+    opened = [open_run(p, checkpoint) for p in paths] if all(runs) else []
+    folders = [o.require("adapter") for o in opened] if opened else paths
+    for o in opened[1:]:
+        first = opened[0].config
+        for what, a, b in (("task", first.task, o.config.task), ("model.name", first.model.name, o.config.model.name)):
+            if a != b:
+                raise LmforgeError(f"{o.run_dir}: {what} is {b!r}, {opened[0].run_dir} has {a!r}")
+    extras = {}
+    for name in _SHARED_EXTRAS:
+        files = [o.file(name) for o in opened]
+        if any(f.is_file() for f in files):
+            texts = [f.read_bytes() if f.is_file() else None for f in files]
+            if any(t != texts[0] for t in texts):
+                raise LmforgeError(f"{files[texts.index(None) if None in texts else 1]}: differs from "
+                                   f"{files[0]}; members must share it")
+            extras[name] = texts[0]
+    members = [read_lora_folder(f) for f in folders]
+    config, tensors = average_lora([m[0] for m in members], [m[1] for m in members], weights,
+                                   names=[str(f) for f in folders])
+    w = member_weights(weights, len(paths))
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        ours = (out / AVERAGED).is_file() or (out / CONFIG_NAME).is_file()
+        if not overwrite:
+            raise LmforgeError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
+        if not ours:
+            raise LmforgeError(f"{out}: not an averaged run or adapter folder; will not replace it")
+    provenance = {"method": "weight average of LoRA updates (WARM / model soup)", "checkpoint": checkpoint,
+                  "members": [str(p) for p in paths], "weights": w, "r": config["r"],
+                  "lora_alpha": config["lora_alpha"]}
+    with atomic_dir(out) as tmp:
+        adapter = tmp / "adapter" if opened else tmp
+        adapter.mkdir(exist_ok=True)
+        write_safetensors(adapter / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_json(adapter / CONFIG_NAME, config)
+        if opened:
+            from .config import dump_config
+
+            cfg = opened[0].config.model_copy(deep=True)
+            cfg.name, cfg.output_dir = out.name, str(out.parent)
+            if getattr(cfg, "adapter", None) is not None and hasattr(cfg.adapter, "r"):
+                cfg.adapter.r, cfg.adapter.alpha = int(config["r"]), float(config["lora_alpha"])
+            for name, data in extras.items():
+                (tmp / name).write_bytes(data)
+            write_json(tmp / AVERAGED, provenance)
+            (tmp / CONFIG).write_text(dump_config(cfg), encoding="utf-8")
+    log.info("averaged %d adapters into %s (rank %d)", len(paths), out, config["r"])
+    return {"out": str(out), "members": provenance["members"], "weights": w, "r": config["r"],
+            "lora_alpha": config["lora_alpha"]}

@@ -1,4 +1,4 @@
-"""Generative commands: generate, chat, merge; and the ``eval --task perplexity|generation`` path."""
+"""Generative commands: generate, chat, merge, average (LoRA runs into one); and the ``eval --task perplexity|generation`` path."""
 from __future__ import annotations
 
 import json
@@ -174,6 +174,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from ..merge import average
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise LmforgeError(f"--weights: expected numbers separated by commas, got {args.weights!r}") from None
+    print(json.dumps(average(args.sources, args.out, checkpoint=args.checkpoint, weights=weights,
+                             overwrite=args.overwrite)))
+    return 0
+
+
 # ---- eval --task perplexity|generation ------------------------------------------------------------
 GENERATION_EVAL_HELP = ("generation: --data with a prompt (or messages) and a reference (reference/references/"
                         "completion/summary/target); on an sft run (or --adapter RUN) the run's prompt template and "
@@ -271,3 +285,13 @@ def register(sub) -> None:
                   "adapter_config.json)",
                   "lmforge merge runs/sft-lora-smollm2-dialogsum --out merged/")
     m.set_defaults(func=cmd_merge)
+
+    a = sub.add_parser("average", help="average LoRA runs trained alike into one run (weight averaging, WARM)")
+    a.add_argument("sources", nargs="+", help="two or more run directories (or adapter folders)")
+    a.add_argument("--out", required=True, help="the averaged run directory (adapter folder for folders)")
+    a.add_argument("--checkpoint", default="final", choices=["final", "best"], help="which weights of each run")
+    a.add_argument("--weights", default=None, help="member weights, e.g. 0.5,0.5 (default equal)")
+    a.add_argument("--overwrite", action="store_true", help="replace an earlier averaged run at --out")
+    input_help(a, "LoRA runs of one task and base with the same adapter settings (e.g. seeds of one recipe)",
+                  "lmforge average runs/rm-seed1 runs/rm-seed2 --checkpoint best --out runs/rm-warm")
+    a.set_defaults(func=cmd_average)
