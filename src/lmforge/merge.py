@@ -160,9 +160,9 @@ def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
         files = [o.file(name) for o in opened]
         if any(f.is_file() for f in files):
             texts = [f.read_bytes() if f.is_file() else None for f in files]
-            if any(t != texts[0] for t in texts):
-                raise LmforgeError(f"{files[texts.index(None) if None in texts else 1]}: differs from "
-                                   f"{files[0]}; members must share it")
+            odd = next((f for f, t in zip(files, texts) if t != texts[0]), None)
+            if odd is not None:
+                raise LmforgeError(f"{odd}: differs from {files[0]}; members must share it")
             extras[name] = texts[0]
     members = [read_lora_folder(f) for f in folders]
     config, tensors = average_lora([m[0] for m in members], [m[1] for m in members], weights,

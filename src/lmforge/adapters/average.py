@@ -115,18 +115,7 @@ def average_lora(configs: Sequence[dict], tensors: Sequence[dict[str, torch.Tens
 
 
 def read_lora_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(adapter_config, tensors)`` of a peft adapter folder (safetensors only, no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """``(adapter_config, tensors)`` of a peft adapter folder, read as :func:`load_adapter` reads it."""
+    from .peft_io import read_adapter_config, read_tensors
 
-    from .peft_io import WEIGHTS_NAME, read_adapter_config
-
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    path = folder / WEIGHTS_NAME
-    if not path.is_file():
-        raise LmforgeError(f"{path} not found (averaging reads safetensors adapters only)")
-    try:
-        return config, load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise LmforgeError(f"{path}: cannot read ({err})") from None
+    return read_adapter_config(folder), read_tensors(Path(folder))

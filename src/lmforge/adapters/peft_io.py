@@ -91,7 +91,8 @@ def adapter_folder_kind(adapter_dir: str | os.PathLike) -> str:
     return kind_of_config(read_adapter_config(folder), str(folder / CONFIG_NAME)).name
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter folder's tensors: safetensors, or a legacy ``.bin`` read with ``weights_only`` (no pickle code)."""
     path = folder / WEIGHTS_NAME
     try:
         if path.is_file():
@@ -134,7 +135,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, kind: str 
     found = kind_of_config(config, where)
     if kind is not None and found.name != kind:
         raise LmforgeError(f"{folder}: is a {found.name} adapter, not {kind} (adapter.kind: {kind})")
-    loaded = _read_tensors(folder)
+    loaded = read_tensors(folder)
     spec = _with_task_heads(found.spec_from_peft(config, model, set(loaded), where), config, model, set(loaded))
     grads = {id(p): p.requires_grad for p in model.parameters()}
     apply_adapter(model, spec)
