@@ -149,3 +149,93 @@ def test_adapter_folders_average_into_an_adapter_folder(tiny_llama_dir, tmp_path
     assert sorted(p.name for p in (tmp_path / "avg-adapter").iterdir()) == ["adapter_config.json",
                                                                           "adapter_model.safetensors"]
     assert json.loads((tmp_path / "avg-adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+# ---- trajectory averaging: one run's step checkpoints ----------------------------------------------------
+
+def _reward_run(tmp_path, model_dir, mode="lora"):
+    """A real reward run (LoRA + the trained score head) that kept a checkpoint at every step."""
+    from conftest import write_jsonl, write_yaml
+    from tasks.test_reward import pref_rows
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pref_rows(24))
+    raw = {"task": "reward", "name": f"rm-{mode}", "output_dir": str(tmp_path / "runs"), "seed": 0,
+           "model": {"name": str(model_dir), "precision": "fp32", "device": "cpu"},
+           "data": {"train": str(data), "eval_fraction": 0.25, "max_length": 64},
+           "reward": {"mode": mode}, "adapter": {"kind": "lora", "r": 4, "alpha": 8},
+           "train": {"max_steps": 3, "batch_size": 6, "lr": 1e-2, "save_every": 1, "keep_last": 5, "log_every": 1,
+                     "progress": False}}
+    assert main(["train", str(write_yaml(tmp_path / f"{mode}.yaml", raw))]) == 0
+    return tmp_path / "runs" / f"rm-{mode}"
+
+
+def _lora_delta_and_head(model):
+    """Each adapted layer's update s B A and the score head, by module path (the live model's view)."""
+    from lmforge.adapters import adapter_modules
+
+    out = {}
+    for name, m in adapter_modules(model):
+        if hasattr(m, "delta_weight"):
+            out[name] = m.delta_weight().detach().clone()
+        else:
+            out[name] = m.trained.weight.detach().clone()
+    return out
+
+
+def test_step_checkpoints_average_to_the_mean_of_their_updates(tiny_llama_dir, tmp_path, capsys):
+    from lmforge.tasks import load_task
+
+    run = _reward_run(tmp_path, tiny_llama_dir)
+    capsys.readouterr()
+    # a step checkpoint renamed the peft way is the final adapter itself at the last step
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    from lmforge.merge import _read_member
+    from lmforge.rundir import open_run
+
+    _, last = _read_member(open_run(run, "step-3"))
+    assert set(last) == set(final) and all(torch.equal(last[k], final[k]) for k in final)
+    assert main(["average", str(run), "--checkpoint", "step-1,step-2,final", "--weights", "1,1,2",
+                 "--out", str(tmp_path / "swa")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["members"] == [f"{run}@step-1", f"{run}@step-2", f"{run}@final"] and report["r"] == 12
+    w = [0.25, 0.25, 0.5]
+    members = [_lora_delta_and_head(load_task(run, c).model) for c in ("step-1", "step-2", "final")]
+    averaged = load_task(tmp_path / "swa")  # loads like any run
+    got = _lora_delta_and_head(averaged.model)
+    assert set(got) == set(members[0]) and any("score" in k for k in got)
+    for key, value in got.items():
+        want = sum(wi * m[key] for wi, m in zip(w, members))
+        assert torch.allclose(value, want, atol=1e-6), key
+    assert not torch.allclose(members[0][key], members[2][key])  # the trajectory moved: a real average
+    assert json.loads((tmp_path / "swa" / "averaged.json").read_text())["checkpoint"] == "step-1,step-2,final"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "step-1,latest"], "checkpoint 'latest': averaging takes final, best or step-N"),
+    (["--checkpoint", "step-1,step-1"], "name each checkpoint once"),
+    (["--checkpoint", "step-9,final"], "no complete checkpoint step-9 (have: step-1, step-2, step-3)"),
+    (["--checkpoint", "final"], "give two or more runs, adapter folders or checkpoints of a run"),
+])
+def test_bad_checkpoint_lists_are_one_line(tiny_llama_dir, tmp_path, capsys, argv, message):
+    run = _reward_run(tmp_path, tiny_llama_dir)
+    capsys.readouterr()
+    assert main(["average", str(run), "--out", str(tmp_path / "swa"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "swa").exists()
+
+
+def test_checkpoints_that_are_not_the_runs_adapter_are_refused(tiny_llama_dir, tmp_path, capsys):
+    run = _reward_run(tmp_path, tiny_llama_dir)
+    step = run / "checkpoints" / "step-00000002" / "trainable.safetensors"
+    weights = load_file(str(step))
+    odd = next(k for k in weights if "lora_A" in k)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in weights.items() if k != odd}, str(step))  # a checkpoint of another model
+    capsys.readouterr()
+    assert main(["average", str(run), "--checkpoint", "step-1,step-2", "--out", str(tmp_path / "swa")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step-00000002/trainable.safetensors: the checkpoint lacks the run's adapter tensor" in err
+    step.write_bytes(b"not safetensors")
+    assert main(["average", str(run), "--checkpoint", "step-1,step-2", "--out", str(tmp_path / "swa")]) == 2
+    assert "unreadable checkpoint weights" in capsys.readouterr().err and not (tmp_path / "swa").exists()

@@ -116,19 +116,49 @@ AVERAGED = "averaged.json"
 _SHARED_EXTRAS = ("labels.json",)
 
 
-def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
+def _checkpoints(checkpoint: str | list[str]) -> list[str]:
+    names = [c.strip() for c in checkpoint.split(",")] if isinstance(checkpoint, str) else list(checkpoint)
+    for c in names:
+        if c not in ("final", "best") and not (c.startswith("step-") and c[5:].isdigit()):
+            raise LmforgeError(f"checkpoint '{c}': averaging takes final, best or step-N (comma-separated)")
+    if len(set(names)) != len(names) or not names:
+        raise LmforgeError(f"checkpoint '{','.join(names)}': name each checkpoint once")
+    return names
+
+
+def _read_member(opened) -> tuple[dict, dict]:
+    """``(adapter_config, tensors)`` of one run's chosen weights (a step checkpoint as its adapter names them)."""
+    from .adapters.average import checkpoint_as_adapter, read_lora_folder
+
+    if opened.kind != "checkpoint":
+        return read_lora_folder(opened.require("adapter"))
+    config, reference = read_lora_folder(open_run(opened.run_dir, "final").require("adapter"))
+    path = opened.root / "trainable.safetensors"
+    try:
+        from safetensors.torch import load_file
+
+        trainable = load_file(str(path))
+    except Exception as exc:  # a truncated or garbled file
+        raise LmforgeError(f"{path}: unreadable checkpoint weights ({str(exc).splitlines()[0][:120]})") from None
+    return config, checkpoint_as_adapter(trainable, reference, str(path))
+
+
+def average(sources: list[str], out: str | Path, *, checkpoint: str | list[str] = "final",
             weights: list[float] | None = None, overwrite: bool = False) -> dict:
     """Average LoRA runs (or adapter folders) trained alike into one (a weight-averaged model, WARM).
 
     Each layer's update becomes the weighted mean of the members' updates, written exactly as one
     LoRA of rank ``n r`` (:mod:`lmforge.adapters.average`); task heads are averaged element-wise.
+    The members are every (run, checkpoint) pair: several runs at ``best`` (a soup of seeds, WARM),
+    one run at several checkpoints (``step-100,step-150,final``: trajectory averaging, SWA), or both.
 
     Args:
-        sources: two or more run directories of one task and base, or two or more adapter folders.
+        sources: one or more run directories of one task and base, or two or more adapter folders.
         out: the new run directory (members are runs: ``config.yaml`` of the first member with
             this name, ``adapter/``, shared task extras, ``averaged.json``), else an adapter folder.
-        checkpoint: which weights of each run: ``final`` or ``best``.
-        weights: member weights (normalised; default equal).
+        checkpoint: which weights of each run: ``final``, ``best``, ``step-N``, or several of them
+            (a list or comma-separated).
+        weights: member weights in (run, checkpoint) order (normalised; default equal).
         overwrite: replace ``out`` when it is an earlier averaged run or adapter folder.
 
     Returns:
@@ -139,35 +169,38 @@ def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
     from .rundir import atomic_dir, write_json, write_safetensors
     from .rundir.layout import CONFIG
 
-    if checkpoint not in ("final", "best"):
-        raise LmforgeError(f"checkpoint '{checkpoint}': averaging takes final or best")
-    if len(sources) < 2:
-        raise LmforgeError("average: give two or more runs or adapter folders")
+    checkpoints = _checkpoints(checkpoint)
     paths = [Path(s).expanduser() for s in sources]
+    if not paths:
+        raise LmforgeError("average: give run directories or adapter folders")
     runs = [is_run_dir(p) for p in paths]
     if any(runs) and not all(runs):
         odd = paths[runs.index(False)]
         raise LmforgeError(f"{odd}: not a run directory; average runs with runs, adapter folders with folders")
-    opened = [open_run(p, checkpoint) for p in paths] if all(runs) else []
-    folders = [o.require("adapter") for o in opened] if opened else paths
+    if not all(runs) and checkpoints != ["final"]:
+        raise LmforgeError(f"--checkpoint {','.join(checkpoints)}: adapter folders have one set of weights; "
+                           f"checkpoints are chosen in run directories")
+    if len(paths) * len(checkpoints) < 2:
+        raise LmforgeError("average: give two or more runs, adapter folders or checkpoints of a run")
+    opened = [open_run(p, c) for p in paths for c in checkpoints] if all(runs) else []
+    names = [f"{o.run_dir}@{o.checkpoint}" for o in opened] if opened else [str(p) for p in paths]
     for o in opened[1:]:
         first = opened[0].config
         for what, a, b in (("task", first.task, o.config.task), ("model.name", first.model.name, o.config.model.name)):
             if a != b:
                 raise LmforgeError(f"{o.run_dir}: {what} is {b!r}, {opened[0].run_dir} has {a!r}")
     extras = {}
-    for name in _SHARED_EXTRAS:
-        files = [o.file(name) for o in opened]
+    for name in _SHARED_EXTRAS:  # a step checkpoint's extras are its run's
+        files = [(o.run_dir if o.kind == "checkpoint" else o.root) / name for o in opened]
         if any(f.is_file() for f in files):
             texts = [f.read_bytes() if f.is_file() else None for f in files]
             odd = next((f for f, t in zip(files, texts) if t != texts[0]), None)
             if odd is not None:
                 raise LmforgeError(f"{odd}: differs from {files[0]}; members must share it")
             extras[name] = texts[0]
-    members = [read_lora_folder(f) for f in folders]
-    config, tensors = average_lora([m[0] for m in members], [m[1] for m in members], weights,
-                                   names=[str(f) for f in folders])
-    w = member_weights(weights, len(paths))
+    members = [_read_member(o) for o in opened] if opened else [read_lora_folder(p) for p in paths]
+    config, tensors = average_lora([m[0] for m in members], [m[1] for m in members], weights, names=names)
+    w = member_weights(weights, len(members))
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -176,8 +209,8 @@ def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
             raise LmforgeError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
         if not ours:
             raise LmforgeError(f"{out}: not an averaged run or adapter folder; will not replace it")
-    provenance = {"method": "weight average of LoRA updates (WARM / model soup)", "checkpoint": checkpoint,
-                  "members": [str(p) for p in paths], "weights": w, "r": config["r"],
+    provenance = {"method": "weight average of LoRA updates (WARM / model soup / SWA)",
+                  "checkpoint": ",".join(checkpoints), "members": names, "weights": w, "r": config["r"],
                   "lora_alpha": config["lora_alpha"]}
     with atomic_dir(out) as tmp:
         adapter = tmp / "adapter" if opened else tmp
@@ -195,6 +228,6 @@ def average(sources: list[str], out: str | Path, *, checkpoint: str = "final",
                 (tmp / name).write_bytes(data)
             write_json(tmp / AVERAGED, provenance)
             (tmp / CONFIG).write_text(dump_config(cfg), encoding="utf-8")
-    log.info("averaged %d adapters into %s (rank %d)", len(paths), out, config["r"])
+    log.info("averaged %d adapters into %s (rank %d)", len(members), out, config["r"])
     return {"out": str(out), "members": provenance["members"], "weights": w, "r": config["r"],
             "lora_alpha": config["lora_alpha"]}

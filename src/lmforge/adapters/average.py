@@ -19,6 +19,11 @@ Every other saved tensor (task heads kept through ``modules_to_save``, biases) i
 element-wise, ``sum_i w_i theta_i``. The members must be LoRA adapters (not DoRA, whose
 normalised update is not linear in ``B A``) with the same rank, alpha, targets, saved modules
 and tensor names and shapes; the first difference is named.
+
+Members may also be checkpoints of ONE run along its trajectory (``step-N``: the trainable tensors
+a step saved), averaged the same way: trajectory averaging (SWA, Izmailov et al. 2018; SWAD for
+domain generalisation, Cha et al. 2021; LAWA, Kaddour 2022). :func:`checkpoint_as_adapter` names a
+step's tensors as the run's final adapter names them and refuses anything that does not match.
 """
 from __future__ import annotations
 
@@ -112,6 +117,34 @@ def average_lora(configs: Sequence[dict], tensors: Sequence[dict[str, torch.Tens
     config["r"] = n * r
     config["lora_alpha"] = alpha * (math.sqrt(n) if config.get("use_rslora") else n)
     return config, out
+
+
+def checkpoint_as_adapter(trainable: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                          where: str) -> dict[str, torch.Tensor]:
+    """A step checkpoint's trainable tensors under peft's saved names.
+
+    A checkpoint stores the model's trainable parameters by parameter name: adapter layers as
+    ``<path>.lora_A.weight``, task heads kept through ``modules_to_save`` as ``<path>.trained.<t>``;
+    peft saves them as ``base_model.model.<path>.lora_A.weight`` and ``base_model.model.<path>.<t>``.
+    The renamed set must be exactly the run's final adapter's (``reference``), shape for shape:
+    anything else (a full fine-tune, another adapter kind, a different run) is refused, naming it.
+    """
+    from .base import PEFT_PREFIX
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in trainable.items():
+        path, sep, rest = name.partition(".trained.")
+        out[PEFT_PREFIX + (f"{path}.{rest}" if sep else name)] = t
+    if set(out) != set(reference):
+        extra, missing = sorted(set(out) - set(reference)), sorted(set(reference) - set(out))
+        what = (f"has tensor '{extra[0]}' that the run's adapter does not" if extra
+                else f"lacks the run's adapter tensor '{missing[0]}'")
+        raise LmforgeError(f"{where}: the checkpoint {what}; only LoRA runs' checkpoints can be averaged")
+    for key, t in out.items():
+        if t.shape != reference[key].shape:
+            raise LmforgeError(f"{where}: tensor '{key}' has shape {tuple(t.shape)}, "
+                               f"the run's adapter has {tuple(reference[key].shape)}")
+    return out
 
 
 def read_lora_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -287,9 +287,11 @@ def register(sub) -> None:
     m.set_defaults(func=cmd_merge)
 
     a = sub.add_parser("average", help="average LoRA runs trained alike into one run (weight averaging, WARM)")
-    a.add_argument("sources", nargs="+", help="two or more run directories (or adapter folders)")
+    a.add_argument("sources", nargs="+", help="run directories (or two or more adapter folders)")
     a.add_argument("--out", required=True, help="the averaged run directory (adapter folder for folders)")
-    a.add_argument("--checkpoint", default="final", choices=["final", "best"], help="which weights of each run")
+    a.add_argument("--checkpoint", default="final",
+                   help="which weights of each run: final, best, step-N, or several comma-separated "
+                        "(e.g. one run at step-100,step-200,final: trajectory averaging, SWA)")
     a.add_argument("--weights", default=None, help="member weights, e.g. 0.5,0.5 (default equal)")
     a.add_argument("--overwrite", action="store_true", help="replace an earlier averaged run at --out")
     input_help(a, "LoRA runs of one task and base with the same adapter settings (e.g. seeds of one recipe)",
