@@ -133,14 +133,7 @@ def _read_member(opened) -> tuple[dict, dict]:
     if opened.kind != "checkpoint":
         return read_lora_folder(opened.require("adapter"))
     config, reference = read_lora_folder(open_run(opened.run_dir, "final").require("adapter"))
-    path = opened.root / "trainable.safetensors"
-    try:
-        from safetensors.torch import load_file
-
-        trainable = load_file(str(path))
-    except Exception as exc:  # a truncated or garbled file
-        raise LmforgeError(f"{path}: unreadable checkpoint weights ({str(exc).splitlines()[0][:120]})") from None
-    return config, checkpoint_as_adapter(trainable, reference, str(path))
+    return config, checkpoint_as_adapter(opened.step_weights(), reference, str(opened.root / "trainable.safetensors"))
 
 
 def average(sources: list[str], out: str | Path, *, checkpoint: str | list[str] = "final",

@@ -98,6 +98,18 @@ class OpenRun:
         """A task extra next to the chosen artefact (``labels.json``, ``head`` ...)."""
         return self.root / name
 
+    def step_weights(self) -> dict:
+        """The trainable tensors a ``step-N`` checkpoint saved (by the model's parameter names)."""
+        if self.kind != "checkpoint":
+            raise LmforgeError(f"{self.run_dir}: checkpoint {self.checkpoint} is not a step checkpoint")
+        from safetensors.torch import load_file
+
+        path = self.root / "trainable.safetensors"
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # a missing, truncated or garbled file
+            raise LmforgeError(f"{path}: unreadable checkpoint weights ({str(exc).splitlines()[0][:120]})") from None
+
     def require(self, kind: str) -> Path:
         """The artefact folder, which must be of ``kind`` (``adapter`` or ``model``)."""
         if self.kind != kind or self.artefact is None:

@@ -72,24 +72,20 @@ def load_task(run_dir, checkpoint: str = "final") -> Task:
     if opened.kind != "checkpoint":
         return cls.from_run(run_dir, opened.checkpoint)
     task = cls.from_run(run_dir, "final")
-    _load_step_weights(task, opened.root)
+    _load_step_weights(task, opened)
     return task
 
 
-def _load_step_weights(task: Task, folder) -> None:
+def _load_step_weights(task: Task, opened) -> None:
     import torch
-    from safetensors.torch import load_file
 
     from ..errors import LmforgeError
 
-    path = folder / "trainable.safetensors"
-    try:
-        weights = load_file(str(path))
-    except Exception as exc:  # a truncated or garbled file
-        raise LmforgeError(f"{path}: unreadable checkpoint weights ({str(exc).splitlines()[0][:120]})") from None
+    weights = opened.step_weights()
     params = dict(task.model.named_parameters())
     unknown = [k for k in weights if k not in params]
     if unknown:
+        path = opened.root / "trainable.safetensors"
         raise LmforgeError(f"{path}: the checkpoint does not match the run's saved model (parameter {unknown[0]})")
     with torch.no_grad():
         for k, v in weights.items():
