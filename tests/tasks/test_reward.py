@@ -118,3 +118,67 @@ def test_score_needs_a_reward_run_and_a_response_column(tmp_path, tiny_llama_dir
     with pytest.raises(LmforgeError, match="missing column 'response'"):
         RewardTask.from_run(cfg.run_dir).score_file(str(src))
     assert main(["score", str(cfg.run_dir), "--input", str(src)]) != 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_sft_alpha_adds_the_chosen_responses_nll_through_the_tied_lm_head(tmp_path, tiny_llama_dir, packing):
+    """GRM's hidden-state regularisation: L = (1 - a) L_BT + a * token-mean NLL of the chosen responses,
+    the NLL computed here from the plain model, one sequence at a time, with the tied embeddings as head."""
+    import torch.nn.functional as F
+
+    alpha = 0.25
+    task = RewardTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20), data={"eval_fraction": 0.0},
+                               reward={"sft_alpha": alpha, "packing": packing}))
+    with torch.no_grad():
+        for n, p in task.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    items = task.train_items[:5]
+    loss, metrics = task.loss(task.collate(items))
+    emb = task.model.get_input_embeddings().weight
+    nll_sum, count, chosen, rejected = 0.0, 0, [], []
+    with torch.no_grad():
+        for it in items:
+            for side, out in (("chosen", chosen), ("rejected", rejected)):
+                ids = torch.tensor([it["prompt_ids"] + it[f"{side}_ids"]])
+                out.append(float(task.model(input_ids=ids).logits[0, 0]))
+            ids = torch.tensor([it["prompt_ids"] + it["chosen_ids"]])
+            hidden = task.model.model(input_ids=ids).last_hidden_state[0]  # (T, H)
+            p = len(it["prompt_ids"])
+            logits = hidden[p - 1:-1] @ emb.T  # positions predicting the response tokens
+            nll_sum += float(F.cross_entropy(logits, ids[0, p:], reduction="sum"))
+            count += len(it["chosen_ids"])
+    bt = float(bradley_terry_loss(torch.tensor(chosen), torch.tensor(rejected)).mean())
+    nll = nll_sum / count
+    assert metrics["sft_nll"] == pytest.approx(nll, rel=1e-4) and metrics["bt_loss"] == pytest.approx(bt, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx((1 - alpha) * bt + alpha * nll, rel=1e-4)
+    loss.backward()  # the NLL reaches the LoRA matrices, never the frozen (tied) embeddings
+    assert task.model.get_input_embeddings().weight.grad is None
+    grads = {n: p.grad.clone() for n, p in task.model.named_parameters() if "lora_A" in n and p.grad is not None}
+    plain = RewardTask(make_cfg(tmp_path, tiny_llama_dir, pref_rows(20), data={"eval_fraction": 0.0},
+                                reward={"packing": packing}, name="plain"))
+    plain.model.load_state_dict(task.model.state_dict())
+    plain_loss, plain_metrics = plain.loss(plain.collate(items))
+    assert "sft_nll" not in plain_metrics and float(plain_loss.detach()) == pytest.approx(bt, rel=1e-4)
+    plain_loss.backward()
+    plain_grads = dict(plain.model.named_parameters())
+    assert any(not torch.allclose(g, plain_grads[n].grad) for n, g in grads.items())
+
+
+def test_sft_alpha_needs_a_tied_lm_head(tmp_path, capsys):
+    from conftest import make_tiny_llama
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from lmforge.cli import main
+
+    model_dir = make_tiny_llama(tmp_path / "untied")
+    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg.tie_word_embeddings = False
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    cfg = make_cfg(tmp_path, model_dir, pref_rows(20), reward={"sft_alpha": 0.1})
+    (tmp_path / "r.yaml").write_text(dump_config(cfg))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not tie its LM head to its input embeddings" in err[0]
+    assert not cfg.run_dir.exists() or not (cfg.run_dir / "adapter").exists()

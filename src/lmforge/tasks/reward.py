@@ -5,6 +5,14 @@ in full next to LoRA). The reward of a prompt/response pair is the head applied 
 hidden state of the sequence's last real token (found from the sequence length, not from pad
 ids: several tokenizers use EOS as the pad token). Loss: ``-log sigma(r_w - r_l - m)`` with an
 optional per-pair margin ``m`` (``data.columns.margin``). Evaluation: held-out pairwise accuracy.
+
+Hidden-state regularisation (``reward.sft_alpha``; GRM, Yang et al. 2024, "Regularizing hidden
+states enables learning generalizable reward model for LLMs"): the same final hidden states also
+feed the base's (frozen) language-model head, and the chosen responses' token-mean NLL keeps
+them able to generate text, which the paper finds makes the reward generalise out of
+distribution, most with little preference data::
+
+    L = (1 - alpha) L_BT + alpha L_SFT,   L_SFT = -mean_{t in chosen response} log p(y_t | y_<t, x)
 """
 from __future__ import annotations
 
@@ -15,13 +23,15 @@ import torch
 from pydantic import Field
 
 from ..config import RunConfig
+from ..data.chat import IGNORE
 from ..data.readers import read_table
 from ..data.schema import apply_where, field_column, load_splits, require_columns
 from ..device import move
 from ..errors import LmforgeError
+from ..losses.lm import chunked_cross_entropy
 from ..losses.preference import bradley_terry_loss
 from .causal import CausalSection, CausalTask
-from .preference import encode_pairs
+from .preference import encode_pairs, pair_sequences
 from .base import register_task
 
 RESPONSE_COLUMNS = ("response", "completion", "chosen")
@@ -32,6 +42,9 @@ class RewardConfig(CausalSection):
 
     max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end)")
     use_margin: bool = Field(False, description="subtract the per-pair margin column (data.columns.margin)")
+    sft_alpha: float = Field(0.0, ge=0.0, lt=1.0,
+                             description="weight of the chosen responses' NLL through the base's LM head "
+                                         "(hidden-state regularisation, GRM): L = (1-a) L_BT + a L_SFT")
     packing: bool = Field(True, description="pack a batch's sequences into shared rows (per-sequence position "
                                             "ids, no attention across them): no padding")
 
@@ -96,8 +109,15 @@ class RewardTask(CausalTask):
         return batch
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """The 2B sequences (chosen ones first, then rejected), packed or padded; ``n_pairs``, ``margin``."""
-        seqs = [{"input_ids": it["prompt_ids"] + it[f"{s}_ids"]} for s in ("chosen", "rejected") for it in items]
+        """The 2B sequences (chosen ones first, then rejected), packed or padded; ``n_pairs``, ``margin``;
+        with ``sft_alpha`` also ``targets``: the chosen responses' next tokens (IGNORE elsewhere)."""
+        if self.opts.sft_alpha > 0:
+            pairs = [pair_sequences(it) for it in items]
+            chosen = [p[0] for p in pairs]
+            rejected = [{"input_ids": p[1]["input_ids"], "targets": [IGNORE] * len(p[1]["input_ids"])} for p in pairs]
+            seqs = chosen + rejected
+        else:
+            seqs = [{"input_ids": it["prompt_ids"] + it[f"{s}_ids"]} for s in ("chosen", "rejected") for it in items]
         batch = self.collate_sequences(seqs)
         batch["n_pairs"] = torch.tensor(len(items))
         if all("margin" in it for it in items):
@@ -108,23 +128,41 @@ class RewardTask(CausalTask):
         return int(batch["n_pairs"])
 
     # ---- model ---------------------------------------------------------------------------------
-    def rewards(self, batch: dict) -> torch.Tensor:
+    def rewards(self, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) scalar rewards: the score head on each sequence's last real token."""
-        hidden = self.hidden(batch)  # (R, T, H)
+        hidden = self.hidden(batch) if hidden is None else hidden  # (R, T, H)
         h_last = hidden.flatten(0, 1).index_select(0, batch["last_index"])  # (N, H)
         head = self.core.score
         with torch.autocast(h_last.device.type, enabled=False):  # the head in its own (fp32) precision
             return head(h_last.to(head.weight.dtype)).squeeze(-1).float()  # (N,)
 
+    def build_model(self, adapter_dir=None, full: bool = False):
+        model = super().build_model(adapter_dir, full)
+        if self.opts.sft_alpha > 0 and not getattr(model.config, "tie_word_embeddings", False):
+            raise LmforgeError(f"reward.sft_alpha: {self.cfg.model.name} does not tie its LM head to its input "
+                               f"embeddings, and a reward model is loaded without the head; set sft_alpha: 0")
+        return model
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """(V, H) the base's language-model head: a sequence-classification model keeps it only as
+        the input embeddings it is tied to (checked when the model is built)."""
+        return self.core.get_input_embeddings().weight
+
     def loss(self, batch):
-        r = self.rewards(batch)  # (2B,)
+        hidden = self.hidden(batch)  # (R, T, H)
+        r = self.rewards(batch, hidden)  # (2B,)
         n = r.shape[0] // 2
         chosen, rejected = r[:n], r[n:]
-        losses = bradley_terry_loss(chosen, rejected, batch.get("margin"))
+        loss = bradley_terry_loss(chosen, rejected, batch.get("margin")).mean()
         diff = (chosen - rejected).detach()
-        return losses.mean(), {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
-                               "rewards/chosen": float(chosen.detach().mean()),
-                               "rewards/rejected": float(rejected.detach().mean())}
+        metrics = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
+                   "rewards/chosen": float(chosen.detach().mean()), "rewards/rejected": float(rejected.detach().mean())}
+        alpha = self.opts.sft_alpha
+        if alpha > 0:
+            nll = chunked_cross_entropy(hidden, self.lm_head_weight().detach(), batch["targets"], reduction="mean")
+            metrics["bt_loss"], metrics["sft_nll"] = float(loss.detach()), float(nll.detach())
+            loss = (1 - alpha) * loss + alpha * nll
+        return loss, metrics
 
     # ---- evaluation and scoring ------------------------------------------------------------------
     @torch.no_grad()
