@@ -165,7 +165,10 @@ def test_sft_alpha_adds_the_chosen_responses_nll_through_the_tied_lm_head(tmp_pa
     assert any(not torch.allclose(g, plain_grads[n].grad) for n, g in grads.items())
 
 
-def test_sft_alpha_needs_a_tied_lm_head(tmp_path, capsys):
+def test_sft_alpha_reads_an_untied_lm_head_from_the_base(tmp_path, capsys):
+    """A base whose LM head is not tied to its embeddings: the NLL uses the base's own head, read
+    from its safetensors (at LoRA's zero start it equals the causal LM's own NLL); no head: one line."""
+    import torch.nn.functional as F
     from conftest import make_tiny_llama
     from transformers import AutoConfig, LlamaForCausalLM
 
@@ -174,11 +177,32 @@ def test_sft_alpha_needs_a_tied_lm_head(tmp_path, capsys):
     model_dir = make_tiny_llama(tmp_path / "untied")
     cfg = AutoConfig.from_pretrained(model_dir)
     cfg.tie_word_embeddings = False
+    torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    cfg = make_cfg(tmp_path, model_dir, pref_rows(20), reward={"sft_alpha": 0.1})
+    causal = LlamaForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(causal.lm_head.weight, causal.model.embed_tokens.weight)
+    task = RewardTask(make_cfg(tmp_path, model_dir, pref_rows(20), data={"eval_fraction": 0.0},
+                               reward={"sft_alpha": 0.5, "packing": False}))
+    items = task.train_items[:4]
+    _, metrics = task.loss(task.collate(items))  # LoRA B starts at zero: the backbone is the base's
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it["prompt_ids"] + it["chosen_ids"]])
+            p = len(it["prompt_ids"])
+            nll += float(F.cross_entropy(causal(input_ids=ids).logits[0, p - 1:-1], ids[0, p:], reduction="sum"))
+            count += len(it["chosen_ids"])
+    assert metrics["sft_nll"] == pytest.approx(nll / count, rel=1e-4)
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = make_cfg(tmp_path, model_dir, pref_rows(20), reward={"sft_alpha": 0.1}, name="nohead")
     (tmp_path / "r.yaml").write_text(dump_config(cfg))
     capsys.readouterr()
     assert main(["train", str(tmp_path / "r.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not tie its LM head to its input embeddings" in err[0]
-    assert not cfg.run_dir.exists() or not (cfg.run_dir / "adapter").exists()
+    assert len(err) == 1 and "has no lm_head.weight in its safetensors" in err[0]
+    assert not (cfg.run_dir / "adapter").exists()

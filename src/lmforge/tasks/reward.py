@@ -138,15 +138,22 @@ class RewardTask(CausalTask):
 
     def build_model(self, adapter_dir=None, full: bool = False):
         model = super().build_model(adapter_dir, full)
+        self._lm_head = None
         if self.opts.sft_alpha > 0 and not getattr(model.config, "tie_word_embeddings", False):
-            raise LmforgeError(f"reward.sft_alpha: {self.cfg.model.name} does not tie its LM head to its input "
-                               f"embeddings, and a reward model is loaded without the head; set sft_alpha: 0")
+            from ..causal_lm import read_base_tensor
+
+            head = read_base_tensor(self.folder, "lm_head.weight")
+            if head is None:
+                raise LmforgeError(f"reward.sft_alpha: {self.folder} has no lm_head.weight in its safetensors "
+                                   f"(and does not tie it to the embeddings); set sft_alpha: 0")
+            emb = model.get_input_embeddings().weight
+            self._lm_head = head.to(emb.device, emb.dtype)  # (V, H), frozen
         return model
 
     def lm_head_weight(self) -> torch.Tensor:
         """(V, H) the base's language-model head: a sequence-classification model keeps it only as
-        the input embeddings it is tied to (checked when the model is built)."""
-        return self.core.get_input_embeddings().weight
+        the input embeddings it is tied to; an untied head is read from the base's weights."""
+        return self.core.get_input_embeddings().weight if self._lm_head is None else self._lm_head
 
     def loss(self, batch):
         hidden = self.hidden(batch)  # (R, T, H)
