@@ -62,28 +62,19 @@ def load_pretrained(folder: str | Path, *, tokenizer=None, reward: bool = False,
 
 
 def read_base_tensor(folder: str | Path, name: str) -> torch.Tensor | None:
-    """One tensor of a model folder's safetensors weights (single file or sharded with an index),
-    read without loading the model; None when the folder's safetensors do not hold it. Pickled
-    ``.bin`` weights are never read here."""
-    import json
-
+    """One tensor of a model folder's safetensors weights (single file or sharded), read without
+    loading the model; None when they do not hold it. Pickled ``.bin`` weights are never read here."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    try:
-        if index.is_file():
-            shard = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).get(name)
-            files = [folder / shard] if shard else []
-        else:
-            files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
-        for f in files:
+    from .models import weight_files
+
+    for f in weight_files(Path(folder)):
+        try:
             with safe_open(str(f), framework="pt") as h:
                 if name in h.keys():
                     return h.get_tensor(name)
-    except Exception as err:  # a garbled index or shard
-        raise LmforgeError(f"{folder}: cannot read '{name}' from its safetensors ({str(err).splitlines()[0][:120]})") \
-            from None
+        except Exception as err:  # a garbled shard
+            raise LmforgeError(f"{f}: cannot read '{name}' ({str(err).splitlines()[0][:120]})") from None
     return None
 
 

@@ -126,13 +126,17 @@ def _checkpoints(checkpoint: str | list[str]) -> list[str]:
     return names
 
 
-def _read_member(opened) -> tuple[dict, dict]:
-    """``(adapter_config, tensors)`` of one run's chosen weights (a step checkpoint as its adapter names them)."""
+def _read_member(opened, finals: dict | None = None) -> tuple[dict, dict]:
+    """``(adapter_config, tensors)`` of one run's chosen weights (a step checkpoint as its adapter names
+    them); ``finals`` caches each run's final adapter, read once for all its checkpoints."""
     from .adapters.average import checkpoint_as_adapter, read_lora_folder
 
     if opened.kind != "checkpoint":
         return read_lora_folder(opened.require("adapter"))
-    config, reference = read_lora_folder(open_run(opened.run_dir, "final").require("adapter"))
+    finals = {} if finals is None else finals
+    if opened.run_dir not in finals:
+        finals[opened.run_dir] = read_lora_folder(open_run(opened.run_dir, "final").require("adapter"))
+    config, reference = finals[opened.run_dir]
     return config, checkpoint_as_adapter(opened.step_weights(), reference, str(opened.root / "trainable.safetensors"))
 
 
@@ -191,7 +195,8 @@ def average(sources: list[str], out: str | Path, *, checkpoint: str | list[str] 
             if odd is not None:
                 raise LmforgeError(f"{odd}: differs from {files[0]}; members must share it")
             extras[name] = texts[0]
-    members = [_read_member(o) for o in opened] if opened else [read_lora_folder(p) for p in paths]
+    finals: dict = {}
+    members = [_read_member(o, finals) for o in opened] if opened else [read_lora_folder(p) for p in paths]
     config, tensors = average_lora([m[0] for m in members], [m[1] for m in members], weights, names=names)
     w = member_weights(weights, len(members))
 

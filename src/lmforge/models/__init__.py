@@ -120,7 +120,8 @@ def check_safetensors(path: Path) -> None:
                            f"{8 + n + end}); download or save it again")
 
 
-def _weights_of(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's safetensors files (the index's shards when it has one; one line if one is missing)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -155,7 +156,7 @@ def check_model_folder(folder: Path) -> Path:
         if model_type not in CONFIG_MAPPING:
             raise LmforgeError(f"{folder / 'config.json'}: unknown model_type {model_type[:60]!r} (not an "
                                "architecture of the installed transformers; upgrade transformers?)")
-    weights = _weights_of(folder)
+    weights = weight_files(folder)
     if not weights:
         pickled = sorted({p.name for pat in PICKLED for p in folder.glob(pat)})
         if pickled:
