@@ -206,3 +206,29 @@ def test_sft_alpha_reads_an_untied_lm_head_from_the_base(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no lm_head.weight in its safetensors" in err[0]
     assert not (cfg.run_dir / "adapter").exists()
+
+
+def test_eval_writes_each_pairs_margin_in_file_order_for_paired_comparisons(tmp_path, tiny_llama_dir, capsys):
+    from lmforge.cli import main
+    from lmforge.eval.preference_pairs import pair_key
+
+    cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(16), train={"epochs": 1})
+    task = RewardTask(cfg)
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    fit(task, cfg, cfg.run_dir)
+    task.save(cfg.run_dir)
+    rows = pref_rows(10, seed=5)
+    items = task.read_eval_file(str(write_jsonl(tmp_path / "held.jsonl", rows)))
+    report = task.evaluate(items[::-1])  # scored out of file order
+    pairs = report["pairs"]
+    assert pairs["index"] == list(range(10)) and pairs["key"] == [pair_key(r) for r in rows]
+    for j in (0, 4, 9):  # margin j is pair j's own margin
+        assert abs(pairs["margin"][j] - task.evaluate([items[j]])["mean_margin"]) < 1e-4
+    assert report["accuracy"] == sum(m > 0 for m in pairs["margin"]) / 10
+    first = tmp_path / "first.json"
+    assert main(["eval", str(cfg.run_dir), "--data", str(tmp_path / "held.jsonl"), "--out", str(first)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(first), "--paired-with", str(first)]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    assert out["n"] == 10 and out["accuracy_diff"] == 0.0 and out["a_only"] == out["b_only"] == 0

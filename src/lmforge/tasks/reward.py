@@ -189,9 +189,11 @@ class RewardTask(CausalTask):
 
     def evaluate(self, items: Sequence[dict] | None = None) -> dict:
         """Held-out pairwise accuracy (reward of chosen > rejected), mean margin and BT loss, with
-        percentile-bootstrap 95% intervals ``accuracy_ci95`` / ``margin_ci95`` (1000 resamples, seed 0)."""
+        percentile-bootstrap 95% intervals ``accuracy_ci95`` / ``margin_ci95`` (1000 resamples, seed 0)
+        and each pair's margin in file order (``pairs``: what ``lmforge eval --paired-with`` compares)."""
         from ..eval.bootstrap import preference_intervals
         from ..eval.metrics import preference_report
+        from ..eval.preference_pairs import pairs_in_file_order
 
         items = self.eval_items if items is None else items
         if not items:
@@ -204,7 +206,9 @@ class RewardTask(CausalTask):
         loss = float(bradley_terry_loss(chosen, rejected).mean())
         return {"accuracy": rep["accuracy"], "mean_margin": rep["mean_margin"], "loss": loss,
                 "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()), "n": n,
-                **preference_intervals(chosen.tolist(), rejected.tolist())}
+                **preference_intervals(chosen.tolist(), rejected.tolist()),
+                "pairs": pairs_in_file_order([it.get("index", i) for i, it in enumerate(items)],
+                                             [it.get("key", "") for it in items], (chosen - rejected).tolist())}
 
     def score_file(self, path: str, out: str | None = None) -> list[dict]:
         """Score prompt/response rows (response column: ``response``, ``completion`` or ``chosen``)."""
