@@ -12,6 +12,18 @@ import torch
 torch.set_num_threads(1)
 
 
+def train_and_save(task, cfg) -> dict:
+    """A finished run as `lmforge train` leaves it: config.yaml, the engine's fit, the saved weights.
+    Returns the final eval report."""
+    from lmforge.config import dump_config
+    from lmforge.train import fit
+
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
+    final = fit(task, cfg, cfg.run_dir)
+    task.save(cfg.run_dir)
+    return final
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """A task run sets torch's thread count for its own run; the next test starts at the suite's 1

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from conftest import WORDS, write_jsonl
-from lmforge.config import build_config, dump_config
+from conftest import WORDS, train_and_save, write_jsonl
+from lmforge.config import build_config
 from lmforge.data.chat import IGNORE
 from lmforge.errors import LmforgeError
 from lmforge.losses.preference import dpo_loss, orpo_loss
@@ -228,10 +228,7 @@ def test_hh_prompts_become_chat_turns(tmp_path, tiny_llama_dir):
 def test_eval_on_a_finished_run(tmp_path, tiny_llama_dir):
     cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(40), train={"epochs": 2})
     task = PreferenceTask(cfg)
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    final = fit(task, cfg, cfg.run_dir)
-    task.save(cfg.run_dir)
+    final = train_and_save(task, cfg)
     back = PreferenceTask.from_run(cfg.run_dir)
     m = back.evaluate(back.read_eval_file(str(tmp_path / "run.jsonl")))
     assert m["n"] == 40 and {"accuracy", "mean_margin", "loss", "logp_accuracy"} <= set(m)

@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 
-from conftest import write_jsonl
-from lmforge.config import build_config, dump_config
+from conftest import train_and_save, write_jsonl
+from lmforge.config import build_config
 from lmforge.eval.bootstrap import preference_intervals
 from lmforge.tasks.preference import PreferenceTask
 from lmforge.tasks.reward import RewardTask
-from lmforge.train import fit
 
 from .test_preference import make_cfg, pref_rows
 
@@ -28,10 +27,7 @@ def test_eval_command_reports_accuracy_and_margin_intervals(tmp_path, tiny_llama
 
     cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(24), train={"epochs": 1})
     task = PreferenceTask(cfg)
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    final = fit(task, cfg, cfg.run_dir)
-    task.save(cfg.run_dir)
+    final = train_and_save(task, cfg)
     _check_intervals(final)  # the engine's final eval report (eval.json) carries them too
     data = write_jsonl(tmp_path / "pairs.jsonl", pref_rows(30, seed=1))
     capsys.readouterr()

@@ -5,11 +5,9 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
-from lmforge.config import dump_config
+from conftest import train_and_save, write_jsonl
 from lmforge.eval.preference_pairs import pair_key
 from lmforge.tasks.preference import PreferenceTask
-from lmforge.train import fit
 
 from .test_preference import make_cfg, perturb_lora, pref_rows
 
@@ -38,10 +36,7 @@ def trained(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("paired")
     cfg = make_cfg(tmp, tiny_llama_dir, pref_rows(24), train={"epochs": 1})
     task = PreferenceTask(cfg)
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    fit(task, cfg, cfg.run_dir)
-    task.save(cfg.run_dir)
+    train_and_save(task, cfg)
     return tmp, cfg.run_dir
 
 

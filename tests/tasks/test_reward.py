@@ -7,12 +7,11 @@ import random
 import pytest
 import torch
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, train_and_save, write_jsonl
 from lmforge.config import build_config, dump_config
 from lmforge.errors import LmforgeError
 from lmforge.losses.preference import bradley_terry_loss
 from lmforge.tasks.reward import RewardTask
-from lmforge.train import fit
 
 POS, NEG, FILL = WORDS[:6], WORDS[6:12], WORDS[12:30]
 
@@ -86,10 +85,7 @@ def test_training_learns_the_preference_and_scores_files(tmp_path, tiny_llama_di
                    train={"epochs": 3, "lr": 1e-2 if mode == "lora" else 2e-3})
     task = RewardTask(cfg)
     before = task.evaluate()
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    after = fit(task, cfg, cfg.run_dir)
-    task.save(cfg.run_dir)
+    after = train_and_save(task, cfg)
     assert after["accuracy"] >= 0.9 and after["accuracy"] > before["accuracy"]
     art = cfg.run_dir / ("adapter" if mode == "lora" else "model")
     assert art.is_dir()
@@ -214,10 +210,7 @@ def test_eval_writes_each_pairs_margin_in_file_order_for_paired_comparisons(tmp_
 
     cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(16), train={"epochs": 1})
     task = RewardTask(cfg)
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "config.yaml").write_text(dump_config(cfg))
-    fit(task, cfg, cfg.run_dir)
-    task.save(cfg.run_dir)
+    train_and_save(task, cfg)
     rows = pref_rows(10, seed=5)
     items = task.read_eval_file(str(write_jsonl(tmp_path / "held.jsonl", rows)))
     report = task.evaluate(items[::-1])  # scored out of file order
