@@ -23,10 +23,11 @@ pw = torch.ops.mkldnn._reorder_linear_weight(w, 8192)
 x = torch.randn(9000, 384).bfloat16()  # (the retention shows with a large live input, as in an encode)
 lin = lambda n: torch.ops.mkldnn._linear_pointwise(x[:n], pw, b, "gelu", [], "none")
 lin(4000)
-r0 = rss()
+r0, growth = rss(), []
 for n in range(4001, 4041):  # 40 new row counts
     lin(n)
-print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], rss() - r0)
+    growth.append(rss() - r0)
+print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], *growth)
 """
 
 needs_onednn = pytest.mark.skipif(
@@ -35,22 +36,29 @@ needs_onednn = pytest.mark.skipif(
            "buffer: 24 MB growth unbounded for 40 new row counts on an AVX2-only CPU)")
 
 
-def _growth(env: dict) -> tuple[str, float]:
+def _late_growth(env: dict) -> tuple[str, float]:
+    """The capacity the probe ran with, and its RSS growth (MB) over the last 20 of its 40 new row
+    counts: past the bound of 8 a bounded cache evicts as it adds, so that growth is ~0."""
     out = subprocess.run([sys.executable, "-c", _PROBE, "8"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    cap, mb = out.stdout.split()
-    return cap, float(mb)
+    cap, *growth = out.stdout.split()
+    return cap, float(growth[-1]) - float(growth[19])
 
 
 @needs_onednn
 def test_bounded_caches_stop_the_growth_and_a_user_setting_wins():
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    cap, ours = _growth(env)
-    user_cap, unbounded = _growth(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    cap, ours = _late_growth(env)
+    user_cap, unbounded = _late_growth(env | {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
     assert cap == "8" and user_cap == "1024"
-    # 40 output-sized (4000 x 1536 bf16 = 12 MB) buffers kept vs. the cache's 8 (measured 472 vs 130-153 MB)
-    assert unbounded > 300, unbounded
-    assert ours < 0.5 * unbounded, (ours, unbounded)
+    # What oneDNN keeps per row count depends on the CPU (its blocking follows the caches): an
+    # output-sized 12 MB buffer on the AVX-512/AMX Xeons measured (+250 MB over the last 20 row
+    # counts unbounded, <= 0 at the bound, at every ISA from AVX512_CORE to AMX via
+    # ONEDNN_MAX_CPU_ISA); another CPU kept 84 MB over all 40. Below 1 MB per row count there is
+    # nothing for the bound to stop, and the measured figure says so.
+    if unbounded < 20:
+        pytest.skip(f"this CPU's oneDNN kept {unbounded:.0f} MB over 20 new row counts unbounded")
+    assert ours < 0.25 * unbounded, (ours, unbounded)
 
 
 def test_pick_device_sets_the_default_bound(monkeypatch):
