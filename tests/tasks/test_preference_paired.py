@@ -76,3 +76,57 @@ def test_eval_paired_with_a_report_on_other_pairs_is_one_line_exit_2(trained, ca
     (tmp / "old.json").write_text(json.dumps({"accuracy": 0.5}))
     assert main(["eval", str(run), "--data", str(data), "--paired-with", str(tmp / "old.json")]) == 2
     assert "no per-pair outcomes" in capsys.readouterr().err
+
+
+def _pairs(margins, keys=None):
+    keys = keys or [f"k{i}" for i in range(len(margins))]
+    return {"index": list(range(len(margins))), "key": keys, "margin": list(margins)}
+
+
+def test_ensemble_scores_each_pair_by_the_members_mean_margin():
+    from lmforge.eval.preference_pairs import ensemble_report
+
+    a = _pairs([1.0, -0.2, 0.3, -1.0])
+    b = _pairs([-0.5, 0.6, -0.1, -1.0])  # same pairs
+    b_shuffled = {"index": [3, 0, 2, 1], "key": ["k3", "k0", "k2", "k1"], "margin": [-1.0, -0.5, -0.1, 0.6]}
+    rep = ensemble_report([a, b_shuffled], ["a", "b"], n_resamples=200)
+    assert rep["pairs"]["key"] == a["key"] and rep["pairs"]["index"] == [0, 1, 2, 3]  # the first member's order
+    assert rep["pairs"]["margin"] == pytest.approx([0.25, 0.2, 0.1, -1.0])
+    assert rep["accuracy"] == 0.75 and rep["mean_margin"] == pytest.approx(-0.1125)
+    assert [m["accuracy"] for m in rep["members"]] == [0.5, 0.25]
+    assert rep["members"][1]["margin_std"] == pytest.approx(float(__import__("numpy").std(b["margin"])))
+    assert rep["unanimous"] == 0.25  # only the last pair: every member wrong
+    assert rep["accuracy_ci95"][0] <= 0.75 <= rep["accuracy_ci95"][1]
+    with pytest.raises(Exception, match="an ensemble needs the same pairs"):
+        ensemble_report([a, _pairs([1.0, 2.0, 3.0, 4.0], ["k0", "k1", "k2", "x"])], ["a", "c"])
+    with pytest.raises(Exception, match=">= 2 members"):
+        ensemble_report([a], ["a"])
+
+
+def test_eval_ensemble_of_a_run_and_reports(trained, capsys):
+    from lmforge.cli import main
+
+    tmp, run = trained
+    data = write_jsonl(tmp / "ens.jsonl", pref_rows(30, seed=1))
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    own = run / "eval_ens.json"
+    mine = json.loads(own.read_text())
+    flipped = tmp / "flipped.json"  # a member that disagrees on every pair, twice as sure
+    flipped.write_text(json.dumps({"pairs": mine["pairs"] | {"margin": [-2 * m for m in mine["pairs"]["margin"]]}}))
+    capsys.readouterr()
+    out = tmp / "ensemble.json"
+    assert main(["eval", str(run), "--data", str(data), "--ensemble", str(flipped), str(own), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert json.loads(own.read_text())["pairs"] == mine["pairs"]  # the run's own report is its own
+    # (m - 2m + m) / 3 = 0: every pair ties, and a tie is a miss
+    assert rep["accuracy"] == 0.0 and rep["pairs"]["margin"] == pytest.approx([0.0] * 30, abs=1e-6)
+    assert [m["accuracy"] for m in rep["members"]] == pytest.approx([mine["accuracy"], 1 - mine["accuracy"],
+                                                                      mine["accuracy"]], abs=1 / 30 + 1e-9)
+    # reports only, no model, with a paired difference against the run's own
+    capsys.readouterr()
+    assert main(["eval", str(own), "--ensemble", str(own), "--paired-with", str(own)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip())
+    assert printed["accuracy"] == mine["accuracy"] and printed["paired"]["accuracy_diff"] == 0.0
+    # the run's report file is not the ensemble's: --out is required
+    assert main(["eval", str(run), "--data", str(data), "--ensemble", str(own)]) == 2
+    assert "give --out" in capsys.readouterr().err

@@ -61,15 +61,28 @@ def cmd_eval(args) -> int:
         return code
     task = getattr(args, "task", None)
     paired = getattr(args, "paired_with", None)
-    if paired:  # another run's preference report on the same file: checked before any model loads
-        from ..eval.preference_pairs import compare_reports, read_pairs
+    ensemble = getattr(args, "ensemble", None) or []
+    if paired or ensemble:  # other runs' preference reports on the same file: checked before any model loads
+        from ..eval.preference_pairs import compare_reports, ensemble_report, read_pairs
 
+        flag = "--paired-with" if paired else "--ensemble"
         if task:
-            raise LmforgeError(f"--paired-with: compares preference runs' own evaluations, not --task {task}")
-        other = read_pairs(paired)
-        if str(args.run_dir).endswith(".json"):  # two reports, no model: lmforge eval A.json --paired-with B.json
+            raise LmforgeError(f"{flag}: combines preference runs' own evaluations, not --task {task}")
+        other = read_pairs(paired) if paired else None
+        members = [read_pairs(m) for m in ensemble]
+        _out_file(args.out)
+        if str(args.run_dir).endswith(".json"):  # reports only, no model: lmforge eval A.json --ensemble B.json
+            if ensemble:
+                report = ensemble_report([read_pairs(args.run_dir)] + members, [args.run_dir] + ensemble)
+                return _finish_preference(report, args, other, paired)
             print(json.dumps(compare_reports(args.run_dir, other, names=(args.run_dir, paired))))
             return 0
+    ensemble_out = None
+    if ensemble:  # RUN's own report goes to its usual file, the ensemble's to --out
+        if not args.out:
+            raise LmforgeError("--ensemble: give --out FILE.json for the ensemble's report (RUN's own evaluation "
+                               "goes to its usual eval_<file>.json)")
+        ensemble_out, args.out = args.out, None
     if task != "mc" and not args.data and not getattr(args, "split", None):
         raise LmforgeError("eval needs --data FILE, --split test (or --queries and --qrels for a search index)")
     _out_file(args.out)
@@ -96,18 +109,32 @@ def cmd_eval(args) -> int:
 
         report = load(args.run_dir, args.checkpoint).evaluate(args.data, args.out, split=args.split,
                                                               no_filter=args.no_filter)
-        if paired:  # the paired accuracy difference (this run - the other), into the report too
-            from ..rundir import write_json
-
+        if paired or ensemble:
             if "pairs" not in report:
-                raise LmforgeError(f"--paired-with: {args.run_dir} is not a preference run (no per-pair outcomes)")
-            report["paired"] = compare_reports(report["pairs"], other, names=(args.out or args.run_dir, paired))
-            if args.out:
-                write_json(Path(args.out), report)
+                raise LmforgeError(f"{flag}: {args.run_dir} is not a preference run (no per-pair outcomes)")
+            if ensemble:  # this run first among the ensemble's members
+                _say_written(args.out)
+                report = ensemble_report([report["pairs"]] + members, [args.out or args.run_dir] + ensemble)
+                args.out = ensemble_out
+            return _finish_preference(report, args, other, paired)
         print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}))
         code = 0
     _say_written(args.out)
     return code
+
+
+def _finish_preference(report: dict, args, other: dict | None, paired: str | None) -> int:
+    """Add the paired accuracy difference against ``other`` (this - other), write ``--out``, print."""
+    from ..eval.preference_pairs import compare_reports
+    from ..rundir import write_json
+
+    if other is not None:
+        report["paired"] = compare_reports(report["pairs"], other, names=(args.out or args.run_dir, paired))
+    if args.out:
+        write_json(Path(args.out), report)
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}))
+    _say_written(args.out)
+    return 0
 
 
 def _say_written(out: str | None) -> None:
@@ -176,6 +203,11 @@ def register(sub) -> None:
     e.add_argument("--paired-with", default=None, metavar="REPORT.json",
                    help="preference runs: another run's eval report on the same file; adds the paired accuracy "
                         "difference (this - other) with its bootstrap 95%% interval (RUN may be a report.json too)")
+    e.add_argument("--ensemble", nargs="+", default=None, metavar="REPORT.json",
+                   help="preference runs: other runs' eval reports on the same file; the report becomes the "
+                        "mean-margin ensemble of RUN and them (accuracy, mean margin, 95%% intervals, each member's "
+                        "accuracy; RUN may be a report.json too; members' margins should share a scale: seeds of "
+                        "one recipe)")
     e.add_argument("--split", default=None, choices=["test"],
                    help="score the run's own held-out test split (data.test / data.test_fraction) instead of --data")
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation", "mc"],

@@ -15,6 +15,15 @@ Two runs A and B on the same N pairs (matched by key), correctness ``a_i, b_i`` 
 with the percentile-bootstrap interval of ``diff`` resampling *pairs* (one index draw for both
 runs, :func:`lmforge.eval.bootstrap.paired_bootstrap_ci`): only the discordant pairs move it,
 so it is much narrower than the two marginal intervals when the runs agree on most pairs.
+
+A prediction ensemble of M runs on the same pairs (:func:`ensemble_report`, matched by key) scores
+pair ``i`` by the mean of the members' margins,
+
+    m_i = (1/M) sum_j m_ij,
+
+the mean-reward ensemble of reward-model ensembles for RLHF (Coste et al. 2023): it assumes the
+members' margins share a scale (seeds or folds of one recipe); the report gives each member's
+margin standard deviation so a mismatch shows.
 """
 from __future__ import annotations
 
@@ -26,9 +35,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LmforgeError
-from .bootstrap import paired_bootstrap_ci
+from .bootstrap import bootstrap_ci, paired_bootstrap_ci
 
-__all__ = ["pair_key", "pairs_in_file_order", "paired_accuracy_difference", "read_pairs", "compare_reports"]
+__all__ = ["pair_key", "pairs_in_file_order", "paired_accuracy_difference", "read_pairs", "compare_reports",
+           "ensemble_report"]
 
 
 def pair_key(record: dict) -> str:
@@ -91,6 +101,45 @@ def paired_accuracy_difference(a: dict, b: dict, *, n_resamples: int = 1000, alp
     return {"n": len(keys), "accuracy_a": float(ca.mean()), "accuracy_b": float(cb.mean()),
             "accuracy_diff": float(ca.mean() - cb.mean()), "accuracy_diff_ci95": [lo, hi],
             "a_only": int(((ca == 1) & (cb == 0)).sum()), "b_only": int(((ca == 0) & (cb == 1)).sum())}
+
+
+def ensemble_report(members: Sequence[dict], names: Sequence[str], *, n_resamples: int = 1000,
+                    seed: int = 0) -> dict:
+    """The mean-margin ensemble of M >= 2 runs' per-pair outcomes on the same pairs.
+
+    Args:
+        members: M ``pairs`` objects (:func:`pairs_in_file_order`), each scoring exactly the same set
+            of pairs (matched by key); the ensemble keeps the first member's order.
+        names: M names, for the report and for errors.
+        n_resamples, seed: of the percentile bootstrap over pairs (95%).
+
+    Returns:
+        ``{"n", "accuracy", "mean_margin", "accuracy_ci95", "margin_ci95", "members": [{"name",
+        "accuracy", "margin_std"}, ...], "unanimous", "pairs"}`` (``unanimous``: fraction of pairs on
+        which every member is right or every member is wrong).
+    """
+    if len(members) < 2 or len(members) != len(names):
+        raise LmforgeError(f"an ensemble needs >= 2 members with one name each (got {len(members)} and "
+                           f"{len(names)})")
+    checked = [_checked(m, str(n)) for m, n in zip(members, names)]
+    keys = list(checked[0])
+    for m, n in zip(checked[1:], names[1:]):
+        if m.keys() != checked[0].keys():
+            raise LmforgeError(f"{n}: scores {len(m)} pairs, {names[0]} {len(keys)}, "
+                               f"{len(m.keys() & checked[0].keys())} of them the same pairs; an ensemble needs the "
+                               "same pairs (evaluate every member on the same file, with nothing dropped)")
+    margins = np.array([[m[k] for k in keys] for m in checked], dtype=np.float64)  # (M, N)
+    mean = margins.mean(axis=0)  # (N,)
+    right = margins > 0  # (M, N)
+    first = members[0]
+    index = dict(zip(first["key"], first.get("index", range(len(keys)))))
+    return {"n": len(keys), "accuracy": float((mean > 0).mean()), "mean_margin": float(mean.mean()),
+            "accuracy_ci95": list(bootstrap_ci((mean > 0).astype(np.float64), n_resamples=n_resamples, seed=seed)),
+            "margin_ci95": list(bootstrap_ci(mean, n_resamples=n_resamples, seed=seed)),
+            "members": [{"name": str(n), "accuracy": float(r.mean()), "margin_std": float(m.std())}
+                        for n, r, m in zip(names, right, margins)],
+            "unanimous": float((right.all(axis=0) | (~right).all(axis=0)).mean()),
+            "pairs": {"index": [int(index[k]) for k in keys], "key": keys, "margin": [float(v) for v in mean]}}
 
 
 def read_pairs(path: str | Path) -> dict:
