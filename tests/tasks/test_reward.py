@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import WORDS, train_and_save, write_jsonl
 from lmforge.config import build_config, dump_config
@@ -225,3 +227,40 @@ def test_eval_writes_each_pairs_margin_in_file_order_for_paired_comparisons(tmp_
     assert main(["eval", str(first), "--paired-with", str(first)]) == 0
     out = json.loads(capsys.readouterr().out.strip())
     assert out["n"] == 10 and out["accuracy_diff"] == 0.0 and out["a_only"] == out["b_only"] == 0
+
+
+def test_score_with_an_ensemble_averages_the_runs_scores(tmp_path, tiny_llama_dir, capsys):
+    """`lmforge score RUN --ensemble RUN2`: each row's score is the mean of the runs' scores, which are
+    the scores each run gives alone; runs keeping other rows (data.where) or a missing run: exit 2."""
+    from lmforge.cli import main
+
+    runs = []
+    for seed, name in ((1, "a"), (2, "b")):
+        cfg = make_cfg(tmp_path, tiny_llama_dir, pref_rows(40), name=name, train={"epochs": 2})
+        cfg.seed = seed
+        train_and_save(RewardTask(cfg), cfg)
+        runs.append(str(cfg.run_dir))
+    rows = [{"prompt": "the movie", "response": r} for r in ("good great", "awful bad", "fine", "great good")]
+    src = write_jsonl(tmp_path / "score.jsonl", rows)
+    alone = []
+    for run in runs:
+        out = tmp_path / f"alone_{Path(run).name}.jsonl"
+        assert main(["score", run, "--input", str(src), "--out", str(out)]) == 0
+        alone.append([json.loads(x)["score"] for x in out.read_text().splitlines()])
+    assert alone[0] != alone[1]  # two different models
+    out = tmp_path / "ens.jsonl"
+    assert main(["score", runs[0], "--ensemble", runs[1], "--input", str(src), "--out", str(out)]) == 0
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["response"] for g in got] == [r["response"] for r in rows]
+    for i, g in enumerate(got):
+        assert g["scores"] == pytest.approx([alone[0][i], alone[1][i]], abs=1e-5)
+        assert g["score"] == pytest.approx((alone[0][i] + alone[1][i]) / 2, abs=1e-5)
+    capsys.readouterr()
+    assert main(["score", runs[0], "--ensemble", str(tmp_path / "nope"), "--input", str(src)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    cfg_b = Path(runs[1]) / "config.yaml"  # run b now keeps only some rows
+    conf = yaml.safe_load(cfg_b.read_text())
+    conf["data"]["where"] = {"response": ["good great", "awful bad", "great good"]}
+    cfg_b.write_text(yaml.safe_dump(conf))
+    assert main(["score", runs[0], "--ensemble", runs[1], "--input", str(src), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "an ensemble needs the same rows" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
