@@ -40,7 +40,8 @@ def world(tmp_path_factory):
 
 
 def _opts(reward, **kw):
-    return type("Opts", (), {"reward": str(reward), "reward_label": None, "reward_score": "prob"} | kw)()
+    reward = [str(r) for r in reward] if isinstance(reward, list) else str(reward)
+    return type("Opts", (), {"reward": reward, "reward_label": None, "reward_score": "prob"} | kw)()
 
 
 @pytest.mark.parametrize("score", ["prob", "logit"])
@@ -142,3 +143,21 @@ def test_raising_reward_names_the_prompt_and_leaves_nothing_half_written(tmp_pat
     run = tmp_path / "runs" / "run"
     assert not (run / "adapter").exists() and not (run / "eval.json").exists()
     assert not [p for p in run.rglob("*") if ".tmp" in p.name or (p.is_file() and p.stat().st_size == 0)]
+
+
+def test_a_list_of_rewards_is_their_mean(world):
+    """rl.reward as a list: each response's reward is the mean of the members' (a reward-model ensemble)."""
+    _, _, _, rm = world
+    prompts, responses = ["good movie", "bad plot", "x"], ["great good", "awful boring", "good"]
+    alone = build_reward(_opts(rm), torch.device("cpu"))(prompts, responses)
+    words = [sum(w == "good" for w in r.split()) / len(r.split()) for r in responses]
+    both = build_reward(_opts([rm, "toy_rewards.fraction_good"]), torch.device("cpu"))
+    assert both(prompts, responses) == pytest.approx([(a + b) / 2 for a, b in zip(alone, words)], abs=1e-6)
+    with pytest.raises(LmforgeError, match="an empty list"):
+        build_reward(_opts([]), torch.device("cpu"))
+    # a run trains with it end to end, and its saved config keeps the list
+    cfg = rl_config(world[0], world[1], name="ens", rl={"reward": [str(rm), "toy_rewards.fraction_good"]},
+                    train={"max_steps": 2})
+    run = train_config(cfg)
+    assert load_task(run.run_dir).cfg.rl.reward == [str(rm), "toy_rewards.fraction_good"]
+    assert "reward_mean" in (run.run_dir / "metrics.jsonl").read_text()

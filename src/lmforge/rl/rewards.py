@@ -10,6 +10,9 @@ Three kinds, all called as ``reward(prompts, responses) -> list[float]``:
 - :class:`FunctionReward`: a Python function ``text -> float`` named by its dotted path (the
   user's own recipe asks for it: code is imported only from a name the user wrote).
 
+:class:`MeanReward` averages several of them per response (a reward-model ensemble: the
+mean-reward ensemble of Coste et al. 2023, against over-optimising one model's errors).
+
 A reward that raises, or returns something that is not a finite number, stops with one line
 naming the prompt.
 """
@@ -148,3 +151,17 @@ class PairReward:
                 raise LmforgeError(f"{self.source}: cannot format the response to prompt {preview(_text(p), 50)} "
                                    f"({err})") from None
         return [float(v) for v in self.score(seqs)]
+
+
+class MeanReward:
+    """``(1/M) sum_j reward_j(prompt, response)`` for each response, over M >= 1 rewards (each called
+    on the whole batch; their scores should share a scale, e.g. seeds of one reward recipe)."""
+
+    def __init__(self, rewards: Sequence[Callable]):
+        if not rewards:
+            raise LmforgeError("rl.reward: an empty list (name one or more rewards)")
+        self.rewards = list(rewards)
+
+    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        scores = [reward(prompts, responses) for reward in self.rewards]  # M lists of N
+        return [sum(col) / len(col) for col in zip(*scores)]

@@ -13,8 +13,10 @@ class RlConfig(CausalSection):
     """RL options (``rl:`` section)."""
 
     algorithm: Literal["ppo", "rloo", "grpo"] = "ppo"
-    reward: str = Field(description="a classify or reward run folder, or a Python function text -> float "
-                                    "by dotted name (package.module.function)")
+    reward: str | list[str] = Field(description="a classify or reward run folder, or a Python function text -> "
+                                                "float by dotted name (package.module.function); a list of them: "
+                                                "the mean of their scores (an ensemble, e.g. one reward recipe's "
+                                                "seeds)")
     reward_label: str | None = Field(None, description="classify run: the label whose score is the reward")
     reward_score: Literal["prob", "logit"] = Field("prob", description="classify run: probability or logit")
     reward_scale: float = Field(1.0, description="the reward is scale x score (e.g. -1 to minimise a score)")

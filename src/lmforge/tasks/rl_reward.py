@@ -1,17 +1,22 @@
 """The reward of an ``rl`` run, from ``rl.reward``: a classify run, a reward run, or a dotted
-Python function name (:mod:`lmforge.rl.rewards` does the scoring)."""
+Python function name, or a list of them averaged (:mod:`lmforge.rl.rewards` does the scoring)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import preview, remote_code_flag
 from ..errors import LmforgeError
-from ..rl.rewards import ClassifierReward, FunctionReward, PairReward, import_function
+from ..rl.rewards import ClassifierReward, FunctionReward, MeanReward, PairReward, import_function
 
 
 def build_reward(opts, device):
     """A ``reward(prompts, responses) -> list[float]`` for ``opts`` (the ``rl:`` section), its model on ``device``."""
-    ref = opts.reward
+    if isinstance(opts.reward, (list, tuple)):  # an ensemble: each entry as a single rl.reward
+        return MeanReward([_one_reward(ref, opts, device) for ref in opts.reward])
+    return _one_reward(opts.reward, opts, device)
+
+
+def _one_reward(ref: str, opts, device):
     if Path(ref).is_dir():
         return _run_reward(Path(ref), opts, device)
     if "/" in ref or "\\" in ref or Path(ref).suffix in (".yaml", ".json", ".safetensors"):
