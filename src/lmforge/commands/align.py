@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ..errors import LmforgeError
 
@@ -38,8 +39,6 @@ def ensemble_scores(members: list[list[dict]], names: list[str]) -> list[dict]:
 
 
 def cmd_score(args) -> int:
-    from pathlib import Path
-
     names = [args.run_dir] + list(args.ensemble or [])
     for name in names:  # every run there before the first model loads
         if not (Path(name) / "config.yaml").is_file():

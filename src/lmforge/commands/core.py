@@ -117,10 +117,15 @@ def cmd_eval(args) -> int:
                 report = ensemble_report([report["pairs"]] + members, [args.out or args.run_dir] + ensemble)
                 args.out = ensemble_out
             return _finish_preference(report, args, other, paired)
-        print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}))
+        print(json.dumps(_summary(report)))
         code = 0
     _say_written(args.out)
     return code
+
+
+def _summary(report: dict) -> dict:
+    """What the terminal shows of a report: per-item lists (``pairs``, ``*_scatter``) stay in the file."""
+    return {k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}
 
 
 def _finish_preference(report: dict, args, other: dict | None, paired: str | None) -> int:
@@ -132,7 +137,7 @@ def _finish_preference(report: dict, args, other: dict | None, paired: str | Non
         report["paired"] = compare_reports(report["pairs"], other, names=(args.out or args.run_dir, paired))
     if args.out:
         write_json(Path(args.out), report)
-    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_scatter") and k != "pairs"}))
+    print(json.dumps(_summary(report)))
     _say_written(args.out)
     return 0
 
