@@ -103,6 +103,28 @@ def test_ensemble_scores_each_pair_by_the_members_mean_margin():
         ensemble_report([a], ["a"])
 
 
+def test_ensemble_scale_std_weighs_members_of_different_scales_equally():
+    """A member 100x larger decides the raw mean alone; divided by each member's margin std, both weigh the same."""
+    import numpy as np
+    from lmforge.eval.preference_pairs import ensemble_report
+
+    small = _pairs([1.0, 1.0, -1.0, -1.0, 0.5, 0.5])  # std 0.9129
+    big = _pairs([-50.0, -50.0, 150.0, 150.0, 60.0, -60.0])  # std 88.63
+    raw = ensemble_report([small, big], ["s", "b"], n_resamples=50)
+    assert raw["scale"] == "raw" and raw["accuracy"] == pytest.approx(3 / 6)  # the sign of big on every pair
+    std = ensemble_report([small, big], ["s", "b"], scale="std", n_resamples=50)
+    sd_s, sd_b = np.std(small["margin"]), np.std(big["margin"])
+    want = [(a / sd_s + b / sd_b) / 2 for a, b in zip(small["margin"], big["margin"])]
+    assert std["scale"] == "std" and std["pairs"]["margin"] == pytest.approx(want)
+    assert std["accuracy"] == pytest.approx(np.mean([m > 0 for m in want]))
+    assert std["members"][1]["margin_std"] == pytest.approx(sd_b)
+    assert std["accuracy"] != raw["accuracy"]
+    with pytest.raises(Exception, match="no scale to divide by"):
+        ensemble_report([small, _pairs([2.0] * 6)], ["s", "flat"], scale="std")
+    with pytest.raises(Exception, match="ensemble scale 'z'"):
+        ensemble_report([small, big], ["s", "b"], scale="z")
+
+
 def test_eval_ensemble_of_a_run_and_reports(trained, capsys):
     from lmforge.cli import main
 
@@ -127,6 +149,13 @@ def test_eval_ensemble_of_a_run_and_reports(trained, capsys):
     assert main(["eval", str(own), "--ensemble", str(own), "--paired-with", str(own)]) == 0
     printed = json.loads(capsys.readouterr().out.strip())
     assert printed["accuracy"] == mine["accuracy"] and printed["paired"]["accuracy_diff"] == 0.0
+    # --ensemble-scale std from the command line; without --ensemble it is an error, not ignored
+    capsys.readouterr()
+    assert main(["eval", str(own), "--ensemble", str(flipped), "--ensemble-scale", "std"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip())
+    assert printed["scale"] == "std" and printed["accuracy"] == 0.0  # m/s - 2m/(2s) = 0 on every pair
+    assert main(["eval", str(own), "--ensemble-scale", "std", "--paired-with", str(own)]) == 2
+    assert "--ensemble-scale" in capsys.readouterr().err
     # the run's report file is not the ensemble's: --out is required
     assert main(["eval", str(run), "--data", str(data), "--ensemble", str(own)]) == 2
     assert "give --out" in capsys.readouterr().err

@@ -62,6 +62,8 @@ def cmd_eval(args) -> int:
     task = getattr(args, "task", None)
     paired = getattr(args, "paired_with", None)
     ensemble = getattr(args, "ensemble", None) or []
+    if getattr(args, "ensemble_scale", "raw") != "raw" and not ensemble:
+        raise LmforgeError("--ensemble-scale: scales the members of an --ensemble (give --ensemble REPORT.json ...)")
     if paired or ensemble:  # other runs' preference reports on the same file: checked before any model loads
         from ..eval.preference_pairs import compare_reports, ensemble_report, read_pairs
 
@@ -73,7 +75,8 @@ def cmd_eval(args) -> int:
         _out_file(args.out)
         if str(args.run_dir).endswith(".json"):  # reports only, no model: lmforge eval A.json --ensemble B.json
             if ensemble:
-                report = ensemble_report([read_pairs(args.run_dir)] + members, [args.run_dir] + ensemble)
+                report = ensemble_report([read_pairs(args.run_dir)] + members, [args.run_dir] + ensemble,
+                                         scale=args.ensemble_scale)
                 return _finish_preference(report, args, other, paired)
             print(json.dumps(compare_reports(args.run_dir, other, names=(args.run_dir, paired))))
             return 0
@@ -114,7 +117,8 @@ def cmd_eval(args) -> int:
                 raise LmforgeError(f"{flag}: {args.run_dir} is not a preference run (no per-pair outcomes)")
             if ensemble:  # this run first among the ensemble's members
                 _say_written(args.out)
-                report = ensemble_report([report["pairs"]] + members, [args.out or args.run_dir] + ensemble)
+                report = ensemble_report([report["pairs"]] + members, [args.out or args.run_dir] + ensemble,
+                                         scale=args.ensemble_scale)
                 args.out = ensemble_out
             return _finish_preference(report, args, other, paired)
         print(json.dumps(_summary(report)))
@@ -212,7 +216,10 @@ def register(sub) -> None:
                    help="preference runs: other runs' eval reports on the same file; the report becomes the "
                         "mean-margin ensemble of RUN and them (accuracy, mean margin, 95%% intervals, each member's "
                         "accuracy; RUN may be a report.json too; members' margins should share a scale: seeds of "
-                        "one recipe)")
+                        "one recipe, else --ensemble-scale std)")
+    e.add_argument("--ensemble-scale", default="raw", choices=["raw", "std"],
+                   help="--ensemble: raw margins (default), or each member's divided by its standard deviation over "
+                        "the pairs, so members of different scales (a reward model and DPO) weigh the same")
     e.add_argument("--split", default=None, choices=["test"],
                    help="score the run's own held-out test split (data.test / data.test_fraction) instead of --data")
     e.add_argument("--task", default=None, choices=["sts", "retrieval", "perplexity", "generation", "mc"],

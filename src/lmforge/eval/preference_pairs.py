@@ -23,7 +23,14 @@ pair ``i`` by the mean of the members' margins,
 
 the mean-reward ensemble of reward-model ensembles for RLHF (Coste et al. 2023): it assumes the
 members' margins share a scale (seeds or folds of one recipe); the report gives each member's
-margin standard deviation so a mismatch shows.
+margin standard deviation so a mismatch shows. Members of different families (a reward model's
+score beside DPO's implicit reward, ``beta`` times a log-ratio) do not share one, and the raw
+mean is then the larger-scale member's vote; ``scale="std"`` first divides each member's margins
+by their standard deviation over the evaluated pairs (no labels used),
+
+    m_i = (1/M) sum_j m_ij / std_k(m_kj),
+
+so every member weighs the same and the mean margin is in those units.
 """
 from __future__ import annotations
 
@@ -103,7 +110,10 @@ def paired_accuracy_difference(a: dict, b: dict, *, n_resamples: int = 1000, alp
             "a_only": int(((ca == 1) & (cb == 0)).sum()), "b_only": int(((ca == 0) & (cb == 1)).sum())}
 
 
-def ensemble_report(members: Sequence[dict], names: Sequence[str], *, n_resamples: int = 1000,
+ENSEMBLE_SCALES = ("raw", "std")
+
+
+def ensemble_report(members: Sequence[dict], names: Sequence[str], *, scale: str = "raw", n_resamples: int = 1000,
                     seed: int = 0) -> dict:
     """The mean-margin ensemble of M >= 2 runs' per-pair outcomes on the same pairs.
 
@@ -111,13 +121,17 @@ def ensemble_report(members: Sequence[dict], names: Sequence[str], *, n_resample
         members: M ``pairs`` objects (:func:`pairs_in_file_order`), each scoring exactly the same set
             of pairs (matched by key); the ensemble keeps the first member's order.
         names: M names, for the report and for errors.
+        scale: ``"raw"`` (the members' margins as they are) or ``"std"`` (each divided by its standard
+            deviation over these pairs, the equation above).
         n_resamples, seed: of the percentile bootstrap over pairs (95%).
 
     Returns:
-        ``{"n", "accuracy", "mean_margin", "accuracy_ci95", "margin_ci95", "members": [{"name",
+        ``{"n", "scale", "accuracy", "mean_margin", "accuracy_ci95", "margin_ci95", "members": [{"name",
         "accuracy", "margin_std"}, ...], "unanimous", "pairs"}`` (``unanimous``: fraction of pairs on
         which every member is right or every member is wrong).
     """
+    if scale not in ENSEMBLE_SCALES:
+        raise LmforgeError(f"ensemble scale '{scale}': one of {', '.join(ENSEMBLE_SCALES)}")
     if len(members) < 2 or len(members) != len(names):
         raise LmforgeError(f"an ensemble needs >= 2 members with one name each (got {len(members)} and "
                            f"{len(names)})")
@@ -129,15 +143,20 @@ def ensemble_report(members: Sequence[dict], names: Sequence[str], *, n_resample
                                f"{len(m.keys() & checked[0].keys())} of them the same pairs; an ensemble needs the "
                                "same pairs (evaluate every member on the same file, with nothing dropped)")
     margins = np.array([[m[k] for k in keys] for m in checked], dtype=np.float64)  # (M, N)
-    mean = margins.mean(axis=0)  # (N,)
+    std = margins.std(axis=1)  # (M,)
+    if scale == "std":
+        flat = [str(n) for n, sd in zip(names, std) if not sd > 0]
+        if flat:
+            raise LmforgeError(f"{flat[0]}: every margin the same, no scale to divide by (scale std)")
+    mean = (margins / std[:, None] if scale == "std" else margins).mean(axis=0)  # (N,)
     right = margins > 0  # (M, N)
     first = members[0]
     index = dict(zip(first["key"], first.get("index", range(len(keys)))))
-    return {"n": len(keys), "accuracy": float((mean > 0).mean()), "mean_margin": float(mean.mean()),
+    return {"n": len(keys), "scale": scale, "accuracy": float((mean > 0).mean()), "mean_margin": float(mean.mean()),
             "accuracy_ci95": list(bootstrap_ci((mean > 0).astype(np.float64), n_resamples=n_resamples, seed=seed)),
             "margin_ci95": list(bootstrap_ci(mean, n_resamples=n_resamples, seed=seed)),
-            "members": [{"name": str(n), "accuracy": float(r.mean()), "margin_std": float(m.std())}
-                        for n, r, m in zip(names, right, margins)],
+            "members": [{"name": str(n), "accuracy": float(r.mean()), "margin_std": float(sd)}
+                        for n, r, sd in zip(names, right, std)],
             "unanimous": float((right.all(axis=0) | (~right).all(axis=0)).mean()),
             "pairs": {"index": [int(index[k]) for k in keys], "key": keys, "margin": [float(v) for v in mean]}}
 
